@@ -1,0 +1,2 @@
+"""ZTF-schema Avro alert packets, publishing to Kafka and the durable spool."""
+import pipeline  # noqa: F401  (process hygiene before any astropy import)

@@ -1,0 +1,71 @@
+"""The ``skydiff`` command line: one subcommand per capability.
+
+Each command lives in its own module exposing ``register(subparsers)``, which adds an
+``argparse`` sub-parser whose ``func`` default takes the parsed arguments and returns the
+exit status.  This module only assembles them, so stages never depend on it.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from . import __version__
+from .config import ConfigError, load_config
+from .image import ImageContractError
+from .runtime import setup_logging
+
+# Modules providing commands, in the order ``skydiff --help`` lists them.
+COMMAND_MODULES = [
+    "pipeline.commands.demo",
+    "pipeline.commands.simulate",
+    "pipeline.commands.config",
+    "pipeline.commands.bench",
+]
+
+#: Exit statuses shared by every command (documented in the README).
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_BAD_INPUT = 3
+EXIT_UNUSABLE = 4
+EXIT_RETRY = 75
+
+log = logging.getLogger("skydiff")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="skydiff", description="Real-time transient-survey image differencing (ZTF-like).")
+    parser.add_argument("--version", action="version", version=f"skydiff {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="FILE", help="TOML configuration (defaults are embedded)")
+    common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers, common)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(logging.DEBUG if getattr(args, "verbose", False) else logging.INFO)
+    try:
+        args.cfg = load_config(getattr(args, "config", None))
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        log.error("configuration: %s", exc)
+        return EXIT_USAGE
+    except ImageContractError as exc:
+        log.error("bad input: %s", exc)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Command-line adapters: argument parsing and file I/O around the stages."""

@@ -1,0 +1,93 @@
+"""FITS_LDAC catalogues, the format SCAMP reads and writes.
+
+An LDAC file is a FITS file whose extensions come in pairs: ``LDAC_IMHEAD``, a binary
+table with one row whose ``Field Header Card`` column holds an image header as one
+string of 80-character cards, followed by ``LDAC_OBJECTS``, the catalogue itself.
+
+Two SCAMP traps are handled here (``notes/scamp.md``): astropy pads strings with NUL
+bytes, on which SCAMP never finds ``END`` and crashes, so the header block is padded with
+blanks to a whole number of 2880-byte records; and the header must carry NAXIS1/NAXIS2.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+from astropy.table import Table
+
+from .image import write_fits_atomic
+
+__all__ = ["LDACError", "header_card_block", "ldac_hdulist", "write_ldac", "read_ldac"]
+
+
+class LDACError(ValueError):
+    """A file that is not a readable LDAC catalogue."""
+
+
+def header_card_block(header: fits.Header) -> str:
+    """The header as 80-character cards ending in END, blank-padded to 2880-byte records."""
+    cards = "".join(str(card).ljust(80)[:80] for card in header.cards
+                    if card.keyword not in ("", "END") or card.comment)
+    block = cards + "END".ljust(80)
+    return block.ljust(-(-len(block) // 2880) * 2880)
+
+
+def _imhead_hdu(header: fits.Header) -> fits.BinTableHDU:
+    block = header_card_block(header)
+    # A bytes record array is written verbatim: going through str columns would strip the
+    # trailing blanks and pad with NULs, which SCAMP cannot parse.
+    data = np.array([(block.encode("ascii"),)], dtype=[("Field Header Card", f"S{len(block)}")])
+    hdu = fits.BinTableHDU(data, name="LDAC_IMHEAD")
+    hdu.header["TDIM1"] = f"(80, {len(block) // 80})"
+    return hdu
+
+
+def ldac_hdulist(objects: Table, image_header: fits.Header | None = None) -> fits.HDUList:
+    """Build an LDAC HDU list for one catalogue.
+
+    Parameters
+    ----------
+    objects : Table
+        The catalogue; column units are kept.
+    image_header : Header, optional
+        The image header to embed (must carry NAXIS1/NAXIS2 for a detection catalogue).
+        Without it only ``LDAC_OBJECTS`` is written, which is what SCAMP accepts for a
+        reference catalogue.
+    """
+    hdus: list = [fits.PrimaryHDU()]
+    if image_header is not None:
+        if "NAXIS1" not in image_header or "NAXIS2" not in image_header:
+            raise LDACError("LDAC image header needs NAXIS1 and NAXIS2 (SCAMP: incoherent FITS header)")
+        hdus.append(_imhead_hdu(image_header))
+    table_hdu = fits.table_to_hdu(Table(objects, copy=False))
+    table_hdu.name = "LDAC_OBJECTS"
+    hdus.append(table_hdu)
+    return fits.HDUList(hdus)
+
+
+def write_ldac(path: str | os.PathLike, objects: Table,
+               image_header: fits.Header | None = None) -> Path:
+    """Write an LDAC catalogue atomically (see :func:`ldac_hdulist`)."""
+    return write_fits_atomic(ldac_hdulist(objects, image_header), path)
+
+
+def read_ldac(path: str | os.PathLike) -> tuple[Table, fits.Header | None]:
+    """Read the first ``LDAC_OBJECTS`` table and its ``LDAC_IMHEAD`` header, if any."""
+    try:
+        with fits.open(path) as hdul:
+            names = [h.name for h in hdul]
+            if "LDAC_OBJECTS" not in names:
+                raise LDACError(f"{path}: no LDAC_OBJECTS extension")
+            objects = Table(hdul["LDAC_OBJECTS"].data.copy())
+            header = None
+            if "LDAC_IMHEAD" in names:
+                raw = hdul["LDAC_IMHEAD"].data["Field Header Card"][0]
+                text = raw if isinstance(raw, str) else "".join(np.asarray(raw).ravel().astype(str))
+                header = fits.Header.fromstring(text.replace("\x00", " "))
+    except LDACError:
+        raise
+    except (OSError, ValueError, KeyError, IndexError) as exc:
+        raise LDACError(f"{path}: not a readable LDAC catalogue ({exc})") from None
+    return objects, header

@@ -1,0 +1,78 @@
+"""Process-level hygiene: private astropy directories, no network, one log format.
+
+ZTF saw a shared ``$HOME/.astropy`` corrupted by concurrent jobs, so every process gets
+its own astropy configuration and cache directories.  Nothing may reach the network at
+run time: IERS auto-download and remote data are switched off (astropy's bundled IERS
+tables are used), and the observatory is a fixed location from the configuration.
+
+:func:`configure_runtime` runs when :mod:`pipeline` is imported, before any astropy
+import in the project, and is idempotent.
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+_configured = False
+
+
+def _private_astropy_dirs() -> Path:
+    """Point XDG config/cache at a directory of this process's own.
+
+    ``SKYDIFF_ASTROPY_DIR`` names a base (a Slurm task sets it to its job directory);
+    otherwise a fresh temporary directory is made and removed at exit.
+    """
+    base_env = os.environ.get("SKYDIFF_ASTROPY_DIR")
+    if base_env:
+        base = Path(base_env) / f"astropy-{os.getpid()}"
+        base.mkdir(parents=True, exist_ok=True)
+    else:
+        base = Path(tempfile.mkdtemp(prefix="skydiff-astropy-"))
+        atexit.register(shutil.rmtree, base, ignore_errors=True)
+    for kind in ("config", "cache"):
+        (base / kind / "astropy").mkdir(parents=True, exist_ok=True)
+    os.environ["XDG_CONFIG_HOME"] = str(base / "config")
+    os.environ["XDG_CACHE_HOME"] = str(base / "cache")
+    return base
+
+
+def configure_runtime() -> None:
+    """Isolate astropy's directories and forbid its downloads (idempotent)."""
+    global _configured
+    if _configured:
+        return
+    if "astropy" not in sys.modules:
+        _private_astropy_dirs()
+    else:
+        # astropy was imported first (e.g. by a notebook): use its temp-dir context instead.
+        from astropy.config import paths
+        base = Path(tempfile.mkdtemp(prefix="skydiff-astropy-"))
+        atexit.register(shutil.rmtree, base, ignore_errors=True)
+        paths.set_temp_config(str(base)).__enter__()
+        paths.set_temp_cache(str(base)).__enter__()
+    from astropy.utils import data, iers
+
+    iers.conf.auto_download = False
+    iers.conf.auto_max_age = None
+    iers.conf.iers_degraded_accuracy = "warn"
+    data.conf.allow_internet = False
+    _configured = True
+
+
+def setup_logging(level: int | str = logging.INFO) -> None:
+    """One log format for every command and job."""
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        root.addHandler(handler)
+    root.setLevel(level)
+    # Quiet library chatter that would drown the pipeline's own progress lines.
+    for noisy in ("matplotlib", "astropy", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,0 +1,1 @@
+"""The sky simulator: the source of truth for every test and benchmark."""
