@@ -228,7 +228,8 @@ def _merge(default: Any, overrides: Mapping[str, Any], where: str) -> Any:
     known = {f.name for f in dataclasses.fields(default)}
     unknown = sorted(set(overrides) - known)
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}")
+        names = ", ".join(f"{where}.{key}" if where else key for key in unknown)
+        raise ConfigError(f"unknown configuration key(s): {names}")
     changes: dict[str, Any] = {}
     for name, value in overrides.items():
         current = getattr(default, name)

@@ -68,9 +68,10 @@ def configure_runtime() -> None:
 def setup_logging(level: int | str = logging.INFO) -> None:
     """One log format for every command and job."""
     root = logging.getLogger()
-    if not root.handlers:
+    if not any(getattr(h, "_skydiff", False) for h in root.handlers):
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        handler._skydiff = True
         root.addHandler(handler)
     root.setLevel(level)
     # Quiet library chatter that would drown the pipeline's own progress lines.

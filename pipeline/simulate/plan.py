@@ -112,7 +112,7 @@ def plan_night(cfg: Config, fields, night: str, filters=("ZTF_g", "ZTF_r"), epoc
                first_sequence: int = 1) -> list[ExposureSpec]:
     """Exposures of one night: each field observed ``epochs_per_night`` times, filters alternating.
 
-    Epochs are spread evenly in hour angle between rising and setting at ``max_airmass``
+    Epochs are spread evenly in hour angle from rising to setting at ``max_airmass``
     (or the field's lowest airmass, if it never gets that high).
     """
     seed = cfg.simulation.seed if seed is None else seed
@@ -122,7 +122,7 @@ def plan_night(cfg: Config, fields, night: str, filters=("ZTF_g", "ZTF_r"), epoc
     for field in fields:
         field = field if isinstance(field, Field) else Field(*field)
         h_max = _hour_angle_of_airmass(field.dec, max_airmass, cfg)
-        hour_angles = np.linspace(-h_max, h_max, epochs_per_night + 2)[1:-1] if epochs_per_night > 1 \
+        hour_angles = np.linspace(-h_max, h_max, epochs_per_night) if epochs_per_night > 1 \
             else np.array([0.0])
         for k, ha in enumerate(hour_angles):
             filt = filters[k % len(filters)]

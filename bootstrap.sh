@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Set up everything skydiff needs on a fresh Debian 12 machine (run as root), then:
+#   bash bootstrap.sh demo [skydiff demo options]   run the demo on its embedded defaults
+#   bash bootstrap.sh test [pytest options]         run the whole test suite
+#   bash bootstrap.sh setup                         only install
+# Installs: Debian packages (SCAMP; python3-venv when the Python lacks venv), a virtual
+# environment in .venv with skydiff and its Python dependencies (including the test
+# Kafka-protocol broker).  Re-running it only installs what changed.
+set -euo pipefail
+cd "$(dirname "$0")"
+action=${1:-setup}
+[ $# -gt 0 ] && shift
+
+PYTHON=${PYTHON:-python3}
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+  echo "bootstrap: skydiff needs Python 3.11 ($PYTHON is $("$PYTHON" -V 2>&1))" >&2
+  exit 1
+fi
+
+apt_needed=()
+command -v scamp >/dev/null 2>&1 || apt_needed+=(scamp)
+"$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1 || apt_needed+=(python3-venv)
+if [ ${#apt_needed[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "bootstrap: run as root, or install these Debian packages first: ${apt_needed[*]}" >&2
+    exit 1
+  fi
+  echo "bootstrap: installing Debian packages: ${apt_needed[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get -o DPkg::Lock::Timeout=300 update -qq
+  apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends "${apt_needed[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "bootstrap: creating .venv"
+  "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.skydiff-installed
+want=$(cat pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  echo "bootstrap: installing skydiff and its Python dependencies into .venv"
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+  echo "$want" > "$stamp"
+fi
+
+case "$action" in
+  demo)  exec .venv/bin/skydiff demo "$@" ;;
+  test)  exec .venv/bin/python -m pytest "$@" ;;
+  setup) echo "bootstrap: ready (.venv/bin/skydiff)" ;;
+  *)     echo "bootstrap: unknown action '$action' (demo, test or setup)" >&2; exit 2 ;;
+esac
