@@ -115,5 +115,5 @@ def test_exposure_at_airmass_hits_the_airmass(cfg):
 
 def test_scale_check_grid_is_the_designed_one():
     x, y = scale_check_grid()
-    assert x[0, 0] == 1 and x[0, -1] == 3073 - (3073 - 1) % 128 and x.shape == (22, 25)
+    assert x.shape == (23, 25) and x[0, 0] == 1 and x[0, -1] == 3073 and y[-1, 0] == 3081
     assert np.all(np.diff(x[0]) == 128) and np.all(np.diff(y[:, 0]) == 140)
