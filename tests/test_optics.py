@@ -117,3 +117,22 @@ def test_scale_check_grid_is_the_designed_one():
     x, y = scale_check_grid()
     assert x.shape == (23, 25) and x[0, 0] == 1 and x[0, -1] == 3073 and y[-1, 0] == 3081
     assert np.all(np.diff(x[0]) == 128) and np.all(np.diff(y[:, 0]) == 140)
+
+
+@pytest.mark.parametrize("ccdid, qid", [(6, 1), (16, 4)])
+def test_first_guess_header_is_off_by_about_the_pointing_error(cfg, ccdid, qid):
+    from pipeline.image import header_wcs
+    from pipeline.simulate.optics import first_guess_header
+    spec = exposure_at_airmass(cfg, FIELD, 1.8, pointing_offset_arcsec=(20.0, 0.0))
+    geom = quadrant_geometry(cfg.instrument, ccdid, qid)
+    guess = header_wcs(first_guess_header(spec, geom, cfg))
+    true = true_quadrant_solution(spec, geom, cfg)[0]
+    x, y = (a.ravel() for a in scale_check_grid())
+    ra_g, dec_g = guess.all_pix2world(x, y, 1)
+    ra_t, dec_t = true.all_pix2world(x, y, 1)
+    xi, eta = sky_to_tangent(ra_g, dec_g, FIELD.ra, FIELD.dec)
+    xi_t, eta_t = sky_to_tangent(ra_t, dec_t, FIELD.ra, FIELD.dec)
+    offset = np.column_stack([xi - xi_t, eta - eta_t]) * 3600
+    # A shift of ~20 arcsec, almost rigid over the quadrant (the linearisation costs < 2 arcsec).
+    assert 15 < np.hypot(*offset.mean(axis=0)) < 25
+    assert np.max(np.hypot(*(offset - offset.mean(axis=0)).T)) < 2.0

@@ -27,11 +27,15 @@ from astropy.wcs import WCS
 from ..config import Config
 from ..focalplane import QuadrantGeometry, nominal_cd
 from ..refraction import site_location
-from ..tpv import fit_tpv_wcs, tangent_to_sky
+from ..tpv import fit_tpv_wcs, sky_to_tangent, tangent_to_sky
+from dataclasses import replace
+
+from astropy.io import fits
+
 from .exposure import ExposureSpec
 
 __all__ = ["true_boresight", "optical_distortion", "pixels_to_sky", "true_quadrant_wcs",
-           "true_quadrant_solution", "TRUE_WCS_DEGREE"]
+           "true_quadrant_solution", "first_guess_header", "TRUE_WCS_DEGREE"]
 
 TRUE_WCS_DEGREE = 5
 _GRID = 13
@@ -110,3 +114,30 @@ def true_quadrant_solution(spec: ExposureSpec, geom: QuadrantGeometry, cfg: Conf
 def true_quadrant_wcs(spec: ExposureSpec, geom: QuadrantGeometry, cfg: Config) -> WCS:
     """The true TPV WCS of one quadrant (see :func:`true_quadrant_solution`)."""
     return true_quadrant_solution(spec, geom, cfg)[0]
+
+
+def first_guess_header(spec: ExposureSpec, geom: QuadrantGeometry, cfg: Config) -> fits.Header:
+    """The header WCS a telescope model would write: linear TAN, off by the pointing error.
+
+    It is the camera model at the *commanded* pointing (no pointing error), linearised at
+    the quadrant centre: good to about an arcsecond inside the quadrant apart from the
+    pointing error of ~20 arcsec, as the input contract allows.
+    """
+    commanded = replace(spec, pointing_offset_arcsec=(0.0, 0.0))
+    gx, gy = np.meshgrid(np.linspace(1, geom.nx, 5), np.linspace(1, geom.ny, 5))
+    x, y = gx.ravel(), gy.ravel()
+    ra, dec = pixels_to_sky(commanded, geom, x, y, cfg)
+    crpix = (0.5 * (geom.nx + 1), 0.5 * (geom.ny + 1))
+    crval = pixels_to_sky(commanded, geom, np.array([crpix[0]]), np.array([crpix[1]]), cfg)
+    crval = (float(crval[0][0]), float(crval[1][0]))
+    xi, eta = sky_to_tangent(ra, dec, *crval)
+    offsets = np.column_stack([x - crpix[0], y - crpix[1]])
+    cd = np.linalg.lstsq(offsets, np.column_stack([xi, eta]), rcond=None)[0].T
+    h = fits.Header()
+    h["CTYPE1"], h["CTYPE2"] = "RA---TAN", "DEC--TAN"
+    h["CUNIT1"], h["CUNIT2"] = "deg", "deg"
+    h["RADESYS"] = "ICRS"
+    h["CRVAL1"], h["CRVAL2"] = crval
+    h["CRPIX1"], h["CRPIX2"] = crpix
+    h["CD1_1"], h["CD1_2"], h["CD2_1"], h["CD2_2"] = cd[0, 0], cd[0, 1], cd[1, 0], cd[1, 1]
+    return h
