@@ -1,2 +1,19 @@
 """Offline Gaia catalogue store: prefetch into LDAC tiles, run-time lookup and epoch propagation."""
 import pipeline  # noqa: F401  (process hygiene before any astropy import)
+
+from .epoch import (DEFAULT_PM_DISPERSION_MAS_YR, propagate_to_epoch, scamp_reference_table,
+                    write_scamp_reference)
+from .lookup import catalog_for_footprint
+from .prefetch import GAIA_DR3_TABLE, PrefetchResult, prefetch_from_table, prefetch_from_tap
+from .schema import GAIA_COLUMNS, CatalogError, as_gaia_table, read_gaia_table
+from .sky import SkyBox, cone_region, field_region, footprint_region
+from .store import DEFAULT_NSIDE, StoreInfo, read_store_info
+from .tap import GAIA_TAP_URL, TapError
+
+__all__ = [
+    "CatalogError", "TapError", "GAIA_COLUMNS", "GAIA_TAP_URL", "GAIA_DR3_TABLE", "DEFAULT_NSIDE",
+    "DEFAULT_PM_DISPERSION_MAS_YR", "PrefetchResult", "StoreInfo", "SkyBox",
+    "as_gaia_table", "read_gaia_table", "cone_region", "field_region", "footprint_region",
+    "prefetch_from_table", "prefetch_from_tap", "read_store_info", "catalog_for_footprint",
+    "propagate_to_epoch", "scamp_reference_table", "write_scamp_reference",
+]

@@ -1,0 +1,58 @@
+"""Run-time lookup: the Gaia sources around one image footprint, from the store or a file."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from astropy.table import Table
+
+from .schema import CatalogError, read_gaia_table
+from .sky import footprint_region
+from .store import is_store, read_store_info, read_tiles
+
+__all__ = ["catalog_for_footprint"]
+
+
+def catalog_for_footprint(source: str | os.PathLike, footprint_radec, margin_deg: float) -> Table:
+    """The catalogue rows within ``margin_deg`` of a footprint.
+
+    Parameters
+    ----------
+    source : path
+        A tile store directory (only the tiles overlapping the footprint are read) or a
+        single FITS table in Gaia column names (what ``--refcat`` may name).
+    footprint_radec : array-like (n, 2)
+        The footprint's corners in degrees, in order around it (a convex polygon, e.g. the
+        four corners of a quadrant); one corner with a margin is a cone.
+    margin_deg : float
+        How far outside the footprint rows are kept (angular distance to the polygon).
+
+    Returns
+    -------
+    Table
+        Gaia columns (see :data:`catalogs.schema.GAIA_COLUMNS`) at the catalogue's own
+        epoch, in the order of the source.
+
+    Raises
+    ------
+    CatalogError
+        A bad footprint, a path that is neither a store nor a readable table, a footprint
+        not covered by the store, or a corrupt tile (named).
+    """
+    region = footprint_region(footprint_radec, margin_deg)
+    path = Path(source)
+    if path.is_dir():
+        if not is_store(path):
+            raise CatalogError(f"{path}: directory is not a catalogue store (no index.json)")
+        info = read_store_info(path)
+        table = read_tiles(info, region.tiles(info.nside))
+    elif path.exists():
+        table = read_gaia_table(path)
+    else:
+        raise CatalogError(f"{path}: no such catalogue store or file")
+    keep = region.contains(np.asarray(table["ra"]), np.asarray(table["dec"]))
+    result = table[keep]
+    result.meta["FOOTMARG"] = float(margin_deg)
+    return result
+

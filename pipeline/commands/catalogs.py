@@ -1,0 +1,115 @@
+"""``skydiff catalogs``: build the offline Gaia tile store and list what it holds."""
+from __future__ import annotations
+
+import argparse
+import logging
+
+from catalogs import (DEFAULT_NSIDE, GAIA_DR3_TABLE, GAIA_TAP_URL, CatalogError, SkyBox, TapError,
+                      cone_region, field_region, prefetch_from_table, prefetch_from_tap,
+                      read_store_info)
+
+from ..cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_USAGE
+
+log = logging.getLogger("skydiff.catalogs")
+
+
+def register(subparsers, common) -> None:
+    parser = subparsers.add_parser(
+        "catalogs", help="Gaia catalogue store: prefetch tiles, list them",
+        description="Build the offline Gaia tile store (prefetch) and list its tiles (info).")
+    actions = parser.add_subparsers(dest="catalogs_action", metavar="ACTION")
+    actions.required = True
+
+    prefetch = actions.add_parser(
+        "prefetch", parents=[common], help="write the tiles covering fields or a sky box",
+        description="Write one LDAC tile per HEALPix pixel overlapping the region, from a local "
+                    "table in Gaia archive column names or from a TAP service (the only step "
+                    "that uses the network).")
+    source = prefetch.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from-table", metavar="FILE", help="FITS table in Gaia archive column names")
+    source.add_argument("--tap-url", metavar="URL", nargs="?", const=GAIA_TAP_URL,
+                        help=f"TAP service (without a value: {GAIA_TAP_URL})")
+    prefetch.add_argument("--field", nargs=2, type=float, action="append", metavar=("RA", "DEC"),
+                          help="a survey field centre in degrees (repeatable)")
+    prefetch.add_argument("--field-size", nargs=2, type=float, default=(7.5, 7.3),
+                          metavar=("WIDTH", "HEIGHT"), help="field box in degrees (default 7.5 7.3)")
+    prefetch.add_argument("--field-radius", type=float, metavar="DEG",
+                          help="use a cone of this radius per field instead of the box")
+    prefetch.add_argument("--margin", type=float, default=0.25, metavar="DEG",
+                          help="added around each field box (default 0.25)")
+    prefetch.add_argument("--box", nargs=4, type=float, metavar=("RAMIN", "RAMAX", "DECMIN", "DECMAX"),
+                          help="a sky box in degrees (RAMIN > RAMAX wraps through 0)")
+    prefetch.add_argument("--store", metavar="DIR", help="store directory (default: paths.catalogs)")
+    prefetch.add_argument("--mag-limit", type=float, metavar="G", help="keep phot_g_mean_mag <= G")
+    prefetch.add_argument("--nside", type=int, default=DEFAULT_NSIDE, help=f"HEALPix nside (default {DEFAULT_NSIDE})")
+    prefetch.add_argument("--timeout", type=float, default=120.0, metavar="S", help="per TAP query (default 120)")
+    prefetch.add_argument("--gaia-table", default=GAIA_DR3_TABLE, help=f"TAP table (default {GAIA_DR3_TABLE})")
+    prefetch.add_argument("--max-rows", type=int, metavar="N", help="MAXREC per TAP query")
+    prefetch.add_argument("--overwrite", action="store_true", help="refetch tiles already stored from TAP")
+    prefetch.set_defaults(func=run_prefetch)
+
+    info = actions.add_parser("info", parents=[common], help="list the tiles of a store",
+                              description="Print a store's nside, tile count, rows and one line per tile.")
+    info.add_argument("--store", metavar="DIR", help="store directory (default: paths.catalogs)")
+    info.set_defaults(func=run_info)
+
+
+def _store_dir(args):
+    return args.store or args.cfg.paths.resolve("catalogs")
+
+
+def _regions(args) -> list:
+    regions = []
+    for ra, dec in args.field or []:
+        if args.field_radius is not None:
+            regions.append(cone_region(ra, dec, args.field_radius))
+        else:
+            regions.append(field_region(ra, dec, *args.field_size, margin_deg=args.margin))
+    if args.box:
+        regions.append(SkyBox(*args.box))
+    return regions
+
+
+def run_prefetch(args: argparse.Namespace) -> int:
+    store = _store_dir(args)
+    try:
+        regions = _regions(args)
+        if not regions:
+            log.error("catalogs prefetch: give a region, --field RA DEC (repeatable) or --box")
+            return EXIT_USAGE
+        if args.from_table:
+            result = prefetch_from_table(args.from_table, store, regions, nside=args.nside,
+                                         mag_limit=args.mag_limit)
+        else:
+            result = prefetch_from_tap(args.tap_url, store, regions, mag_limit=args.mag_limit,
+                                       timeout_s=args.timeout, nside=args.nside,
+                                       gaia_table=args.gaia_table, max_rows=args.max_rows,
+                                       overwrite=args.overwrite)
+    except TapError as exc:
+        log.error("catalogs prefetch: %s", exc)
+        return EXIT_FAILED
+    except CatalogError as exc:
+        log.error("catalogs prefetch: %s", exc)
+        return EXIT_BAD_INPUT
+    log.info("store %s: %d tile(s) written, %d already present, %d rows, %d TAP queries, %.1f s",
+             result.store_dir, len(result.written), len(result.skipped), result.rows,
+             result.queries, result.seconds)
+    return EXIT_OK
+
+
+def run_info(args: argparse.Namespace) -> int:
+    try:
+        info = read_store_info(_store_dir(args))
+    except CatalogError as exc:
+        log.error("catalogs info: %s", exc)
+        return EXIT_BAD_INPUT
+    print(f"store   {info.path}")
+    print(f"nside   {info.nside} ({info.order})")
+    print(f"tiles   {len(info.tiles)}")
+    print(f"rows    {info.total_rows}")
+    print(f"{'tile':>8} {'rows':>8} {'maglim':>7}  {'written':<25} source")
+    for pixel in sorted(info.tiles):
+        entry = info.tiles[pixel]
+        maglim = "-" if entry.mag_limit is None else f"{entry.mag_limit:.2f}"
+        print(f"{pixel:>8} {entry.rows:>8} {maglim:>7}  {entry.written:<25} {entry.source}")
+    return EXIT_OK
