@@ -1,8 +1,8 @@
 """Rendering one quadrant image of one exposure from the sky model and the true WCS.
 
 Pure: no I/O.  The image is in ADU, bias-subtracted, sky not subtracted; the header follows
-the keyword contract of :mod:`pipeline.image` with a *first-guess* WCS (the nominal
-camera about the commanded pointing, so off by the pointing error), never the true one.
+the keyword contract of :mod:`pipeline.image` with a *first-guess* WCS (the telescope's
+linear model at the commanded pointing, so off by the pointing error), never the true one.
 Every random number comes from ``SeedSequence([spec.seed, rcid])``, so a quadrant is the
 same whether rendered alone or with the rest of its exposure.  The fixed defects of each
 readout channel (bad columns, hot pixels) come from a stream seeded by the rcid alone.
@@ -17,12 +17,13 @@ from astropy.table import Table
 from astropy.wcs import WCS
 
 from ..config import Config
-from ..focalplane import QuadrantGeometry, nominal_cd
+from ..focalplane import QuadrantGeometry
 from ..image import FILTER_IDS, MASK_BITS
 from .exposure import ExposureSpec
+from .optics import first_guess_header
 from .sky import SkyModel, julian_epoch, propagate_positions
 
-__all__ = ["SimulatedQuadrant", "render_quadrant", "first_guess_header", "image_zeropoint",
+__all__ = ["SimulatedQuadrant", "render_quadrant", "quadrant_header", "image_zeropoint",
            "sky_electrons_per_pixel", "PIXEL_SIZE_CM", "GALAXY_BETA"]
 
 #: Physical pixel size (15 um), for the cosmic-ray rate per cm^2.
@@ -73,8 +74,8 @@ def sky_electrons_per_pixel(spec: ExposureSpec, cfg: Config) -> float:
     return float(10 ** (-0.4 * (spec.sky_mag - band.zeropoint)) * spec.exptime * pixel_area)
 
 
-def first_guess_header(spec: ExposureSpec, geom: QuadrantGeometry, cfg: Config) -> fits.Header:
-    """The contract keywords plus the nominal TAN WCS about the commanded pointing."""
+def quadrant_header(spec: ExposureSpec, geom: QuadrantGeometry, cfg: Config) -> fits.Header:
+    """The contract keywords plus the telescope's first-guess WCS (off by the pointing error)."""
     inst = cfg.instrument
     h = fits.Header()
     values = [
@@ -93,13 +94,7 @@ def first_guess_header(spec: ExposureSpec, geom: QuadrantGeometry, cfg: Config) 
     ]
     for key, value, comment in values:
         h[key] = (value, comment)
-    wcs = WCS(naxis=2)
-    wcs.wcs.ctype = ["RA---TAN", "DEC--TAN"]
-    wcs.wcs.crval = [spec.field_ra % 360.0, spec.field_dec]
-    wcs.wcs.crpix = list(geom.boresight_pixel)
-    wcs.wcs.cd = nominal_cd(inst)
-    wcs.wcs.radesys = "ICRS"
-    h.update(wcs.to_header())
+    h.update(first_guess_header(spec, geom, cfg))
     return h
 
 
@@ -412,7 +407,7 @@ def render_quadrant(spec: ExposureSpec, geom: QuadrantGeometry, wcs: WCS, sky: S
     truth_header.update(wcs_header if wcs_header is not None else wcs.to_header(relax=True))
     for key, value in metadata.items():
         truth_header[key] = value
-    header = first_guess_header(spec, geom, cfg)
+    header = quadrant_header(spec, geom, cfg)
     return SimulatedQuadrant(data=image, mask=mask, header=header, truth=truth, truth_header=truth_header)
 
 
