@@ -1,0 +1,283 @@
+"""Simulating a whole run to disk: plan the nights, draw the sky, render and write quadrants.
+
+Layout under ``outdir``::
+
+    gaia/gaia_catalog.fits                                  Gaia-like catalogue (archive columns)
+    exposures/<YYYYMMDD>/<expid>/ztf_<expid>_f<field>_<filter>_c<ccd>_q<qid>.fits
+                                                            contract image + MASK extension
+    truth/<expid>/<same name>_truth.fits                    HDU0: true WCS + truth keywords,
+                                                            HDU1: per-object truth table
+    truth/exposures.ecsv                                    one row per exposure (plan + truth)
+    truth/stars.fits                                        every star's true parameters
+    truth/transients.ecsv                                   transient parameters + true mag per exposure
+    simulation.json                                         parameters, seed, version, counts
+
+Every file is written to a temporary name and renamed, and everything is deterministic
+given the seed, so a rerun reproduces the same bytes of data.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+from astropy.io import fits
+from astropy.table import Table
+
+from .. import __version__
+from ..config import Config, config_to_toml
+from ..focalplane import ccd_qid_of_rcid, quadrant_geometry
+from ..image import write_fits_atomic, write_quadrant
+from .exposure import ExposureSpec
+from .optics import true_boresight, true_quadrant_solution
+from .plan import Field, plan_night
+from .render import SimulatedQuadrant, image_zeropoint, render_quadrant
+from .sky import SkyModel, make_sky
+
+__all__ = ["simulate_run", "quadrant_paths", "write_simulated_quadrant", "simulate_quadrant",
+           "exposures_table", "transients_table", "bench_simulate_quadrant", "parse_quadrants"]
+
+log = logging.getLogger("skydiff.simulate")
+
+
+def parse_quadrants(quadrants: str | Iterable[int], n_quadrants: int = 64) -> list[int]:
+    """rcids from ``'all'``, a comma list ``'0,1,5'`` or an iterable of ints (checked 0..n-1)."""
+    if isinstance(quadrants, str):
+        text = quadrants.strip().lower()
+        if text == "all":
+            return list(range(n_quadrants))
+        try:
+            rcids = [int(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise ValueError(f"quadrants must be 'all' or comma-separated rcids, got {quadrants!r}") from None
+    else:
+        rcids = [int(q) for q in quadrants]
+    bad = [q for q in rcids if not 0 <= q < n_quadrants]
+    if bad or not rcids:
+        raise ValueError(f"quadrants must be rcids 0-{n_quadrants - 1}, got {quadrants!r}")
+    return sorted(set(rcids))
+
+
+def quadrant_paths(outdir: str | os.PathLike, spec: ExposureSpec, ccdid: int, qid: int) -> tuple[Path, Path]:
+    """(image path, truth path) of one quadrant of one exposure under ``outdir``."""
+    stem = f"ztf_{spec.expid}_f{spec.fieldid}_{spec.filter}_c{ccdid:02d}_q{qid}"
+    outdir = Path(outdir)
+    return (outdir / "exposures" / spec.night / str(spec.expid) / f"{stem}.fits",
+            outdir / "truth" / str(spec.expid) / f"{stem}_truth.fits")
+
+
+def write_simulated_quadrant(quadrant: SimulatedQuadrant, image_path: Path, truth_path: Path) -> None:
+    """Write the image (with MASK) and its truth file, each atomically."""
+    write_quadrant(image_path, quadrant.data, quadrant.header, quadrant.mask)
+    truth_hdu = fits.table_to_hdu(quadrant.truth)
+    truth_hdu.name = "TRUTH"
+    write_fits_atomic(fits.HDUList([fits.PrimaryHDU(header=quadrant.truth_header), truth_hdu]), truth_path)
+
+
+def simulate_quadrant(spec: ExposureSpec, rcid: int, sky: SkyModel, cfg: Config,
+                      outdir: str | os.PathLike | None = None, noiseless: bool = False):
+    """True WCS, render and (if ``outdir``) write one quadrant; returns (quadrant, timings)."""
+    timings = {}
+    start = time.perf_counter()
+    geom = quadrant_geometry(cfg.instrument, *ccd_qid_of_rcid(rcid))
+    wcs, wcs_header, _ = true_quadrant_solution(spec, geom, cfg)
+    timings["wcs"] = time.perf_counter() - start
+    start = time.perf_counter()
+    quadrant = render_quadrant(spec, geom, wcs, sky, cfg, noiseless=noiseless, wcs_header=wcs_header)
+    timings["render"] = time.perf_counter() - start
+    if outdir is not None:
+        start = time.perf_counter()
+        write_simulated_quadrant(quadrant, *quadrant_paths(outdir, spec, geom.ccdid, geom.qid))
+        timings["write"] = time.perf_counter() - start
+    return quadrant, timings
+
+
+def exposures_table(specs: Sequence[ExposureSpec], cfg: Config) -> Table:
+    """One row per exposure: every ExposureSpec field, the true boresight and true zero point."""
+    rows = []
+    for spec in specs:
+        row = dataclasses.asdict(spec)
+        east, north = row.pop("pointing_offset_arcsec")
+        row["pointing_offset_east_arcsec"], row["pointing_offset_north_arcsec"] = east, north
+        row["true_ra"], row["true_dec"] = true_boresight(spec)
+        row["night"] = spec.night
+        row["true_zeropoint"] = image_zeropoint(spec, cfg)
+        rows.append(row)
+    return Table(rows=rows) if rows else Table()
+
+
+def transients_table(sky: SkyModel, specs: Sequence[ExposureSpec]) -> Table:
+    """Transient parameters plus a ``mag_<expid>`` column per exposure (its band, mid-exposure)."""
+    table = sky.transients.copy()
+    table["fieldid"] = np.array([sky.fields[i][0] for i in table["field_index"]], dtype=np.int64)
+    for spec in specs:
+        mjd_mid = spec.obsmjd + 0.5 * spec.exptime / 86400.0
+        table[f"mag_{spec.expid}"] = sky.transient_mag(spec.filter, mjd_mid)
+        table[f"mag_{spec.expid}"].description = f"{spec.filter} at MJD {mjd_mid:.5f}"
+    return table
+
+
+def _write_text_atomic(text: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_table_atomic(table: Table, path: Path) -> None:
+    if path.suffix == ".ecsv":
+        import io
+        buffer = io.StringIO()
+        table.write(buffer, format="ascii.ecsv")
+        _write_text_atomic(buffer.getvalue(), path)
+    else:
+        write_fits_atomic(fits.HDUList([fits.PrimaryHDU(), fits.table_to_hdu(table)]), path)
+
+
+# Worker-process state: the sky is sent once per worker, not once per quadrant.
+_WORKER: dict = {}
+
+
+def _init_worker(sky: SkyModel, cfg: Config, outdir: str) -> None:
+    _WORKER.update(sky=sky, cfg=cfg, outdir=outdir)
+
+
+def _worker_task(task: tuple[ExposureSpec, int]) -> tuple[int, int, dict]:
+    spec, rcid = task
+    _, timings = simulate_quadrant(spec, rcid, _WORKER["sky"], _WORKER["cfg"], _WORKER["outdir"])
+    return spec.expid, rcid, timings
+
+
+def simulate_run(cfg: Config, outdir: str | os.PathLike, fields: Sequence[Field | tuple[int, float, float]],
+                 nights: Sequence[str], filters: Sequence[str] = ("ZTF_g", "ZTF_r"),
+                 epochs_per_night: int = 4, quadrants: str | Iterable[int] = "all",
+                 seed: int | None = None, jobs: int = 1) -> dict:
+    """Simulate nights of observations of ``fields`` and write them under ``outdir``.
+
+    Parameters
+    ----------
+    cfg : Config
+    outdir : path-like
+    fields : sequence of Field or (fieldid, ra, dec)
+    nights : sequence of str
+        UT dates ``YYYY-MM-DD``.
+    filters : sequence of str
+        Bands, alternating between the epochs of a field.
+    epochs_per_night : int
+    quadrants : 'all', comma-separated rcids, or iterable of rcids
+    seed : int, optional
+        Default ``cfg.simulation.seed``.
+    jobs : int
+        Worker processes for rendering (1 renders in this process).
+
+    Returns
+    -------
+    dict
+        The summary also written to ``simulation.json``.
+    """
+    t_start = time.perf_counter()
+    seed = cfg.simulation.seed if seed is None else int(seed)
+    fields = [f if isinstance(f, Field) else Field(int(f[0]), float(f[1]), float(f[2])) for f in fields]
+    unknown = [b for b in filters if b not in cfg.instrument.filters]
+    if unknown or not filters:
+        raise ValueError(f"unknown filter(s) {unknown}; configured: {', '.join(cfg.instrument.filters)}")
+    if not fields or not nights:
+        raise ValueError("simulate_run needs at least one field and one night")
+    rcids = parse_quadrants(quadrants, cfg.instrument.n_quadrants)
+    outdir = Path(outdir)
+    specs: list[ExposureSpec] = []
+    for night in nights:
+        specs.extend(plan_night(cfg, fields, night, filters=tuple(filters),
+                                epochs_per_night=epochs_per_night, seed=seed))
+    mjds = [s.obsmjd for s in specs]
+    log.info("planned %d exposures of %d field(s) over %d night(s); %d quadrant(s) each",
+             len(specs), len(fields), len(nights), len(rcids))
+    sky = make_sky(cfg, [(f.fieldid, f.ra, f.dec) for f in fields], seed,
+                   mjd_range=(min(mjds) - 0.5, max(mjds) + 0.5))
+    log.info("sky: %d stars, %d galaxies, %d transients", len(sky.stars), len(sky.galaxies), len(sky.transients))
+
+    _write_table_atomic(sky.gaia_catalogue(), outdir / "gaia" / "gaia_catalog.fits")
+    _write_table_atomic(sky.stars, outdir / "truth" / "stars.fits")
+    _write_table_atomic(transients_table(sky, specs), outdir / "truth" / "transients.ecsv")
+    _write_table_atomic(exposures_table(specs, cfg), outdir / "truth" / "exposures.ecsv")
+
+    tasks = [(spec, rcid) for spec in specs for rcid in rcids]
+    stage_totals: dict[str, float] = {}
+    done = 0
+    t_render = time.perf_counter()
+    if jobs > 1:
+        with ProcessPoolExecutor(max_workers=jobs, initializer=_init_worker,
+                                 initargs=(sky, cfg, str(outdir))) as pool:
+            results = pool.map(_worker_task, tasks, chunksize=1)
+            for expid, rcid, timings in results:
+                done += 1
+                _report_progress(done, len(tasks), expid, rcid, timings, stage_totals)
+    else:
+        for spec, rcid in tasks:
+            _, timings = simulate_quadrant(spec, rcid, sky, cfg, outdir)
+            done += 1
+            _report_progress(done, len(tasks), spec.expid, rcid, timings, stage_totals)
+    summary = {
+        "version": __version__, "seed": seed,
+        "fields": [dataclasses.asdict(f) for f in fields], "nights": list(nights),
+        "filters": list(filters), "epochs_per_night": epochs_per_night, "quadrants": rcids,
+        "n_exposures": len(specs), "n_quadrant_images": len(tasks),
+        "n_stars": len(sky.stars), "n_galaxies": len(sky.galaxies), "n_transients": len(sky.transients),
+        "expids": [s.expid for s in specs],
+        "config_toml": config_to_toml(cfg),
+        "timings_s": {"total": time.perf_counter() - t_start, "rendering_wall": time.perf_counter() - t_render,
+                      **{f"sum_{k}": v for k, v in stage_totals.items()}},
+    }
+    _write_text_atomic(json.dumps(summary, indent=2) + "\n", outdir / "simulation.json")
+    return summary
+
+
+def _report_progress(done: int, total: int, expid: int, rcid: int, timings: dict, totals: dict) -> None:
+    for key, value in timings.items():
+        totals[key] = totals.get(key, 0.0) + value
+    level = logging.INFO if done == total or done % 16 == 0 else logging.DEBUG
+    log.log(level, "quadrant %d/%d done (exposure %d, rcid %d, %.2f s)", done, total, expid, rcid,
+            sum(timings.values()))
+
+
+def bench_simulate_quadrant(cfg: Config, rcid: int = 21, field: Field | None = None) -> dict:
+    """Time the simulation of one full quadrant, stage by stage (seconds).
+
+    Stages: ``sky`` (drawing the whole field's sky, once per run), ``select`` (catalogue
+    lookup of the quadrant's objects), ``wcs`` (true WCS), ``render`` (the whole render,
+    selection included), ``write`` (image + truth FITS), and ``quadrant_total`` (wcs +
+    render + write: the per-quadrant cost).  Also reports the object counts.
+    """
+    from .plan import DEFAULT_FIELDS, exposure_at_airmass
+    field = DEFAULT_FIELDS[0] if field is None else field
+    spec = exposure_at_airmass(cfg, field, 1.2)
+    timings: dict = {}
+    start = time.perf_counter()
+    sky = make_sky(cfg, [(field.fieldid, field.ra, field.dec)], cfg.simulation.seed,
+                   mjd_range=(spec.obsmjd - 1, spec.obsmjd + 1))
+    timings["sky"] = time.perf_counter() - start
+    geom = quadrant_geometry(cfg.instrument, *ccd_qid_of_rcid(rcid))
+    wcs, _, _ = true_quadrant_solution(spec, geom, cfg)
+    start = time.perf_counter()
+    for kind in ("stars", "galaxies", "transients"):
+        sky.in_footprint(kind, wcs, (geom.ny, geom.nx))
+    timings["select"] = time.perf_counter() - start
+    with tempfile.TemporaryDirectory(prefix="skydiff-bench-sim-") as tmp:
+        quadrant, stages = simulate_quadrant(spec, rcid, sky, cfg, tmp)
+    timings.update(stages)
+    timings["quadrant_total"] = stages["wcs"] + stages["render"] + stages["write"]
+    kinds, counts = np.unique(quadrant.truth["kind"], return_counts=True)
+    timings.update({f"n_{k}": int(c) for k, c in zip(kinds, counts)})
+    return timings
