@@ -81,7 +81,7 @@ class _TileWriter:
             self.flush()
 
     def flush(self) -> None:
-        if self.pending or not is_store(self.store_dir):
+        if self.pending:
             update_index(self.store_dir, self.nside, self.pending)
             self.pending = []
 

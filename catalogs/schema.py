@@ -62,9 +62,12 @@ def _plain_values(column, name: str, dtype: str, unit, source: str) -> np.ndarra
     col_unit = _known_unit(getattr(column, "unit", None))
     values = column
     if isinstance(column, MaskedColumn) or np.ma.isMaskedArray(column):
-        if np.dtype(dtype).kind != "f" and np.any(np.ma.getmaskarray(column)):
-            raise CatalogError(f"{source}: column {name} has null values")
-        values = np.ma.filled(np.ma.asarray(column, dtype=dtype), np.nan)
+        if np.dtype(dtype).kind != "f":
+            if np.any(np.ma.getmaskarray(column)):
+                raise CatalogError(f"{source}: column {name} has null values")
+            values = np.ma.getdata(column)
+        else:
+            values = np.ma.filled(np.ma.asarray(column, dtype=dtype), np.nan)
     values = np.asarray(values)
     # Tables read from FITS come without units (and in big-endian order): a missing unit
     # means the Gaia archive's unit; a different but convertible unit is converted.

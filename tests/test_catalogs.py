@@ -135,13 +135,17 @@ def test_cone_lookup_near_the_pole_matches_skycoord_separation(tmp_path):
     assert ids(found) == ids(catalogue[inside_square(catalogue, wcs, 0.5)])
 
 
-def test_field_prefetch_covers_every_quadrant_of_the_field(tmp_path):
-    catalogue = synthetic_gaia(30000, (20.0, 40.0), (25.0, 45.0), seed=7, two_parameter_fraction=0.0)
+def test_field_prefetch_covers_its_corner_quadrant(tmp_path):
+    catalogue = synthetic_gaia(12000, (24.0, 36.0), (29.0, 41.0), seed=7, two_parameter_fraction=0.0)
     result = prefetch_from_table(catalogue, tmp_path, field_region(30.0, 35.0))
     assert 70 <= len(result.written) <= 130
-    corners, wcs = square_footprint(30.0 + 3.3 / np.cos(np.radians(38.3)), 38.3, 0.44)  # corner quadrant
+    _, field_wcs = square_footprint(30.0, 35.0, 0.0)
+    x0, x1, y0, y1 = 3.75 - 0.87, 3.75, -3.65, -3.65 + 0.87     # the south-east corner quadrant
+    ra, dec = field_wcs.wcs_pix2world([x0, x1, x1, x0], [y0, y0, y1, y1], 0)
+    corners = np.column_stack([ra, dec])
     found = catalog_for_footprint(tmp_path, corners, 0.1)
-    assert len(found) > 0
+    truth = footprint_region(corners, 0.1).contains(catalogue["ra"], catalogue["dec"])
+    assert ids(found) == ids(catalogue[truth]) and len(found) > 50
 
 
 def test_uncovered_footprint_and_bad_input_are_clear_errors(ra0_store, tmp_path):
