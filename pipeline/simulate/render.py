@@ -361,7 +361,7 @@ def render_quadrant(spec: ExposureSpec, geom: QuadrantGeometry, wcs: WCS, sky: S
     sky_e = sky_electrons_per_pixel(spec, cfg)
     sky_sigma_e = np.sqrt(sky_e + inst.read_noise ** 2)
 
-    flat = np.zeros(geom.nx * geom.ny)
+    flat = np.zeros(geom.nx * geom.ny, dtype=np.float32)
     parts = _objects_on_image(sky, spec, wcs, shape, cfg, zp)
     stars, galaxies, transients = parts
     for part in (stars, transients):
@@ -376,7 +376,7 @@ def render_quadrant(spec: ExposureSpec, geom: QuadrantGeometry, wcs: WCS, sky: S
     gradient = gradient_size * np.array([np.cos(gradient_angle), np.sin(gradient_angle)])
     u = (np.arange(geom.nx, dtype=np.float32) + 0.5) / geom.nx - 0.5
     v = (np.arange(geom.ny, dtype=np.float32) + 0.5) / geom.ny - 0.5
-    image = flat.reshape(shape).astype(np.float32)
+    image = flat.reshape(shape)
     image += np.float32(sky_e) * (1 + np.float32(gradient[1]) * v[:, None] + np.float32(gradient[0]) * u[None, :])
     mask = np.zeros(shape, dtype=np.int16)
     n_cosmic = 0
