@@ -20,6 +20,7 @@ from .runtime import setup_logging
 COMMAND_MODULES = [
     "pipeline.commands.demo",
     "pipeline.commands.simulate",
+    "pipeline.commands.catalogs",
     "pipeline.commands.config",
     "pipeline.commands.bench",
 ]

@@ -11,11 +11,14 @@ blanks to a whole number of 2880-byte records; and the header must carry NAXIS1/
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
 from astropy.table import Table
+from astropy.io.fits.verify import VerifyWarning
+from astropy.utils.exceptions import AstropyUserWarning
 
 from .image import write_fits_atomic
 
@@ -76,18 +79,27 @@ def write_ldac(path: str | os.PathLike, objects: Table,
 def read_ldac(path: str | os.PathLike) -> tuple[Table, fits.Header | None]:
     """Read the first ``LDAC_OBJECTS`` table and its ``LDAC_IMHEAD`` header, if any."""
     try:
-        with fits.open(path) as hdul:
-            names = [h.name for h in hdul]
-            if "LDAC_OBJECTS" not in names:
-                raise LDACError(f"{path}: no LDAC_OBJECTS extension")
-            objects = Table(hdul["LDAC_OBJECTS"].data.copy())
-            header = None
-            if "LDAC_IMHEAD" in names:
-                raw = hdul["LDAC_IMHEAD"].data["Field Header Card"][0]
-                text = raw if isinstance(raw, str) else "".join(np.asarray(raw).ravel().astype(str))
-                header = fits.Header.fromstring(text.replace("\x00", " "))
+        with warnings.catch_warnings():
+            # A truncated file only warns in astropy; here it is an error naming the file.
+            warnings.simplefilter("error", AstropyUserWarning)
+            warnings.simplefilter("error", VerifyWarning)
+            objects, header = _read_ldac_hdus(path)
     except LDACError:
         raise
-    except (OSError, ValueError, KeyError, IndexError) as exc:
+    except (OSError, ValueError, KeyError, IndexError, TypeError, AstropyUserWarning, VerifyWarning) as exc:
         raise LDACError(f"{path}: not a readable LDAC catalogue ({exc})") from None
     return objects, header
+
+
+def _read_ldac_hdus(path):
+    with fits.open(path) as hdul:
+        names = [h.name for h in hdul]
+        if "LDAC_OBJECTS" not in names:
+            raise LDACError(f"{path}: no LDAC_OBJECTS extension")
+        objects = Table(hdul["LDAC_OBJECTS"].data.copy())
+        header = None
+        if "LDAC_IMHEAD" in names:
+            raw = hdul["LDAC_IMHEAD"].data["Field Header Card"][0]
+            text = raw if isinstance(raw, str) else "".join(np.asarray(raw).ravel().astype(str))
+            header = fits.Header.fromstring(text.replace("\x00", " "))
+        return objects, header
