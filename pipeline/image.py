@@ -264,14 +264,26 @@ def _pick_image_hdu(hdul: fits.HDUList, hdu: int | str | None, source: str):
     return chosen
 
 
-def write_fits_atomic(hdul: fits.HDUList, path: str | os.PathLike) -> Path:
-    """Write an HDU list to a temporary file in the target folder, then rename it into place."""
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+def write_fits_atomic(hdul: fits.HDUList, path: str | os.PathLike, finalize=None) -> Path:
+    """Write an HDU list to a temporary file in the target folder, then rename it into place.
+
+    ``finalize(tmp_path)``, when given, may patch the written file before the rename.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         hdul.writeto(tmp, overwrite=True)
+        if finalize is not None:
+            finalize(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())      # mkstemp makes 0600; products are shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -37,18 +37,31 @@ def header_card_block(header: fits.Header) -> str:
     return block.ljust(-(-len(block) // 2880) * 2880)
 
 
-def _imhead_hdu(header: fits.Header) -> fits.BinTableHDU:
-    block = header_card_block(header)
-    # A bytes record array is written verbatim: going through str columns would strip the
-    # trailing blanks and pad with NULs, which SCAMP cannot parse.
-    data = np.array([(block.encode("ascii"),)], dtype=[("Field Header Card", f"S{len(block)}")])
-    hdu = fits.BinTableHDU(data, name="LDAC_IMHEAD")
-    hdu.header["TDIM1"] = f"(80, {len(block) // 80})"
-    return hdu
+def _imhead_hdu(block: str) -> fits.BinTableHDU:
+    cards = len(block) // 80
+    column = fits.Column(name="Field Header Card", format=f"{len(block)}A", dim=f"(80, {cards})",
+                         array=np.array([[block[i * 80:(i + 1) * 80] for i in range(cards)]]))
+    return fits.BinTableHDU.from_columns([column], name="LDAC_IMHEAD")
+
+
+def _restore_blanks(block: str):
+    """A file patch putting the header block back byte for byte.
+
+    astropy strips trailing blanks from string cells and pads them with NULs when writing;
+    SCAMP then never finds END and crashes, so the cell is rewritten in the file itself.
+    """
+    def patch(path: Path) -> None:
+        with fits.open(path) as hdul:
+            offset = hdul["LDAC_IMHEAD"].fileinfo()["datLoc"]
+        with open(path, "r+b") as handle:
+            handle.seek(offset)
+            handle.write(block.encode("ascii"))
+    return patch
 
 
 def ldac_hdulist(objects: Table, image_header: fits.Header | None = None) -> fits.HDUList:
-    """Build an LDAC HDU list for one catalogue.
+    """Build an LDAC HDU list for one catalogue (write it with :func:`write_ldac`, which keeps
+    the header block blank-padded).
 
     Parameters
     ----------
@@ -63,7 +76,7 @@ def ldac_hdulist(objects: Table, image_header: fits.Header | None = None) -> fit
     if image_header is not None:
         if "NAXIS1" not in image_header or "NAXIS2" not in image_header:
             raise LDACError("LDAC image header needs NAXIS1 and NAXIS2 (SCAMP: incoherent FITS header)")
-        hdus.append(_imhead_hdu(image_header))
+        hdus.append(_imhead_hdu(header_card_block(image_header)))
     table_hdu = fits.table_to_hdu(Table(objects, copy=False))
     table_hdu.name = "LDAC_OBJECTS"
     hdus.append(table_hdu)
@@ -73,7 +86,9 @@ def ldac_hdulist(objects: Table, image_header: fits.Header | None = None) -> fit
 def write_ldac(path: str | os.PathLike, objects: Table,
                image_header: fits.Header | None = None) -> Path:
     """Write an LDAC catalogue atomically (see :func:`ldac_hdulist`)."""
-    return write_fits_atomic(ldac_hdulist(objects, image_header), path)
+    hdul = ldac_hdulist(objects, image_header)
+    finalize = None if image_header is None else _restore_blanks(header_card_block(image_header))
+    return write_fits_atomic(hdul, path, finalize=finalize)
 
 
 def read_ldac(path: str | os.PathLike) -> tuple[Table, fits.Header | None]:

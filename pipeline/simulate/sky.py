@@ -29,7 +29,8 @@ FOOTPRINT_DEG = (7.5, 7.3)
 #: Extra sky around each footprint: pointing errors (~20") and rotation must never uncover it.
 FOOTPRINT_MARGIN_DEG = 0.25
 GAIA_REF_EPOCH = 2016.0
-GAIA_COLUMNS = ["source_id", "ra", "dec", "ra_error", "dec_error", "pmra", "pmdec", "ref_epoch",
+GAIA_COLUMNS = ["source_id", "ra", "dec", "ra_error", "dec_error", "pmra", "pmdec",
+                "pmra_error", "pmdec_error", "ref_epoch",
                 "phot_g_mean_mag", "phot_bp_mean_mag", "phot_rp_mean_mag"]
 VARIABLE_SINE, VARIABLE_SAWTOOTH = 1, 2
 TRANSIENT_KINDS = ("supernova", "nuclear", "hostless")
@@ -291,13 +292,14 @@ class SkyModel:
             "source_id": s["source_id"].data, "ra": s["cat_ra"].data, "dec": s["cat_dec"].data,
             "ra_error": s["ra_error"].data, "dec_error": s["dec_error"].data,
             "pmra": s["cat_pmra"].data, "pmdec": s["cat_pmdec"].data,
+            "pmra_error": s["pm_error"].data, "pmdec_error": s["pm_error"].data,
             "ref_epoch": np.full(len(s), GAIA_REF_EPOCH),
             "phot_g_mean_mag": s["gmag"].data,
             "phot_bp_mean_mag": s["gmag"].data + 0.4 * bp_rp,
             "phot_rp_mean_mag": s["gmag"].data - 0.6 * bp_rp,
         })
         units = {"ra": "deg", "dec": "deg", "ra_error": "mas", "dec_error": "mas", "pmra": "mas / yr",
-                 "pmdec": "mas / yr", "ref_epoch": "yr", "phot_g_mean_mag": "mag",
+                 "pmdec": "mas / yr", "pmra_error": "mas / yr", "pmdec_error": "mas / yr", "ref_epoch": "yr", "phot_g_mean_mag": "mag",
                  "phot_bp_mean_mag": "mag", "phot_rp_mean_mag": "mag"}
         for name, unit in units.items():
             cat[name].unit = unit

@@ -1,0 +1,71 @@
+"""``skydiff bench``: benchmarks that print their figures (speed targets live here, not in tests).
+
+Every benchmark pins itself to one CPU core (``sched_setaffinity``) so that its figures
+are those of "one core of this machine", whatever else runs.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+log = logging.getLogger("skydiff.bench")
+
+#: name -> (help, runner(args) -> dict of figures, targets {figure: max seconds})
+BENCHMARKS: dict = {}
+
+
+def benchmark(name: str, help: str, targets: dict[str, float] | None = None):
+    def wrap(func):
+        BENCHMARKS[name] = (help, func, targets or {})
+        return func
+    return wrap
+
+
+@benchmark("simulate", "simulate one full 3072 x 3080 quadrant (target: at most 3 s)",
+           {"quadrant_total": 3.0})
+def _bench_simulate(args) -> dict:
+    from ..simulate.run import bench_simulate_quadrant
+    return bench_simulate_quadrant(args.cfg, rcid=args.rcid)
+
+
+def register(subparsers, common) -> None:
+    p = subparsers.add_parser("bench", parents=[common], help="run a benchmark and print its figures",
+                              description="Benchmarks, each on one pinned CPU core, printing stage timings "
+                                          "against the project's targets.")
+    p.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark")
+    p.add_argument("--rcid", type=int, default=21, help="quadrant to use (0-63)")
+    p.add_argument("--repeat", type=int, default=3, help="runs; the best is reported alongside the first")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON only")
+    p.set_defaults(func=run)
+
+
+def _pin_one_core() -> str:
+    try:
+        cpu = min(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cpu})
+        return f"pinned to CPU {cpu}"
+    except (AttributeError, OSError):
+        return "not pinned (sched_setaffinity unavailable)"
+
+
+def run(args) -> int:
+    help_text, runner, targets = BENCHMARKS[args.name]
+    pinned = _pin_one_core()
+    runs = [runner(args) for _ in range(max(1, args.repeat))]
+    best = {k: min(r[k] for r in runs) if isinstance(runs[0][k], float) else runs[0][k] for k in runs[0]}
+    if args.json:
+        print(json.dumps({"benchmark": args.name, "runs": runs, "best": best}, indent=2))
+        return 0
+    print(f"benchmark {args.name}: {help_text}; {pinned}; {len(runs)} run(s)")
+    width = max(len(k) for k in best)
+    print(f"  {'figure':<{width}}  {'first':>9}  {'best':>9}  target")
+    for key in runs[0]:
+        first, value = runs[0][key], best[key]
+        if isinstance(value, float):
+            target = targets.get(key)
+            verdict = "" if target is None else f"<= {target:g} s  {'met' if value <= target else 'MISSED'}"
+            print(f"  {key:<{width}}  {first:9.3f}  {value:9.3f}  {verdict}")
+        else:
+            print(f"  {key:<{width}}  {first!s:>9}  {value!s:>9}")
+    return 0

@@ -1,0 +1,20 @@
+"""``skydiff demo``: the main job on its embedded defaults (simulated data, no network)."""
+from __future__ import annotations
+
+from ..demo import DemoOptions, format_summary, run_demo
+
+
+def register(subparsers, common) -> None:
+    p = subparsers.add_parser("demo", parents=[common], help="simulate a small survey and run every stage on it",
+                              description="Simulate a small night (one field, two filters, several epochs) "
+                                          "into a working directory, run every pipeline stage on it and print "
+                                          "a summary with timings.")
+    p.add_argument("--workdir", default="demo-run", metavar="DIR", help="working directory (demo-run)")
+    p.add_argument("--jobs", type=int, default=2, metavar="N", help="worker processes for simulation")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    summary = run_demo(args.cfg, args.workdir, DemoOptions(jobs=args.jobs))
+    print(format_summary(summary))
+    return 0
