@@ -532,6 +532,10 @@ def _seeing(catalog: Table, config: ExtractionConfig) -> float:
     return float(median)
 
 
+_STRUCTURAL_KEYWORDS = {"SIMPLE", "XTENSION", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "EXTEND",
+                        "PCOUNT", "GCOUNT", "END", ""}
+
+
 def to_scamp_ldac(result: ExtractionResult, image_header: fits.Header,
                   path: str | os.PathLike) -> Path:
     """Write the catalogue as the FITS_LDAC SCAMP reads.
@@ -540,8 +544,10 @@ def to_scamp_ldac(result: ExtractionResult, image_header: fits.Header,
     ----------
     result : ExtractionResult
     image_header : Header
-        The image's header (WCS, date, etc.); NAXIS1/NAXIS2 are set from the image shape
-        when missing.
+        The image's header (WCS, date, etc.), primary or extension.  The embedded header
+        is rebuilt to open with ``SIMPLE``, ``BITPIX``, ``NAXIS``, ``NAXIS1``, ``NAXIS2``
+        as a primary image header does: SCAMP 2.10 rejects a block without ``SIMPLE``
+        ("Corrupted FITS header", seen here).
     path : path-like
         Output file, written atomically.
 
@@ -550,12 +556,14 @@ def to_scamp_ldac(result: ExtractionResult, image_header: fits.Header,
     ExtractionError
         If the header's NAXIS1/NAXIS2 disagree with the extracted image.
     """
-    header = image_header.copy()
     ny, nx = result.image_shape
-    header["NAXIS"] = 2
     for key, size in (("NAXIS1", nx), ("NAXIS2", ny)):
-        if key in header and int(header[key]) != size:
-            raise ExtractionError(f"{path}: header {key} = {header[key]} but the extracted "
+        if key in image_header and int(image_header[key]) != size:
+            raise ExtractionError(f"{path}: header {key} = {image_header[key]} but the extracted "
                                   f"image has {size} pixels on that axis")
-        header[key] = size
+    header = fits.Header([("SIMPLE", True), ("BITPIX", int(image_header.get("BITPIX", -32))),
+                          ("NAXIS", 2), ("NAXIS1", nx), ("NAXIS2", ny)])
+    for card in image_header.cards:
+        if card.keyword not in _STRUCTURAL_KEYWORDS:
+            header.append(card)
     return write_ldac(path, result.catalog, image_header=header)

@@ -237,6 +237,7 @@ def test_scamp_ldac_round_trip(crop_field, tmp_path):
     objects, imhead = read_ldac(path)
     assert len(objects) == len(result.catalog)
     assert imhead["NAXIS1"] == 700 and imhead["NAXIS2"] == 700 and imhead["EXPTIME"] == 30.0
+    assert list(imhead)[:5] == ["SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2"]
     assert objects["FLAGS"].dtype.kind == "i" and objects["FLAGS"].dtype.itemsize == 2
     for name in ("XWIN_IMAGE", "YWIN_IMAGE", "ERRAWIN_IMAGE", "ERRBWIN_IMAGE", "FLUX_AUTO",
                  "FLUXERR_AUTO"):
@@ -281,3 +282,18 @@ def test_full_quadrant():
     assert isolated.sum() > 300
     assert np.sqrt(np.mean(dx ** 2 + dy ** 2) / 2) < 0.02
     assert result.n_dropped_drift + result.n_dropped_close < 0.05 * result.n_detected
+
+
+def test_edge_and_blend_flags():
+    rng = np.random.default_rng(8)
+    shape = (120, 120)
+    x = np.array([1.2, 60.0, 66.0, 30.0])   # on the left edge; a blended pair; isolated
+    y = np.array([50.0, 60.0, 60.8, 30.0])
+    flux = np.array([2e5, 2e5, 1e5, 2e5])
+    data = observe(moffat_stars(shape, x, y, flux), rng)
+    cat = extract_sources(data, None, GAIN, SATURATE).catalog
+    idx = match(cat, x, y)
+    flags = {i: int(cat["FLAGS"][np.flatnonzero(idx == i)[0]]) for i in range(4)}
+    assert flags[0] & FLAG_BITS["NEAR_EDGE"] and flags[0] & FLAG_BITS["TRUNCATED"]
+    assert flags[1] & FLAG_BITS["BLENDED"] and flags[2] & FLAG_BITS["BLENDED"]
+    assert flags[3] == 0
