@@ -1,15 +1,21 @@
 """Source extraction against synthetic images with known stars."""
 from __future__ import annotations
 
+import shutil
+import subprocess
+
 import numpy as np
 import pytest
 from astropy.io import fits
+from astropy.io.votable import parse
+from astropy.table import Table
+from astropy.wcs import WCS
 from scipy.spatial import cKDTree
 
 from pipeline.extract import (FLAG_BITS, ExtractionConfig, ExtractionError, catalog_columns,
                               extract_sources, to_scamp_ldac)
 from pipeline.image import MASK_BITS
-from pipeline.ldac import read_ldac
+from pipeline.ldac import read_ldac, write_ldac
 
 GAIN = 6.2          # e-/ADU
 READ_NOISE = 8.0    # e-
@@ -297,3 +303,39 @@ def test_edge_and_blend_flags():
     assert flags[0] & FLAG_BITS["NEAR_EDGE"] and flags[0] & FLAG_BITS["TRUNCATED"]
     assert flags[1] & FLAG_BITS["BLENDED"] and flags[2] & FLAG_BITS["BLENDED"]
     assert flags[3] == 0
+
+
+@pytest.mark.skipif(shutil.which("scamp") is None, reason="SCAMP is not installed")
+def test_scamp_solves_from_our_catalogue(tmp_path):
+    """SCAMP reads the LDAC, matches it with a 5-arcsec pointing error and fits it."""
+    rng = np.random.default_rng(7)
+    shape = (1000, 1000)
+    x, y, flux = star_field(shape, 400, rng, flux_range=(2e3, 1e6))
+    data = observe(moffat_stars(shape, x, y, flux), rng)
+    header = fits.Header({"CTYPE1": "RA---TAN", "CTYPE2": "DEC--TAN", "CRVAL1": 150.0,
+                          "CRVAL2": 30.0, "CRPIX1": 500.0, "CRPIX2": 500.0,
+                          "CD1_1": -1.012 / 3600, "CD1_2": 0.0, "CD2_1": 0.0,
+                          "CD2_2": 1.012 / 3600, "EXPTIME": 30.0})
+    ra, dec = WCS(header).all_pix2world(x + 1.0, y + 1.0, 1)
+    write_ldac(tmp_path / "ref.ldac", Table({
+        "X_WORLD": ra, "Y_WORLD": dec, "ERRA_WORLD": np.full(len(x), 1e-6),
+        "ERRB_WORLD": np.full(len(x), 1e-6), "MAG": 25.0 - 2.5 * np.log10(flux),
+        "MAGERR": np.full(len(x), 0.01)}))
+    header["CRVAL1"] += 5.0 / 3600.0
+    to_scamp_ldac(extract_sources(data, None, GAIN, SATURATE), header, tmp_path / "det.ldac")
+    run = subprocess.run(
+        ["scamp", "det.ldac", "-ASTREF_CATALOG", "FILE", "-ASTREFCAT_NAME", "ref.ldac",
+         "-PROJECTION_TYPE", "TAN", "-MOSAIC_TYPE", "UNCHANGED", "-SOLVE_PHOTOM", "N",
+         "-CHECKPLOT_TYPE", "NONE", "-CHECKPLOT_DEV", "NULL", "-WRITE_XML", "Y",
+         "-XML_NAME", "scamp.xml", "-AHEADER_GLOBAL", "none.ahead", "-DISTORT_DEGREES", "1",
+         "-CROSSID_RADIUS", "2", "-POSITION_MAXERR", "1", "-NTHREADS", "1"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr[-500:]
+    xml = parse(tmp_path / "scamp.xml")
+    contrast = xml.get_table_by_id("Fields").array["XY_Contrast"][0]
+    groups = xml.get_table_by_id("FGroups").array
+    sigma_mas = 1000 * np.asarray(groups["AstromSigma_Reference_HighSN"][0])
+    print(f"\nSCAMP: XY contrast {contrast:.1f}, {groups['AstromNDets_Reference'][0]} matches, "
+          f"high-S/N sigma {sigma_mas[0]:.1f}, {sigma_mas[1]:.1f} mas")
+    assert contrast > 20 and groups["AstromNDets_Reference"][0] > 200
+    assert (sigma_mas < 15).all()
