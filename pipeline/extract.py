@@ -532,9 +532,6 @@ def _seeing(catalog: Table, config: ExtractionConfig) -> float:
     return float(median)
 
 
-_STRUCTURAL_KEYWORDS = {"SIMPLE", "XTENSION", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "EXTEND",
-                        "PCOUNT", "GCOUNT", "END", ""}
-
 
 def to_scamp_ldac(result: ExtractionResult, image_header: fits.Header,
                   path: str | os.PathLike) -> Path:
@@ -561,9 +558,6 @@ def to_scamp_ldac(result: ExtractionResult, image_header: fits.Header,
         if key in image_header and int(image_header[key]) != size:
             raise ExtractionError(f"{path}: header {key} = {image_header[key]} but the extracted "
                                   f"image has {size} pixels on that axis")
-    header = fits.Header([("SIMPLE", True), ("BITPIX", int(image_header.get("BITPIX", -32))),
-                          ("NAXIS", 2), ("NAXIS1", nx), ("NAXIS2", ny)])
-    for card in image_header.cards:
-        if card.keyword not in _STRUCTURAL_KEYWORDS:
-            header.append(card)
+    header = image_header.copy()
+    header["NAXIS1"], header["NAXIS2"] = nx, ny     # write_ldac puts the structural cards first
     return write_ldac(path, result.catalog, image_header=header)

@@ -29,8 +29,31 @@ class LDACError(ValueError):
     """A file that is not a readable LDAC catalogue."""
 
 
+_LEADING = ("SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2")
+
+
+def _primary_like(header: fits.Header) -> fits.Header:
+    """The header opening with SIMPLE, BITPIX, NAXIS, NAXIS1, NAXIS2 (SCAMP: "Corrupted FITS header")."""
+    out = fits.Header()
+    out["SIMPLE"] = True
+    out["BITPIX"] = header.get("BITPIX", -32)
+    out["NAXIS"] = 2
+    out["NAXIS1"] = header["NAXIS1"]
+    out["NAXIS2"] = header["NAXIS2"]
+    for card in header.cards:
+        if card.keyword not in _LEADING and card.keyword not in ("XTENSION", "PCOUNT", "GCOUNT", "END"):
+            out.append(card, end=True)
+    return out
+
+
 def header_card_block(header: fits.Header) -> str:
-    """The header as 80-character cards ending in END, blank-padded to 2880-byte records."""
+    """The header as 80-character cards ending in END, blank-padded to 2880-byte records.
+
+    A header with NAXIS1/NAXIS2 is reordered to open like a primary image header, which is
+    what SCAMP expects of an LDAC_IMHEAD.
+    """
+    if "NAXIS1" in header and "NAXIS2" in header:
+        header = _primary_like(header)
     cards = "".join(str(card).ljust(80)[:80] for card in header.cards
                     if card.keyword not in ("", "END") or card.comment)
     block = cards + "END".ljust(80)

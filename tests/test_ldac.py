@@ -26,6 +26,7 @@ def test_round_trip_and_blank_padded_header(tmp_path):
     with fits.open(path) as hdul:
         block = bytes(hdul["LDAC_IMHEAD"].data.tobytes())
     assert b"\0" not in block and len(block) % 2880 == 0
+    assert block.startswith(b"SIMPLE  =") and block[80:88] == b"BITPIX  "   # SCAMP needs a primary-like block
     end = block.index(b"END     ")
     assert end % 80 == 0 and block[end:].strip() == b"END"
 
