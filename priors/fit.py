@@ -11,13 +11,14 @@ channel ``c``, sits at global focal-plane pixel ``X = layout_c(p) + d_c + S_c (p
 where ``layout_c`` is the nominal layout (:mod:`pipeline.focalplane`) and ``d_c``, ``S_c``
 the channel's placement (an offset and a small linear term).  For star ``j`` of exposure ``e``::
 
-    s_j = o_e + M_e X_j + P(X_j)
+    s_j = o_e + M_e X_j + a_c + P(X_j)
 
 * ``o_e`` -- the exposure's offset: its pointing error.  The next pass projects the stars
   about the boresight so found, because north at the commanded pointing and at the
   boresight differ by the meridian convergence (~1e-4 rad for 20 arcsec);
 * ``M_e`` -- the exposure's linear term: its position-angle error (and anything else
   linear that differs between exposures);
+* ``a_c`` -- the channel's offset from its placement so far (added to ``d_c`` in pixels);
 * ``P`` -- the focal-plane polynomial, degree 1 to ``degree`` (3: the optics are cubic),
   without a constant: the boresight is the origin of the layout, so the offsets are the
   pointing errors themselves rather than the pointing errors plus an arbitrary constant.
@@ -29,11 +30,13 @@ errors, a common linear term from ``P``).
 
 The fit alternates two ordinary least-squares steps (statsmodels OLS), three times:
 
-1. with the placements fixed, one OLS of all stars for ``o_e``, ``M_e`` and ``P`` (both axes
-   at once), then a refit without the stars beyond ``clip_sigma`` robust sigmas;
-2. per channel, an OLS of the residuals on ``(1, p - centre_c)``: the channel's offset and
-   linear term in the tangent plane, turned into pixels with ``P``'s linear part and added
-   to its placement.
+1. one OLS of all stars for ``o_e``, ``M_e``, ``a_c`` and ``P`` (both axes at once), then a
+   refit without the stars beyond ``clip_sigma`` robust sigmas;
+2. per channel, an OLS of the residuals on ``p - centre_c``: the channel's linear term in
+   the tangent plane.  Both channel terms are turned into pixels with ``P``'s linear part
+   and added to the channel's placement.  (In the joint fit, per-channel linear terms could
+   mimic the polynomial's slope on each channel, leaving ``P`` to be found from curvature
+   within single quadrants alone; fitting them to the residuals keeps ``P`` well determined.)
 
 This is the design's method made well posed: the per-channel terms give each channel's
 CRPIX (where ``X = 0`` falls in its pixels), the global polynomial gives each quadrant's
@@ -176,18 +179,24 @@ class _JointSolution:
     polynomial: FocalPlanePolynomial
     offsets: np.ndarray            # (E, 2) deg
     linear: np.ndarray             # (E, 2, 2) deg per pixel
+    channel_offsets: np.ndarray    # (C, 2) deg
     residuals: np.ndarray          # (N, 2) deg, NaN where clipped
     kept: np.ndarray               # (N,) bool
 
 
-def _fit_exposures_and_polynomial(s, X, Y, exposure: np.ndarray, n_exp: int, degree: int,
-                                  clip_sigma: float) -> _JointSolution:
-    """Step 1: per-exposure offsets and linear terms (sum zero) and the focal-plane polynomial."""
+def _sum_to_zero(index: np.ndarray, n: int) -> np.ndarray:
+    """Sum-to-zero coding (N, n - 1) of a categorical index 0..n-1."""
+    onehot = np.eye(n)[index]
+    return onehot[:, :-1] - onehot[:, -1:]
+
+
+def _fit_joint(s, X, Y, exposure: np.ndarray, n_exp: int, channel: np.ndarray, n_chan: int, degree: int,
+               clip_sigma: float) -> _JointSolution:
+    """Step 1: per-exposure offsets and linear terms, per-channel offsets, the focal-plane polynomial."""
     u, v = X / _PIXEL_NORM, Y / _PIXEL_NORM
-    onehot = np.eye(n_exp)[exposure]
-    contrast = onehot[:, :-1] - onehot[:, -1:]       # sum-to-zero coding of the linear terms
-    design = np.hstack([onehot, contrast * u[:, None], contrast * v[:, None],
-                        FocalPlanePolynomial.design(X, Y, degree)])
+    contrast = _sum_to_zero(exposure, n_exp)
+    design = np.hstack([np.eye(n_exp)[exposure], contrast * u[:, None], contrast * v[:, None],
+                        _sum_to_zero(channel, n_chan), FocalPlanePolynomial.design(X, Y, degree)])
     kept = np.ones(len(s), bool)
     for attempt in range(2):
         params = _ols(s[kept], design[kept])
@@ -195,24 +204,24 @@ def _fit_exposures_and_polynomial(s, X, Y, exposure: np.ndarray, n_exp: int, deg
         if attempt == 0:
             sigma = 1.4826 * np.median(np.abs(residuals - np.median(residuals, axis=0)), axis=0)
             kept = np.all(np.abs(residuals) <= clip_sigma * np.maximum(sigma, 1e-12), axis=1)
-    offsets, lin_u, lin_v, poly = np.split(params, np.cumsum([n_exp, n_exp - 1, n_exp - 1]))
+    offsets, lin_u, lin_v, chan, poly = np.split(
+        params, np.cumsum([n_exp, n_exp - 1, n_exp - 1, n_chan - 1]))
     lin_u = np.vstack([lin_u, -lin_u.sum(axis=0)])
     lin_v = np.vstack([lin_v, -lin_v.sum(axis=0)])
     linear = np.stack([lin_u, lin_v], axis=-1) / _PIXEL_NORM      # (E, axis, X|Y)
     residuals[~kept] = np.nan
-    return _JointSolution(FocalPlanePolynomial(degree, poly), offsets, linear, residuals, kept)
+    return _JointSolution(FocalPlanePolynomial(degree, poly), offsets, linear,
+                          np.vstack([chan, -chan.sum(axis=0)]), residuals, kept)
 
 
-def _channel_terms(residuals, x, y, channel, geoms) -> tuple[np.ndarray, np.ndarray]:
-    """Step 2: per-channel offsets (C, 2; deg) and linear terms (C, 2, 2; deg/px), mean removed."""
-    offsets, linear = np.zeros((len(geoms), 2)), np.zeros((len(geoms), 2, 2))
+def _channel_linear_terms(residuals, x, y, channel, geoms) -> np.ndarray:
+    """Step 2: per-channel linear terms (C, 2, 2; deg/px) of the residuals, mean over channels removed."""
+    linear = np.zeros((len(geoms), 2, 2))
     for c, geom in enumerate(geoms):
         rows = (channel == c) & np.isfinite(residuals[:, 0])
-        design = np.column_stack([np.ones(rows.sum()), x[rows] - 0.5 * (geom.nx + 1),
-                                  y[rows] - 0.5 * (geom.ny + 1)])
-        params = _ols(residuals[rows], design)
-        offsets[c], linear[c] = params[0], params[1:].T
-    return offsets - offsets.mean(axis=0), linear - linear.mean(axis=0)
+        design = np.column_stack([x[rows] - 0.5 * (geom.nx + 1), y[rows] - 0.5 * (geom.ny + 1)])
+        linear[c] = _ols(residuals[rows], design).T
+    return linear - linear.mean(axis=0)
 
 
 def quadrant_prior(geom: QuadrantGeometry, placement: _Placement, polynomial: FocalPlanePolynomial,
@@ -296,12 +305,12 @@ def fit_prior(matches: Table, cfg: Config, settings: PriorFitSettings = PriorFit
         for c, (geom, placement) in enumerate(zip(geoms, placements)):
             rows = channel == c
             X[rows], Y[rows] = placement.to_global(geom, x[rows], y[rows])
-        joint = _fit_exposures_and_polynomial(s, X, Y, exposure, len(expids), settings.degree,
-                                              settings.clip_sigma)
+        joint = _fit_joint(s, X, Y, exposure, len(expids), channel, len(rcids), settings.degree,
+                           settings.clip_sigma)
         to_pixels = np.linalg.inv(joint.polynomial.linear)
-        chan_offsets, chan_linear = _channel_terms(joint.residuals, x, y, channel, geoms)
+        chan_linear = _channel_linear_terms(joint.residuals, x, y, channel, geoms)
         for c, placement in enumerate(placements):
-            placement.offset = placement.offset + to_pixels @ chan_offsets[c]
+            placement.offset = placement.offset + to_pixels @ joint.channel_offsets[c]
             placement.linear = placement.linear + to_pixels @ chan_linear[c]
         for i, e in enumerate(expids):
             centre_offsets[int(e)] = frames[int(e)].centre_offset(*joint.offsets[i], *pointing[int(e)],

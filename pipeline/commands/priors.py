@@ -1,0 +1,73 @@
+"""``skydiff priors``: build a focal-plane distortion prior, and write an image's ``.ahead`` from it."""
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+from priors.ahead import prior_wcs_header, write_ahead
+from priors.fit import PriorFitSettings, fit_prior
+from priors.matches import read_matches
+from priors.model import PriorError
+from priors.store import read_prior, write_prior
+
+from ..image import read_quadrant
+
+log = logging.getLogger("skydiff.priors")
+
+EXIT_BAD_INPUT = 3   # as pipeline.cli.EXIT_BAD_INPUT (not imported: commands do not depend on the CLI)
+
+
+def register(subparsers, common) -> None:
+    p = subparsers.add_parser("priors", parents=[common], help="build a distortion prior, write .ahead files",
+                              description="Focal-plane distortion priors (per-quadrant CRPIX, CD, TPV terms).")
+    sub = p.add_subparsers(dest="priors_command", metavar="SUBCOMMAND")
+    sub.required = True
+
+    build = sub.add_parser("build", parents=[common], help="fit a prior from matched star lists",
+                           description="Fit a prior from matched star tables (FITS or ECSV; columns "
+                                       "expid rcid x y ra dec telra teldec obsmjd airmass).")
+    build.add_argument("matches", nargs="+", metavar="MATCHES", help="matched star tables")
+    build.add_argument("--out", required=True, metavar="PRIOR.fits", help="prior file to write")
+    build.add_argument("--max-airmass", type=float, default=PriorFitSettings.max_airmass,
+                       help="drop exposures above this airmass (default %(default)s)")
+    build.add_argument("--degree", type=int, default=PriorFitSettings.degree,
+                       help="degree of the focal-plane polynomial (default %(default)s)")
+    build.set_defaults(func=run_build)
+
+    ahead = sub.add_parser("ahead", parents=[common], help="write the .ahead of a quadrant image",
+                           description="Write the prior's TPV header for one quadrant image as a SCAMP .ahead.")
+    ahead.add_argument("prior", metavar="PRIOR.fits")
+    ahead.add_argument("image", metavar="IMAGE.fits")
+    ahead.add_argument("--out", required=True, metavar="FILE.ahead")
+    ahead.set_defaults(func=run_ahead)
+
+
+def run_build(args) -> int:
+    try:
+        matches = read_matches(args.matches)
+        settings = replace(PriorFitSettings(), max_airmass=args.max_airmass, degree=args.degree)
+        prior = fit_prior(matches, args.cfg, settings, source=", ".join(args.matches))
+    except PriorError as exc:
+        log.error("bad input: %s", exc)
+        return EXIT_BAD_INPUT
+    write_prior(args.out, prior)
+    p = prior.provenance
+    log.info("wrote %s: %d exposures (airmass %.2f-%.2f), %d stars, rms %.3f arcsec per axis",
+             args.out, p.n_exposures, p.airmass_min, p.airmass_max, p.n_stars, p.rms_arcsec)
+    return 0
+
+
+def run_ahead(args) -> int:
+    image = read_quadrant(args.image)
+    meta = image.meta
+    try:
+        prior = read_prior(args.prior)
+        header = prior_wcs_header(prior, meta.rcid, meta.telra, meta.teldec, meta.obsmjd, image.shape,
+                                  pressure_hpa=meta.pressure, temperature_c=meta.temperature,
+                                  wavelength_um=args.cfg.instrument.filters[meta.filter].wavelength_um)
+    except PriorError as exc:
+        log.error("bad input: %s", exc)
+        return EXIT_BAD_INPUT
+    write_ahead(args.out, header)
+    log.info("wrote %s (rcid %d, prior %s)", args.out, meta.rcid, args.prior)
+    return 0
