@@ -9,18 +9,16 @@ there (0.1-0.2 degrees: precession and nutation since J2000, plus refraction's s
 PV terms that absorb the rest (differential aberration and refraction).  The header then
 differs from the truth only by the exposure's pointing and position-angle errors, which
 SCAMP's first pass solves for.  Because it includes the exposure's own refraction, the
-scale check's reference airmass for it is the image's own airmass.
+scale check's reference airmass for it is the image's own airmass.  ``write_ahead`` is
+:func:`pipeline.wcs_head.write_ahead` (ASCII 80-character cards, END, no NAXIS keys).
 """
 from __future__ import annotations
-
-import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
 
 from pipeline.tpv import fit_tpv_wcs, sky_to_tangent, tpv_wcs
+from pipeline.wcs_head import write_ahead  # the project's one .ahead writer (re-exported)
 
 from .frames import rotation_matrix
 from .model import Prior, PriorError
@@ -84,30 +82,3 @@ def prior_wcs_header(prior: Prior, rcid: int, telra: float, teldec: float, obsmj
                                        f"{residual_mas.max():.1f} mas")
     return header
 
-
-# Keys an .ahead must not carry: SCAMP takes the image size from the catalogue's own header.
-_NOT_IN_AHEAD = ("NAXIS", "NAXIS1", "NAXIS2")
-
-
-def write_ahead(path: str | os.PathLike, header: fits.Header) -> Path:
-    """Write a header as a SCAMP ``.ahead`` file: 80-character ASCII cards, one per line, then END.
-
-    NAXIS keys are left out (SCAMP reads the size from the catalogue).  astropy headers hold
-    ASCII only, so the file does too.  The file is written to a temporary name and renamed into place.
-    """
-    header = header.copy()
-    for key in _NOT_IN_AHEAD:
-        header.remove(key, ignore_missing=True)
-    cards = header.tostring(sep="", endcard=True, padding=False)
-    text = "".join(cards[i:i + 80] + "\n" for i in range(0, len(cards), 80))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="ascii", newline="\n") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
