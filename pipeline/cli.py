@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "pipeline.commands.demo",
     "pipeline.commands.simulate",
     "pipeline.commands.catalogs",
+    "pipeline.commands.priors",
     "pipeline.commands.config",
     "pipeline.commands.bench",
 ]

@@ -21,6 +21,12 @@ from pathlib import Path
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 _configured = False
 
+# One core per quadrant is the design (a Slurm task or a local worker each); threaded BLAS
+# on a shared node made the prior's OLS ten times slower here.  Set before numpy loads;
+# an explicit setting in the environment wins.
+for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_variable, os.environ.get("SKYDIFF_THREADS", "1"))
+
 
 def _private_astropy_dirs() -> Path:
     """Point XDG config/cache at a directory of this process's own.
