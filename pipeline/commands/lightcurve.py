@@ -1,0 +1,67 @@
+"""``skydiff lightcurve`` (a cone query printed or plotted) and ``skydiff serve-lightcurves``."""
+from __future__ import annotations
+
+import logging
+import sys
+
+log = logging.getLogger("skydiff.lightcurve")
+
+
+def register(subparsers, common) -> None:
+    p = subparsers.add_parser(
+        "lightcurve", parents=[common], help="light curves of the objects around a position",
+        description="Light curves (all filters) of the reference objects within a radius of RA DEC, "
+                    "read from the matchfiles under the matchfile root.")
+    p.add_argument("ra", type=float, metavar="RA", help="right ascension (deg)")
+    p.add_argument("dec", type=float, metavar="DEC", help="declination (deg)")
+    p.add_argument("--radius", type=float, default=2.0, metavar="ARCSEC", help="cone radius (arcsec, 2)")
+    p.add_argument("--root", metavar="DIR", help="matchfile root (default: paths.matchfiles)")
+    p.add_argument("--format", choices=["csv", "ecsv", "votable", "json"], default="csv",
+                   help="output format on stdout (csv)")
+    p.add_argument("--plot", metavar="FILE.png", help="also plot magnitude against HJD")
+    p.set_defaults(func=run_lightcurve)
+
+    s = subparsers.add_parser(
+        "serve-lightcurves", parents=[common], help="read-only HTTP light-curve service (IRSA API)",
+        description="Serve light curves over HTTP with the query parameters of IRSA's ZTF light-curve "
+                    "API at /cgi-bin/ZTF/nph_light_curves (help at /).")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: loopback only)")
+    s.add_argument("--port", type=int, default=8080, metavar="N", help="port (8080)")
+    s.add_argument("--root", metavar="DIR", help="matchfile root (default: paths.matchfiles)")
+    s.set_defaults(func=run_serve)
+
+
+def _root(args):
+    return args.root or args.cfg.paths.resolve("matchfiles")
+
+
+def run_lightcurve(args) -> int:
+    from ..lightcurve import lightcurve, plot_lightcurve, serialise
+    from ..matchfile_layout import LayoutError
+
+    try:
+        table = lightcurve(args.ra, args.dec, args.radius, _root(args))
+    except (ValueError, LayoutError) as exc:
+        log.error("%s", exc)
+        return 2 if not isinstance(exc, LayoutError) else 3
+    body, _ = serialise(table, args.format)
+    sys.stdout.buffer.write(body)
+    sys.stdout.flush()
+    if args.plot:
+        plot_lightcurve(table, args.plot, title=f"{args.ra:.5f} {args.dec:+.5f} r={args.radius:g}\"")
+        log.info("plot written to %s", args.plot)
+    log.info("%d points of %d object(s)", len(table), len(set(table["oid"])) if len(table) else 0)
+    return 0
+
+
+def run_serve(args) -> int:
+    from ..lightcurve_service import serve
+
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("binding to %s: the service is reachable from other machines", args.host)
+    try:
+        serve(_root(args), args.host, args.port)
+    except OSError as exc:
+        log.error("cannot serve on %s:%d: %s", args.host, args.port, exc.strerror or exc)
+        return 1
+    return 0
