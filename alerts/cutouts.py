@@ -1,0 +1,121 @@
+"""Cutout stamps as ZTF ships them: gzip-compressed single-HDU FITS files.
+
+Input contract: per candidate a :class:`CutoutTriplet` of three 2-D float arrays (science,
+reference, difference; ZTF's are 63 x 63 float32) and, optionally, the 0-based pixel
+``origin`` (x, y) of the stamp's first pixel in the quadrant image.  When the image's WCS
+header is given (``AlertContext.wcs_header``) each stamp carries that WCS with CRPIX moved
+by the origin (exact for TAN, TPV and SIP alike, whose terms are relative to CRPIX).
+
+The FITS bytes are written directly rather than through :mod:`astropy.io.fits`: building
+an HDU costs about a millisecond, twenty times the cost of the rest of a packet, and the
+format needed here is one fixed, minimal primary header plus big-endian float32 data.
+Compression is deflate with Huffman coding only (``Z_HUFFMAN_ONLY``): on noise-dominated
+float32 stamps it is about twice as fast as level-1 deflate and slightly smaller, because
+string matching finds almost nothing in noise.  Any gzip/FITS reader opens the result.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import warnings
+import zlib
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+__all__ = ["CutoutTriplet", "STAMP_KINDS", "fits_stamp", "stamp_record", "stamp_header_cards",
+           "read_stamp"]
+
+#: (alert field, fileName suffix) of the three stamps, in ZTF's order.
+STAMP_KINDS = (("cutoutScience", "science"), ("cutoutTemplate", "reference"),
+               ("cutoutDifference", "difference"))
+
+_BLOCK = 2880
+_CARD = 80
+
+
+@dataclass(frozen=True)
+class CutoutTriplet:
+    """The three stamps of one candidate, centred on it (any float dtype, 2-D)."""
+
+    science: np.ndarray
+    reference: np.ndarray
+    difference: np.ndarray
+    origin: tuple[int, int] | None = None   # 0-based (x, y) of stamp pixel [0, 0] in the image
+
+
+def _card(key: str, value) -> bytes:
+    if isinstance(value, bool):
+        text = "T" if value else "F"
+    elif isinstance(value, (int, np.integer)):
+        text = str(int(value))
+    elif isinstance(value, (float, np.floating)):
+        text = repr(float(value)).upper()
+    else:
+        text = ("'" + str(value).replace("'", "''").ljust(8) + "'").ljust(20)
+    return f"{key:<8}= {text:>20}".ljust(_CARD)[:_CARD].encode("ascii")
+
+
+def stamp_header_cards(wcs_header: Mapping | None) -> tuple[bytes, float, float]:
+    """WCS cards of the image without CRPIX, and the image's CRPIX1/2 (once per image).
+
+    Returns
+    -------
+    cards : bytes
+        Concatenated 80-character cards of every WCS keyword except CRPIX1/2.
+    crpix1, crpix2 : float
+        The image's reference pixel (NaN without a WCS).
+    """
+    if not wcs_header:
+        return b"", float("nan"), float("nan")
+    cards = b"".join(_card(key, value) for key, value in wcs_header.items()
+                     if key not in ("CRPIX1", "CRPIX2", "COMMENT", "HISTORY", "")
+                     and not key.startswith("NAXIS") and key not in ("SIMPLE", "BITPIX", "EXTEND"))
+    return cards, float(wcs_header.get("CRPIX1", np.nan)), float(wcs_header.get("CRPIX2", np.nan))
+
+
+def fits_stamp(data: np.ndarray, wcs_cards: bytes = b"", crpix: tuple[float, float] | None = None) -> bytes:
+    """A minimal single-HDU FITS file (BITPIX -32) holding ``data``, with optional WCS cards."""
+    array = np.asarray(data)
+    if array.ndim != 2:
+        raise ValueError(f"a cutout must be a 2-D array, got shape {array.shape}")
+    ny, nx = array.shape
+    header = [_card("SIMPLE", True), _card("BITPIX", -32), _card("NAXIS", 2),
+              _card("NAXIS1", nx), _card("NAXIS2", ny)]
+    if wcs_cards and crpix is not None:
+        header += [wcs_cards, _card("CRPIX1", float(crpix[0])), _card("CRPIX2", float(crpix[1]))]
+    header.append(b"END".ljust(_CARD))
+    head = b"".join(header)
+    head += b" " * (-len(head) % _BLOCK)
+    body = np.ascontiguousarray(array, dtype=">f4").tobytes()
+    return head + body + b"\0" * (-len(body) % _BLOCK)
+
+
+def _gzip(payload: bytes) -> bytes:
+    # wbits=31 writes the gzip wrapper (with mtime 0, so reruns give identical bytes).
+    compressor = zlib.compressobj(1, zlib.DEFLATED, 31, 9, zlib.Z_HUFFMAN_ONLY)
+    return compressor.compress(payload) + compressor.flush()
+
+
+def stamp_record(data: np.ndarray, file_name: str, wcs_cards: bytes = b"",
+                 crpix: tuple[float, float] | None = None) -> dict:
+    """The ``ztf.alert.cutout`` record: ``fileName`` and gzipped FITS ``stampData``."""
+    return {"fileName": file_name, "stampData": _gzip(fits_stamp(data, wcs_cards, crpix))}
+
+
+def read_stamp(stamp_data: bytes, source: str = "<stamp>") -> np.ndarray:
+    """Pixels of a cutout: gzipped or plain FITS (ZTF v2+) or JPEG (the 2016-17 packets)."""
+    from astropy.io import fits
+    payload = gzip.decompress(stamp_data) if stamp_data[:2] == b"\x1f\x8b" else stamp_data
+    if payload[:6] == b"SIMPLE":
+        with warnings.catch_warnings():
+            # Some 2021 ZTF stamps have a non-standard SIMPLE card; the data read fine.
+            warnings.simplefilter("ignore", fits.verify.VerifyWarning)
+            with fits.open(io.BytesIO(payload)) as hdul:
+                return np.asarray(hdul[0].data, dtype=np.float32)
+    if payload[:3] == b"\xff\xd8\xff":
+        import matplotlib.image
+        image = matplotlib.image.imread(io.BytesIO(payload), format="jpeg")
+        return np.asarray(image if image.ndim == 2 else image[..., :3].mean(axis=2), dtype=np.float32)
+    raise ValueError(f"{source}: cutout is neither FITS (gzipped or not) nor JPEG")

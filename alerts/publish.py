@@ -1,0 +1,258 @@
+"""Publishing alert packets to Kafka through the durable spool.
+
+Every packet is written to the spool first (:mod:`alerts.spool`), then produced with
+confluent-kafka: ``acks=all``, idempotence on, lz4 compression, a bounded local queue
+(``queue.buffering.max.messages``/``kbytes``; a full queue is drained by polling), a delivery
+callback per message, and ``message.timeout.ms`` equal to the flush timeout so that a flush
+ends with every message either acknowledged or failed.  Only an acknowledgement moves a
+packet to ``delivered``; anything else (broker down, broker died mid-stream, timeout, fatal
+producer error, purge at close) leaves it ``pending`` for :func:`replay`.  So nothing is
+lost, and nothing acknowledged is sent again.  A message that was written by a broker whose
+acknowledgement never arrived is sent again by replay: Kafka's at-least-once, as for any
+producer; consumers can drop such repeats by ``candid`` (also the message key).
+
+Oversize packets: the producer's ``message.max.bytes`` is set explicitly from
+``kafka.message_max_bytes`` (Kafka's broker default is 1 MB).  A packet whose value plus key
+plus record overhead exceeds it is not produced: it moves whole to the spool's ``oversize``
+folder and an error is logged (replay retries it under the then-current limit).
+
+Security: ``security_protocol``, ``sasl_*`` and ``ssl_ca_location`` pass straight to
+librdkafka.  No credential is ever logged or put in an exception message: log lines go
+through :class:`SecretFilter`, and Kafka error texts are scrubbed before use.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+from confluent_kafka import KafkaError, KafkaException, Producer
+
+from .schema import serialize_alert
+from .spool import OVERSIZE, PENDING, Spool
+
+__all__ = ["producer_config", "redacted", "SecretFilter", "PublishReport", "AlertPublisher",
+           "replay", "PublishError", "RECORD_OVERHEAD_BYTES"]
+
+log = logging.getLogger("skydiff.alerts")
+
+#: Bytes a Kafka record needs besides key and value (record + batch headers, generous).
+RECORD_OVERHEAD_BYTES = 256
+_SECRET_KEYS = ("sasl.password", "sasl.username", "ssl.key.password", "sasl.oauthbearer.client.secret")
+
+
+class PublishError(RuntimeError):
+    """The producer cannot be configured or used (message already free of credentials)."""
+
+
+def producer_config(kafka, client_id: str = "skydiff-alerts") -> dict[str, Any]:
+    """librdkafka settings for a :class:`pipeline.config.KafkaConfig` (holds secrets: never log)."""
+    timeout_ms = max(1000, int(kafka.flush_timeout_s * 1000))
+    conf: dict[str, Any] = {
+        "bootstrap.servers": kafka.bootstrap_servers,
+        "client.id": client_id,
+        "acks": "all",
+        "enable.idempotence": True,
+        "compression.type": "lz4",
+        "linger.ms": 5,
+        "message.max.bytes": int(kafka.message_max_bytes),
+        "batch.size": min(1_000_000, int(kafka.message_max_bytes)),
+        "queue.buffering.max.messages": 20_000,
+        "queue.buffering.max.kbytes": 256 * 1024,
+        "message.timeout.ms": timeout_ms,
+        "socket.connection.setup.timeout.ms": min(timeout_ms, 30_000),
+        "security.protocol": kafka.security_protocol,
+    }
+    optional = {"sasl.mechanism": kafka.sasl_mechanism, "sasl.username": kafka.sasl_username,
+                "sasl.password": kafka.sasl_password, "ssl.ca.location": kafka.ssl_ca_location}
+    conf.update({key: value for key, value in optional.items() if value})
+    return conf
+
+
+def redacted(conf: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a client configuration safe to log (credentials replaced by ``***``)."""
+    return {key: ("***" if key in _SECRET_KEYS and value else value) for key, value in conf.items()}
+
+
+class SecretFilter(logging.Filter):
+    """Replaces any of the given secrets in a log record's final message by ``***``."""
+
+    def __init__(self, secrets: Iterable[str]):
+        super().__init__()
+        self.secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+
+    def scrub(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.secrets:
+            record.msg, record.args = self.scrub(record.getMessage()), None
+        return True
+
+
+@dataclass
+class PublishReport:
+    """Counts of one publishing session."""
+
+    spooled: int = 0              # written to the spool's pending folder
+    already_delivered: int = 0    # candid acknowledged before (rerun): nothing written or sent
+    produced: int = 0             # handed to the producer
+    delivered: int = 0            # acknowledged by the broker
+    failed: int = 0               # delivery failed (stays pending)
+    oversize: int = 0             # over message.max.bytes (set aside in the spool)
+    held: int = 0                 # no broker configured, or producer unusable: stays pending
+
+    def __str__(self) -> str:
+        return ", ".join(f"{name} {value}" for name, value in vars(self).items())
+
+
+class AlertPublisher:
+    """Spool-then-produce publisher; one per process.
+
+    Parameters
+    ----------
+    kafka : KafkaConfig
+        Broker address, security settings, size limit and flush timeout.  An empty
+        ``bootstrap_servers`` keeps every packet in the spool.
+    spool : Spool
+        Where packets wait for their acknowledgement.
+    """
+
+    def __init__(self, kafka, spool: Spool):
+        self.kafka = kafka
+        self.spool = spool
+        self.report = PublishReport()
+        self._secrets = SecretFilter([kafka.sasl_password, kafka.sasl_username])
+        self._kafka_log = logging.getLogger("skydiff.alerts.kafka")
+        self._kafka_log.addFilter(self._secrets)
+        log.addFilter(self._secrets)
+        self._fatal = False
+        self._producer: Producer | None = None
+        if kafka.bootstrap_servers:
+            conf = producer_config(kafka)
+            conf.update(error_cb=self._on_error, logger=self._kafka_log)
+            try:
+                self._producer = Producer(conf)
+            except KafkaException as exc:
+                raise PublishError(f"cannot configure the Kafka producer: {self._secrets.scrub(str(exc))}") from None
+            log.debug("producer configured: %s", redacted(producer_config(kafka)))
+
+    @property
+    def connected(self) -> bool:
+        return self._producer is not None and not self._fatal
+
+    def _on_error(self, err: KafkaError) -> None:
+        if err.fatal():
+            self._fatal = True
+            log.error("Kafka producer fatal error (packets stay in the spool): %s", err.str())
+        else:
+            log.warning("Kafka: %s", err.str())
+
+    def _delivery_callback(self, topic: str, candid: int):
+        def on_delivery(err: KafkaError | None, msg) -> None:
+            if err is None:
+                self.spool.mark_delivered(topic, candid, msg.partition(), msg.offset())
+                self.report.delivered += 1
+            else:
+                self.report.failed += 1
+                log.warning("alert %d to %s not delivered (kept in the spool): %s", candid, topic, err.str())
+        return on_delivery
+
+    def publish(self, topic: str, candid: int, value: bytes) -> str:
+        """Spool one packet, then produce it; returns its state (pending/delivered/oversize)."""
+        if not self.spool.put(topic, candid, value):
+            self.report.already_delivered += 1
+            return "delivered"
+        self.report.spooled += 1
+        return self.produce_spooled(topic, candid, value)
+
+    def produce_spooled(self, topic: str, candid: int, value: bytes) -> str:
+        """Produce a packet already in the spool's pending folder."""
+        key = str(candid).encode()
+        if len(value) + len(key) + RECORD_OVERHEAD_BYTES > self.kafka.message_max_bytes:
+            return self._set_aside(topic, candid, len(value))
+        if not self.connected:
+            self.report.held += 1
+            return PENDING
+        deadline = time.monotonic() + max(1.0, self.kafka.flush_timeout_s) * 2
+        while True:
+            try:
+                self._producer.produce(topic, value=value, key=key,
+                                       on_delivery=self._delivery_callback(topic, candid))
+                self.report.produced += 1
+                self._producer.poll(0)
+                return PENDING
+            except BufferError:
+                # The bounded local queue is full: serve delivery callbacks until it drains.
+                if time.monotonic() > deadline:
+                    self.report.held += 1
+                    return PENDING
+                self._producer.poll(0.05)
+            except KafkaException as exc:
+                error = exc.args[0] if exc.args else None
+                if isinstance(error, KafkaError) and error.code() == KafkaError.MSG_SIZE_TOO_LARGE:
+                    return self._set_aside(topic, candid, len(value))
+                if isinstance(error, KafkaError) and error.fatal():
+                    self._fatal = True
+                log.error("cannot produce alert %d (kept in the spool): %s", candid,
+                          self._secrets.scrub(str(exc)))
+                self.report.held += 1
+                return PENDING
+
+    def _set_aside(self, topic: str, candid: int, size: int) -> str:
+        self.spool.mark_oversize(topic, candid)
+        self.report.oversize += 1
+        log.error("alert %d is %d bytes, over message.max.bytes %d: not sent, kept in %s",
+                  candid, size, self.kafka.message_max_bytes, self.spool.path(topic, candid, OVERSIZE))
+        return OVERSIZE
+
+    def publish_alerts(self, topic: str, alerts: Iterable[Mapping[str, Any]]) -> PublishReport:
+        """Serialise and publish alerts to ``topic``, then flush."""
+        for alert in alerts:
+            self.publish(topic, alert["candid"], serialize_alert(alert))
+        self.flush()
+        return self.report
+
+    def flush(self, timeout_s: float | None = None) -> int:
+        """Wait for acknowledgements; returns how many messages are still unacknowledged."""
+        if self._producer is None:
+            return 0
+        return self._producer.flush(self.kafka.flush_timeout_s if timeout_s is None else timeout_s)
+
+    def close(self) -> None:
+        """Flush, then drop what is still queued (it stays pending in the spool)."""
+        if self._producer is not None:
+            if self.flush():
+                self._producer.purge()
+                self._producer.poll(0)
+            self._producer = None
+        self.spool.close()
+        self._kafka_log.removeFilter(self._secrets)
+        log.removeFilter(self._secrets)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def replay(spool: Spool, publisher: AlertPublisher, retry_oversize: bool = True) -> PublishReport:
+    """Republish every pending packet of ``spool`` (and oversize ones, under the current limit).
+
+    Delivered packets are never touched, so nothing acknowledged is sent twice.
+    """
+    if retry_oversize:
+        for entry in list(spool.entries(OVERSIZE)):
+            spool.restore_oversize(entry.topic, entry.candid)
+    for entry in list(spool.entries(PENDING)):
+        try:
+            value = entry.path.read_bytes()
+        except FileNotFoundError:
+            continue    # acknowledged meanwhile by another replaying process
+        publisher.produce_spooled(entry.topic, entry.candid, value)
+    publisher.flush()
+    return publisher.report

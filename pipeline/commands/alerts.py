@@ -1,0 +1,89 @@
+"""``skydiff alerts show|tail|replay``: inspect packets, read a topic, republish the spool."""
+from __future__ import annotations
+
+import logging
+import uuid
+
+log = logging.getLogger("skydiff.alerts")
+
+
+def register(subparsers, common) -> None:
+    p = subparsers.add_parser("alerts", parents=[common], help="inspect, tail and replay alert packets",
+                              description="Alert packets (ZTF schema v4.02): show one, tail a Kafka topic, "
+                                          "or republish what the spool still holds.")
+    actions = p.add_subparsers(dest="action", metavar="ACTION")
+    actions.required = True
+
+    show = actions.add_parser("show", parents=[common], help="summarise an .avro packet, optionally as a PNG")
+    show.add_argument("file", metavar="FILE.avro", help="an alert packet (ours or ZTF's)")
+    show.add_argument("--png", metavar="OUT.png", help="write the science/reference/difference triplet")
+    show.set_defaults(func=run_show)
+
+    tail = actions.add_parser("tail", parents=[common], help="consume a topic, one line per alert")
+    tail.add_argument("--bootstrap", metavar="HOST:PORT", help="broker (default: kafka.bootstrap_servers)")
+    tail.add_argument("--topic", required=True, action="append", help="topic (repeatable)")
+    tail.add_argument("--group", help="consumer group (default: a fresh one, reading from the start)")
+    tail.add_argument("--max", type=int, help="stop after N alerts")
+    tail.add_argument("--timeout", type=float, default=30.0, help="stop after S seconds (default 30)")
+    tail.set_defaults(func=run_tail)
+
+    replay = actions.add_parser("replay", parents=[common], help="republish undelivered packets from the spool")
+    replay.add_argument("--spool", metavar="DIR", help="spool folder (default: paths.spool)")
+    replay.add_argument("--bootstrap", metavar="HOST:PORT", help="broker (default: kafka.bootstrap_servers)")
+    replay.set_defaults(func=run_replay)
+
+
+def run_show(args) -> int:
+    from alerts.inspect import alert_summary, plot_triplet
+    from alerts.schema import AlertFormatError, read_alert_file
+    try:
+        alert = read_alert_file(args.file)
+        print(alert_summary(alert))
+        if args.png:
+            print(f"cutouts    written to {plot_triplet(alert, args.png)}")
+    except (AlertFormatError, ValueError, KeyError) as exc:
+        from ..cli import EXIT_BAD_INPUT
+        log.error("%s: %s", args.file, exc)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+def run_tail(args) -> int:
+    from alerts.consume import consume_alerts, consumer_config
+    from alerts.inspect import alert_line
+    bootstrap = args.bootstrap or args.cfg.kafka.bootstrap_servers
+    if not bootstrap:
+        log.error("no broker: give --bootstrap or set kafka.bootstrap_servers")
+        return 2
+    conf = consumer_config(bootstrap, args.group or f"skydiff-tail-{uuid.uuid4().hex[:8]}", args.cfg.kafka)
+    count = 0
+    for _, alert in consume_alerts(conf, args.topic, max_messages=args.max, timeout_s=args.timeout):
+        print(alert_line(alert), flush=True)
+        count += 1
+    log.info("%d alert(s) read from %s", count, ", ".join(args.topic))
+    return 0
+
+
+def run_replay(args) -> int:
+    import dataclasses
+
+    from alerts.publish import AlertPublisher, PublishError, replay
+    from alerts.spool import DELIVERED, OVERSIZE, PENDING, Spool
+    kafka = args.cfg.kafka
+    if args.bootstrap:
+        kafka = dataclasses.replace(kafka, bootstrap_servers=args.bootstrap)
+    spool = Spool(args.spool or args.cfg.paths.resolve("spool"))
+    if not kafka.bootstrap_servers:
+        log.error("no broker: give --bootstrap or set kafka.bootstrap_servers; %d packet(s) stay pending",
+                  spool.count(PENDING))
+        return 2
+    try:
+        with AlertPublisher(kafka, spool) as publisher:
+            report = replay(spool, publisher)
+    except PublishError as exc:
+        log.error("%s", exc)
+        return 1
+    print(f"replay: {report}")
+    print(f"spool {spool.root}: pending {spool.count(PENDING)}, delivered {spool.count(DELIVERED)}, "
+          f"oversize {spool.count(OVERSIZE)}")
+    return 0 if spool.count(PENDING) == 0 else 75
