@@ -72,9 +72,10 @@ class ScampInputError(ScampError, ValueError):
 class ScampSettings:
     """How SCAMP is run and how its solution is judged (defaults: ``notes/scamp.md``).
 
-    Angles follow SCAMP's own units: ``position_maxerr_arcmin`` in arcmin, cross-id radii
-    and ``match_resol_arcsec`` in arcsec (0 lets SCAMP choose), ``posangle_maxerr_deg`` in
-    degrees; ``pixscale_maxerr`` is a factor.
+    ``timeout_s`` applies to each pass.  Angles follow SCAMP's own units:
+    ``position_maxerr_arcmin`` in arcmin, cross-id radii and ``match_resol_arcsec`` in arcsec
+    (0 lets SCAMP choose), ``posangle_maxerr_deg`` in degrees; ``pixscale_maxerr`` is a
+    factor.
     """
 
     binary: str = "scamp"
@@ -305,8 +306,8 @@ def load_inputs(detections_ldac: str | os.PathLike, reference_ldac: str | os.Pat
     elif n_in_field < settings.min_matched:
         reason = (f"only {n_in_field} of {n_reference} reference stars fall within the "
                   f"field of the prior (need >= {settings.min_matched})")
-    return ScampInputs(det_path, ref_path, detections, strip_wcs_keywords(header), shape, n_detections,
-                       n_reference, n_in_field, reason)
+    return ScampInputs(det_path, ref_path, detections, strip_wcs_keywords(header), shape,
+                       n_detections, n_reference, n_in_field, reason)
 
 
 def _fresh_run_dir(workdir: Path, pass_number: int) -> Path:
@@ -351,9 +352,12 @@ def _execute(binary: str, run_dir: Path, timeout_s: float) -> tuple[int | None, 
     command = [binary, CATALOG_NAME, "-c", CONFIG_NAME]
     start = time.perf_counter()
     with open(run_dir / LOG_NAME, "wb") as log:
-        process = subprocess.Popen(command, cwd=run_dir, stdin=subprocess.DEVNULL,
-                                   stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        try:
+            process = subprocess.Popen(command, cwd=run_dir, stdin=subprocess.DEVNULL,
+                                       stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
+        except OSError as exc:
+            raise ScampError(f"cannot start SCAMP {binary}: {exc.strerror}") from None
         try:
             returncode = process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:

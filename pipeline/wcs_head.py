@@ -126,7 +126,8 @@ def wcs_from_header(header: fits.Header, shape: tuple[int, int]) -> WCS:
         except (ValueError, KeyError, MemoryError) as exc:
             raise WcsHeaderError(f"header holds no valid WCS ({exc})") from None
     if wcs.naxis != 2 or not wcs.has_celestial:
-        raise WcsHeaderError(f"header WCS is not a 2-axis celestial WCS (ctype {list(wcs.wcs.ctype)})")
+        raise WcsHeaderError("header WCS is not a 2-axis celestial WCS "
+                             f"(ctype {list(wcs.wcs.ctype)})")
     wcs.pixel_shape = (int(shape[1]), int(shape[0]))
     return wcs
 

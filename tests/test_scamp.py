@@ -20,7 +20,7 @@ from astropy.wcs import WCS
 
 from pipeline.config import AstrometryConfig
 from pipeline.focalplane import scale_check_grid
-from pipeline.scamp import (ScampInputError, ScampNotFoundError, ScampSettings,
+from pipeline.scamp import (ScampError, ScampInputError, ScampNotFoundError, ScampSettings,
                             run_scamp_pass, solve_with_scamp)
 from pipeline.wcs_head import (WcsHeaderError, ahead_text, apply_wcs_header, is_wcs_keyword,
                                parse_head_text, read_head, strip_wcs_keywords,
@@ -275,6 +275,16 @@ def test_bad_inputs_raise_clear_errors(inner, tmp_path):
                          tmp_path / "a&b")
 
 
+def test_unstartable_binary_raises(inner, tmp_path):
+    quadrant, detections, reference = inner
+    not_executable = tmp_path / "scamp_copy"
+    not_executable.write_text("#!/bin/sh\nexit 0\n")
+    not_executable.chmod(0o644)
+    with pytest.raises(ScampError, match="not found|cannot start"):
+        solve_with_scamp(detections, reference, quadrant.ahead, quadrant.shape,
+                         ScampSettings(binary=str(not_executable)), tmp_path)
+
+
 # -------------------------------------------------------------- timeouts and crashes
 
 def test_timeout_kills_scamp(inner, tmp_path):
@@ -331,13 +341,15 @@ def test_crash_is_reported(inner, tmp_path, body, expected):
 # ------------------------------------------------------------------------ benchmark
 
 def test_benchmark_pass_timings(outer, tmp_path):
-    """Prints SCAMP's per-pass wall time with SCAMP's default matching, 1 and 2 threads."""
+    """Prints SCAMP's per-pass wall time with the project's configured settings, 1 and 2 threads."""
     quadrant, detections, reference = outer
     for threads in (1, 2):
-        settings = ScampSettings(binary=SCAMP, threads=threads, timeout_s=120.0)
+        settings = ScampSettings.from_config(AstrometryConfig(), binary=SCAMP, threads=threads,
+                                             timeout_s=120.0)
         result = solve_with_scamp(detections, reference, quadrant.ahead, quadrant.shape,
                                   settings, tmp_path / f"t{threads}")
         assert result.ok, result.reason
         rms, worst = wcs_error_mas(result.wcs_header, quadrant)
-        print(f"\nNTHREADS {threads}: pass 1 {result.seconds_pass1:.2f} s, pass 2 "
-              f"{result.seconds_pass2:.2f} s; WCS error {rms:.2f} mas RMS (max {worst:.2f})")
+        print(f"\nNTHREADS {threads}, MATCH_RESOL {settings.match_resol_arcsec:g}: pass 1 "
+              f"{result.seconds_pass1:.2f} s, pass 2 {result.seconds_pass2:.2f} s; "
+              f"WCS error {rms:.2f} mas RMS (max {worst:.2f})")
