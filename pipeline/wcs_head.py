@@ -23,7 +23,8 @@ import numpy as np
 from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
 
-__all__ = ["WcsHeaderError", "is_wcs_keyword", "strip_wcs_keywords", "parse_head_text",
+__all__ = ["WcsHeaderError", "is_wcs_keyword", "strip_wcs_keywords", "strip_structure",
+           "parse_head_text",
            "read_head", "apply_wcs_header", "wcs_from_header", "ahead_text", "write_ahead"]
 
 # Every keyword that describes a world coordinate system, in any convention met in the
