@@ -40,7 +40,7 @@ from .ids import make_candid, make_pid, topic_name
 from .schema import SCHEMA_VERSION, schema_field_names
 
 __all__ = ["AlertContext", "REQUIRED_COLUMNS", "NULL_REASONS", "candidate_records",
-           "upper_limit_record", "image_record", "assemble_alert", "make_alerts", "AlertInputError"]
+           "upper_limit_record", "image_record", "cutout_fields", "assemble_alert", "make_alerts", "AlertInputError"]
 
 REQUIRED_COLUMNS = ("cand_index", "ra", "dec", "magpsf", "sigmapsf", "isdiffpos", "ranr", "decnr")
 
@@ -194,7 +194,8 @@ def image_record(context: AlertContext) -> ImageRecord:
                        footprint=tuple(context.footprint), upper_limit=upper_limit_record(context))
 
 
-def _cutout_fields(triplet: CutoutTriplet | None, candid: int, pid: int, wcs) -> dict:
+def cutout_fields(triplet: CutoutTriplet | None, candid: int, pid: int, wcs) -> dict:
+    """The three cutout records of one alert; ``wcs`` is :func:`stamp_header_cards` of the image."""
     if triplet is None:
         return {kind: None for kind, _ in STAMP_KINDS}
     cards, crpix1, crpix2 = wcs
@@ -245,6 +246,6 @@ def make_alerts(context: AlertContext, candidates, cutouts: Sequence[CutoutTripl
     wcs = stamp_header_cards(context.wcs_header)
     pid = context.pid
     return [assemble_alert(record, history,
-                           _cutout_fields(None if cutouts is None else cutouts[i], record["candid"], pid, wcs),
+                           cutout_fields(None if cutouts is None else cutouts[i], record["candid"], pid, wcs),
                            publisher)
             for i, (record, history) in enumerate(zip(records, histories))]
