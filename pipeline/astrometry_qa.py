@@ -25,6 +25,7 @@ class AstrometricQA:
 
     n_detections: int
     n_matched: int
+    n_used: int                       # matches in the RMS: S/N >= min_snr, outliers clipped
     rms_ra_mas: float
     rms_dec_mas: float
     chi2: float
@@ -65,7 +66,8 @@ def _rms(values: np.ndarray) -> float:
 
 
 def astrometric_qa(detections: Table, wcs: WCS, reference: Table, radius_arcsec: float = 1.5,
-                   highsn: float = 100.0, clip_sigma: float = 5.0) -> tuple[AstrometricQA, Table]:
+                   min_snr: float = 10.0, highsn: float = 100.0,
+                   clip_sigma: float = 5.0) -> tuple[AstrometricQA, Table]:
     """Match detections to the reference with a solved WCS and summarise the residuals.
 
     Parameters
@@ -78,8 +80,11 @@ def astrometric_qa(detections: Table, wcs: WCS, reference: Table, radius_arcsec:
         X_WORLD, Y_WORLD, ERRA_WORLD (deg), as given to SCAMP (epoch-propagated Gaia).
     radius_arcsec : float
         Match radius.
+    min_snr : float
+        S/N (FLUX_AUTO / FLUXERR_AUTO) from which matches enter the RMS and chi2 (ZTF quotes
+        its astrometric RMS for S/N >= 10); every match is counted in ``n_matched``.
     highsn : float
-        S/N (FLUX_AUTO / FLUXERR_AUTO) above which a match counts as high S/N.
+        S/N above which a match counts as high S/N.
     clip_sigma : float
         Matches beyond this many times the bulk's normalised scatter (blends, mismatches)
         are left out of the RMS and chi2 but counted as matched.
@@ -112,10 +117,10 @@ def astrometric_qa(detections: Table, wcs: WCS, reference: Table, radius_arcsec:
     # widens the clip instead of hiding behind it.
     z = np.hypot(dra, ddec) / np.maximum(sigma, 1e-3)
     bulk = np.median(z) / 1.1774 if len(z) else 1.0
-    good = z < clip_sigma * max(bulk, 1.0)
+    good = (z < clip_sigma * max(bulk, 1.0)) & (snr >= min_snr)
     high = good & (snr > highsn)
     qa = AstrometricQA(
-        n_detections=len(x), n_matched=len(di),
+        n_detections=len(x), n_matched=len(di), n_used=int(good.sum()),
         rms_ra_mas=_rms(dra[good]), rms_dec_mas=_rms(ddec[good]),
         chi2=float(np.mean((dra[good] ** 2 + ddec[good] ** 2) / (2 * sigma[good] ** 2))) if good.any() else float("nan"),
         n_matched_highsn=int(high.sum()),

@@ -20,6 +20,7 @@ from .runtime import setup_logging
 COMMAND_MODULES = [
     "pipeline.commands.demo",
     "pipeline.commands.simulate",
+    "pipeline.commands.astrometry",
     "pipeline.commands.catalogs",
     "pipeline.commands.priors",
     "pipeline.commands.config",

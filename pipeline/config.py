@@ -155,7 +155,12 @@ class AstrometryConfig:
     min_detections: int = 30
     min_matched: int = 30
     min_xy_contrast: float = 5.0
-    max_sigma_arcsec: float = 0.3
+    max_sigma_arcsec: float = 0.3          # SCAMP's residual sigma per axis (pass verdicts)
+    max_rms_mas: float = 150.0             # Gaia-match RMS per axis of the final solution
+    match_radius_arcsec: float = 1.5       # QA matching of detections to Gaia
+    position_maxerr_arcmin: float = 1.5    # SCAMP pass 1 search radius around the prior
+    match_resol_arcsec: float = 2.0        # SCAMP pass 1 pattern-matching resolution
+    astr_accuracy_px: float = 0.0          # SCAMP's error floor added to the centroid errors
     max_scale_diff_pct: float = 1.0
     catalog_margin_deg: float = 0.1
 

@@ -25,7 +25,7 @@ from astropy.wcs import WCS, FITSFixedWarning
 __all__ = [
     "REQUIRED_KEYWORDS", "OPTIONAL_KEYWORDS", "FILTER_IDS", "MASK_BITS",
     "ImageContractError", "QuadrantMeta", "QuadrantImage",
-    "validate_header", "read_quadrant", "write_quadrant", "write_fits_atomic", "rcid_of",
+    "validate_header", "read_quadrant", "quadrant_image", "write_quadrant", "write_fits_atomic", "rcid_of",
 ]
 
 FILTER_IDS = {"ZTF_g": 1, "ZTF_r": 2, "ZTF_i": 3}
@@ -237,9 +237,28 @@ def read_quadrant(path: str | os.PathLike, hdu: int | str | None = None) -> Quad
         raise ImageContractError(source, "file not found") from None
     except (OSError, ValueError, TypeError, IndexError, KeyError) as exc:
         raise ImageContractError(source, f"not a readable FITS image ({exc})") from None
+    return quadrant_image(data, header, mask, source)
+
+
+def quadrant_image(data: np.ndarray, header: fits.Header, mask: np.ndarray | None = None,
+                   source: str = "<memory>") -> QuadrantImage:
+    """Validate in-memory pixels and header into a :class:`QuadrantImage` (what reading does).
+
+    Raises
+    ------
+    ImageContractError
+        A bad keyword, a mask of the wrong shape, or no finite pixel.
+    """
+    data = np.asarray(data, dtype=np.float32)
+    if data.ndim != 2:
+        raise ImageContractError(source, "image is not two-dimensional")
     meta = validate_header(header, source)
     if mask is None:
         mask = np.zeros(data.shape, dtype=np.int32)
+    elif mask.shape != data.shape:
+        raise ImageContractError(source, "MASK does not match the image shape")
+    else:
+        mask = np.array(mask, dtype=np.int32)
     bad = ~np.isfinite(data)
     if bad.all():
         raise ImageContractError(source, "image holds no finite pixel")

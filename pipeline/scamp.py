@@ -94,6 +94,12 @@ class ScampSettings:
     distort_degree: int = 4
     pass2_crossid_radius_arcsec: float = 1.5
     sn_thresholds: tuple[float, float] = (10.0, 100.0)
+    # SCAMP adds this floor (pixels) in quadrature to every detection's position error.  Its
+    # default, 0.01 px, is twice the windowed error of a bright star here, so it flattened the
+    # weights and left 30-50 mas at the quadrant corners; the extraction's errors match the
+    # measured scatter (tests/test_extract.py), so no floor is needed (on real data the
+    # atmosphere may justify one).
+    astr_accuracy_px: float = 0.0
 
     def __post_init__(self):
         if not self.timeout_s > 0:
@@ -137,6 +143,7 @@ class ScampSettings:
             "AHEADER_GLOBAL": ABSENT_GLOBAL_AHEAD, "AHEADER_SUFFIX": ".ahead",
             "HEADER_SUFFIX": ".head", "HEADER_TYPE": "NORMAL",
             "VERBOSE_TYPE": "NORMAL", "NTHREADS": str(self.threads),
+            "ASTRACCURACY_TYPE": "SIGMA-PIXEL", "ASTR_ACCURACY": f"{self.astr_accuracy_px:g}",
         }
         if pass_number == 1:
             specific = {
