@@ -337,7 +337,7 @@ def fwhm_of_stamp(stamp: np.ndarray, moffat=None, n_angles: int = 36, upsample: 
         fine_offsets = (np.arange(fine) - centre) / upsample
         image += _moffat_values(moffat, fine_offsets[None, None, :], fine_offsets[None, :, None])[0]
     half = 0.5 * image[centre, centre]
-    radii = np.arange(1, size // 2 * upsample) / (4.0 * upsample)
+    radii = np.arange(1, (size // 2 - 1) * 16) / 16.0   # coarse px, to the stamp's edge
     angles = np.linspace(0, 2 * np.pi, n_angles, endpoint=False)
     rows = centre + upsample * radii[None, :] * np.sin(angles)[:, None]
     cols = centre + upsample * radii[None, :] * np.cos(angles)[:, None]
