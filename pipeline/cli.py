@@ -15,6 +15,7 @@ from . import __version__
 from .config import ConfigError, load_config
 from .image import ImageContractError
 from .runtime import setup_logging
+from .status import EXIT_BAD_INPUT, EXIT_USAGE
 
 # Modules providing commands, in the order ``skydiff --help`` lists them.
 COMMAND_MODULES = [
@@ -22,18 +23,12 @@ COMMAND_MODULES = [
     "pipeline.commands.simulate",
     "pipeline.commands.astrometry",
     "pipeline.commands.catalogs",
+    "pipeline.commands.alerts",
     "pipeline.commands.priors",
     "pipeline.commands.config",
     "pipeline.commands.bench",
 ]
 
-#: Exit statuses shared by every command (documented in the README).
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_BAD_INPUT = 3
-EXIT_UNUSABLE = 4
-EXIT_RETRY = 75
 
 log = logging.getLogger("skydiff")
 

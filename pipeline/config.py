@@ -111,6 +111,7 @@ class PathsConfig:
     outputs: str = "outputs"
     matchfiles: str = "matchfiles"
     spool: str = "spool"
+    history: str = "history/objects.sqlite"   # alert object history (SQLite, one machine)
 
     def resolve(self, name: str) -> Path:
         """Absolute path of the data root ``name`` (one of the fields above)."""

@@ -1,38 +1,10 @@
 """``skydiff astrometry``: solve one quadrant image against Gaia and judge the solution.
 
-Writes, under ``--out``:
-
-- ``<image name>``: the image with its solved WCS (every old WCS keyword removed) and the
-  QA keywords ASTRUSE, ASTRNMAT, ASTRRMSA, ASTRRMSD, ASTRSCMX (written when SCAMP solved);
-- ``qa.json``: the QA record (always): ``usable``, ``reasons``, ``rms_ra_mas``,
-  ``rms_dec_mas``, ``n_matched``, ``scale_diff_pct_max``, ``airmass_quadrant``, ``seconds``
-  and more;
-- ``<stem>_matches.fits``: detections matched to Gaia (the input of ``skydiff priors build``);
-- with ``--plots``: ``<stem>_residuals.png``.
-
-Exit status: 0 solved and usable, 3 bad input, 4 unusable (reasons in qa.json), 75 SCAMP
-timed out or crashed (a retry may help), 1 anything else.
+See :mod:`pipeline.astrometry_run` for the products and the exit statuses.
 """
 from __future__ import annotations
 
-import json
-import logging
-import os
-import shutil
-import tempfile
-import time
-from pathlib import Path
-
-from ..astrometry import (AstrometricPrior, astrometric_matches, footprint_corners,
-                          prior_from_image_header, solve_astrometry)
-from ..cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_RETRY, EXIT_UNUSABLE
-from ..image import read_quadrant, write_quadrant
-from ..wcs_head import apply_wcs_header
-
-log = logging.getLogger("skydiff.astrometry")
-
-#: Words in SCAMP failure reasons that mean the run itself broke, not the data.
-_TRANSIENT_FAILURES = ("timed out", "timeout", "crashed", "signal", "exit status")
+from ..astrometry_run import run_astrometry
 
 
 def register(subparsers, common) -> None:
@@ -52,89 +24,7 @@ def register(subparsers, common) -> None:
     p.set_defaults(func=run)
 
 
-def load_prior(prior_path: str | None, image, cfg) -> AstrometricPrior:
-    """The prior for an image: the distortion prior's WCS for its exposure, or its header WCS."""
-    if prior_path is None:
-        return prior_from_image_header(image)
-    from priors.ahead import prior_wcs_header
-    from priors.store import read_prior
-    meta = image.meta
-    header = prior_wcs_header(read_prior(prior_path), meta.rcid, meta.telra, meta.teldec, meta.obsmjd,
-                              image.shape, pressure_hpa=meta.pressure, temperature_c=meta.temperature,
-                              wavelength_um=cfg.instrument.filters[meta.filter].wavelength_um)
-    # The prior's WCS is refitted for this exposure, refraction included: its airmass is the image's.
-    return AstrometricPrior(header, meta.airmass, f"distortion prior {prior_path}")
-
-
 def run(args) -> int:
-    from catalogs import CatalogError, catalog_for_footprint
-    from priors.model import PriorError
-    from ..scamp import ScampError
-
-    t0 = time.perf_counter()
-    cfg = args.cfg
-    out = Path(args.out)
-    image = read_quadrant(args.image)
-    read_s = time.perf_counter() - t0
-    try:
-        prior = load_prior(args.prior, image, cfg)
-        corners = footprint_corners(prior.wcs(image.shape), image.shape)
-        gaia = catalog_for_footprint(args.refcat, corners, cfg.astrometry.catalog_margin_deg)
-    except (PriorError, CatalogError, ValueError) as exc:
-        log.error("bad input: %s", exc)
-        return EXIT_BAD_INPUT
-    lookup_s = time.perf_counter() - t0 - read_s
-
-    out.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix=".work-", dir=out))
-    try:
-        result = solve_astrometry(image, gaia, prior, cfg, workdir)
-    except ScampError as exc:
-        log.error("SCAMP could not be run: %s", exc)
-        return EXIT_FAILED
-    finally:
-        if not args.keep_workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
-
-    name = Path(args.image).name
-    stem = name.removesuffix(".fits").removesuffix(".fz")
-    t_write = time.perf_counter()
-    if result.wcs_header is not None:
-        header = apply_wcs_header(image.header, result.wcs_header)
-        header["ASTRUSE"] = (result.usable, "astrometry usable")
-        if result.qa is not None:
-            header["ASTRNMAT"] = (result.qa.n_matched, "stars matched to Gaia")
-            header["ASTRRMSA"] = (round(result.qa.rms_ra_mas, 2), "[mas] Gaia-match RMS, RA")
-            header["ASTRRMSD"] = (round(result.qa.rms_dec_mas, 2), "[mas] Gaia-match RMS, Dec")
-        if result.scale is not None:
-            header["ASTRSCMX"] = (round(result.scale.max_abs_pct, 4), "[%] max pixel-scale change vs prior")
-        write_quadrant(out / name, image.data, header, image.mask)
-        matches = astrometric_matches(result, image)
-        matches.write(out / f"{stem}_matches.fits", overwrite=True)
-        if args.plots and result.matches is not None:
-            from ..qa_plots import plot_residual_map
-            plot_residual_map(result.matches, out / f"{stem}_residuals.png", shape=image.shape,
-                              title=f"{stem}: astrometric residuals")
-    record = result.summary()
-    record["image"] = str(args.image)
-    record["expid"], record["rcid"] = image.meta.expid, image.meta.rcid
-    record["timings_s"].update(read=round(read_s, 4), catalog_lookup=round(lookup_s, 4),
-                               write=round(time.perf_counter() - t_write, 4))
-    record["seconds"] = round(time.perf_counter() - t0, 4)
-    _write_json_atomic(out / "qa.json", record)
-
-    if result.usable:
-        log.info("%s: usable; RMS %.1f/%.1f mas, %d matched, max scale change %.3f %%, %.2f s", name,
-                 result.qa.rms_ra_mas, result.qa.rms_dec_mas, result.qa.n_matched,
-                 result.scale.max_abs_pct, record["seconds"])
-        return EXIT_OK
-    log.warning("%s: unusable: %s", name, "; ".join(result.reasons))
-    if any(word in reason for reason in result.reasons for word in _TRANSIENT_FAILURES):
-        return EXIT_RETRY
-    return EXIT_UNUSABLE
-
-
-def _write_json_atomic(path: Path, record: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
+    status, _ = run_astrometry(args.image, args.refcat, args.prior, args.out, args.cfg,
+                               plots=args.plots, keep_workdir=args.keep_workdir)
+    return status

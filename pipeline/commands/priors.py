@@ -14,7 +14,7 @@ from ..image import read_quadrant
 
 log = logging.getLogger("skydiff.priors")
 
-EXIT_BAD_INPUT = 3   # as pipeline.cli.EXIT_BAD_INPUT (not imported: commands do not depend on the CLI)
+from ..status import EXIT_BAD_INPUT
 
 
 def register(subparsers, common) -> None:

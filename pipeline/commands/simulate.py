@@ -63,7 +63,7 @@ def _filters(text: str) -> list[str]:
 
 
 def run(args) -> int:
-    from ..cli import EXIT_USAGE
+    from ..status import EXIT_USAGE
     from ..simulate.run import simulate_run
     try:
         fields = [_field(text) for text in args.fields] if args.fields else list(DEFAULT_FIELDS)
