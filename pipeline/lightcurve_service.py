@@ -182,7 +182,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if self.command != "HEAD":
-            self.wfile.write(body)
+            try:
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):
+                log.debug("client %s went away before the answer", self.address_string())
 
     def _error(self, status: int, message: str) -> None:
         self._send(status, f"ERROR: {message}\n".encode(), "text/plain; charset=utf-8")
@@ -217,7 +220,9 @@ class _Handler(BaseHTTPRequestHandler):
 def make_server(root: str | Path, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
     """A threading HTTP server over the matchfiles under ``root`` (port 0 picks a free one)."""
     handler = type("LightcurveHandler", (_Handler,), {"reader": LightcurveReader(root)})
-    server = ThreadingHTTPServer((host, port), handler)
+    # socketserver's default listen backlog of 5 drops connections under bursts (1 s SYN retries).
+    server_class = type("LightcurveServer", (ThreadingHTTPServer,), {"request_queue_size": 128})
+    server = server_class((host, port), handler)
     server.daemon_threads = True
     return server
 
