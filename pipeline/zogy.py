@@ -332,13 +332,17 @@ def zogy_subtract_tiled(new: np.ndarray, ref: np.ndarray, psf_new_at: PsfAt,
     tiles = []
     grid = 2 * config.overlap
     widest_stamp = 1
+    margin = config.overlap
     for y0, y1 in _splits(shape[0], config.tile):
-        fft_h = sfft.next_fast_len(y1 - y0 + 2 * config.overlap, real=True)
-        pad_y = (fft_h - (y1 - y0)) // 2
+        # The window is the tile plus ``margin`` of image on each side; the transform
+        # pads it with zeros at its far end up to a fast length >= tile + 2 * margin, so
+        # whatever wraps around only meets background.
+        wy0, wy1 = max(y0 - margin, 0), min(y1 + margin, shape[0])
+        fft_h = sfft.next_fast_len(y1 - y0 + 2 * margin, real=True)
         for x0, x1 in _splits(shape[1], config.tile):
             t0 = clock()
-            fft_w = sfft.next_fast_len(x1 - x0 + 2 * config.overlap, real=True)
-            pad_x = (fft_w - (x1 - x0)) // 2
+            wx0, wx1 = max(x0 - margin, 0), min(x1 + margin, shape[1])
+            fft_w = sfft.next_fast_len(x1 - x0 + 2 * margin, real=True)
             xc, yc = (x0 + x1 - 1) / 2, (y0 + y1 - 1) / 2
             psf_n = _check_psf(f"psf_new_at({xc}, {yc})", psf_new_at(xc, yc), config.overlap)
             psf_r = _check_psf(f"psf_ref_at({xc}, {yc})", psf_ref_at(xc, yc), config.overlap)
@@ -346,21 +350,20 @@ def zogy_subtract_tiled(new: np.ndarray, ref: np.ndarray, psf_new_at: PsfAt,
             s_n = _tile_sigma("sigma_new", sigma_new, y0, y1, x0, x1)
             s_r = _tile_sigma("sigma_ref", sigma_ref, y0, y1, x0, x1)
             kernels: ZogyKernels = zogy_kernels(psf_n, psf_r, s_n, s_r, fz_new, fz_ref, grid)
-            windows = [_window(image, y0 - pad_y, x0 - pad_x, (fft_h, fft_w))
-                       for image in (new32, ref32, vnew32, vref32)]
-            timings["kernels_and_windows"] = timings.get("kernels_and_windows", 0.0) + (
-                clock() - t0)
-            products = subtract_tile(*windows, psf_n, psf_r, kernels, s_n, s_r, fz_new,
-                                     fz_ref, (sx, sy), config.workers, timings)
+            window = (slice(wy0, wy1), slice(wx0, wx1))
+            inner = (slice(y0 - wy0, y1 - wy0), slice(x0 - wx0, x1 - wx0))
+            timings["kernels"] = timings.get("kernels", 0.0) + (clock() - t0)
+            products = subtract_tile(new32[window], ref32[window], vnew32[window],
+                                     vref32[window], (fft_h, fft_w), inner, psf_n, psf_r,
+                                     kernels, s_n, s_r, fz_new, fz_ref, (sx, sy),
+                                     config.workers, timings)
             t1 = clock()
-            inner = (slice(pad_y, pad_y + y1 - y0), slice(pad_x, pad_x + x1 - x0))
             target = (slice(y0, y1), slice(x0, x1))
-            std = np.sqrt(products.variance[inner])
-            out["diff"][target] = products.diff[inner]
-            out["score"][target] = products.score[inner]
-            np.divide(products.score[inner], std, out=out["scorr"][target])
-            np.multiply(products.score[inner], np.float32(1 / kernels.f_s),
-                        out=out["alpha"][target])
+            std = np.sqrt(products.variance, out=products.variance)
+            out["diff"][target] = products.diff
+            out["score"][target] = products.score
+            np.divide(products.score, std, out=out["scorr"][target])
+            np.multiply(products.score, np.float32(1 / kernels.f_s), out=out["alpha"][target])
             np.multiply(std, np.float32(1 / kernels.f_s), out=out["alpha_std"][target])
             tiles.append(ZogyTile(y0, y1, x0, x1, kernels.psf_d, kernels.f_d, kernels.f_s,
                                   s_n, s_r))

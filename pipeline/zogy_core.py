@@ -57,25 +57,6 @@ def _embed_centred(stamp: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return out
 
 
-def stamp_spectrum(stamp: np.ndarray, shape: tuple[int, int], workers: int = 1) -> np.ndarray:
-    """``rfft2`` of a small centred stamp zero-padded to ``shape`` (centre at (0, 0)).
-
-    Only the stamp's rows are non-zero, so the row transforms are done on those rows
-    alone and the column transforms on the result: about half the work of ``rfft2`` on
-    the padded array.
-    """
-    h, w = stamp.shape
-    big_h, big_w = shape
-    cy, cx = h // 2, w // 2
-    rows = np.zeros((h, big_w), dtype=np.float32)
-    rows[:, (np.arange(w) - cx) % big_w] = stamp
-    row_spec = sfft.rfft(rows, axis=1, workers=workers)
-    full = np.zeros((big_h, big_w // 2 + 1), dtype=np.complex64)
-    full[: h - cy] = row_spec[cy:]
-    full[big_h - cy:] = row_spec[:cy]
-    return sfft.fft(full, axis=0, overwrite_x=True, workers=workers)
-
-
 @dataclass(frozen=True)
 class ZogyKernels:
     """What ZOGY needs from the PSFs and noise levels alone (one tile).
@@ -91,8 +72,9 @@ class ZogyKernels:
     psf_d : ndarray
         PSF of D (eq. 14), normalised to sum 1, same shape as the new image's stamp.
     kn2, kr2 : ndarray
-        Squares of the real-space kernels k_n, k_r (eqs. 26-27), centred, on the kernel
-        grid; convolving the source variance images with them gives V(S_n), V(S_r).
+        Squares of the real-space kernels k_n, k_r (eqs. 26-27), centred, odd-sided,
+        cropped to their support; convolving the source variance images with them gives
+        V(S_n), V(S_r).
     """
 
     f_d: float
@@ -130,56 +112,115 @@ def zogy_kernels(psf_new: np.ndarray, psf_ref: np.ndarray, sigma_new: float,
     c = grid // 2
     psf_d = pd_full[c - h // 2: c - h // 2 + h, c - w // 2: c - w // 2 + w]
     return ZogyKernels(f_d=float(f_d), f_s=f_s, psf_d=psf_d / psf_d.sum(),
-                       kn2=np.fft.fftshift(kn**2), kr2=np.fft.fftshift(kr**2))
+                       kn2=_crop_compact(np.fft.fftshift(kn**2)),
+                       kr2=_crop_compact(np.fft.fftshift(kr**2)))
+
+
+def _crop_compact(image: np.ndarray, lost: float = 1e-5) -> np.ndarray:
+    """Smallest centred odd square of ``image`` (>= 0, centred at size // 2) holding all
+    but ``lost`` of its sum: the squared kernels are compact, and the cost of their
+    spectra grows with their size."""
+    c = image.shape[0] // 2
+    total = image.sum()
+    for half in range(1, c):
+        box = image[c - half: c + half + 1, c - half: c + half + 1]
+        if total - box.sum() <= lost * total:
+            return box
+    return image[c - (c - 1): c + c, c - (c - 1): c + c]
 
 
 @dataclass
 class TileProducts:
-    """Images computed on one padded tile (float32, the tile's FFT shape)."""
+    """Images computed on one tile, cropped to its inner part (float32)."""
 
     diff: np.ndarray
     score: np.ndarray
     variance: np.ndarray
-    var_source: np.ndarray
-    var_astrometric: np.ndarray | None
 
 
-def _central_difference_sq_sum(images: tuple[np.ndarray, ...], axis: int) -> np.ndarray:
-    """Sum over ``images`` of (2 * derivative along ``axis``)^2 by central differences.
+def _stamp_row_spectra(stamps: list[np.ndarray], height: int, width: int) -> np.ndarray:
+    """Row transforms of stamps centred at (0, 0) of a ``width``-wide grid, each padded to
+    ``height`` (odd) rows, side by side: shape (height, len(stamps) * (width // 2 + 1))."""
+    rows = np.zeros((len(stamps), height, width), dtype=np.float32)
+    for k, stamp in enumerate(stamps):
+        h, w = stamp.shape
+        top = (height - h) // 2
+        rows[k, top: top + h][:, (np.arange(w) - w // 2) % width] = stamp
+    spectra = sfft.rfft(rows, axis=2, workers=1)
+    return np.concatenate(list(spectra), axis=1)
+
+
+def stamp_spectrum(stamp: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """``rfft2`` of a small centred stamp zero-padded to ``shape``, centre at (0, 0)."""
+    height = stamp.shape[0]
+    return _column_dft(shape[0], height) @ _stamp_row_spectra([stamp], height, shape[1])
+
+
+def _column_dft(size: int, height: int) -> np.ndarray:
+    """DFT matrix (size x height) along the columns for rows -height//2 .. height//2.
+
+    The stamps have few non-zero rows, so their column transforms are a matrix product
+    (BLAS) done block by block with the products that use them: several times cheaper
+    than an FFT of the padded stamp, and the full-size PSF spectra never exist.
+    """
+    offsets = np.arange(height) - height // 2
+    phase = np.outer(np.arange(size), offsets) * (-2 * np.pi / size)
+    return np.exp(1j * phase).astype(np.complex64)
+
+
+def _central_difference_sq(image: np.ndarray, inner: tuple[slice, slice],
+                           axis: int) -> np.ndarray:
+    """Squared central difference along ``axis`` of the periodic ``image`` over
+    ``inner``, i.e. (2 * derivative)^2; what lies beyond the array's ends wraps around.
 
     Central differences instead of spectral derivatives: four more inverse FFTs would
     double the cost of the astrometric term, and S is smooth (it is filtered by both
     PSFs), so the difference underestimates the slope by a few percent at most.
     """
-    acc = np.zeros_like(images[0])
-    tmp = np.empty_like(images[0])
-    inner = [slice(None), slice(None)]
-    inner[axis] = slice(1, -1)
-    fwd = [slice(None), slice(None)]
-    fwd[axis] = slice(2, None)
-    bwd = [slice(None), slice(None)]
-    bwd[axis] = slice(None, -2)
-    tmp_inner = tmp[tuple(inner)]
-    for image in images:
-        np.subtract(image[tuple(fwd)], image[tuple(bwd)], out=tmp_inner)
-        np.multiply(tmp_inner, tmp_inner, out=tmp_inner)
-        acc[tuple(inner)] += tmp_inner
-    return acc
+    part = inner[axis]
+    n = image.shape[axis]
+    out = np.empty((inner[0].stop - inner[0].start, inner[1].stop - inner[1].start),
+                   dtype=image.dtype)
+
+    def source(index: slice) -> tuple[slice, slice]:
+        return (index, inner[1]) if axis == 0 else (inner[0], index)
+
+    def target(index: slice) -> tuple[slice, slice]:
+        return (index, slice(None)) if axis == 0 else (slice(None), index)
+
+    lo, hi = max(part.start, 1), min(part.stop, n - 1)
+    np.subtract(image[source(slice(lo + 1, hi + 1))], image[source(slice(lo - 1, hi - 1))],
+                out=out[target(slice(lo - part.start, hi - part.start))])
+    if part.start == 0:
+        np.subtract(image[source(slice(1, 2))], image[source(slice(n - 1, n))],
+                    out=out[target(slice(0, 1))])
+    if part.stop == n:
+        np.subtract(image[source(slice(0, 1))], image[source(slice(n - 2, n - 1))],
+                    out=out[target(slice(-1, None))])
+    return np.multiply(out, out, out=out)
 
 
 def subtract_tile(new: np.ndarray, ref: np.ndarray, var_new: np.ndarray, var_ref: np.ndarray,
+                  fft_shape: tuple[int, int], inner: tuple[slice, slice],
                   psf_new: np.ndarray, psf_ref: np.ndarray, kernels: ZogyKernels,
                   sigma_new: float, sigma_ref: float, fz_new: float, fz_ref: float,
                   astrometric_sigma: tuple[float, float], workers: int = 1,
-                  timings: dict[str, float] | None = None) -> TileProducts:
-    """D, S and the variance of S on one tile already padded to a fast FFT shape.
+                  timings: dict[str, float] | None = None, block_rows: int = 16
+                  ) -> TileProducts:
+    """D, S and the variance of S on one tile.
 
     Parameters
     ----------
     new, ref : ndarray, float32
-        Background-subtracted, registered images (bad pixels already 0).
+        Background-subtracted, registered image windows (bad pixels already 0).  They are
+        zero-padded (background) to ``fft_shape`` at their far ends, so ``fft_shape``
+        must exceed the window by twice the kernels' reach to avoid wrap-around.
     var_new, var_ref : ndarray, float32
-        Variance images of the sources alone (>= 0), same units as ``new``/``ref`` squared.
+        Variance images of the sources alone, same windows, image units squared.
+    fft_shape : (int, int)
+        Transform shape (fast lengths).
+    inner : (slice, slice)
+        The part of the window returned.
     psf_new, psf_ref : ndarray
         Normalised, centred PSF stamps.
     kernels : ZogyKernels
@@ -190,86 +231,78 @@ def subtract_tile(new: np.ndarray, ref: np.ndarray, var_new: np.ndarray, var_ref
         Registration rms along x (columns) and y (rows), pixels.
     timings : dict, optional
         Stage wall times (s) are added to it.
+    block_rows : int
+        Spectrum rows processed together (all intermediates stay in cache).
     """
     clock = time.perf_counter
     t0 = clock()
-    shape = new.shape
-    pn = stamp_spectrum(psf_new, shape, workers)
-    pr = stamp_spectrum(psf_ref, shape, workers)
-    kn2_hat = stamp_spectrum(kernels.kn2, shape, workers)
-    kr2_hat = stamp_spectrum(kernels.kr2, shape, workers)
+    height, width = fft_shape
+    half_width = width // 2 + 1
+    new_hat = sfft.rfft2(new, s=fft_shape, workers=workers)
+    ref_hat = sfft.rfft2(ref, s=fft_shape, workers=workers)
+    vn_hat = sfft.rfft2(var_new, s=fft_shape, workers=workers)
+    vr_hat = sfft.rfft2(var_ref, s=fft_shape, workers=workers)
     t1 = clock()
-    new_hat = sfft.rfft2(new, workers=workers)
-    ref_hat = sfft.rfft2(ref, workers=workers)
-    vn_hat = sfft.rfft2(var_new, workers=workers)
-    vr_hat = sfft.rfft2(var_ref, workers=workers)
+
+    # a = F_r P_r, b = F_n P_n: the flux scalings go into the stamps.
+    stamps = [fz_new * psf_new, fz_ref * psf_ref, kernels.kn2, kernels.kr2]
+    stamp_rows = max(stamp.shape[0] for stamp in stamps)
+    row_spectra = _stamp_row_spectra(stamps, stamp_rows, width)
+    column_dft = _column_dft(height, stamp_rows)
+    var_n2, var_r2 = np.float32(sigma_new**2), np.float32(sigma_ref**2)
+    diff_hat = np.empty_like(new_hat)
+    for r0 in range(0, height, block_rows):
+        rows = slice(r0, min(r0 + block_rows, height))
+        spectra = column_dft[rows] @ row_spectra
+        b, a, kn2, kr2 = (spectra[:, k * half_width: (k + 1) * half_width]
+                          for k in range(4))
+        n_hat, r_hat = new_hat[rows], ref_hat[rows]
+        a2 = a.real * a.real
+        a2 += a.imag * a.imag
+        b2 = b.real * b.real
+        b2 += b.imag * b.imag
+        inv_den = a2 * var_n2
+        inv_den += b2 * var_r2
+        inv_den += _TINY
+        np.reciprocal(inv_den, out=inv_den)
+        d_hat = np.multiply(a, n_hat, out=diff_hat[rows])
+        d_hat -= b * r_hat
+        d_hat *= np.sqrt(inv_den)
+        # S_n = conj(b)|a|^2 N / den and S_r = conj(a)|b|^2 R / den, in place.
+        a2 *= inv_den
+        b2 *= inv_den
+        n_hat *= b.conj()
+        n_hat *= a2
+        r_hat *= a.conj()
+        r_hat *= b2
+        vn = vn_hat[rows]
+        vn *= kn2
+        vn += vr_hat[rows] * kr2
+    del vr_hat, row_spectra, column_dft
     t2 = clock()
 
-    pn2 = pn.real * pn.real
-    pn2 += pn.imag * pn.imag
-    pr2 = pr.real * pr.real
-    pr2 += pr.imag * pr.imag
-    inv_den = pr2 * np.float32(sigma_new**2 * fz_ref**2)
-    inv_den += pn2 * np.float32(sigma_ref**2 * fz_new**2)
-    inv_den += _TINY
-    np.reciprocal(inv_den, out=inv_den)
-    inv_sqrt = np.sqrt(inv_den)
-
-    diff_hat = pr * new_hat
-    diff_hat *= np.float32(fz_ref)
-    tmp = pn * ref_hat
-    tmp *= np.float32(fz_new)
-    diff_hat -= tmp
-    diff_hat *= inv_sqrt
-    del inv_sqrt
-
-    # S_n and S_r reuse the buffers of the image spectra: each is transformed once.
-    np.conjugate(pn, out=pn)
-    new_hat *= pn
-    pr2 *= inv_den
-    pr2 *= np.float32(fz_new * fz_ref**2)
-    new_hat *= pr2
-    np.conjugate(pr, out=pr)
-    ref_hat *= pr
-    pn2 *= inv_den
-    pn2 *= np.float32(fz_ref * fz_new**2)
-    ref_hat *= pn2
-    del pn, pr, pn2, pr2, inv_den
-
-    vn_hat *= kn2_hat
-    vr_hat *= kr2_hat
-    vn_hat += vr_hat
-    del vr_hat, kn2_hat, kr2_hat, tmp
+    diff = sfft.irfft2(diff_hat, s=fft_shape, workers=workers, overwrite_x=True)[inner]
+    score_new = sfft.irfft2(new_hat, s=fft_shape, workers=workers, overwrite_x=True)
+    score_ref = sfft.irfft2(ref_hat, s=fft_shape, workers=workers, overwrite_x=True)
+    variance = sfft.irfft2(vn_hat, s=fft_shape, workers=workers, overwrite_x=True)[inner]
+    del diff_hat, new_hat, ref_hat, vn_hat
     t3 = clock()
 
-    diff = sfft.irfft2(diff_hat, s=shape, workers=workers, overwrite_x=True)
-    score_new = sfft.irfft2(new_hat, s=shape, workers=workers, overwrite_x=True)
-    score_ref = sfft.irfft2(ref_hat, s=shape, workers=workers, overwrite_x=True)
-    var_source = sfft.irfft2(vn_hat, s=shape, workers=workers, overwrite_x=True)
-    del diff_hat, new_hat, ref_hat, vn_hat
-    t4 = clock()
-
-    # Round-off makes the convolution of non-negative images slightly negative in places.
-    np.maximum(var_source, 0, out=var_source)
-    variance = var_source + np.float32(kernels.f_s)
+    # Round-off makes the convolution of the source variance slightly negative in places.
+    np.maximum(variance, 0, out=variance)
+    variance += np.float32(kernels.f_s)
     sx, sy = astrometric_sigma
-    var_ast = None
-    if sx > 0 or sy > 0:
-        # The central differences are twice the derivative: hence the factor 1/4.
-        var_ast = _central_difference_sq_sum((score_new, score_ref), axis=1)
-        var_ast *= np.float32(sx**2 / 4)
-        if sy > 0:
-            gy = _central_difference_sq_sum((score_new, score_ref), axis=0)
-            gy *= np.float32(sy**2 / 4)
-            var_ast += gy
-            del gy
-        variance += var_ast
-    score_new -= score_ref
-    t5 = clock()
+    # The central differences are twice the derivatives: hence sigma^2 / 4.
+    for axis, sigma in ((1, sx), (0, sy)):
+        if sigma > 0:
+            for score_part in (score_new, score_ref):
+                delta2 = _central_difference_sq(score_part, inner, axis)
+                delta2 *= np.float32(sigma**2 / 4)
+                variance += delta2
+    score = np.subtract(score_new[inner], score_ref[inner])
+    t4 = clock()
     if timings is not None:
-        for stage, dt in (("psf_spectra", t1 - t0), ("forward_fft", t2 - t1),
-                          ("spectral_products", t3 - t2), ("inverse_fft", t4 - t3),
-                          ("variance_terms", t5 - t4)):
+        for stage, dt in (("forward_fft", t1 - t0), ("spectral_products", t2 - t1),
+                          ("inverse_fft", t3 - t2), ("variance_terms", t4 - t3)):
             timings[stage] = timings.get(stage, 0.0) + dt
-    return TileProducts(diff=diff, score=score_new, variance=variance,
-                        var_source=var_source, var_astrometric=var_ast)
+    return TileProducts(diff=diff, score=score, variance=variance)

@@ -63,9 +63,11 @@ def flux_for_snr(snr: np.ndarray, kernels, psf_new: np.ndarray) -> np.ndarray:
     adds ``self_var * flux`` to the variance of S at its peak.
     """
     kn2 = kernels.kn2
-    c = kn2.shape[0] // 2
-    h = psf_new.shape[0] // 2
-    self_var = FZ_NEW * np.sum(kn2[c - h: c + h + 1, c - h: c + h + 1] * psf_new[::-1, ::-1])
+    h = min(kn2.shape[0], psf_new.shape[0]) // 2
+    ck, cp = kn2.shape[0] // 2, psf_new.shape[0] // 2
+    self_var = FZ_NEW * np.sum(kn2[ck - h: ck + h + 1, ck - h: ck + h + 1]
+                               * psf_new[cp + h: cp - h - 1 if cp > h else None: -1,
+                                         cp + h: cp - h - 1 if cp > h else None: -1])
     f_s = kernels.f_s
     b = snr**2 * self_var / f_s**2
     return (b + np.sqrt(b**2 + 4 * snr**2 / f_s)) / 2
