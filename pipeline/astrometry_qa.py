@@ -16,7 +16,7 @@ from astropy.coordinates import SkyCoord
 from astropy.table import Table
 from astropy.wcs import WCS
 
-__all__ = ["AstrometricQA", "match_to_reference", "astrometric_qa"]
+__all__ = ["AstrometricQA", "match_to_reference", "astrometric_qa", "wcs_difference_mas"]
 
 
 @dataclass(frozen=True)
@@ -130,3 +130,12 @@ def astrometric_qa(detections: Table, wcs: WCS, reference: Table, radius_arcsec:
         median_offset_dec_mas=float(np.median(ddec)) if len(ddec) else float("nan"),
     )
     return qa, matches
+
+
+def wcs_difference_mas(wcs_a: WCS, wcs_b: WCS, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """On-sky distance (mas) between where two WCSs put the same pixels (1-based x, y)."""
+    ra_a, dec_a = wcs_a.all_pix2world(x, y, 1)
+    ra_b, dec_b = wcs_b.all_pix2world(x, y, 1)
+    a = SkyCoord(ra=ra_a * u.deg, dec=dec_a * u.deg)
+    b = SkyCoord(ra=ra_b * u.deg, dec=dec_b * u.deg)
+    return a.separation(b).to_value(u.mas)

@@ -161,6 +161,7 @@ class AstrometryConfig:
     match_radius_arcsec: float = 1.5       # QA matching of detections to Gaia
     position_maxerr_arcmin: float = 1.5    # SCAMP pass 1 search radius around the prior
     match_resol_arcsec: float = 2.0        # SCAMP pass 1 pattern-matching resolution
+    match_nmax: int = 500                  # SCAMP pass 1 matches with the brightest N detections
     astr_accuracy_px: float = 0.0          # SCAMP's error floor added to the centroid errors
     max_scale_diff_pct: float = 1.0
     catalog_margin_deg: float = 0.1

@@ -55,13 +55,15 @@ class ScaleCheck:
     altitude_deg: float
     prior_airmass: float
     expected_pct: float
+    centre_scale_arcsec: float        # the solution's linear pixel scale at the quadrant centre
     usable: bool
     reason: str | None
 
     def summary(self) -> dict:
         return {"scale_diff_pct_mean": self.mean_pct, "scale_diff_pct_max": self.max_abs_pct,
                 "airmass_quadrant": self.airmass_quadrant, "altitude_deg": self.altitude_deg,
-                "prior_airmass": self.prior_airmass, "scale_change_expected_pct": self.expected_pct}
+                "prior_airmass": self.prior_airmass, "scale_change_expected_pct": self.expected_pct,
+                "pixel_scale_arcsec": self.centre_scale_arcsec}
 
 
 def scale_check(solution: WCS, prior: WCS, obstime: Time, site: SiteConfig, wavelength_um: float,
@@ -94,7 +96,9 @@ def scale_check(solution: WCS, prior: WCS, obstime: Time, site: SiteConfig, wave
     inside = (gx <= shape[1]) & (gy <= shape[0])
     x, y = gx[inside], gy[inside]
     diff = 100.0 * (local_pixel_scale(solution, x, y) / local_pixel_scale(prior, x, y) - 1.0)
-    centre = solution.all_pix2world(0.5 * (shape[1] + 1), 0.5 * (shape[0] + 1), 1)
+    cx, cy = 0.5 * (shape[1] + 1), 0.5 * (shape[0] + 1)
+    centre_scale = float(local_pixel_scale(solution, np.array([cx]), np.array([cy]))[0])
+    centre = solution.all_pix2world(cx, cy, 1)
     airmass, altitude, _ = airmass_at(centre[0], centre[1], obstime, site)
     model = RefractionModel(site.pressure_hpa if pressure_hpa is None else pressure_hpa,
                             site.temperature_c if temperature_c is None else temperature_c,
@@ -112,4 +116,4 @@ def scale_check(solution: WCS, prior: WCS, obstime: Time, site: SiteConfig, wave
     return ScaleCheck(diff_pct=diff, mean_pct=float(np.mean(diff[finite])) if finite.any() else float("nan"),
                       max_abs_pct=max_abs, airmass_quadrant=float(airmass), altitude_deg=float(altitude),
                       prior_airmass=float(prior_airmass), expected_pct=expected,
-                      usable=reason is None, reason=reason)
+                      centre_scale_arcsec=centre_scale, usable=reason is None, reason=reason)

@@ -91,6 +91,9 @@ class ScampSettings:
     focdistort_degree: int = 2
     pass1_crossid_radius_arcsec: float = 3.0
     match_resol_arcsec: float = 0.0
+    # Pattern matching uses the brightest N detections (0 = SCAMP decides).  500 halved
+    # pass 1 on a 4000-source quadrant with an identical solution.
+    match_nmax: int = 0
     distort_degree: int = 4
     pass2_crossid_radius_arcsec: float = 1.5
     sn_thresholds: tuple[float, float] = (10.0, 100.0)
@@ -154,6 +157,7 @@ class ScampSettings:
                 "PIXSCALE_MAXERR": f"{self.pixscale_maxerr:g}",
                 "CROSSID_RADIUS": f"{self.pass1_crossid_radius_arcsec:g}",
                 "MATCH_RESOL": f"{self.match_resol_arcsec:g}",
+                "MATCH_NMAX": str(self.match_nmax),
             }
         elif pass_number == 2:
             specific = {

@@ -14,6 +14,7 @@ from astropy.table import Table
 
 from pipeline.astrometry import (AstrometricPrior, footprint_corners, prior_from_image_header,
                                  solve_astrometry)
+from pipeline.astrometry_qa import wcs_difference_mas
 from pipeline.focalplane import ccd_qid_of_rcid, quadrant_geometry, scale_check_grid
 from pipeline.image import quadrant_image
 from pipeline.scamp import ScampSettings
@@ -21,7 +22,7 @@ from pipeline.simulate.optics import true_quadrant_solution
 from pipeline.simulate.plan import DEFAULT_FIELDS, exposure_at_airmass
 from pipeline.simulate.render import render_quadrant
 from pipeline.simulate.sky import make_sky
-from pipeline.tpv import sky_to_tangent, tpv_wcs
+from pipeline.tpv import tpv_wcs
 
 FIELD = DEFAULT_FIELDS[0]
 pytestmark = pytest.mark.slow
@@ -50,11 +51,7 @@ def render(cfg, sky, spec, rcid, header_override=None):
 
 def wcs_error_mas(solved, true):
     x, y = (a.ravel() for a in scale_check_grid())
-    ra_s, dec_s = solved.all_pix2world(x, y, 1)
-    ra_t, dec_t = true.all_pix2world(x, y, 1)
-    xi, eta = sky_to_tangent(ra_s, dec_s, float(np.mean(ra_t)), float(np.mean(dec_t)))
-    xi_t, eta_t = sky_to_tangent(ra_t, dec_t, float(np.mean(ra_t)), float(np.mean(dec_t)))
-    return np.hypot(xi - xi_t, eta - eta_t) * 3.6e6
+    return wcs_difference_mas(solved, true, x, y)
 
 
 def solve(cfg, image, gaia, tmp_path, prior=None, **kwargs):
