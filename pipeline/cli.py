@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "pipeline.commands.astrometry",
     "pipeline.commands.catalogs",
     "pipeline.commands.alerts",
+    "pipeline.commands.lightcurve",
     "pipeline.commands.priors",
     "pipeline.commands.config",
     "pipeline.commands.bench",

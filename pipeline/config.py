@@ -5,7 +5,7 @@ anything unset falls back to the defaults below.  Unknown sections or keys are a
 error naming them, so a typo never silently falls back to a default.
 
 The sections mirror the dataclasses: ``[instrument]``, ``[site]``, ``[paths]``,
-``[simulation]``, ``[astrometry]``, ``[kafka]``, ``[slurm]``.  Filters are a table of
+``[simulation]``, ``[astrometry]``, ``[matchfile]``, ``[kafka]``, ``[slurm]``.  Filters are a table of
 tables, ``[instrument.filters.ZTF_g]`` and so on.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import tomli_w
 
 __all__ = [
     "FilterConfig", "InstrumentConfig", "SiteConfig", "PathsConfig", "SimulationConfig",
-    "AstrometryConfig", "KafkaConfig", "SlurmConfig", "Config", "ConfigError",
+    "AstrometryConfig", "MatchfileConfig", "KafkaConfig", "SlurmConfig", "Config", "ConfigError",
     "load_config", "config_to_toml", "DEFAULT_CONFIG",
 ]
 
@@ -168,6 +168,15 @@ class AstrometryConfig:
 
 
 @dataclass(frozen=True)
+class MatchfileConfig:
+    """Matchfiles: one-to-one match radius, writer lock wait, pending epochs per fold."""
+
+    match_radius_arcsec: float = 1.5
+    lock_timeout_s: float = 120.0
+    combine_threshold: int = 32            # pending epoch shards that trigger a fold
+
+
+@dataclass(frozen=True)
 class KafkaConfig:
     """Alert publishing.  An empty ``bootstrap_servers`` keeps alerts in the spool."""
 
@@ -200,6 +209,7 @@ class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     astrometry: AstrometryConfig = field(default_factory=AstrometryConfig)
+    matchfile: MatchfileConfig = field(default_factory=MatchfileConfig)
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 

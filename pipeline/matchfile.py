@@ -61,6 +61,7 @@ from astropy.coordinates import EarthLocation, SkyCoord
 from astropy.table import Table
 from astropy.time import Time
 
+from .config import MatchfileConfig
 from . import __version__
 from .hjd import exact_light_travel_time, heliocentric_julian_date, SECONDS_PER_DAY
 from .matchfile_index import footprint_of, register_footprint
@@ -73,15 +74,6 @@ __all__ = ["MatchfileConfig", "ReferenceMeta", "EpochMeta", "MatchfileError", "M
            "combine", "pending_shards", "matchfile_lock"]
 
 log = logging.getLogger("skydiff.matchfile")
-
-
-@dataclass(frozen=True)
-class MatchfileConfig:
-    """Matchfile settings (candidates for a ``[matchfile]`` configuration section)."""
-
-    match_radius_arcsec: float = 1.5
-    lock_timeout_s: float = 120.0
-    combine_threshold: int = 32       # pending epoch shards that trigger a fold
 
 
 class MatchfileError(RuntimeError):

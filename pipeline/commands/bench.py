@@ -36,6 +36,34 @@ def _bench_simulate(args) -> dict:
     return bench_simulate_quadrant(args.cfg, rcid=args.rcid)
 
 
+@benchmark("matchfile-append", "append one 50,000-source epoch to a matchfile (target: at most 1 s)",
+           {"append": 1.0})
+def _bench_matchfile_append(args) -> dict:
+    from ..matchfile_bench import bench_append
+    return bench_append(site=args.cfg.site)
+
+
+@benchmark("lightcurve-cone", "warm cone query on a matchfile of 20,000 objects x 500 epochs "
+           "(target: at most 20 ms)", {"cone_warm_median": 0.02, "cone_warm_p95": 0.02})
+def _bench_lightcurve_cone(args) -> dict:
+    from ..matchfile_bench import bench_cone
+    return bench_cone()
+
+
+@benchmark("lightcurve-service", "light-curve HTTP service under 50 requests/s for 30 s on loopback "
+           "(target: p95 at most 50 ms; use --repeat 1)", {"p95": 0.05})
+def _bench_lightcurve_service(args) -> dict:
+    from ..matchfile_bench import bench_service
+    return bench_service()
+
+
+@benchmark("alert-packets", "build and serialise 3000 alert packets with cutouts and 30 history entries "
+           "(target: at least 3000 alerts/s)", {"alerts_per_s": 3000.0})
+def _bench_alert_packets(args) -> dict:
+    from alerts.bench import bench_packets
+    return bench_packets()
+
+
 def register(subparsers, common) -> None:
     p = subparsers.add_parser("bench", parents=[common], help="run a benchmark and print its figures",
                               description="Benchmarks, each on one pinned CPU core, printing stage timings "
