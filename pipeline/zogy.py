@@ -66,10 +66,10 @@ class ZogyConfig:
         Target inner size of a tile (pixels) in :func:`zogy_subtract_tiled`; the image
         is cut into ``round(size / tile)`` equal tiles per axis.
     overlap : int
-        Minimum margin (pixels) around each tile's inner part (and around the image):
-        it must exceed the kernels' reach (a few PSF widths), and PSF stamps may be at
-        most ``2 * overlap + 1`` wide.  The kernels are computed on a
-        ``2 * overlap`` grid.
+        Margin (pixels) of image around each tile's inner part, and of background
+        padding beyond the image: it must exceed the kernels' reach, about the sum of
+        the two PSFs' half-widths, so PSF stamps may be at most ``overlap + 1`` wide.
+        The real-space kernels are computed on a ``2 * overlap`` grid.
     mask_grow : int or None
         Radius (pixels) flagged around bad pixels; None: the PSF stamp's half-width.
     workers : int
@@ -177,9 +177,9 @@ def _check_psf(name: str, psf: np.ndarray, overlap: int) -> np.ndarray:
     if psf.ndim != 2 or psf.shape[0] % 2 == 0 or psf.shape[1] % 2 == 0:
         raise ZogyInputError(f"{name}: PSF stamp must be 2-D with odd sides, got shape "
                              f"{psf.shape}")
-    if max(psf.shape) > 2 * overlap + 1:
-        raise ZogyInputError(f"{name}: PSF stamp {psf.shape} wider than 2 * overlap + 1 "
-                             f"= {2 * overlap + 1}; raise ZogyConfig.overlap")
+    if max(psf.shape) > overlap + 1:
+        raise ZogyInputError(f"{name}: PSF stamp {psf.shape} wider than overlap + 1 "
+                             f"= {overlap + 1}; raise ZogyConfig.overlap")
     total = psf.sum()
     if not np.all(np.isfinite(psf)) or not total > 0:
         raise ZogyInputError(f"{name}: PSF stamp must be finite with a positive sum")

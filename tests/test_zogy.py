@@ -16,7 +16,7 @@ from scipy.special import erf
 
 from pipeline.zogy import (ZogyConfig, ZogyInputError, flux_scale_from_zeropoint,
                            measure_flux, zogy_subtract, zogy_subtract_tiled)
-from pipeline.zogy_core import zogy_kernels
+from pipeline.zogy_core import stamp_spectrum, zogy_kernels
 
 SIZE = 1024
 STAMP = 31
@@ -296,3 +296,54 @@ def test_bad_input_is_named():
 def test_flux_scale_follows_the_zero_point():
     assert flux_scale_from_zeropoint(26.0, 25.0) == pytest.approx(10**0.4)
     assert flux_scale_from_zeropoint(25.0, 25.0) == 1.0
+
+
+def test_difference_psf_and_zero_point_describe_a_point_source():
+    size, flux, fz_new, fz_ref, sigma_new, sigma_ref = 256, 5000.0, 0.8, 1.2, 20.0, 10.0
+    psf_new, psf_ref = moffat_stamp(3.5, 3.0), gaussian_stamp(1.4)
+    new = np.zeros((size, size), dtype=np.float32)
+    c, h = size // 2, STAMP // 2
+    new[c - h: c + h + 1, c - h: c + h + 1] = fz_new * flux * psf_new
+    result = zogy_subtract(new, np.zeros_like(new), psf_new, psf_ref, sigma_new, sigma_ref,
+                           fz_new, fz_ref, var_new=np.zeros_like(new),
+                           var_ref=np.zeros_like(new))
+    f_d = fz_new * fz_ref / math.sqrt(sigma_new**2 * fz_ref**2 + sigma_ref**2 * fz_new**2)
+    assert result.f_d == pytest.approx(f_d, rel=1e-9)
+    assert result.psf_d.sum() == pytest.approx(1.0)
+    model = flux * f_d * result.psf_d
+    stamp = result.diff[c - h: c + h + 1, c - h: c + h + 1]
+    assert np.abs(stamp - model).max() < 1e-4 * model.max()
+    assert result.alpha[c, c] == pytest.approx(flux, rel=1e-4)
+    assert result.alpha_std[c, c] == pytest.approx(1 / math.sqrt(result.f_s), rel=1e-4)
+
+
+def test_per_tile_noise_from_an_rms_map():
+    rng = np.random.default_rng(3)
+    size = 512
+    rms_new = np.where(np.arange(size)[None, :] < size // 2, 20.0, 40.0) * np.ones((size, 1))
+    new = (rng.normal(0, 1, (size, size)) * rms_new).astype(np.float32)
+    ref = rng.normal(0, 10.0, (size, size)).astype(np.float32)
+    psf = gaussian_stamp(1.8)
+    result = zogy_subtract_tiled(new, ref, lambda x, y: psf, lambda x, y: psf, rms_new, 10.0,
+                                 1.0, 1.0, config=ZogyConfig(tile=256, overlap=32))
+    assert [tile.sigma_new for tile in result.tiles] == [20.0, 40.0, 20.0, 40.0]
+    for half in (slice(0, 220), slice(292, size)):
+        assert abs(result.scorr[:, half].std() - 1) < 0.05
+        assert abs(result.diff[:, half].std() - 1) < 0.05
+
+
+def test_stamp_spectrum_is_the_padded_stamps_fft():
+    stamp = moffat_stamp(3.0, 2.5, 0.3, -0.2)
+    for shape in ((64, 64), (75, 96)):
+        padded = np.zeros(shape)
+        padded[:STAMP, :STAMP] = stamp
+        expected = np.fft.rfft2(np.roll(padded, (-(STAMP // 2), -(STAMP // 2)), axis=(0, 1)))
+        assert np.abs(stamp_spectrum(stamp, shape) - expected).max() < 1e-6
+
+
+def test_psf_wider_than_the_overlap_is_refused():
+    image = np.zeros((128, 128), dtype=np.float32)
+    psf = gaussian_stamp(1.5)
+    with pytest.raises(ZogyInputError, match="overlap"):
+        zogy_subtract(image, image, psf, psf, 1.0, 1.0, 1.0, 1.0,
+                      config=ZogyConfig(overlap=16))
