@@ -66,8 +66,8 @@ def _rms(values: np.ndarray) -> float:
 
 
 def astrometric_qa(detections: Table, wcs: WCS, reference: Table, radius_arcsec: float = 1.5,
-                   min_snr: float = 10.0, highsn: float = 100.0,
-                   clip_sigma: float = 5.0) -> tuple[AstrometricQA, Table]:
+                   min_snr: float = 10.0, highsn: float = 100.0, clip_sigma: float = 5.0,
+                   bad_flags: int = 0xFF) -> tuple[AstrometricQA, Table]:
     """Match detections to the reference with a solved WCS and summarise the residuals.
 
     Parameters
@@ -88,6 +88,10 @@ def astrometric_qa(detections: Table, wcs: WCS, reference: Table, radius_arcsec:
     clip_sigma : float
         Matches beyond this many times the bulk's normalised scatter (blends, mismatches)
         are left out of the RMS and chi2 but counted as matched.
+    bad_flags : int
+        Detections with any of these FLAGS bits (saturated, blended, near a masked pixel,
+        truncated, ...) are matched and counted but left out of the statistics: their
+        centroids are not expected to reach the noise floor.
 
     Returns
     -------
@@ -117,7 +121,9 @@ def astrometric_qa(detections: Table, wcs: WCS, reference: Table, radius_arcsec:
     # widens the clip instead of hiding behind it.
     z = np.hypot(dra, ddec) / np.maximum(sigma, 1e-3)
     bulk = np.median(z) / 1.1774 if len(z) else 1.0
-    good = (z < clip_sigma * max(bulk, 1.0)) & (snr >= min_snr)
+    clean = (np.asarray(detections["FLAGS"], int)[di] & bad_flags) == 0 if "FLAGS" in detections.colnames \
+        else np.ones(len(di), bool)
+    good = (z < clip_sigma * max(bulk, 1.0)) & (snr >= min_snr) & clean
     high = good & (snr > highsn)
     qa = AstrometricQA(
         n_detections=len(x), n_matched=len(di), n_used=int(good.sum()),

@@ -1,14 +1,22 @@
 """The demo: a small simulated survey run through every stage that exists.
 
-``skydiff demo`` simulates one field over two nights in two filters (by default an inner and
-an outer quadrant of each exposure), then runs the pipeline's stages on every quadrant image
-and prints a summary with timings.  It is the first of the README's two commands: it shows,
-on embedded defaults and without any network, what the pipeline does.
+``skydiff demo`` simulates one field over two nights in two filters (an inner and a corner
+quadrant of each exposure), then, as the survey's offline and real-time steps would:
+
+1. prefetches the simulated Gaia catalogue into the offline tile store (``catalogs/``);
+2. fits a focal-plane distortion prior from simulated low-airmass exposures (``priors/``);
+3. solves every quadrant's astrometry with SCAMP from that prior and judges it;
+4. writes the scale-versus-airmass QA plot,
+
+and prints a summary with the astrometric RMS and verdict per quadrant and the timings.
+It is the first of the README's two commands: embedded defaults, no network.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +26,7 @@ from .simulate.run import simulate_run
 
 log = logging.getLogger("skydiff.demo")
 
-__all__ = ["DemoOptions", "run_demo", "format_summary"]
+__all__ = ["DemoOptions", "DemoSummary", "run_demo", "format_summary"]
 
 
 @dataclass(frozen=True)
@@ -38,22 +46,97 @@ class DemoSummary:
     workdir: Path
     simulation: dict
     stages: dict[str, float] = field(default_factory=dict)
-    rows: list[dict] = field(default_factory=list)
+    astrometry: list[dict] = field(default_factory=list)
+    products: dict[str, str] = field(default_factory=dict)
+
+
+_worker_cfg: Config | None = None
+
+
+def _init_worker(cfg: Config) -> None:
+    global _worker_cfg
+    _worker_cfg = cfg
+
+
+def _astrometry_task(task: tuple[str, str, str, str]) -> tuple[int, dict | None, str]:
+    from .astrometry_run import run_astrometry
+    image, refcat, prior, out = task
+    status, record = run_astrometry(image, refcat, prior, out, _worker_cfg, plots=True)
+    return status, record, image
 
 
 def run_demo(cfg: Config, workdir: str | Path, options: DemoOptions = DemoOptions()) -> DemoSummary:
     """Simulate the demo survey under ``workdir`` and run the stages on it."""
+    from catalogs import field_region, prefetch_from_table
+    from priors.simulate import build_prior_from_simulation
+    from priors.store import write_prior
+
     workdir = Path(workdir)
-    fields = [f for f in DEFAULT_FIELDS if f.fieldid == options.fieldid]
-    t0 = time.perf_counter()
+    the_field = next(f for f in DEFAULT_FIELDS if f.fieldid == options.fieldid)
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        summary.stages[stage] = now - clock
+        clock = now
+
     log.info("demo: simulating %d night(s) x %d epoch(s), quadrants %s, into %s", len(options.nights),
              options.epochs_per_night, ",".join(map(str, options.quadrants)), workdir / "sim")
-    simulation = simulate_run(cfg, workdir / "sim", fields, list(options.nights), filters=options.filters,
+    simulation = simulate_run(cfg, workdir / "sim", [the_field], list(options.nights), filters=options.filters,
                               epochs_per_night=options.epochs_per_night, quadrants=list(options.quadrants),
                               jobs=options.jobs)
     summary = DemoSummary(workdir=workdir, simulation=simulation)
-    summary.stages["simulate"] = time.perf_counter() - t0
+    lap("simulate")
+
+    store = workdir / "catalogs"
+    prefetch_from_table(workdir / "sim" / "gaia" / "gaia_catalog.fits", store,
+                        field_region(the_field.ra, the_field.dec))
+    summary.products["catalogue store"] = str(store)
+    lap("catalogue store")
+
+    prior_path = workdir / "priors" / "prior.fits"
+    write_prior(prior_path, build_prior_from_simulation(cfg, [the_field], n_exposures=12,
+                                                        rcids=list(options.quadrants)))
+    summary.products["distortion prior"] = str(prior_path)
+    lap("distortion prior")
+
+    images = sorted((workdir / "sim" / "exposures").glob("*/*/*.fits"))
+    out_root = workdir / "outputs" / "astrometry"
+    tasks = [(str(p), str(store), str(prior_path), str(out_root / p.parent.name / p.stem)) for p in images]
+    log.info("demo: astrometry of %d quadrant images with %d worker(s)", len(tasks), options.jobs)
+    with ProcessPoolExecutor(max_workers=options.jobs, initializer=_init_worker, initargs=(cfg,)) as pool:
+        for status, record, image in pool.map(_astrometry_task, tasks):
+            if record is None:
+                record = {"image": image, "usable": False, "reasons": [f"exit status {status}"]}
+            summary.astrometry.append(record)
+    lap("astrometry")
+
+    _scale_plot(cfg, summary, workdir / "qa" / "scale_vs_airmass.png")
+    (workdir / "qa" / "astrometry.json").write_text(json.dumps(summary.astrometry, indent=1))
+    summary.products["scale vs airmass plot"] = str(workdir / "qa" / "scale_vs_airmass.png")
+    summary.products["astrometry outputs"] = str(out_root)
+    lap("qa plots")
     return summary
+
+
+def _scale_plot(cfg: Config, summary: DemoSummary, path: Path) -> None:
+    """Each quadrant's solved pixel scale against its own lowest-airmass solution, with the model."""
+    from .qa_plots import plot_scale_vs_airmass
+    from .refraction import RefractionModel
+    usable = [r for r in summary.astrometry if r.get("usable") and r.get("pixel_scale_arcsec")]
+    points, lowest = [], 1.0
+    for rcid in sorted({r["rcid"] for r in usable}):
+        rows = [r for r in usable if r["rcid"] == rcid]
+        base = min(rows, key=lambda r: r["airmass_quadrant"])
+        lowest = min(lowest if points else base["airmass_quadrant"], base["airmass_quadrant"])
+        points += [{"airmass_quadrant": r["airmass_quadrant"], "usable": True,
+                    "scale_diff_pct_mean": 100 * (r["pixel_scale_arcsec"] / base["pixel_scale_arcsec"] - 1)}
+                   for r in rows]
+    model = RefractionModel(cfg.site.pressure_hpa, cfg.site.temperature_c, cfg.site.relative_humidity,
+                            cfg.instrument.filters["ZTF_r"].wavelength_um)
+    plot_scale_vs_airmass(points, model, lowest, path,
+                          title="Demo: solved pixel scale vs airmass (each quadrant vs its lowest airmass)")
 
 
 def format_summary(summary: DemoSummary) -> str:
@@ -65,6 +148,25 @@ def format_summary(summary: DemoSummary) -> str:
         f"  simulated           {sim['n_exposures']} exposures x {len(sim['quadrants'])} quadrants = "
         f"{sim['n_quadrant_images']} images; {sim['n_stars']} stars, {sim['n_galaxies']} galaxies, "
         f"{sim['n_transients']} transients in the field",
-        "  stage timings (s)   " + ", ".join(f"{k} {v:.1f}" for k, v in summary.stages.items()),
     ]
+    if summary.astrometry:
+        usable = sum(1 for r in summary.astrometry if r.get("usable"))
+        lines.append(f"  astrometry          {usable}/{len(summary.astrometry)} quadrants usable")
+        lines.append("    expid      rcid airmass usable  RMS ra/dec (mas, S/N>=10)  high-S/N/floor  matched  "
+                     "scale diff %  seconds")
+        for r in sorted(summary.astrometry, key=lambda r: (r.get("expid", 0), r.get("rcid", 0))):
+            if r.get("rms_ra_mas") is None:
+                lines.append(f"    {r.get('expid', '?'):<10} {r.get('rcid', '?'):>4}  unusable: "
+                             f"{'; '.join(r.get('reasons', []))}")
+                continue
+            ratio = max(r["rms_ra_highsn_mas"], r["rms_dec_highsn_mas"]) / r["floor_highsn_mas"]
+            lines.append(f"    {r['expid']:<10} {r['rcid']:>4}  {r['airmass_quadrant']:6.2f}  "
+                         f"{'yes' if r['usable'] else 'NO ':<5}  {r['rms_ra_mas']:7.1f} / {r['rms_dec_mas']:<7.1f}"
+                         f"          {ratio:5.2f}        {r['n_matched']:6d}  {r['scale_diff_pct_max']:8.3f}"
+                         f"      {r['seconds']:6.1f}")
+            for reason in r.get("reasons", []):
+                lines.append(f"        reason: {reason}")
+    for name, path in summary.products.items():
+        lines.append(f"  {name:<20}{path}")
+    lines.append("  stage timings (s)   " + ", ".join(f"{k} {v:.1f}" for k, v in summary.stages.items()))
     return "\n".join(lines)

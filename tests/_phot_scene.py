@@ -84,11 +84,6 @@ def isolated_stars(truth: Table, edge: float = 20.0, radius: float = 15.0,
 
 def true_moffat_stamp(true_psf: _PsfField, x: float, y: float, halfsize: int,
                       dx: float = 0.0, dy: float = 0.0) -> np.ndarray:
-    """The simulator's PSF at (x, y), sampled at pixel centres, centred at (dx, dy)."""
-    from pipeline.simulate.render import _moffat_alpha2
-    a00, a01, a11 = (float(np.asarray(a)) for a in _moffat_alpha2(true_psf.fwhm2_matrix(x, y), true_psf.beta))
-    det = a00 * a11 - a01 ** 2
-    offsets = np.arange(-halfsize, halfsize + 1)
-    gx, gy = np.meshgrid(offsets - dx, offsets - dy)
-    t = 1 + (a11 * gx * gx - 2 * a01 * gx * gy + a00 * gy * gy) / det
-    return (true_psf.beta - 1) / (np.pi * np.sqrt(det)) * t ** -true_psf.beta
+    """The simulator's PSF at (x, y) as rendered (pixel-integrated), centred at (dx, dy)."""
+    from pipeline.simulate.render import true_psf_stamp
+    return true_psf_stamp(true_psf, x, y, halfsize, dx, dy)

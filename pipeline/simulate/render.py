@@ -167,8 +167,43 @@ def _moffat_core(t, beta: float):
     return np.power(t, -beta)
 
 
+#: Gauss-Legendre nodes and weights on a pixel (3 x 3 points integrate the core exactly
+#: enough): a detector integrates the PSF over each pixel, and sampling an undersampled
+#: profile at pixel centres instead biases centroids with the pixel phase.
+_GL_NODES = (np.array([-np.sqrt(0.6), 0.0, np.sqrt(0.6)]) / 2).astype(np.float32)
+_GL_WEIGHTS = np.array([5.0, 8.0, 5.0]) / 18.0
+#: Half-size of the block around the centre integrated over the pixel; further out the
+#: profile is smooth on the pixel scale and its value at the centre suffices.
+_CORE_HALF = 2
+
+
+def _moffat_values(dx, dy, cxx, cxy, cyy, beta: float):
+    t = (cxy * dx) * dy
+    t += cxx * dx * dx
+    t += cyy * dy * dy
+    t += np.float32(1.0)
+    return _moffat_core(t, beta)
+
+
+def _moffat_pixel_means(dx, dy, cxx, cxy, cyy, beta: float):
+    """Pixel averages of the Moffat to second order: ``f + (f_xx + f_yy) / 24``.
+
+    With f = u^-beta, u = 1 + r^T C r:  lap f = beta u^(-beta-2) (4 (beta+1) |C r|^2 - 2 u tr C).
+    Good where the profile is smooth on the pixel scale (the wings); the core is integrated.
+    """
+    gx = cxx * dx + np.float32(0.5) * cxy * dy
+    gy = np.float32(0.5) * cxy * dx + cyy * dy
+    u = np.float32(1.0) + cxx * dx * dx + cxy * dx * dy + cyy * dy * dy
+    f = _moffat_core(u, beta)
+    lap = (np.float32(4 * (beta + 1)) * (gx * gx + gy * gy) - np.float32(2.0) * u * (cxx + cyy)) / (u * u)
+    return f * (np.float32(1.0) + np.float32(beta / 24.0) * lap)
+
+
 def _add_moffats(image_flat, shape, x, y, flux, alpha2, beta: float, radius: int) -> None:
-    """Add analytically normalised elliptical Moffat profiles sampled at pixel centres.
+    """Add analytically normalised elliptical Moffat profiles integrated over the pixels.
+
+    The central (2 _CORE_HALF + 1)^2 pixels are integrated with 3 x 3 Gauss-Legendre points;
+    the wings take the second-order pixel average (:func:`_moffat_pixel_means`).
 
     All stamps of a batch are evaluated at once on an (N, S, S) float32 grid and scattered
     with ``np.bincount`` on flat pixel indices; pixels falling off the image are dropped.
@@ -193,11 +228,14 @@ def _add_moffats(image_flat, shape, x, y, flux, alpha2, beta: float, radius: int
         cxx = (a11 / det).astype(np.float32)[:, None, None]
         cxy = (-2 * a01 / det).astype(np.float32)[:, None, None]
         cyy = (a00 / det).astype(np.float32)[:, None, None]
-        t = (cxy * dx) * dy
-        t += cxx * dx * dx
-        t += cyy * dy * dy
-        t += np.float32(1.0)
-        values = _moffat_core(t, beta)
+        values = _moffat_pixel_means(dx, dy, cxx, cxy, cyy, beta)
+        core = slice(radius - _CORE_HALF, radius + _CORE_HALF + 1)
+        integrated = np.zeros_like(values[:, core, core])
+        for ox, wx in zip(_GL_NODES, _GL_WEIGHTS):
+            for oy, wy in zip(_GL_NODES, _GL_WEIGHTS):
+                integrated += np.float32(wx * wy) * _moffat_values(dx[:, :, core] + ox, dy[:, core, :] + oy,
+                                                                   cxx, cxy, cyy, beta)
+        values[:, core, core] = integrated
         values *= norm[:, None, None]
         flat = (row0 * nx + col0)[:, None, None] + (offsets[:, None] * nx + offsets[None, :])
         edge = (col0 < radius) | (col0 >= nx - radius) | (row0 < radius) | (row0 >= ny - radius)
@@ -214,6 +252,21 @@ def _add_moffats(image_flat, shape, x, y, flux, alpha2, beta: float, radius: int
         # bincount is several times faster with float64 weights than with float32 ones.
         band = np.bincount(flat - low, weights=values.astype(np.float64))
         image_flat[low:low + band.size] += band
+
+
+def true_psf_stamp(psf: "_PsfField", x: float, y: float, halfsize: int,
+                   dx: float = 0.0, dy: float = 0.0) -> np.ndarray:
+    """The PSF exactly as the renderer puts it on the detector (pixel-integrated, unit sum).
+
+    Centred on the stamp's central pixel plus (dx, dy) pixels; for PSF-model tests.
+    """
+    size = 2 * halfsize + 1
+    flat = np.zeros(size * size)
+    alpha2 = tuple(np.atleast_1d(np.asarray(a, dtype=float))
+                   for a in _moffat_alpha2(psf.fwhm2_matrix(x, y), psf.beta))
+    _add_moffats(flat, (size, size), np.array([halfsize + 1.0 + dx]), np.array([halfsize + 1.0 + dy]),
+                 np.array([1.0]), alpha2, psf.beta, halfsize)
+    return flat.reshape(size, size)
 
 
 def _render_profiles(image_flat, shape, x, y, flux, alpha2, beta, sky_sigma_e, alphas: float = 6.0) -> None:
