@@ -139,6 +139,7 @@ def validate_astrometry_night(cfg: Config, outdir: str | Path, rcids=(0, 3, 21, 
                            "scale_diff_pct_mean": 100 * (r["pixel_scale_arcsec"] / base["pixel_scale_arcsec"] - 1)
                            if "pixel_scale_arcsec" in r else r["scale_diff_pct_mean"]})
     plot_scale_vs_airmass(points, model, min(r["airmass_quadrant"] for r in usable) if usable else 1.0,
-                          outdir / "scale_vs_airmass.png", title=f"Field {field.fieldid}, night {night}")
+                          outdir / "scale_vs_airmass.png", title=f"Field {field.fieldid}, night {night}",
+                          ylabel="pixel scale change vs the quadrant's lowest-airmass solution (%)")
     (outdir / "night_astrometry.json").write_text(json.dumps({"summary": summary, "records": records}, indent=1))
     return summary

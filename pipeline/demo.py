@@ -136,7 +136,8 @@ def _scale_plot(cfg: Config, summary: DemoSummary, path: Path) -> None:
     model = RefractionModel(cfg.site.pressure_hpa, cfg.site.temperature_c, cfg.site.relative_humidity,
                             cfg.instrument.filters["ZTF_r"].wavelength_um)
     plot_scale_vs_airmass(points, model, lowest, path,
-                          title="Demo: solved pixel scale vs airmass (each quadrant vs its lowest airmass)")
+                          title="Demo: solved pixel scale vs airmass",
+                          ylabel="pixel scale change vs the quadrant's lowest-airmass solution (%)")
 
 
 def format_summary(summary: DemoSummary) -> str:
@@ -167,6 +168,6 @@ def format_summary(summary: DemoSummary) -> str:
             for reason in r.get("reasons", []):
                 lines.append(f"        reason: {reason}")
     for name, path in summary.products.items():
-        lines.append(f"  {name:<20}{path}")
+        lines.append(f"  {name:<24}{path}")
     lines.append("  stage timings (s)   " + ", ".join(f"{k} {v:.1f}" for k, v in summary.stages.items()))
     return "\n".join(lines)

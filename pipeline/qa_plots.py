@@ -36,7 +36,8 @@ def _save(fig, path: str | os.PathLike) -> Path:
 
 
 def plot_scale_vs_airmass(records: Iterable[Mapping], model: RefractionModel, reference_airmass: float,
-                          path: str | os.PathLike, title: str = "") -> Path:
+                          path: str | os.PathLike, title: str = "",
+                          ylabel: str = "pixel scale change vs prior (%)") -> Path:
     """Percent pixel-scale change (solution vs prior) against the quadrant's airmass.
 
     Parameters
@@ -64,7 +65,7 @@ def plot_scale_vs_airmass(records: Iterable[Mapping], model: RefractionModel, re
     ax.plot(grid, model.scale_change_pct(grid, reference_airmass), "k-",
             label=f"refraction model ({model.pressure_hpa:.0f} hPa, {model.temperature_c:.0f} C)")
     ax.set_xlabel("airmass at the quadrant centre")
-    ax.set_ylabel("pixel scale change vs prior (%)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title or "Pixel scale against airmass")
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
