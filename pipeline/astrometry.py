@@ -10,7 +10,8 @@ Checks, in order (a failed early check skips the later ones):
 1. enough detections for SCAMP (``min_detections``) and reference stars in the footprint;
 2. SCAMP's own verdict (pattern-matching contrast, matches, residual sigma, timeout, crash);
 3. Gaia-match QA with the solved WCS: at least ``min_matched`` stars, RMS per axis below
-   ``max_rms_mas``;
+   ``max_rms_mas``, and no region (of a 4 x 4 grid) whose mean residual exceeds
+   ``max_cell_offset_mas`` at more than ``max_cell_significance`` sigma;
 4. the pixel-scale check against the prior over the detector grid (``max_scale_diff_pct``),
    with the airmass recomputed at the quadrant's centre and the refraction model's
    expectation reported beside it.
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +28,12 @@ from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
 
-from .astrometry_qa import AstrometricQA, astrometric_qa
+from .astrometry_qa import AstrometricQA, astrometric_outliers, astrometric_qa
 from .config import Config
-from .extract import ExtractionConfig, ExtractionResult, extract_sources, to_scamp_ldac
+from .extract import FLAG_BITS, ExtractionConfig, ExtractionResult, extract_sources, to_scamp_ldac
 from .image import QuadrantImage
 from .scale_check import ScaleCheck, scale_check
-from .scamp import ScampResult, ScampSettings, solve_with_scamp
+from .scamp import ScampResult, ScampSettings, run_scamp_pass, solve_with_scamp
 from .wcs_head import strip_wcs_keywords, wcs_from_header
 
 __all__ = ["AstrometricPrior", "AstrometryResult", "prior_from_image_header", "footprint_corners",
@@ -112,6 +113,7 @@ class AstrometryResult:
     scale: ScaleCheck | None
     matches: Table | None
     timings: dict[str, float] = field(default_factory=dict)
+    n_outliers: int = 0
 
     def summary(self) -> dict:
         """The QA record (``qa.json``): verdict, figures, timings."""
@@ -123,6 +125,7 @@ class AstrometryResult:
             "background_adu": _finite(self.extraction.background_level),
             "rms_ra_mas": None, "rms_dec_mas": None, "n_matched": 0, "chi2": None,
             "scale_diff_pct_max": None, "airmass_quadrant": None,
+            "n_astrometric_outliers": self.n_outliers,
         }
         if self.scamp is not None and self.scamp.pass1 is not None:
             record["scamp_xy_contrast"] = _finite(self.scamp.pass1.xy_contrast)
@@ -217,6 +220,9 @@ def solve_astrometry(image: QuadrantImage, gaia: Table, prior: AstrometricPrior,
         return AstrometryResult(False, (f"SCAMP: {scamp.reason}",), None, None, scamp=scamp, qa=None,
                                 scale=None, matches=None, **partial)
 
+    scamp, n_outliers = _refit_without_outliers(scamp, extraction, image, reference, ref_path, settings,
+                                                workdir, acfg.match_radius_arcsec)
+    clock.lap("outlier_refit")
     solved = wcs_from_header(scamp.wcs_header, shape)
     qa, matches = astrometric_qa(extraction.catalog, solved, reference, radius_arcsec=acfg.match_radius_arcsec)
     clock.lap("qa")
@@ -231,10 +237,42 @@ def solve_astrometry(image: QuadrantImage, gaia: Table, prior: AstrometricPrior,
     worst = max(qa.rms_ra_mas, qa.rms_dec_mas) if qa.n_matched else float("inf")
     if not worst <= acfg.max_rms_mas:
         reasons.append(f"Gaia-match RMS {worst:.0f} mas per axis exceeds {acfg.max_rms_mas:.0f} mas")
+    if qa.max_cell_offset_mas > acfg.max_cell_offset_mas and qa.max_cell_significance > acfg.max_cell_significance:
+        reasons.append(f"residuals off by {qa.max_cell_offset_mas:.0f} mas ({qa.max_cell_significance:.1f} sigma) "
+                       f"in one region of the quadrant (limit {acfg.max_cell_offset_mas:.0f} mas)")
     if not check.usable:
         reasons.append(check.reason)
     return AstrometryResult(not reasons, tuple(reasons), solved, scamp.wcs_header, scamp=scamp, qa=qa,
-                            scale=check, matches=matches, **partial)
+                            scale=check, matches=matches, n_outliers=n_outliers, **partial)
+
+
+def _refit_without_outliers(scamp: ScampResult, extraction: ExtractionResult, image: QuadrantImage,
+                            reference: Table, ref_path: Path, settings: ScampSettings, workdir: Path,
+                            radius_arcsec: float) -> tuple[ScampResult, int]:
+    """Rerun pass 2 with the astrometric outliers of the first solution flagged out.
+
+    SCAMP does not clip a bright unresolved blend whose formal error is a few mas: it bends
+    the polynomial toward it, by up to 200 mas in the nearest corner.  Such detections are
+    found against Gaia with the first solution, flagged ``ASTROMETRIC_OUTLIER`` and left out
+    of a second pass 2 started from the first.  The refit is kept only if SCAMP accepts it.
+    """
+    first = wcs_from_header(scamp.wcs_header, image.shape)
+    outliers = astrometric_outliers(extraction.catalog, first, reference, radius_arcsec)
+    if len(outliers) == 0:
+        return scamp, 0
+    catalog = extraction.catalog.copy()
+    catalog["FLAGS"][outliers] |= FLAG_BITS["ASTROMETRIC_OUTLIER"]
+    refit_dir = workdir / "refit"
+    refit_dir.mkdir(exist_ok=True)
+    det_path = to_scamp_ldac(replace(extraction, catalog=catalog), strip_wcs_keywords(image.header),
+                             refit_dir / "quadrant.ldac")
+    refit = run_scamp_pass(2, det_path, ref_path, scamp.wcs_header, settings, refit_dir, image.shape)
+    if not refit.ok:
+        log.warning("%s: pass 2 without %d outliers failed (%s); keeping the first solution",
+                    image.path, len(outliers), refit.reason)
+        return scamp, 0
+    return replace(scamp, wcs_header=refit.head, pass2=refit.qa,
+                   seconds_pass2=(scamp.seconds_pass2 or 0.0) + (refit.seconds or 0.0)), len(outliers)
 
 
 def astrometric_matches(result: AstrometryResult, image: QuadrantImage) -> Table:

@@ -16,7 +16,7 @@ from astropy.coordinates import SkyCoord
 from astropy.table import Table
 from astropy.wcs import WCS
 
-__all__ = ["AstrometricQA", "match_to_reference", "astrometric_qa", "wcs_difference_mas"]
+__all__ = ["AstrometricQA", "match_to_reference", "astrometric_qa", "astrometric_outliers", "wcs_difference_mas"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,8 @@ class AstrometricQA:
     floor_highsn_mas: float           # expected per-axis scatter of the high-S/N matches
     median_offset_ra_mas: float
     median_offset_dec_mas: float
+    max_cell_offset_mas: float        # largest mean residual over a 4 x 4 grid of cells
+    max_cell_significance: float      # that cell's offset over its standard error
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -59,6 +61,33 @@ def match_to_reference(ra, dec, ref_ra, ref_dec, radius_arcsec: float):
     _, first = np.unique(ref_index[order], return_index=True)
     keep = order[first]
     return det_index[keep], ref_index[keep]
+
+
+def astrometric_outliers(detections: Table, wcs: WCS, reference: Table, radius_arcsec: float = 1.5,
+                         clip_sigma: float = 5.0) -> np.ndarray:
+    """Indices of detections whose Gaia residual their errors cannot explain.
+
+    The normalised residual of each match is compared with the bulk's (Rayleigh-distributed
+    when the errors are right); beyond ``clip_sigma`` times that scale a detection is an
+    outlier: an unresolved blend, a cosmic ray on a faint star, a wrong match.  Such a point
+    with a small formal error can drag a polynomial solution by a hundred mas in a corner.
+    """
+    x = np.asarray(detections["XWIN_IMAGE"], float)
+    if len(x) == 0 or len(reference) == 0:
+        return np.zeros(0, int)
+    ra, dec = wcs.all_pix2world(x, np.asarray(detections["YWIN_IMAGE"], float), 1)
+    ref_ra, ref_dec = np.asarray(reference["X_WORLD"], float), np.asarray(reference["Y_WORLD"], float)
+    di, ri = match_to_reference(ra, dec, ref_ra, ref_dec, radius_arcsec)
+    if len(di) == 0:
+        return di
+    cosd = np.cos(np.deg2rad(ref_dec[ri]))
+    offset = np.hypot(((ra[di] - ref_ra[ri] + 180.0) % 360.0 - 180.0) * cosd, dec[di] - ref_dec[ri]) * 3.6e6
+    scale_mas = np.sqrt(abs(np.linalg.det(wcs.pixel_scale_matrix))) * 3.6e6
+    sigma = np.hypot(np.asarray(detections["ERRAWIN_IMAGE"], float)[di] * scale_mas,
+                     np.asarray(reference["ERRA_WORLD"], float)[ri] * 3.6e6)
+    z = offset / np.maximum(sigma, 1e-3)
+    bulk = max(np.median(z) / 1.1774, 1.0)
+    return di[z > clip_sigma * bulk]
 
 
 def _rms(values: np.ndarray) -> float:
@@ -134,8 +163,33 @@ def astrometric_qa(detections: Table, wcs: WCS, reference: Table, radius_arcsec:
         floor_highsn_mas=_rms(sigma[high]) if high.any() else float("nan"),
         median_offset_ra_mas=float(np.median(dra)) if len(dra) else float("nan"),
         median_offset_dec_mas=float(np.median(ddec)) if len(ddec) else float("nan"),
+        **_worst_cell(x[di][good], y[di][good], dra[good], ddec[good], wcs),
     )
     return qa, matches
+
+
+def _worst_cell(x, y, dra, ddec, wcs: WCS, cells: int = 4, min_stars: int = 8) -> dict:
+    """The cell (of a cells x cells grid) whose mean residual is most significant.
+
+    A solution bent toward an outlier or running away in a corner keeps a small global RMS
+    but leaves a coherent offset in one region; this is where it shows.
+    """
+    worst = {"max_cell_offset_mas": 0.0, "max_cell_significance": 0.0}
+    if len(x) < min_stars:
+        return worst
+    nx, ny = wcs.pixel_shape if wcs.pixel_shape is not None else (np.max(x), np.max(y))
+    ix = np.clip((np.asarray(x) - 0.5) * cells // nx, 0, cells - 1).astype(int)
+    iy = np.clip((np.asarray(y) - 0.5) * cells // ny, 0, cells - 1).astype(int)
+    for cell in np.unique(ix * cells + iy):
+        sel = (ix * cells + iy) == cell
+        if sel.sum() < min_stars:
+            continue
+        mean = np.hypot(np.mean(dra[sel]), np.mean(ddec[sel]))
+        error = np.sqrt((np.var(dra[sel]) + np.var(ddec[sel])) / (2 * sel.sum()))
+        significance = mean / max(error, 1e-6)
+        if significance > worst["max_cell_significance"]:
+            worst = {"max_cell_offset_mas": float(mean), "max_cell_significance": float(significance)}
+    return worst
 
 
 def wcs_difference_mas(wcs_a: WCS, wcs_b: WCS, x: np.ndarray, y: np.ndarray) -> np.ndarray:

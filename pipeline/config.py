@@ -158,6 +158,8 @@ class AstrometryConfig:
     min_xy_contrast: float = 5.0
     max_sigma_arcsec: float = 0.3          # SCAMP's residual sigma per axis (pass verdicts)
     max_rms_mas: float = 150.0             # Gaia-match RMS per axis of the final solution
+    max_cell_offset_mas: float = 25.0      # mean residual allowed in one 4 x 4 region ...
+    max_cell_significance: float = 5.0     # ... when it is this many standard errors significant
     match_radius_arcsec: float = 1.5       # QA matching of detections to Gaia
     position_maxerr_arcmin: float = 1.5    # SCAMP pass 1 search radius around the prior
     match_resol_arcsec: float = 2.0        # SCAMP pass 1 pattern-matching resolution

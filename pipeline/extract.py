@@ -81,6 +81,8 @@ FLAG_BITS = {
     "APER_INCOMPLETE": 16,  # the AUTO aperture has masked or off-image pixels
     "WINDOW_FALLBACK": 32,  # windowed errors unusable: isophotal errors reported instead
     "NEAR_EDGE": 64,       # centre within ``edge_margin`` pixels of the image border
+    "NOT_POINTLIKE": 128,  # measurably sharper (cosmic ray) or broader/elongated (blend, galaxy) than the PSF
+    "ASTROMETRIC_OUTLIER": 256,  # set by the astrometry stage: off Gaia by far more than its errors
 }
 
 _FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
@@ -112,6 +114,10 @@ class ExtractionConfig:
     auto_min_radius: float = 1.75       # circular AUTO aperture when the ellipse is smaller
     max_window_drift: float = 2.0       # windowed vs isophotal position, beyond: dropped
     min_window_sigma: float = 1.4       # floor of the centroid window's sigma (undersampled PSFs)
+    shape_min_snr: float = 20.0         # shapes judged (NOT_POINTLIKE) from this S/N up
+    sharp_fwhm_ratio: float = 0.6       # FWHM below this times the seeing: cosmic ray, hot pixel
+    broad_fwhm_ratio: float = 1.5       # FWHM above this times the seeing: blend or galaxy
+    max_pointlike_elongation: float = 1.5
     min_separation: float = 1.0         # closer pairs: the fainter is dropped
     edge_margin: float = 3.0
     mask_flag_radius: float = 3.0
@@ -329,6 +335,7 @@ def extract_sources(data: np.ndarray, mask: np.ndarray | None, gain: float, satu
     }
     catalog = _build_table(columns, len(radii))
     seeing = _seeing(catalog, config)
+    _flag_not_pointlike(catalog, seeing, config)
     lap("catalog")
     return ExtractionResult(catalog, background_level, _coarse_median(rms), seeing,
                             image.shape, n_detected, n_drift, n_close, timings)
@@ -523,6 +530,23 @@ def _empty_catalog(n_aper: int) -> Table:
     spec = catalog_columns(n_aper)
     return _build_table({name: np.zeros((0,) + shape, dtype) for name, (dtype, shape, _)
                          in spec.items()}, n_aper)
+
+
+def _flag_not_pointlike(catalog: Table, seeing: float, config: ExtractionConfig) -> None:
+    """Set NOT_POINTLIKE on sources whose shape the PSF cannot explain.
+
+    Cosmic rays (unmasked, and bright) come out far sharper than the seeing; unresolved
+    blends and galaxies broader or elongated.  Matched to a nearby Gaia star, either pulls an
+    astrometric fit with a tiny centroid error, so they are kept in the catalogue but flagged.
+    Only sources bright enough for their shape to be measured are judged.
+    """
+    if not math.isfinite(seeing) or len(catalog) == 0:
+        return
+    fwhm = np.asarray(catalog["FWHM_IMAGE"], dtype=float)
+    measurable = np.asarray(catalog["SNR_WIN"], dtype=float) >= config.shape_min_snr
+    odd = measurable & ((fwhm < config.sharp_fwhm_ratio * seeing) | (fwhm > config.broad_fwhm_ratio * seeing)
+                        | (np.asarray(catalog["ELONGATION"], dtype=float) > config.max_pointlike_elongation))
+    catalog["FLAGS"][odd] |= FLAG_BITS["NOT_POINTLIKE"]
 
 
 def _seeing(catalog: Table, config: ExtractionConfig) -> float:

@@ -103,6 +103,10 @@ class ScampSettings:
     # measured scatter (tests/test_extract.py), so no floor is needed (on real data the
     # atmosphere may justify one).
     astr_accuracy_px: float = 0.0
+    # Detections with any of these FLAGS bits stay out of the fit.  SCAMP's default (0x00f0)
+    # lets saturated and blended stars in, whose centroids are off by far more than their
+    # errors say; every bit the extraction sets marks such a detection.
+    flags_mask: int = 0x1FF
 
     def __post_init__(self):
         if not self.timeout_s > 0:
@@ -147,6 +151,7 @@ class ScampSettings:
             "HEADER_SUFFIX": ".head", "HEADER_TYPE": "NORMAL",
             "VERBOSE_TYPE": "NORMAL", "NTHREADS": str(self.threads),
             "ASTRACCURACY_TYPE": "SIGMA-PIXEL", "ASTR_ACCURACY": f"{self.astr_accuracy_px:g}",
+            "FLAGS_MASK": f"0x{self.flags_mask:04x}",
         }
         if pass_number == 1:
             specific = {

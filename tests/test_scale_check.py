@@ -95,3 +95,18 @@ def test_matching_is_one_to_one():
     assert list(di) == [0] and list(ri) == [0]
     di, ri = match_to_reference([], [], [1.0], [1.0], 1.0)
     assert len(di) == 0
+
+
+def test_qa_sees_a_solution_bent_in_one_region(pair):
+    """A corner bent by ~100 mas keeps the global RMS near the noise but shows in its cell."""
+    _, geom, wcs, header = pair
+    rng = np.random.default_rng(8)
+    det, ref = _detections(wcs, 3000, rng)
+    bent = header.copy()
+    x_far = abs(geom.x0 - 0.5) * 1.012 / 3600.0      # the quadrant's edge nearest the axis, deg
+    # x^4 term: 100 mas at that edge, growing outward across the quadrant.
+    bent["PV1_12"] = bent.get("PV1_12", 0.0) + (0.1 / 3600) / x_far ** 4
+    qa_good, _ = astrometric_qa(det, wcs, ref)
+    qa_bent, _ = astrometric_qa(det, tpv_wcs(bent), ref)
+    assert qa_good.max_cell_offset_mas < 10
+    assert qa_bent.max_cell_offset_mas > 25 and qa_bent.max_cell_significance > 5
