@@ -157,6 +157,9 @@ class ExtractionResult:
         or because a brighter source lies within ``min_separation``.
     timings : dict
         Seconds per stage.
+    background_map, rms_map : ndarray
+        The sep background and its RMS (ADU, float32, read-noise floor applied), for the
+        stages after extraction (PSF, photometry) that need them again.
     """
 
     catalog: Table
@@ -168,6 +171,8 @@ class ExtractionResult:
     n_dropped_drift: int
     n_dropped_close: int
     timings: dict[str, float] = field(default_factory=dict)
+    background_map: np.ndarray | None = field(default=None, repr=False)
+    rms_map: np.ndarray | None = field(default=None, repr=False)
 
 
 def catalog_columns(n_aper: int) -> dict[str, tuple[np.dtype, tuple, object]]:
@@ -266,7 +271,7 @@ def extract_sources(data: np.ndarray, mask: np.ndarray | None, gain: float, satu
     if n_detected == 0:
         catalog = _empty_catalog(len(config.aperture_radii))
         return ExtractionResult(catalog, background_level, _coarse_median(rms), math.nan,
-                                image.shape, 0, 0, 0, timings)
+                                image.shape, 0, 0, 0, timings, background_map=sky, rms_map=rms)
 
     seg_id = np.arange(1, n_detected + 1, dtype=np.int32)
     x, y = objects["x"], objects["y"]
@@ -338,7 +343,8 @@ def extract_sources(data: np.ndarray, mask: np.ndarray | None, gain: float, satu
     _flag_not_pointlike(catalog, seeing, config)
     lap("catalog")
     return ExtractionResult(catalog, background_level, _coarse_median(rms), seeing,
-                            image.shape, n_detected, n_drift, n_close, timings)
+                            image.shape, n_detected, n_drift, n_close, timings,
+                            background_map=sky, rms_map=rms)
 
 
 def _prepare(data, mask, gain, saturate):

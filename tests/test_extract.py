@@ -339,3 +339,12 @@ def test_scamp_solves_from_our_catalogue(tmp_path):
           f"high-S/N sigma {sigma_mas[0]:.1f}, {sigma_mas[1]:.1f} mas")
     assert contrast > 20 and groups["AstromNDets_Reference"][0] > 200
     assert (sigma_mas < 15).all()
+
+
+def test_background_maps_are_kept_for_later_stages():
+    rng = np.random.default_rng(4)
+    data = (1000.0 + rng.normal(0, 10, (256, 256))).astype(np.float32)
+    result = extract_sources(data, None, 6.2, 50000.0, read_noise=8.0)
+    assert result.background_map.shape == data.shape and result.rms_map.shape == data.shape
+    assert abs(np.median(result.background_map) - 1000.0) < 1.0
+    assert abs(np.median(result.rms_map) - 10.0) < 0.5
