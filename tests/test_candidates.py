@@ -229,6 +229,22 @@ def test_masked_pixels_are_counted_and_flagged_pixels_give_no_candidate():
     assert np.all(np.hypot(covered["xpos"] - 151, covered["ypos"] - 151) > 5)
 
 
+def test_close_peaks_of_one_sign_keep_the_higher(quadrant):
+    _, result, wcs, _ = quadrant
+    yy, xx = np.mgrid[:result.scorr.shape[0], :result.scorr.shape[1]]
+    scorr = np.zeros(result.scorr.shape, dtype=np.float32)
+    for x, y, peak in ((200, 300, 9.0), (203, 300, 12.0), (200, 302, -10.0), (500, 300, 8.0),
+                       (509, 300, 7.0)):
+        scorr += peak * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * 0.6**2))
+    fake = dataclasses.replace(result, scorr=scorr, flagged=np.zeros(scorr.shape, dtype=bool))
+    table = find_candidates(fake, wcs, ZP)
+    kept = {(int(round(x - 1)), int(round(y - 1))) for x, y in zip(table["xpos"], table["ypos"])}
+    assert kept == {(203, 300), (200, 302), (500, 300), (509, 300)}
+    assert table.meta["n_peaks_total"] == 4
+    spread = find_candidates(fake, wcs, ZP, config=CandidateConfig(min_separation_px=10))
+    assert len(spread) == 3 and 509 not in np.round(spread["xpos"] - 1)
+
+
 def test_the_nearest_reference_source_is_found():
     new, ref = small_pair(new_sources=[(60.0, 60.0, 6000.0), (140.0, 130.0, 6000.0)], seed=5)
     wcs = tan_wcs(new.shape, arcsec_per_px=1.0)
