@@ -45,9 +45,10 @@ The features
 - ``chipsf``: reduced chi^2 of a one-amplitude fit of P_D (shifted to the position in
   Fourier space) to D within ``2 FWHM`` of P_D, with D's unit background variance:
   a bright source's own photon noise raises it above 1.  ``sharpnessdiff`` is
-  photometry.py's sharpness on D: the fit ``a P_D + b lap(P_D)`` gives
-  ``2 b / (a sigma^2)``, the fractional change of the profile's sigma^2 against P_D's,
-  about 0 for a point source, negative for cosmic rays and hot pixels.
+  photometry.py's sharpness on D: ``2 b / (a sigma^2)`` with b from the fit
+  ``a' P_D + b lap(P_D)`` and a the one-component amplitude (a' changes sign for a
+  profile far narrower than P_D), the fractional change of the profile's sigma^2
+  against P_D's: about 0 for a point source, negative for cosmic rays and hot pixels.
 - Box (``box`` x ``box`` pixels around the brightest pixel of sign * D within 1 px of
   the Scorr peak pixel): ``nneg`` counts sign * D < 0,
   ``nbad`` pixels with a nonzero ``mask``; ``sumrat`` is sum / sum|.| of sign * D after a
@@ -295,9 +296,11 @@ class _TileOptics:
     encircled: float          # P_D's light within the aperture radius
 
 
-def _tile_optics(zogy: ZogyResult, radius: float) -> list[_TileOptics]:
-    optics = []
-    for tile in zogy.tiles:
+def _tile_optics(zogy: ZogyResult, radius: float, used) -> list[_TileOptics | None]:
+    """Optics of the tiles whose indices are in ``used`` (None for the others)."""
+    optics: list[_TileOptics | None] = [None] * len(zogy.tiles)
+    for k in np.unique(used):
+        tile = zogy.tiles[k]
         psf = np.ascontiguousarray(tile.psf_d, dtype=np.float64)
         c = psf.shape[0] // 2
         fwhm = fwhm_of_stamp(psf)
@@ -305,9 +308,13 @@ def _tile_optics(zogy: ZogyResult, radius: float) -> list[_TileOptics]:
             raise CandidateError(f"P_D of tile [{tile.y0}:{tile.y1}, {tile.x0}:{tile.x1}] has no "
                                  "measurable FWHM (stamp too small?)")
         encircled, _, _ = sep.sum_circle(psf, [float(c)], [float(c)], radius, subpix=0)
-        optics.append(_TileOptics(psf, tile.f_d, tile.f_s, fwhm / _FWHM_PER_SIGMA,
-                                  float(encircled[0]) / float(psf.sum())))
+        optics[k] = _TileOptics(psf, tile.f_d, tile.f_s, fwhm / _FWHM_PER_SIGMA,
+                                float(encircled[0]) / float(psf.sum()))
     return optics
+
+
+def _per_candidate(optics: list[_TileOptics | None], tile: np.ndarray, name: str) -> np.ndarray:
+    return np.array([math.nan if o is None else getattr(o, name) for o in optics])[tile]
 
 
 def _tile_index(zogy: ZogyResult, row, col) -> np.ndarray:
@@ -322,9 +329,7 @@ def _tile_index(zogy: ZogyResult, row, col) -> np.ndarray:
 def _aperture(zogy, x, y, sign, optics, tile, inflation, radius):
     """Aperture flux on D in the common system, its error, and whether it was truncated."""
     total, area_err, flags = sep.sum_circle(zogy.diff, x, y, radius, err=1.0, subpix=0)
-    f_d = np.array([o.f_d for o in optics])[tile]
-    encircled = np.array([o.encircled for o in optics])[tile]
-    scale = 1.0 / (f_d * encircled)
+    scale = 1.0 / (_per_candidate(optics, tile, "f_d") * _per_candidate(optics, tile, "encircled"))
     flux = sign * total * scale
     err = area_err * np.sqrt(inflation) * scale
     return flux, err, (flags & sep.APER_TRUNC) != 0
@@ -509,18 +514,18 @@ def find_candidates(zogy: ZogyResult, wcs, zp_common: float, mask: np.ndarray | 
 
     t0 = clock()
     tile = _tile_index(zogy, row, col)
-    optics = _tile_optics(zogy, config.aperture_radius_px)
+    optics = _tile_optics(zogy, config.aperture_radius_px, tile)
     alpha, alpha_err = measure_flux(zogy, x, y)
     flux = sign * alpha
     magpsf, sigmapsf = flux_to_mag(flux, alpha_err, zp_common)
-    inflation = alpha_err**2 * np.array([o.f_s for o in optics])[tile]
+    inflation = alpha_err**2 * _per_candidate(optics, tile, "f_s")
     ap_flux, ap_err, ap_truncated = _aperture(zogy, x, y, sign, optics, tile, inflation,
                                               config.aperture_radius_px)
     magap, sigmagap = flux_to_mag(ap_flux, ap_err, zp_common)
     timings["photometry"] = clock() - t0
 
     t0 = clock()
-    sigma_w = np.array([o.sigma for o in optics])[tile]
+    sigma_w = _per_candidate(optics, tile, "sigma")
     half = max(3, math.ceil(2 * _FWHM_PER_SIGMA * sigma_w.max()))
     d_stamps, inside = _gather_stamps(zogy.diff, row, col, half, 0.0)
     d_stamps = d_stamps.astype(np.float64) * sign[:, None, None]
