@@ -322,14 +322,14 @@ class _Axis:
 
 def _resample_along(source: np.ndarray, flags: np.ndarray | None, shift: tuple[np.ndarray, np.ndarray],
                     axis: _Axis, order: int, margin: int, out: np.ndarray, out_flags: np.ndarray,
-                    scale: tuple[np.ndarray, np.ndarray] | None) -> float:
+                    scale: tuple[np.ndarray, np.ndarray] | None, nan_edges: bool) -> float:
     """One 1-D resampling pass, in strips of destination rows that stay in cache.
 
     ``shift = (left, right)`` gives the displacement along the axis (input - position)
     as ``left[a:b] @ right``; ``out_flags`` gets the nearest source pixel's ``flags``, or
     EDGE alone where the kernel or the ``margin`` leaves the source.  ``scale``, as
-    factors like ``shift``, multiplies the result (the Jacobian).  Returns the seconds
-    spent on the flags.
+    factors like ``shift``, multiplies the result (the Jacobian); with ``nan_edges`` the
+    values flagged EDGE become NaN.  Returns the seconds spent on the flags.
     """
     src, src_flags = source.ravel(), None if flags is None else flags.ravel()
     offset, ntaps = _TAPS[order]
@@ -374,6 +374,10 @@ def _resample_along(source: np.ndarray, flags: np.ndarray | None, shift: tuple[n
                 step += axis.stride
         if scale is not None:
             values *= scale[0][a:b] @ scale[1]
+        if nan_edges and (not inside or src_flags is not None):
+            tick = time.perf_counter()
+            np.copyto(values, np.float32(np.nan), where=(strip_flags & edge) > 0)
+            mask_time += time.perf_counter() - tick
     return mask_time
 
 
@@ -477,8 +481,9 @@ def register_image(data: np.ndarray, wcs_in, wcs_out, shape_out: tuple[int, int]
     start = time.perf_counter()
     image = np.array(data[y_lo:y_hi + 1], dtype=np.float32)
     bad_values = ~np.isfinite(image)
-    if bad_values.any():
-        image[bad_values] = 0
+    any_bad = bool(bad_values.any())
+    if any_bad:
+        np.copyto(image, np.float32(0), where=bad_values)
     if order == 3:
         ndimage.spline_filter1d(image, 3, axis=1, output=image, mode="mirror")
     timings["prefilter"] = prefilter_time = time.perf_counter() - start
@@ -486,7 +491,8 @@ def register_image(data: np.ndarray, wcs_in, wcs_out, shape_out: tuple[int, int]
     start = time.perf_counter()
     edge = MASK_BITS["EDGE"]
     flags = np.zeros(image.shape, np.int16) if mask is None else mask[y_lo:y_hi + 1].astype(np.int16)
-    flags[bad_values] |= MASK_BITS["NAN"]
+    if any_bad:
+        np.bitwise_or(flags, MASK_BITS["NAN"], out=flags, where=bad_values)
     flags = _dilate_or(flags, margin) if flags.any() else None
     # Rows within the margin of the input's top and bottom (the row pass checks columns).
     if y_lo < margin or y_hi > ny_in - 1 - margin:
@@ -502,7 +508,7 @@ def register_image(data: np.ndarray, wcs_in, wcs_out, shape_out: tuple[int, int]
     along_rows = _Axis(stride=1, length=nx_in, position=cols,
                        across=(np.arange(_STRIP_ROWS, dtype=np.intp) * nx_in)[:, None], across_step=nx_in,
                        strip_axis=1)
-    mask_time = _resample_along(image, flags, shift_x, along_rows, order, margin, rows_j, flags_j, None)
+    mask_time = _resample_along(image, flags, shift_x, along_rows, order, margin, rows_j, flags_j, None, False)
     del image, flags
     if order == 3:
         tick = time.perf_counter()
@@ -512,10 +518,7 @@ def register_image(data: np.ndarray, wcs_in, wcs_out, shape_out: tuple[int, int]
     out_mask = np.zeros(shape_out, np.int16)
     along_cols = _Axis(stride=nx, length=rows_in.size, position=np.arange(ny, dtype=np.intp)[:, None] - y_lo,
                        across=cols, across_step=0, strip_axis=0)
-    mask_time += _resample_along(rows_j, flags_j, shift_y, along_cols, order, 0, out, out_mask, scale)
-    tick = time.perf_counter()
-    np.copyto(out, np.float32(np.nan), where=(out_mask & edge) > 0)
-    mask_time += time.perf_counter() - tick
+    mask_time += _resample_along(rows_j, flags_j, shift_y, along_cols, order, 0, out, out_mask, scale, True)
     timings["resample"] = time.perf_counter() - start - mask_time - (timings["prefilter"] - prefilter_time)
     timings["mask"] += mask_time
     return RegisteredImage(data=out, mask=out_mask, mapping_error_px=mapping.error_px,
