@@ -497,15 +497,19 @@ def build_psf(data: np.ndarray, catalog: Table, background, background_rms, gain
         outlier = bad | (np.abs(stamps - expected) > config.clip_sigma * sigma)
         patched = np.where(outlier, expected, stamps) - local_sky[:, None, None]
         # Normalised by the stamp's sum, not the fitted flux: a model error would otherwise
-        # feed back into the normalisation with a position-dependent scale.
-        patched /= np.maximum(patched.sum(axis=(1, 2)), 1e-30)[:, None, None]
+        # feed back into the normalisation with a position-dependent scale.  A star whose
+        # stamp sum is far from its fitted flux (a neighbour's wing, a bad sky) would be
+        # blown up by that normalisation: it gets no weight.
+        total = patched.sum(axis=(1, 2))
+        consistent = (total > 0.5 * flux) & (total < 2.0 * flux) & (flux > 0)
+        patched /= np.where(consistent, total, 1.0)[:, None, None]
         # Only the residual from the analytic part goes through the Fourier shift: it is
         # small and smooth, so the aliasing of a near-critically sampled PSF (4 % of the
         # peak for a FWHM of 2 px when whole stars are shifted) stays negligible.
         centred = fourier_shift(patched - analytic, -dx, -dy)
         # Flux S/N of a PSF-weighted fit against the sky noise.
         snr = flux * np.sqrt(np.sum(predicted ** 2 / sky_var, axis=(1, 2)))
-        star_weight = 1.0 / (1.0 / snr ** 2 + 1.0 / config.max_star_snr ** 2)
+        star_weight = np.where(consistent, 1.0 / (1.0 / snr ** 2 + 1.0 / config.max_star_snr ** 2), 0.0)
         coefficients = _fit_coefficients(model, x, y, centred, star_weight, taper)
         model = replace(model, coefficients=coefficients)
     centre_fwhm = float(model.fwhm_at((nx + 1) / 2, (ny + 1) / 2)[0])
