@@ -63,7 +63,7 @@ def bench_zogy(shape: tuple[int, int] = (3080, 3072), repeats: int = 3, seed: in
     args = dict(sigma_new=sigma_new, sigma_ref=sigma_ref, fz_new=0.8, fz_ref=1.0,
                 astrometric_sigma=(0.05, 0.05), gain_new=1.0, gain_ref=4.0, config=config)
     original = os.sched_getaffinity(0)
-    cpu = _least_busy_cpu(original)
+    cpu = least_busy_cpu(original)
     report: dict = {"shape": tuple(shape), "cpu": cpu, "loadavg_before": os.getloadavg()}
     os.sched_setaffinity(0, {cpu})
     try:
@@ -90,7 +90,7 @@ def bench_zogy(shape: tuple[int, int] = (3080, 3072), repeats: int = 3, seed: in
     return report
 
 
-def _least_busy_cpu(allowed: set[int], interval: float = 0.5) -> int:
+def least_busy_cpu(allowed: set[int], interval: float = 0.5) -> int:
     """The allowed CPU with the most idle time over ``interval`` (from /proc/stat):
     the machine is shared, and a pinned benchmark should not queue behind a busy job."""
     def idle_times() -> dict[int, int]:
