@@ -7,7 +7,7 @@ centres is measured and reported.  The image is interpolated with a cubic B-spli
 values are scaled by the mapping's Jacobian determinant so that fluxes are conserved, and
 the input mask is OR-dilated by the interpolation footprint and carried along.
 
-Speed (3072 x 3080, one core; see :func:`bench_registration`): ``scipy.ndimage.
+Speed (3072 x 3080, one core; see :func:`pipeline.subtract_bench.bench_registration`): ``scipy.ndimage.
 map_coordinates`` and ``affine_transform`` spend ~80 ns per output pixel on a cubic
 spline (0.75-0.85 s) and ``spline_filter`` 0.31 s, over the 1 s budget on their own.  The
 cubic B-spline is separable, so here it is applied in two 1-D passes (Catmull & Smith
@@ -32,8 +32,7 @@ from scipy.interpolate import BSpline, NdBSpline
 
 from .image import MASK_BITS
 
-__all__ = ["RegistrationConfig", "RegisteredImage", "RegistrationError", "register_image",
-           "bench_registration"]
+__all__ = ["RegistrationConfig", "RegisteredImage", "RegistrationError", "register_image"]
 
 #: The cubic B-spline's pole (Unser 1999): the prefilter is two first-order recursions.
 _POLE = math.sqrt(3.0) - 2.0
@@ -546,44 +545,3 @@ def _jacobian(mapping: _Mapping, step: int, shape_out) -> tuple[NdBSpline, np.nd
     dydy = 1 + _at(mapping.dy, yy, xx, nu=(1, 0))
     determinant = dxdx * dydy - dxdy * dydx
     return _spline(rows, cols, determinant), determinant
-
-
-def bench_registration(cfg=None, rcid: int = 21, repeats: int = 3) -> dict:
-    """Time :func:`register_image` on a realistic full-size pair, stage by stage.
-
-    Two simulated exposures of one field and quadrant (``cfg.instrument``'s size, noise,
-    defects and masks) whose pointings differ by ~40 arcsec and 0.03 degrees of
-    position angle, each with its true TPV WCS; the first, background-subtracted, is
-    registered onto the second's grid.  The caller pins the process (``skydiff bench``
-    does); the best of ``repeats`` runs is reported.
-
-    Returns
-    -------
-    dict
-        ``total`` and the stage timings of the fastest run (s), ``total_cpu`` (process
-        CPU seconds of that run), ``mapping_error_px``, ``jacobian_median``, ``shape``.
-    """
-    from .config import load_config
-    from .image import header_wcs
-    from .simulate.plan import DEFAULT_FIELDS, exposure_at_airmass
-    from .simulate.run import simulate_quadrant
-    from .simulate.sky import make_sky
-
-    cfg = load_config() if cfg is None else cfg
-    field = DEFAULT_FIELDS[0]
-    sky = make_sky(cfg, [(field.fieldid, field.ra, field.dec)], cfg.simulation.seed)
-    reference = exposure_at_airmass(cfg, field, 1.2, pointing_offset_arcsec=(12.0, -8.0), position_angle_deg=0.0)
-    science = exposure_at_airmass(cfg, field, 1.3, pointing_offset_arcsec=(-20.0, 25.0), position_angle_deg=0.03)
-    ref, _ = simulate_quadrant(reference, rcid, sky, cfg)
-    sci, _ = simulate_quadrant(science, rcid, sky, cfg)
-    data = ref.data - np.float32(np.median(ref.data))
-    wcs_in, wcs_out = header_wcs(ref.truth_header), header_wcs(sci.truth_header)
-    best = None
-    for _ in range(max(1, repeats)):
-        start, cpu = time.perf_counter(), time.process_time()
-        result = register_image(data, wcs_in, wcs_out, sci.data.shape, mask=ref.mask)
-        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-        if best is None or wall < best["total"]:
-            best = dict(result.timings, total=wall, total_cpu=cpu)
-    return {**best, "mapping_error_px": result.mapping_error_px, "jacobian_median": result.jacobian_median,
-            "shape": tuple(sci.data.shape)}

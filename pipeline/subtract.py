@@ -45,7 +45,8 @@ from .registration import RegisteredImage, RegistrationConfig, RegistrationError
 from .zogy import ZogyConfig, ZogyInputError, ZogyResult, zogy_subtract_tiled
 
 __all__ = ["SubtractionConfig", "SubtractionResult", "SubtractionError", "subtract_images",
-           "registered_psf_stamp", "relative_zeropoint", "astrometric_sigma_px"]
+           "registered_psf_stamp", "relative_zeropoint", "astrometric_sigma_px", "RegistrationOffset",
+           "measure_registration_offset"]
 
 _RMS_GRID = 64          # px: the reference rms is sampled through the registration this coarsely
 _PSF_MARGIN = 3         # px of the reference PSF stamp beyond the registered stamp (spline support)
@@ -110,6 +111,7 @@ class SubtractionResult:
     zp_source: str
     astrometric_sigma: tuple[float, float]
     diffmaglim: float
+    registration_offset: RegistrationOffset | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
     def qa(self) -> dict[str, Any]:
@@ -127,6 +129,9 @@ class SubtractionResult:
             "diffmaglim": round(self.diffmaglim, 3),
             "registration_error_px": round(float(self.registered.mapping_error_px), 5),
             "astrometric_sigma_px": [round(v, 4) for v in self.astrometric_sigma],
+            "registration_offset_px": None if self.registration_offset is None else
+            [round(self.registration_offset.dx, 4), round(self.registration_offset.dy, 4)],
+            "registration_offset_stars": 0 if self.registration_offset is None else self.registration_offset.n,
             "n_candidates": len(self.candidates), "n_positive": n_pos,
             "n_rb_above_half": int(np.count_nonzero(rb >= 0.5)),
             "candidates_truncated": bool(self.candidates.meta.get("truncated", False)),
@@ -150,6 +155,56 @@ def astrometric_sigma_px(header, pixel_scale_arcsec: float, floor_px: float) -> 
         return (floor_px, floor_px)
     sigma = rms / pixel_scale_arcsec * math.sqrt(10.0 / n)
     return tuple(float(math.hypot(s, floor_px)) for s in sigma)
+
+
+@dataclass(frozen=True)
+class RegistrationOffset:
+    """Residual offset of the science image's stars from the reference's, on the science grid.
+
+    ``dx, dy``: median of (science position - reference position mapped through both
+    WCSs), px; ``err_x, err_y``: their standard errors; ``n``: stars used.
+    """
+
+    dx: float
+    dy: float
+    err_x: float
+    err_y: float
+    n: int
+
+
+def measure_registration_offset(photometry: Table, reference_catalog: Table, wcs, min_snr: float = 30.0,
+                                radius_arcsec: float = 1.0) -> RegistrationOffset | None:
+    """How far the reference's stars land from the science image's once both WCSs are applied.
+
+    Each WCS is good to a few mas against Gaia, but a science image's solution can be off
+    (a bad prior, a poor night) by more than ZOGY tolerates around bright stars; the
+    stars common to both images measure the relative offset directly.  Returns None with
+    fewer than 10 bright, unflagged, matched stars.
+    """
+    good = (np.asarray(photometry["flags"]) == 0) & (np.asarray(photometry["snr"]) >= min_snr)
+    if "flags" in reference_catalog.colnames:
+        ref = reference_catalog[np.asarray(reference_catalog["flags"]) == 0]
+    else:
+        ref = reference_catalog
+    if good.sum() < 10 or len(ref) < 10:
+        return None
+    sci = photometry[good]
+    tree = cKDTree(_unit(ref["ra"], ref["dec"]))
+    dist, index = tree.query(_unit(sci["ra"], sci["dec"]), distance_upper_bound=np.deg2rad(radius_arcsec / 3600))
+    hit = np.isfinite(dist)
+    if hit.sum() < 10:
+        return None
+    rx, ry = wcs.all_world2pix(np.asarray(ref["ra"], float)[index[hit]], np.asarray(ref["dec"], float)[index[hit]], 1)
+    dx = np.asarray(sci["x"], float)[hit] - rx
+    dy = np.asarray(sci["y"], float)[hit] - ry
+    values = []
+    for d in (dx, dy):
+        centre = np.median(d)
+        spread = 1.4826 * np.median(np.abs(d - centre))
+        keep = np.abs(d - centre) <= max(4 * spread, 1e-3)
+        centre = float(np.median(d[keep]))
+        values.append((centre, float(1.2533 * 1.4826 * np.median(np.abs(d[keep] - centre)) / math.sqrt(keep.sum()))))
+    return RegistrationOffset(values[0][0], values[1][0], values[0][1], values[1][1], int(hit.sum()))
 
 
 def registered_psf_stamp(psf: PSFModel, registered: RegisteredImage, x: float, y: float,
@@ -304,8 +359,20 @@ def subtract_images(data: np.ndarray, mask: np.ndarray, header, wcs, reference, 
                                "header keyword or a reference with a catalogue")
 
     t1 = clock()
+    offset = None
+    target_wcs = wcs
+    if reference.catalog is not None:
+        offset = measure_registration_offset(science.photometry, reference.catalog, wcs)
+    if offset is not None:
+        # The reference is resampled onto the science grid shifted by the measured offset,
+        # so its stars land where the science image's are.
+        target_wcs = wcs.deepcopy()
+        target_wcs.wcs.crpix = target_wcs.wcs.crpix + np.array([offset.dx, offset.dy])
+        target_wcs.wcs.set()
+    timings["offset"] = clock() - t1
+    t1 = clock()
     try:
-        registered = register_image(reference.data, reference.wcs, wcs, shape, reference.mask,
+        registered = register_image(reference.data, reference.wcs, target_wcs, shape, reference.mask,
                                     config.registration)
     except RegistrationError as exc:
         raise SubtractionError(f"registration: {exc}") from None
@@ -327,7 +394,11 @@ def subtract_images(data: np.ndarray, mask: np.ndarray, header, wcs, reference, 
         return registered_psf_stamp(reference.psf, registered, x, y, order)
 
     sigma_ref = _reference_rms_map(reference.rms, registered, shape)
-    ast = astrometric_sigma_px(header, pixel_scale_arcsec, config.astrometric_sigma_floor_px)
+    if offset is not None:
+        floor = config.astrometric_sigma_floor_px
+        ast = (float(math.hypot(offset.err_x, floor)), float(math.hypot(offset.err_y, floor)))
+    else:
+        ast = astrometric_sigma_px(header, pixel_scale_arcsec, config.astrometric_sigma_floor_px)
     timings["prepare"] = clock() - t2
     t3 = clock()
     zogy_config = config.zogy
@@ -368,4 +439,5 @@ def subtract_images(data: np.ndarray, mask: np.ndarray, header, wcs, reference, 
     timings["total"] = clock() - t0
     return SubtractionResult(science=science, registered=registered, zogy=result, candidates=candidates,
                              cutouts=cutouts, zp_science=float(zp_new), zp_ref=zp_ref, zp_source=zp_source,
-                             astrometric_sigma=ast, diffmaglim=float(limit), timings=timings)
+                             astrometric_sigma=ast, diffmaglim=float(limit), registration_offset=offset,
+                             timings=timings)

@@ -29,7 +29,7 @@ from .simulate.render import image_zeropoint, sky_electrons_per_pixel, true_psf_
 from .simulate.run import simulate_quadrant
 from .simulate.sky import SkyModel, make_sky
 
-__all__ = ["PairOptions", "SimulatedPair", "simulate_reference_frames", "simulate_science",
+__all__ = ["PairOptions", "SimulatedPair", "pair_sky", "simulate_reference_frames", "simulate_science",
            "simulated_pair", "real_positions"]
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ def _solved(quadrant, usable: bool = True, shift_px: tuple[float, float] = (0.0,
     return quadrant_image(quadrant.data, header, quadrant.mask, source="<simulated>")
 
 
-def _sky(cfg: Config, options: PairOptions) -> SkyModel:
+def pair_sky(cfg: Config, options: PairOptions) -> SkyModel:
     mjd = Time(options.science_night).mjd
     f = options.field
     return make_sky(cfg, [(f.fieldid, f.ra, f.dec)], options.seed,
@@ -101,7 +101,7 @@ def _sky(cfg: Config, options: PairOptions) -> SkyModel:
 def simulate_reference_frames(cfg: Config, options: PairOptions, sky: SkyModel | None = None
                               ) -> list[QuadrantImage]:
     """Solved reference-season frames of the pair's quadrant, one per ``reference_seeing``."""
-    sky = _sky(cfg, options) if sky is None else sky
+    sky = pair_sky(cfg, options) if sky is None else sky
     start = Time(options.reference_first_night)
     frames = []
     for k, seeing in enumerate(options.reference_seeing):
@@ -124,7 +124,7 @@ def _snr_flux_adu(spec, cfg: Config, rcid: int, x, y) -> np.ndarray:
 
 def simulate_science(cfg: Config, options: PairOptions, sky: SkyModel | None = None) -> SimulatedPair:
     """The pair's science exposure with injected point sources (no reference yet)."""
-    sky = _sky(cfg, options) if sky is None else sky
+    sky = pair_sky(cfg, options) if sky is None else sky
     spec = exposure_at_airmass(cfg, options.field, options.science_airmass, night=options.science_night,
                                seed=options.seed + 1000, seeing_fwhm_arcsec=options.science_seeing)
     quadrant, _ = simulate_quadrant(spec, options.rcid, sky, cfg)
@@ -155,7 +155,7 @@ def simulate_science(cfg: Config, options: PairOptions, sky: SkyModel | None = N
 
 def simulated_pair(cfg: Config, options: PairOptions = PairOptions()) -> SimulatedPair:
     """Science image and reference frames of :class:`PairOptions` (the reference not yet built)."""
-    sky = _sky(cfg, options)
+    sky = pair_sky(cfg, options)
     pair = simulate_science(cfg, options, sky)
     return replace(pair, reference_frames=simulate_reference_frames(cfg, options, sky))
 

@@ -61,14 +61,46 @@ def _bench_simulate(args) -> dict:
            {"whole_total": 2.0, "tiled_total": 2.0})
 def _bench_zogy(args) -> dict:
     from ..zogy_bench import bench_zogy
-    report = bench_zogy(repeats=1)
+    return _flat(bench_zogy(repeats=1))
+
+
+def _flat(report: dict) -> dict:
     flat = {}
     for label, value in report.items():
         if isinstance(value, dict):
-            flat.update({f"{label}_{k}": float(v) for k, v in value.items()})
+            flat.update({f"{label}_{k}": (float(v) if isinstance(v, (int, float)) else v)
+                         for k, v in value.items()})
         else:
-            flat[label] = value
+            flat[label] = float(value) if isinstance(value, float) else value
     return flat
+
+
+@benchmark("registration", "resample a reference onto a science grid, full 3080 x 3072 quadrant "
+           "(target: at most 1 s)", {"total": 1.0})
+def _bench_registration(args) -> dict:
+    from ..subtract_bench import bench_registration
+    return _flat(bench_registration(args.cfg, rcid=args.rcid, repeats=1))
+
+
+@benchmark("candidates", "candidate detection and features on a full quadrant's ZOGY products "
+           "(target: at most 0.3 s)", {"find_candidates": 0.3})
+def _bench_candidates(args) -> dict:
+    from ..subtract_bench import bench_candidates
+    return _flat(bench_candidates(repeats=1))
+
+
+@benchmark("subtract", "characterise + register + ZOGY + candidates + real-bogus for one simulated full "
+           "quadrant against a 5-frame reference (targets: stage at most 6 s, ZOGY at most 2 s; "
+           "use --repeat 1, it repeats internally)", {"stage_s": 6.0, "zogy_s": 2.0})
+def _bench_subtract(args) -> dict:
+    from ..subtract_bench import bench_subtraction
+    return _flat(bench_subtraction(args.cfg))
+
+
+@benchmark("reference", "build a reference from 20 simulated full-size frames (use --repeat 1)")
+def _bench_reference(args) -> dict:
+    from ..subtract_bench import bench_reference
+    return _flat(bench_reference(args.cfg))
 
 
 @benchmark("matchfile-append", "append one 50,000-source epoch to a matchfile (target: at most 1 s)",
