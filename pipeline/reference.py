@@ -80,7 +80,7 @@ from astropy.wcs import WCS
 from scipy import ndimage
 
 from catalogs import propagate_to_epoch
-from .characterize import CharacterizeConfig, CharacterizeError, characterize_image
+from .characterize import CharacterizeConfig, characterize_image
 from .config import FilterConfig
 from .extract import ExtractionError, extract_sources
 from .image import FILTER_IDS, MASK_BITS, QuadrantImage, header_wcs, rcid_of, write_fits_atomic
@@ -250,35 +250,50 @@ def stack_frames(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], scal
     psf_term = ndimage.maximum_filter(np.abs(ndimage.laplace(model)), size=3)
     psf_var = (fwhm_px * _SIGMA_PER_FWHM) ** 2
     mismatch = config.clip_psf_factor * np.abs(psf_var - np.median(psf_var)) / 2.0
+    shared = (np.float32(config.clip_flux_fraction) * model) ** 2     # terms common to all frames
+    psf_sq = psf_term ** 2
 
     def variance(i):
-        return (np.float32((scales[i] * sky_rms[i]) ** 2) + np.float32(scales[i] / gains[i]) * positive
-                + (np.float32(config.clip_flux_fraction) * model) ** 2
-                + (np.float32(mismatch[i]) * psf_term) ** 2)
+        v = positive * np.float32(scales[i] / gains[i])
+        v += np.float32((scales[i] * sky_rms[i]) ** 2)
+        v += shared
+        v += np.float32(mismatch[i] ** 2) * psf_sq
+        return v
 
     inverse_sum = np.zeros(shape, dtype=np.float32)
     for i in range(n):
-        inverse_sum += np.where(good(i), 1.0 / variance(i), 0.0).astype(np.float32)
+        np.add(inverse_sum, 1.0 / variance(i), out=inverse_sum, where=good(i))
     with np.errstate(divide="ignore"):
         median_var = np.float32(math.pi / 2) / inverse_sum
+    del inverse_sum
 
-    total = np.zeros(shape, dtype=np.float64)
-    weight_sum = np.zeros(shape, dtype=np.float64)
+    # float32 sums with ufunc ``where=`` (boolean indexing took half the time): 40 terms
+    # of similar size lose nothing at float32 precision.
+    total = np.zeros(shape, dtype=np.float32)
+    weight_sum = np.zeros(shape, dtype=np.float32)
     coverage = np.zeros(shape, dtype=np.int16)
     covered = np.zeros(shape, dtype=bool)
     saturated = np.zeros(shape, dtype=bool)
     n_clipped = np.zeros(n, dtype=np.int64)
     grow = ndimage.generate_binary_structure(2, 2)
+    threshold = np.float32(config.clip_sigma ** 2)
     for i in range(n):
         usable = good(i)
-        scaled = np.where(usable, images[i] * np.float32(scales[i]), 0.0)
-        reject = usable & ((scaled - model) ** 2 > config.clip_sigma ** 2 * (variance(i) + median_var))
+        scaled = images[i] * np.float32(scales[i])
+        excess = np.subtract(scaled, model)
+        excess *= excess
+        limit = variance(i)
+        limit += median_var
+        limit *= threshold
+        reject = usable & (excess > limit)
+        del excess, limit
         if config.clip_grow and reject.any():
             reject = ndimage.binary_dilation(reject, grow, iterations=config.clip_grow) & usable
-        n_clipped[i] = int(reject.sum())
+        n_clipped[i] = int(np.count_nonzero(reject))
         use = usable & ~reject
-        total[use] += weights[i] * scaled[use]
-        weight_sum[use] += weights[i]
+        scaled *= np.float32(weights[i])
+        np.add(total, scaled, out=total, where=use)
+        np.add(weight_sum, np.float32(weights[i]), out=weight_sum, where=use)
         coverage += use
         covered |= (masks[i] & MASK_BITS["EDGE"]) == 0
         saturated |= (masks[i] & _SATURATED) != 0
@@ -534,7 +549,7 @@ def _characterize_coadd(stack: StackResult, wcs, saturate, band, gaia, config, s
     try:
         result = characterize_image(stack.data, stack.mask, wcs, stack.gain, saturate, band, gaia,
                                     header=header, config=config.characterize, extraction=extraction)
-    except CharacterizeError as exc:
+    except ValueError as exc:   # CharacterizeError, or a stage's own ValueError
         raise ReferenceError(source, f"coadd characterization failed: {exc}") from None
     zp_check = math.nan
     if gaia is not None:
@@ -619,7 +634,10 @@ def write_reference(path: str | os.PathLike, ref: ReferenceImage) -> os.PathLike
     (int16), ``PSF`` (:meth:`pipeline.psf.PSFModel.to_fits`'s cube and header), and
     binary tables ``CATALOG`` and ``FRAMES``; the optional parts are written when present.
     """
-    hdus = [fits.PrimaryHDU(np.asarray(ref.data, dtype=np.float32), header=ref.header),
+    header = ref.header.copy()
+    if header_wcs(header) is None:
+        header.update(ref.wcs.to_header(relax=True))
+    hdus = [fits.PrimaryHDU(np.asarray(ref.data, dtype=np.float32), header=header),
             fits.ImageHDU(np.asarray(ref.mask, dtype=np.int16), name="MASK")]
     if ref.rms is not None:
         hdus.append(fits.ImageHDU(np.asarray(ref.rms, dtype=np.float32), name="RMS"))
