@@ -25,7 +25,7 @@ from _phot_scene import isolated_stars
 from pipeline.config import load_config
 from pipeline.image import MASK_BITS, quadrant_image, read_quadrant, write_quadrant
 from pipeline.reference import (ReferenceConfig, ReferenceError, build_reference, make_refid,
-                                read_reference, stack_frames, write_reference)
+                                read_reference, select_frames, stack_frames, write_reference)
 from pipeline.simulate.plan import Field, exposure_at_airmass
 from pipeline.simulate.run import simulate_quadrant
 from pipeline.simulate.sky import make_sky
@@ -81,6 +81,23 @@ def test_selection_records_every_rejection():
     assert "1.6 x best" in _frame_row(ref, "frame4.fits")["reason"]
     assert "astrometry not usable" in _frame_row(ref, "frame5.fits")["reason"]
     assert all(r == "" for r in ref.frames["reason"][:4])
+
+
+def test_selection_cuts_in_order():
+    table = Table({"path": [f"f{i}" for i in range(7)],
+                   "fwhm_arcsec": [2.0, 2.1, 4.2, 3.3, 2.2, 2.3, 2.4],
+                   "limmag": [21.0, 21.1, 21.0, 21.0, 20.3, 21.2, 20.9],
+                   "reason": ["", "", "", "", "", "", "no WCS in the header"]})
+    chosen = select_frames(table, replace(ReferenceConfig(), max_frames=3))
+    reasons = list(chosen["reason"])
+    assert "max_fwhm_arcsec" in reasons[2] and "1.6 x best 2.00" in reasons[3]
+    assert reasons[4].startswith("limiting mag 20.30 < median 21.05 - 0.5")
+    assert reasons[6] == "no WCS in the header"
+    # Of f0, f1, f5 (and f4 dropped), the three deepest stay: all of them.
+    assert list(chosen["used"]) == [True, True, False, False, False, True, False]
+    fewer = select_frames(table, replace(ReferenceConfig(), max_frames=2, min_frames=1))
+    assert list(fewer["used"]) == [False, True, False, False, False, True, False]
+    assert "not among the 2 deepest" in fewer["reason"][0]
 
 
 def test_zero_points_scales_and_metadata():
