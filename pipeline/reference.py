@@ -674,7 +674,8 @@ def read_reference(path: str | os.PathLike) -> ReferenceImage:
                      for name in ("MASK", "RMS", "COVERAGE")}
             psf = PSFModel.from_fits(fits.HDUList([fits.PrimaryHDU(hdul["PSF"].data, hdul["PSF"].header)]),
                                      f"{source}[PSF]") if "PSF" in hdul else None
-            tables = {name: Table.read(hdul[name]) if name in hdul else None for name in ("CATALOG", "FRAMES")}
+            tables = {name: Table.read(hdul[name], mask_invalid=False) if name in hdul else None
+                      for name in ("CATALOG", "FRAMES")}
     except ReferenceError:
         raise
     except FileNotFoundError:

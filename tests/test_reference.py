@@ -250,6 +250,7 @@ def test_write_read_round_trip(tmp_path):
     for name in ref.catalog.colnames:
         np.testing.assert_array_equal(back.catalog[name], ref.catalog[name])
     assert list(back.frames["reason"]) == list(ref.frames["reason"])
+    assert not back.frames.masked and np.isnan(back.frames["scale"][4])   # NaN stays NaN
     for name in ("refid", "fieldid", "ccdid", "qid", "filter", "zeropoint", "gain", "saturate", "nframes",
                  "jdstart", "jdend", "fwhm_arcsec", "limiting_mag"):
         assert getattr(back, name) == getattr(ref, name), name

@@ -202,8 +202,8 @@ def run_show(args) -> int:
     print(f"  catalogue: {'none' if ref.catalog is None else f'{len(ref.catalog)} sources'}")
     if ref.frames is not None:
         for row in ref.frames:
-            state = "used" if row["used"] else f"rejected: {row['reason']}"
-            print(f"    {row['path']} expid {row['expid']}: scale {row['scale']:.4f} - {state}")
+            state = f"used, scale {row['scale']:.4f}" if row["used"] else f"rejected: {row['reason']}"
+            print(f"    {row['path']} expid {row['expid']}: {state}")
     return EXIT_OK
 
 
