@@ -1,14 +1,18 @@
 """The demo: a small simulated survey run through every stage that exists.
 
 ``skydiff demo`` simulates one field over two nights in two filters (an inner and a corner
-quadrant of each exposure), then, as the survey's offline and real-time steps would:
+quadrant of each exposure) plus three nights of an earlier season for the references, then,
+as the survey's offline and real-time steps would:
 
 1. prefetches the simulated Gaia catalogue into the offline tile store (``catalogs/``);
 2. fits a focal-plane distortion prior from simulated low-airmass exposures (``priors/``);
 3. solves every quadrant's astrometry with SCAMP from that prior and judges it;
-4. writes the scale-versus-airmass QA plot,
+4. writes the scale-versus-airmass QA plot;
+5. coadds a reference per quadrant and filter from the earlier season;
+6. subtracts each science image from its reference (ZOGY) and finds the candidates,
 
-and prints a summary with the astrometric RMS and verdict per quadrant and the timings.
+and prints a summary with the astrometric RMS and verdict per quadrant, the candidates
+against the simulated transients, and the timings.
 It is the first of the README's two commands: embedded defaults, no network.
 """
 from __future__ import annotations
@@ -21,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import Config
+from .demo_subtraction import build_demo_references, subtract_demo_images
 from .simulate.plan import DEFAULT_FIELDS
 from .simulate.run import simulate_run
 
@@ -37,6 +42,7 @@ class DemoOptions:
     filters: tuple[str, ...] = ("ZTF_g", "ZTF_r")
     epochs_per_night: int = 4
     quadrants: tuple[int, ...] = (21, 60)     # an inner CCD (6) and a corner CCD (16)
+    reference_nights: tuple[str, ...] = ("2025-11-18", "2025-11-21", "2025-11-24")
     fieldid: int = DEFAULT_FIELDS[0].fieldid
     jobs: int = 2
 
@@ -47,6 +53,8 @@ class DemoSummary:
     simulation: dict
     stages: dict[str, float] = field(default_factory=dict)
     astrometry: list[dict] = field(default_factory=list)
+    references: list[dict] = field(default_factory=list)
+    subtractions: list[dict] = field(default_factory=list)
     products: dict[str, str] = field(default_factory=dict)
 
 
@@ -85,7 +93,7 @@ def run_demo(cfg: Config, workdir: str | Path, options: DemoOptions = DemoOption
              options.epochs_per_night, ",".join(map(str, options.quadrants)), workdir / "sim")
     simulation = simulate_run(cfg, workdir / "sim", [the_field], list(options.nights), filters=options.filters,
                               epochs_per_night=options.epochs_per_night, quadrants=list(options.quadrants),
-                              jobs=options.jobs)
+                              jobs=options.jobs, reference_nights=list(options.reference_nights))
     summary = DemoSummary(workdir=workdir, simulation=simulation)
     lap("simulate")
 
@@ -117,6 +125,19 @@ def run_demo(cfg: Config, workdir: str | Path, options: DemoOptions = DemoOption
     summary.products["scale vs airmass plot"] = str(workdir / "qa" / "scale_vs_airmass.png")
     summary.products["astrometry outputs"] = str(out_root)
     lap("qa plots")
+
+    reference_expids = set(simulation.get("reference_expids", []))
+    summary.references = build_demo_references(cfg, summary.astrometry, reference_expids, out_root,
+                                                workdir / "sim" / "gaia" / "gaia_catalog.fits",
+                                                workdir / "outputs" / "references", options.jobs)
+    summary.products["references"] = str(workdir / "outputs" / "references")
+    lap("references")
+    summary.subtractions = subtract_demo_images(cfg, summary.astrometry, reference_expids, summary.references,
+                                                out_root, store, workdir / "sim" / "truth",
+                                                workdir / "outputs" / "subtraction", options.jobs)
+    (workdir / "qa" / "subtraction.json").write_text(json.dumps(summary.subtractions, indent=1))
+    summary.products["subtraction outputs"] = str(workdir / "outputs" / "subtraction")
+    lap("subtraction")
     return summary
 
 
@@ -167,6 +188,28 @@ def format_summary(summary: DemoSummary) -> str:
                          f"      {r['seconds']:6.1f}")
             for reason in r.get("reasons", []):
                 lines.append(f"        reason: {reason}")
+    for r in summary.references:
+        if r.get("path"):
+            lines.append(f"  reference           rcid {r['rcid']:>2} {r['filter']}: {r['nframes']} frames, "
+                         f"FWHM {r['fwhm_arcsec']:.2f}\", {r['seconds']:.0f} s")
+        else:
+            lines.append(f"  reference           rcid {r['rcid']:>2} {r['filter']}: not built: {r['error']}")
+    if summary.subtractions:
+        done = [r for r in summary.subtractions if r.get("status") == 0]
+        detectable = sum(r["transients_detectable"] for r in done)
+        found = sum(r["transients_found"] for r in done)
+        found_rb = sum(r["transients_found_rb"] for r in done)
+        lines.append(f"  subtraction         {len(done)}/{len(summary.subtractions)} science images subtracted; "
+                     f"simulated transients above the limit: {detectable}, found {found} "
+                     f"({found_rb} with rb >= 0.5)")
+        lines.append("    expid      rcid  candidates  rb>=0.5  diffmaglim  transients (detectable/found)  seconds")
+        for r in sorted(done, key=lambda r: (r["expid"], r["rcid"])):
+            lines.append(f"    {r['expid']:<10} {r['rcid']:>4}  {r['n_candidates']:10d}  {r['n_rb_above_half']:7d}  "
+                         f"{r['diffmaglim']:10.2f}  {r['transients_detectable']:>14d} / {r['transients_found']:<12d}"
+                         f"{r['timings_s']['total']:7.1f}")
+        for r in summary.subtractions:
+            if r.get("status") != 0:
+                lines.append(f"    {r.get('science')}: not subtracted (exit status {r.get('status')})")
     for name, path in summary.products.items():
         lines.append(f"  {name:<24}{path}")
     lines.append("  stage timings (s)   " + ", ".join(f"{k} {v:.1f}" for k, v in summary.stages.items()))

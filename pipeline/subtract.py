@@ -62,7 +62,10 @@ class SubtractionConfig:
 
     characterize: CharacterizeConfig = field(default_factory=CharacterizeConfig)
     registration: RegistrationConfig = field(default_factory=RegistrationConfig)
-    zogy: ZogyConfig = field(default_factory=ZogyConfig)
+    # A 2 % PSF-model error term in Scorr's variance (see ZogyConfig.psf_error): our
+    # empirical PSFs reproduce bright stars to about that, and without it every bright
+    # star leaves a residual candidate.
+    zogy: ZogyConfig = field(default_factory=lambda: ZogyConfig(psf_error=0.02))
     candidates: CandidateConfig = field(default_factory=CandidateConfig)
     # Registration noise floor: what the Gaia-match statistics cannot show (PSF-centroid
     # systematics between the epochs, the reference's own WCS); 0.01 px = 10 mas.

@@ -74,14 +74,22 @@ class ZogyConfig:
         Radius (pixels) flagged around bad pixels; None: the PSF stamp's half-width.
     workers : int
         Threads given to scipy.fft (the pipeline runs one quadrant per core).
+    psf_error : float
+        Fractional error of the PSF models.  Not in the ZOGY paper: a PSF model wrong by
+        a fraction e leaves a residual of about e times each star's matched-filter
+        response in S, so ``(e * S_r)**2`` (S_r the reference's part of S) is added to
+        S's variance; 0 is pure ZOGY.  It lowers Scorr only on top of reference sources.
     """
 
     tile: int = 1024
     overlap: int = 64
     mask_grow: int | None = None
     workers: int = 1
+    psf_error: float = 0.0
 
     def __post_init__(self):
+        if not 0.0 <= self.psf_error < 1.0:
+            raise ZogyInputError(f"ZogyConfig: psf_error ({self.psf_error}) must be in [0, 1)")
         if self.tile < 16 or self.overlap < 8:
             raise ZogyInputError(f"ZogyConfig: tile ({self.tile}) must be >= 16 and "
                                  f"overlap ({self.overlap}) >= 8")
@@ -356,7 +364,7 @@ def zogy_subtract_tiled(new: np.ndarray, ref: np.ndarray, psf_new_at: PsfAt,
             products = subtract_tile(new32[window], ref32[window], vnew32[window],
                                      vref32[window], (fft_h, fft_w), inner, psf_n, psf_r,
                                      kernels, s_n, s_r, fz_new, fz_ref, (sx, sy),
-                                     config.workers, timings)
+                                     config.workers, timings, psf_error=config.psf_error)
             t1 = clock()
             target = (slice(y0, y1), slice(x0, x1))
             std = np.sqrt(products.variance, out=products.variance)

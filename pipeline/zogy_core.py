@@ -205,8 +205,8 @@ def subtract_tile(new: np.ndarray, ref: np.ndarray, var_new: np.ndarray, var_ref
                   psf_new: np.ndarray, psf_ref: np.ndarray, kernels: ZogyKernels,
                   sigma_new: float, sigma_ref: float, fz_new: float, fz_ref: float,
                   astrometric_sigma: tuple[float, float], workers: int = 1,
-                  timings: dict[str, float] | None = None, block_rows: int = 16
-                  ) -> TileProducts:
+                  timings: dict[str, float] | None = None, block_rows: int = 16,
+                  psf_error: float = 0.0) -> TileProducts:
     """D, S and the variance of S on one tile.
 
     Parameters
@@ -233,6 +233,9 @@ def subtract_tile(new: np.ndarray, ref: np.ndarray, var_new: np.ndarray, var_ref
         Stage wall times (s) are added to it.
     block_rows : int
         Spectrum rows processed together (all intermediates stay in cache).
+    psf_error : float
+        Fractional PSF-model error: ``(psf_error * S_r)**2`` joins the variance
+        (see :class:`pipeline.zogy.ZogyConfig`).
     """
     clock = time.perf_counter
     t0 = clock()
@@ -299,6 +302,10 @@ def subtract_tile(new: np.ndarray, ref: np.ndarray, var_new: np.ndarray, var_ref
                 delta2 = _central_difference_sq(score_part, inner, axis)
                 delta2 *= np.float32(sigma**2 / 4)
                 variance += delta2
+    if psf_error > 0:
+        model_term = np.square(score_ref[inner])
+        model_term *= np.float32(psf_error ** 2)
+        variance += model_term
     score = np.subtract(score_new[inner], score_ref[inner])
     t4 = clock()
     if timings is not None:

@@ -99,8 +99,8 @@ def _bench_subtract(args) -> dict:
 
 @benchmark("reference", "build a reference from 20 simulated full-size frames (use --repeat 1)")
 def _bench_reference(args) -> dict:
-    from ..subtract_bench import bench_reference
-    return _flat(bench_reference(args.cfg))
+    from .reference import bench_reference
+    return _flat(bench_reference(cfg=args.cfg))
 
 
 @benchmark("matchfile-append", "append one 50,000-source epoch to a matchfile (target: at most 1 s)",

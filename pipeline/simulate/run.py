@@ -167,7 +167,8 @@ def _worker_task(task: tuple[ExposureSpec, int]) -> tuple[int, int, dict]:
 def simulate_run(cfg: Config, outdir: str | os.PathLike, fields: Sequence[Field | tuple[int, float, float]],
                  nights: Sequence[str], filters: Sequence[str] = ("ZTF_g", "ZTF_r"),
                  epochs_per_night: int = 4, quadrants: str | Iterable[int] = "all",
-                 seed: int | None = None, jobs: int = 1) -> dict:
+                 seed: int | None = None, jobs: int = 1, reference_nights: Sequence[str] = (),
+                 reference_epochs_per_night: int = 2) -> dict:
     """Simulate nights of observations of ``fields`` and write them under ``outdir``.
 
     Parameters
@@ -185,6 +186,10 @@ def simulate_run(cfg: Config, outdir: str | os.PathLike, fields: Sequence[Field 
         Default ``cfg.simulation.seed``.
     jobs : int
         Worker processes for rendering (1 renders in this process).
+    reference_nights : sequence of str
+        Nights of an earlier season, observed ``reference_epochs_per_night`` times each
+        (filters alternating) for building reference images; this run's transients peak
+        during ``nights`` only, so they are (nearly) absent from these exposures.
 
     Returns
     -------
@@ -206,6 +211,12 @@ def simulate_run(cfg: Config, outdir: str | os.PathLike, fields: Sequence[Field 
         specs.extend(plan_night(cfg, fields, night, filters=tuple(filters),
                                 epochs_per_night=epochs_per_night, seed=seed))
     mjds = [s.obsmjd for s in specs]
+    reference_specs: list[ExposureSpec] = []
+    for k, night in enumerate(reference_nights):
+        reference_specs.extend(plan_night(cfg, fields, night, filters=tuple(filters),
+                                          epochs_per_night=reference_epochs_per_night, seed=seed,
+                                          first_sequence=1 + 1000 * (k + 1)))
+    specs = reference_specs + specs
     log.info("planned %d exposures of %d field(s) over %d night(s); %d quadrant(s) each",
              len(specs), len(fields), len(nights), len(rcids))
     sky = make_sky(cfg, [(f.fieldid, f.ra, f.dec) for f in fields], seed,
@@ -240,6 +251,8 @@ def simulate_run(cfg: Config, outdir: str | os.PathLike, fields: Sequence[Field 
         "n_exposures": len(specs), "n_quadrant_images": len(tasks),
         "n_stars": len(sky.stars), "n_galaxies": len(sky.galaxies), "n_transients": len(sky.transients),
         "expids": [s.expid for s in specs],
+        "reference_expids": [s.expid for s in reference_specs],
+        "reference_nights": list(reference_nights),
         "config_toml": config_to_toml(cfg),
         "timings_s": {"total": time.perf_counter() - t_start, "rendering_wall": time.perf_counter() - t_render,
                       **{f"sum_{k}": v for k, v in stage_totals.items()}},
