@@ -168,7 +168,7 @@ def simulate_run(cfg: Config, outdir: str | os.PathLike, fields: Sequence[Field 
                  nights: Sequence[str], filters: Sequence[str] = ("ZTF_g", "ZTF_r"),
                  epochs_per_night: int = 4, quadrants: str | Iterable[int] = "all",
                  seed: int | None = None, jobs: int = 1, reference_nights: Sequence[str] = (),
-                 reference_epochs_per_night: int = 2) -> dict:
+                 reference_epochs_per_night: int = 2, reference_max_airmass: float = 1.3) -> dict:
     """Simulate nights of observations of ``fields`` and write them under ``outdir``.
 
     Parameters
@@ -188,7 +188,8 @@ def simulate_run(cfg: Config, outdir: str | os.PathLike, fields: Sequence[Field 
         Worker processes for rendering (1 renders in this process).
     reference_nights : sequence of str
         Nights of an earlier season, observed ``reference_epochs_per_night`` times each
-        (filters alternating) for building reference images; this run's transients peak
+        (filters alternating, within ``reference_max_airmass``: references are taken in
+        good conditions) for building reference images; this run's transients peak
         during ``nights`` only, so they are (nearly) absent from these exposures.
 
     Returns
@@ -215,6 +216,7 @@ def simulate_run(cfg: Config, outdir: str | os.PathLike, fields: Sequence[Field 
     for k, night in enumerate(reference_nights):
         reference_specs.extend(plan_night(cfg, fields, night, filters=tuple(filters),
                                           epochs_per_night=reference_epochs_per_night, seed=seed,
+                                          max_airmass=reference_max_airmass,
                                           first_sequence=1 + 1000 * (k + 1)))
     specs = reference_specs + specs
     log.info("planned %d exposures of %d field(s) over %d night(s); %d quadrant(s) each",
