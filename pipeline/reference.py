@@ -1,9 +1,10 @@
 r"""Reference images: an outlier-rejecting weighted coadd of the good exposures of one
 field, CCD, quadrant and filter, with the coadd's PSF and PSF-fit catalogue.
 
-:func:`build_reference` is pure (frames and Gaia in, :class:`ReferenceImage` out);
-:func:`write_reference` / :func:`read_reference` are the file edge (layout in
-:func:`write_reference`).
+:func:`build_reference` is pure (frames and Gaia in, :class:`ReferenceImage` out).  The
+per-pixel combination is :mod:`pipeline.reference_stack`'s (:func:`stack_frames`), the
+file format :mod:`pipeline.reference_io`'s (:func:`write_reference`,
+:func:`read_reference`); both are re-exported here.
 
 Method
 ------
@@ -15,10 +16,15 @@ FWHM exceeds ``max_fwhm_arcsec`` or ``max_seeing_ratio`` times the best frame's,
 limiting magnitude is more than ``max_depth_loss_mag`` above the median of the frames
 left; of the rest the ``max_frames`` deepest are kept.
 
-*Grid.*  The coadd is built on the pixel grid (WCS and shape) of the best-seeing frame
-kept: it is a real solved exposure of this very quadrant, so the grid matches the
-science quadrants' geometry to the pointing scatter, and the sharpest frame, whose fine
-detail resampling would smear the most, is the one not resampled.
+*Grid.*  The coadd is built on the pixel grid of the best-seeing frame kept, grown by
+``grid_margin_px`` on every side: its WCS with ``CRPIX`` shifted by the margin, its shape
+grown by twice the margin.  The frame is a real solved exposure of this very quadrant, so
+the grid matches the science quadrants' geometry, and the sharpest frame, whose fine
+detail resampling would smear the most, lands on whole pixels and is not resampled.
+Science exposures of the quadrant are pointed some 20-40 px away from that frame; the
+margin lets the other frames, pointed as variously, cover the science images' edges
+instead of leaving them outside the reference.  Pixels no frame covers are ``EDGE`` with
+coverage 0.
 
 *Scaling.*  Frames are background-subtracted (the characterisation's sky map), registered
 (:func:`pipeline.registration.register_image`) and scaled to the common zero point
@@ -27,34 +33,8 @@ reference of the survey in the same flux unit (1 ADU = mag 27), whatever frames 
 used, so catalogue fluxes (and matchfiles seeded from them) stay comparable across fields
 and rebuilds; it is of the order of the frames' own zero points (ZTF's 30 s exposures
 26.0-26.4, the simulator's about 27.7), so scales stay near 1 and float32 loses nothing.
-
-*Combination.*  A weighted mean with weights ``w = 1 / (scale * sky_rms)**2`` (inverse
-background variance in coadd units; not per pixel, which would bias stars' fluxes).  A
-frame's pixel is rejected when it departs from the per-pixel median ``M`` of the frames by
-more than ``clip_sigma`` times :math:`\sqrt{V_i + V_M}` with
-
-.. math:: V_i = (s_i\sigma_i)^2 + s_i\max(M, 0)/g_i + (f M)^2 + (k_i\,T)^2,\qquad
-          k_i = c\,|\sigma_{{\rm PSF},i}^2 - {\rm median}_j\,\sigma_{{\rm PSF},j}^2| / 2,
-
-sky noise, the sources' Poisson noise, a fractional tolerance ``clip_flux_fraction``
-``f``, and the PSF mismatch: a profile of variance :math:`\sigma^2 + \delta` is
-:math:`P + (\delta/2)\nabla^2 P` to first order, so a frame sharper or broader than the
-median departs from it by about :math:`(\delta/2)\nabla^2 M` (``T`` is :math:`|\nabla^2 M|`
-maximum-filtered over 3x3 pixels, ``c`` = ``clip_psf_factor`` covers the higher orders).
-:math:`V_M = (\pi/2) / \sum_j 1/V_j` is the variance of the median.  Rejected pixels grow
-by ``clip_grow`` pixels (a cosmic ray's faint edges, its resampling ringing).  Masked,
-saturated and uncovered pixels (registration's ``EDGE``) take no part.
-
-*Noise, gain, saturation.*  ``rms`` is the background noise of the coadd implied by the
-weights, :math:`1/\sqrt{\sum w_i}` over the frames used at each pixel: the noise of a
-PSF-sized sum.  Resampling correlates the noise of the registered frames, so the
-pixel-to-pixel scatter is somewhat lower (their ratio is the header's ``PIXRMSF``); PSF
-photometry and ZOGY, which work at PSF scales, need the former.  The effective gain makes
-``coadd / gain`` the sources' Poisson variance: with :math:`W = \sum w_i`,
-:math:`{\rm Var} = \sum w_i^2 s_i^2 (C/s_i)/g_i / W^2`, so
-:math:`g_{\rm eff} = W^2 / \sum (w_i^2 s_i / g_i)` (``N g`` for N equal frames).  The
-saturation level is the lowest scaled, background-subtracted level at which a frame
-saturates; pixels saturated in any frame carry ``SATURATED`` in the coadd's mask.
+The saturation level is the lowest scaled, background-subtracted level at which a frame
+saturates.
 
 *Identifier.*  ``refid = fieldid * 2**40 + rcid * 2**34 + filterid * 2**32 + h`` with
 ``h`` the first 32 bits of BLAKE2b over the sorted exposure ids used: deterministic (a
@@ -65,7 +45,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -73,45 +53,34 @@ from typing import Sequence
 
 import numpy as np
 from astropy.io import fits
-from astropy.stats import sigma_clipped_stats
 from astropy.table import Table
 from astropy.time import Time
 from astropy.wcs import WCS
-from scipy import ndimage
 
 from catalogs import propagate_to_epoch
 from .characterize import CharacterizeConfig, characterize_image
 from .config import FilterConfig
 from .extract import ExtractionError, extract_sources
-from .image import FILTER_IDS, MASK_BITS, QuadrantImage, header_wcs, rcid_of, write_fits_atomic
+from .image import FILTER_IDS, MASK_BITS, QuadrantImage, header_wcs, rcid_of
 from .photcal import PhotCalError, calibrate_zeropoint
 from .photometry import flux_to_mag
-from .psf import PSFError, PSFModel
+from .reference_io import (CATALOG_COLUMNS, ReferenceError, ReferenceImage, primary_header, read_reference,
+                           write_reference)
+from .reference_stack import StackConfig, StackResult, stack_frames
 from .registration import RegistrationConfig, RegistrationError, register_image
 from .wcs_head import is_wcs_keyword
 
 __all__ = ["ReferenceError", "ReferenceConfig", "StackResult", "ReferenceImage", "stack_frames",
            "select_frames", "build_reference", "make_refid", "write_reference", "read_reference",
-           "reference_filename", "CATALOG_COLUMNS"]
+           "reference_filename", "reference_grid", "CATALOG_COLUMNS"]
 
-_SIGMA_PER_FWHM = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
-_SATURATED = MASK_BITS["SATURATED"] | MASK_BITS["BLEED"]
-#: Columns of the reference's PSF-fit catalogue (x, y 1-based; mag calibrated to MAGZP).
-CATALOG_COLUMNS = ("id", "ra", "dec", "x", "y", "flux", "fluxerr", "mag", "magerr", "snr",
-                   "sharp", "chi", "flags")
-
-
-class ReferenceError(ValueError):
-    """A reference that cannot be built or read; the message names the source and problem."""
-
-    def __init__(self, source: str | os.PathLike, problem: str):
-        self.source, self.problem = str(source), problem
-        super().__init__(f"{self.source}: {problem}")
+_CRPIX = re.compile(r"CRPIX([12])[A-Z]?")
 
 
 @dataclass(frozen=True)
-class ReferenceConfig:
-    """Settings of :func:`build_reference` (see the module docstring for their meaning)."""
+class ReferenceConfig(StackConfig):
+    """Settings of :func:`build_reference` (see the module docstring for their meaning);
+    the rejection's (``clip_*``, ``block_rows``) are :class:`pipeline.reference_stack.StackConfig`'s."""
 
     max_frames: int = 40
     min_frames: int = 3
@@ -119,194 +88,19 @@ class ReferenceConfig:
     max_fwhm_arcsec: float = 4.0
     max_depth_loss_mag: float = 0.5     # limiting mag below the median: dropped
     zeropoint: float = 27.0             # common zero point of the coadd, mag for 1 ADU
-    clip_sigma: float = 5.0
-    clip_flux_fraction: float = 0.05
-    clip_psf_factor: float = 1.5
-    clip_grow: int = 1
-    block_rows: int = 512               # rows per block of the median (bounds memory)
+    grid_margin_px: int = 48            # the grid extends this far beyond the grid frame
     gaia_margin_deg: float = 0.05       # Gaia looked up this far around the footprint
     characterize: CharacterizeConfig = field(default_factory=CharacterizeConfig)
     registration: RegistrationConfig = field(default_factory=RegistrationConfig)
 
     def __post_init__(self):
+        super().__post_init__()
         if not 1 <= self.min_frames <= self.max_frames:
             raise ValueError("1 <= min_frames <= max_frames required")
         if self.max_seeing_ratio < 1 or self.max_fwhm_arcsec <= 0 or self.max_depth_loss_mag < 0:
             raise ValueError("max_seeing_ratio >= 1, max_fwhm_arcsec > 0, max_depth_loss_mag >= 0 required")
-        if self.clip_sigma <= 0 or self.clip_grow < 0 or self.block_rows < 1:
-            raise ValueError("clip_sigma > 0, clip_grow >= 0 and block_rows >= 1 required")
-
-
-@dataclass(frozen=True)
-class StackResult:
-    """What :func:`stack_frames` combined (coadd units: the common zero point)."""
-
-    data: np.ndarray        # float32 weighted mean, 0 where no frame contributes
-    rms: np.ndarray         # float32 background noise from the weights, NaN where no frame
-    coverage: np.ndarray    # int16 frames used per pixel
-    mask: np.ndarray        # int16 MASK_BITS: EDGE (no frame covers), BAD (all masked), SATURATED
-    n_clipped: np.ndarray   # pixels rejected per frame (grown)
-    gain: float             # effective gain, e-/ADU, all frames contributing
-
-
-@dataclass
-class ReferenceImage:
-    """A reference image in memory (what :func:`read_reference` returns, too).
-
-    ``data`` is background-subtracted, in ADU at ``zeropoint``; ``rms`` the background noise
-    map (None for a plain image), ``coverage`` frames per pixel (None for a plain image);
-    ``psf``, ``catalog`` (:data:`CATALOG_COLUMNS`) and ``frames`` (one row per input frame:
-    expid, path, obsmjd, airmass, fwhm_arcsec, zp, zp_unc, limmag, bkg_level, bkg_rms, scale, weight,
-    n_clipped, used, reason) are None when absent.  Identifiers are None and numbers NaN
-    when a plain image's header lacks them.  ``header`` is the primary header.
-    """
-
-    data: np.ndarray
-    mask: np.ndarray
-    wcs: WCS
-    header: fits.Header
-    zeropoint: float
-    rms: np.ndarray | None = None
-    coverage: np.ndarray | None = None
-    psf: PSFModel | None = None
-    catalog: Table | None = None
-    frames: Table | None = None
-    refid: int | None = None
-    fieldid: int | None = None
-    ccdid: int | None = None
-    qid: int | None = None
-    filter: str | None = None
-    gain: float = math.nan
-    saturate: float = math.nan
-    nframes: int = 0
-    jdstart: float = math.nan
-    jdend: float = math.nan
-    fwhm_arcsec: float = math.nan
-    limiting_mag: float = math.nan
-    path: str | None = None
-    timings: dict = field(default_factory=dict)
-
-    @property
-    def rcid(self) -> int | None:
-        return None if self.ccdid is None or self.qid is None else rcid_of(self.ccdid, self.qid)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.data.shape
-
-
-def _sorted_median(cube: np.ndarray) -> np.ndarray:
-    """Median over axis 0 ignoring NaN (NaN where all are): np.nanmedian took 7 times as long."""
-    count = np.count_nonzero(~np.isnan(cube), axis=0)
-    ordered = np.sort(cube, axis=0)             # NaN sort last
-    last = cube.shape[0] - 1
-    lo = np.take_along_axis(ordered, np.clip((count - 1) // 2, 0, last)[None], 0)[0]
-    hi = np.take_along_axis(ordered, np.clip(count // 2, 0, last)[None], 0)[0]
-    return np.where(count > 0, 0.5 * (lo + hi), np.nan).astype(np.float32)
-
-
-def stack_frames(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], scales, sky_rms, gains,
-                 fwhm_px, config: ReferenceConfig = ReferenceConfig()) -> StackResult:
-    """Combine registered frames into a weighted mean with per-pixel outlier rejection.
-
-    Parameters
-    ----------
-    images : sequence of ndarray
-        Registered, background-subtracted frames on one grid, each in its own ADU (NaN: no data).
-    masks : sequence of ndarray
-        Their bit masks (:data:`pipeline.image.MASK_BITS`, 0 = good; ``EDGE``: not covered).
-    scales : array_like
-        Flux scale of each frame to the common zero point.
-    sky_rms, gains : array_like
-        Background noise (the frame's ADU, before registration) and gain (e-/ADU) per frame.
-    fwhm_px : array_like
-        PSF FWHM of each frame in grid pixels (the PSF-mismatch term of the rejection).
-    config : ReferenceConfig
-
-    Returns
-    -------
-    StackResult
-    """
-    n = len(images)
-    scales, sky_rms, gains, fwhm_px = (np.asarray(v, dtype=np.float64) for v in (scales, sky_rms, gains, fwhm_px))
-    if n == 0 or len(masks) != n or any(len(v) != n for v in (scales, sky_rms, gains, fwhm_px)):
-        raise ValueError("stack_frames needs one mask, scale, sky rms, gain and FWHM per image")
-    shape = images[0].shape
-    if any(im.shape != shape or m.shape != shape for im, m in zip(images, masks)):
-        raise ValueError("images and masks must all have one shape")
-    weights = 1.0 / (scales * sky_rms) ** 2
-
-    def good(i, rows=slice(None)):
-        return (masks[i][rows] == 0) & np.isfinite(images[i][rows])
-
-    median = np.empty(shape, dtype=np.float32)
-    for r0 in range(0, shape[0], config.block_rows):
-        rows = slice(r0, r0 + config.block_rows)
-        cube = np.stack([np.where(good(i, rows), images[i][rows] * np.float32(scales[i]), np.nan)
-                         for i in range(n)])
-        median[rows] = _sorted_median(cube)
-    model = np.nan_to_num(median, nan=0.0)
-    positive = np.maximum(model, 0.0)
-    psf_term = ndimage.maximum_filter(np.abs(ndimage.laplace(model)), size=3)
-    psf_var = (fwhm_px * _SIGMA_PER_FWHM) ** 2
-    mismatch = config.clip_psf_factor * np.abs(psf_var - np.median(psf_var)) / 2.0
-    shared = (np.float32(config.clip_flux_fraction) * model) ** 2     # terms common to all frames
-    psf_sq = psf_term ** 2
-
-    def variance(i):
-        v = positive * np.float32(scales[i] / gains[i])
-        v += np.float32((scales[i] * sky_rms[i]) ** 2)
-        v += shared
-        v += np.float32(mismatch[i] ** 2) * psf_sq
-        return v
-
-    inverse_sum = np.zeros(shape, dtype=np.float32)
-    for i in range(n):
-        np.add(inverse_sum, 1.0 / variance(i), out=inverse_sum, where=good(i))
-    with np.errstate(divide="ignore"):
-        median_var = np.float32(math.pi / 2) / inverse_sum
-    del inverse_sum
-
-    # float32 sums with ufunc ``where=`` (boolean indexing took half the time): 40 terms
-    # of similar size lose nothing at float32 precision.
-    total = np.zeros(shape, dtype=np.float32)
-    weight_sum = np.zeros(shape, dtype=np.float32)
-    coverage = np.zeros(shape, dtype=np.int16)
-    covered = np.zeros(shape, dtype=bool)
-    saturated = np.zeros(shape, dtype=bool)
-    n_clipped = np.zeros(n, dtype=np.int64)
-    grow = ndimage.generate_binary_structure(2, 2)
-    threshold = np.float32(config.clip_sigma ** 2)
-    for i in range(n):
-        usable = good(i)
-        scaled = images[i] * np.float32(scales[i])
-        excess = np.subtract(scaled, model)
-        excess *= excess
-        limit = variance(i)
-        limit += median_var
-        limit *= threshold
-        reject = usable & (excess > limit)
-        del excess, limit
-        if config.clip_grow and reject.any():
-            reject = ndimage.binary_dilation(reject, grow, iterations=config.clip_grow) & usable
-        n_clipped[i] = int(np.count_nonzero(reject))
-        use = usable & ~reject
-        scaled *= np.float32(weights[i])
-        np.add(total, scaled, out=total, where=use)
-        np.add(weight_sum, np.float32(weights[i]), out=weight_sum, where=use)
-        coverage += use
-        covered |= (masks[i] & MASK_BITS["EDGE"]) == 0
-        saturated |= (masks[i] & _SATURATED) != 0
-    empty = weight_sum == 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        data = np.where(empty, 0.0, total / weight_sum).astype(np.float32)
-        rms = np.where(empty, np.nan, 1.0 / np.sqrt(weight_sum)).astype(np.float32)
-    mask = np.zeros(shape, dtype=np.int16)
-    mask[empty & ~covered] |= MASK_BITS["EDGE"]
-    mask[empty & covered] |= MASK_BITS["BAD"]
-    mask[saturated] |= MASK_BITS["SATURATED"]
-    gain = float(weights.sum() ** 2 / np.sum(weights ** 2 * scales / gains))
-    return StackResult(data, rms, coverage, mask, n_clipped, gain)
+        if self.grid_margin_px < 0:
+            raise ValueError("grid_margin_px >= 0 required")
 
 
 def select_frames(frames: Table, config: ReferenceConfig = ReferenceConfig()) -> Table:
@@ -425,6 +219,38 @@ def _group(frames: Sequence[QuadrantImage]) -> tuple[int, int, int, str]:
     return next(iter(keys))
 
 
+def reference_grid(frame: QuadrantImage, margin_px: int) -> tuple[fits.Header, WCS, tuple[int, int]]:
+    """The coadd's grid: ``frame``'s WCS cards with every ``CRPIX`` shifted by ``margin_px``,
+    their WCS, and ``frame``'s shape grown by twice the margin.
+
+    Raises
+    ------
+    ReferenceError
+        A WCS the shift does not carry over exactly (distortion tables in detector pixels).
+    """
+    # New cards: a Header built from the frame's Card objects would share (and shift) them.
+    header = fits.Header([(card.keyword, card.value, card.comment) for card in frame.header.cards
+                          if is_wcs_keyword(card.keyword)])
+    for axis in ("1", "2"):
+        header.setdefault(f"CRPIX{axis}", 0.0)      # FITS's default reference pixel
+    for key in [k for k in header if _CRPIX.fullmatch(k)]:
+        header[key] = float(header[key]) + margin_px
+    wcs = header_wcs(header)
+    ny, nx = frame.shape
+    shape = (ny + 2 * margin_px, nx + 2 * margin_px)
+    wcs.pixel_shape = (shape[1], shape[0])
+    # SIP and TPV are polynomials in pixel - CRPIX and follow the shift; Paper IV lookup
+    # tables are in detector pixels and would not: check on a few pixels.
+    x, y = np.meshgrid(np.linspace(0, nx - 1, 3), np.linspace(0, ny - 1, 3))
+    ra0, dec0 = frame.wcs.all_pix2world(x.ravel(), y.ravel(), 0)
+    ra1, dec1 = wcs.all_pix2world(x.ravel() + margin_px, y.ravel() + margin_px, 0)
+    offset = np.hypot((ra1 - ra0) * np.cos(np.deg2rad(dec0)), dec1 - dec0) * 3600.0
+    if np.max(offset) > 1e-4:
+        raise ReferenceError(frame.path or "<memory>", f"the grid WCS does not follow a {margin_px} px "
+                             f"margin (off by {np.max(offset):.2g}\"): a distortion table?")
+    return header, wcs, shape
+
+
 def build_reference(frames: Sequence[QuadrantImage], gaia: Table | None, band: FilterConfig,
                     config: ReferenceConfig = ReferenceConfig()) -> ReferenceImage:
     """Coadd the good frames of one field/CCD/quadrant/filter into a reference image.
@@ -469,7 +295,8 @@ def build_reference(frames: Sequence[QuadrantImage], gaia: Table | None, band: F
 
     t1 = clock()
     grid = int(used[np.argmin(np.asarray(table["fwhm_arcsec"])[used])])
-    grid_wcs, shape = frames[grid].wcs, frames[grid].shape
+    margin = config.grid_margin_px
+    grid_header, grid_wcs, shape = reference_grid(frames[grid], margin)
     grid_scale = _pixel_scale_arcsec(grid_wcs)
     images, masks = [], []
     for i in used:
@@ -477,8 +304,8 @@ def build_reference(frames: Sequence[QuadrantImage], gaia: Table | None, band: F
         subtracted = np.where(frame.mask == 0, frame.data - backgrounds[i], 0.0)
         backgrounds[i] = None
         if i == grid:
-            images.append(subtracted.astype(np.float32))
-            masks.append(frame.mask.astype(np.int16))
+            images.append(np.pad(subtracted.astype(np.float32), margin))
+            masks.append(np.pad(frame.mask.astype(np.int16), margin, constant_values=MASK_BITS["EDGE"]))
             continue
         try:
             registered = register_image(subtracted.astype(np.float32), frame.wcs, grid_wcs, shape,
@@ -526,9 +353,8 @@ def build_reference(frames: Sequence[QuadrantImage], gaia: Table | None, band: F
         qid=qid, filter=filt, gain=stack.gain, saturate=saturate, nframes=int(used.size),
         jdstart=float(mjd.min() + 2400000.5), jdend=float(mjd.max() + 2400000.5),
         fwhm_arcsec=result.psf.fwhm * grid_scale, limiting_mag=result.limiting_mag, timings=timings)
-    grid_header = frames[grid].header
-    ref.header = _primary_header(ref, [frames[i] for i in used], grid_header, read_noise_adu, zp_check,
-                                 result.photcal.clrcoeff)
+    ref.header = primary_header(ref, [frames[i] for i in used], grid_header, read_noise_adu, zp_check,
+                                result.photcal.clrcoeff, margin)
     timings["total"] = clock() - t0
     return ref
 
@@ -542,7 +368,7 @@ def _characterize_coadd(stack: StackResult, wcs, saturate, band, gaia, config, s
     covered = np.isfinite(stack.rms)
     typical = float(np.median(stack.rms[covered]))
     # PSF fits and the depth need the noise at PSF scales: the weights' map, not sep's
-    # pixel-to-pixel estimate, which resampling lowers (see the module docstring).
+    # pixel-to-pixel estimate, which resampling lowers (see :mod:`pipeline.reference_stack`).
     extraction = replace(extraction, rms_map=np.where(covered, stack.rms, typical).astype(np.float32),
                          background_rms=typical)
     header = fits.Header({"MAGZP": config.zeropoint})
@@ -573,160 +399,3 @@ def _catalog(photometry: Table, zeropoint: float) -> Table:
                        ("fluxerr", "adu"), ("mag", "mag"), ("magerr", "mag")):
         table[name].unit = unit
     return table
-
-
-def _primary_header(ref: ReferenceImage, used: Sequence[QuadrantImage], grid_header: fits.Header,
-                    read_noise_adu: float, zp_check: float, clrcoeff: float) -> fits.Header:
-    """The input-contract keywords (so :func:`pipeline.image.read_quadrant` reads a
-    reference), the grid frame's WCS cards verbatim, and the reference's own keywords."""
-    metas = [f.meta for f in used]
-    header = fits.Header()
-    cards = [
-        ("IMAGETYP", "REFERENCE", "coadd of NFRAMES exposures"),
-        ("REFID", ref.refid, "reference id"),
-        ("FIELDID", ref.fieldid, "survey field id"), ("CCDID", ref.ccdid, "CCD id"),
-        ("QID", ref.qid, "quadrant id within the CCD"), ("RCID", ref.rcid, "readout channel id"),
-        ("FILTER", ref.filter, "filter"), ("FILTERID", FILTER_IDS[ref.filter], "filter id"),
-        ("OBSMJD", ref.jdstart - 2400000.5, "UTC MJD at the start of the first exposure"),
-        ("EXPTIME", float(sum(m.exptime for m in metas)), "s, total of the exposures used"),
-        ("EXPID", 0, "no single exposure: a reference"),
-        ("PROGRMID", Counter(m.progrmid for m in metas).most_common(1)[0][0], "program id (most frames)"),
-        ("TELRA", float(np.median([m.telra for m in metas])), "median boresight RA of the frames, deg"),
-        ("TELDEC", float(np.median([m.teldec for m in metas])), "median boresight Dec of the frames, deg"),
-        ("AIRMASS", float(np.median([m.airmass for m in metas])), "median airmass of the frames"),
-        ("GAIN", ref.gain, "effective e-/ADU: source variance = coadd/GAIN"),
-        ("READNOI", read_noise_adu * ref.gain, "effective read noise, e- (in the RMS map)"),
-        ("SATURATE", ref.saturate, "ADU, lowest scaled frame saturation"),
-        ("MAGZP", ref.zeropoint, "common zero point, mag for 1 ADU at BP-RP=0"),
-        ("MAGZPFIT", zp_check, "zero point fitted to Gaia on the coadd (check)"),
-        ("CLRCOEFF", clrcoeff, "colour coefficient on Gaia BP-RP"),
-        ("NFRAMES", ref.nframes, "exposures coadded"),
-        ("JDSTART", ref.jdstart, "JD at the start of the first exposure used"),
-        ("JDEND", ref.jdend, "JD at the start of the last exposure used"),
-        ("SEEING", ref.fwhm_arcsec, "PSF FWHM of the coadd, arcsec"),
-        ("FWHM", ref.psf.fwhm if ref.psf is not None else math.nan, "PSF FWHM of the coadd, px"),
-        ("LIMMAG", ref.limiting_mag, "5-sigma point-source limit, mag"),
-        ("PIXRMSF", _pixel_noise_factor(ref), "pixel-to-pixel sky std / RMS map (resampling)"),
-        ("BUNIT", "adu", "background-subtracted, scaled to MAGZP"),
-    ]
-    for key, value, comment in cards:
-        header[key] = (value.item() if isinstance(value, np.generic) else value, comment)
-    for card in grid_header.cards:
-        if is_wcs_keyword(card.keyword):
-            header[card.keyword] = (card.value, card.comment)
-    return header
-
-
-def _pixel_noise_factor(ref: ReferenceImage) -> float:
-    sky = (ref.mask == 0) & np.isfinite(ref.rms)
-    if ref.catalog is not None and sky.sum() > 1000:
-        _, _, std = sigma_clipped_stats(ref.data[sky][::7], sigma=3.0, stdfunc="mad_std")
-        return float(std / np.median(ref.rms[sky]))
-    return math.nan
-
-
-def write_reference(path: str | os.PathLike, ref: ReferenceImage) -> os.PathLike:
-    """Write a reference as one FITS file, atomically.
-
-    Layout: primary HDU the coadd (float32, header :func:`build_reference`'s: WCS, the
-    input-contract keywords, REFID, MAGZP, GAIN, SATURATE, NFRAMES, JDSTART, JDEND, SEEING,
-    FWHM, LIMMAG...), then image HDUs ``MASK`` (int16), ``RMS`` (float32), ``COVERAGE``
-    (int16), ``PSF`` (:meth:`pipeline.psf.PSFModel.to_fits`'s cube and header), and
-    binary tables ``CATALOG`` and ``FRAMES``; the optional parts are written when present.
-    """
-    header = ref.header.copy()
-    if header_wcs(header) is None:
-        header.update(ref.wcs.to_header(relax=True))
-    hdus = [fits.PrimaryHDU(np.asarray(ref.data, dtype=np.float32), header=header),
-            fits.ImageHDU(np.asarray(ref.mask, dtype=np.int16), name="MASK")]
-    if ref.rms is not None:
-        hdus.append(fits.ImageHDU(np.asarray(ref.rms, dtype=np.float32), name="RMS"))
-    if ref.coverage is not None:
-        hdus.append(fits.ImageHDU(np.asarray(ref.coverage, dtype=np.int16), name="COVERAGE"))
-    if ref.psf is not None:
-        psf_hdu = ref.psf.to_fits()[0]
-        hdus.append(fits.ImageHDU(psf_hdu.data, header=psf_hdu.header, name="PSF"))
-    for name, table in (("CATALOG", ref.catalog), ("FRAMES", ref.frames)):
-        if table is not None:
-            hdus.append(fits.table_to_hdu(table, name=name))
-    return write_fits_atomic(fits.HDUList(hdus), path)
-
-
-def read_reference(path: str | os.PathLike) -> ReferenceImage:
-    """Read and validate a reference file (or a plain image with a WCS and MAGZP).
-
-    Raises
-    ------
-    ReferenceError
-        Missing or unreadable file, no 2-D primary image, no WCS, no finite MAGZP, or an
-        extension of the wrong shape or content.
-    """
-    source = str(path)
-    try:
-        with fits.open(path, memmap=False) as hdul:
-            hdul.verify("silentfix")
-            primary = hdul[0]
-            if primary.data is None or primary.data.ndim != 2:
-                raise ReferenceError(source, "primary HDU holds no 2-D image")
-            data = np.asarray(primary.data, dtype=np.float32)
-            header = primary.header.copy()
-            parts = {name: _read_part(hdul, name, data.shape, source)
-                     for name in ("MASK", "RMS", "COVERAGE")}
-            psf = PSFModel.from_fits(fits.HDUList([fits.PrimaryHDU(hdul["PSF"].data, hdul["PSF"].header)]),
-                                     f"{source}[PSF]") if "PSF" in hdul else None
-            tables = {name: Table.read(hdul[name], mask_invalid=False) if name in hdul else None
-                      for name in ("CATALOG", "FRAMES")}
-    except ReferenceError:
-        raise
-    except FileNotFoundError:
-        raise ReferenceError(source, "file not found") from None
-    except PSFError as exc:
-        raise ReferenceError(source, f"bad PSF extension ({exc})") from None
-    except (OSError, ValueError, TypeError, IndexError, KeyError) as exc:
-        raise ReferenceError(source, f"not a readable FITS reference ({exc})") from None
-    wcs = header_wcs(header)
-    if wcs is None:
-        raise ReferenceError(source, "no celestial WCS in the primary header")
-    zeropoint = _header_number(header, "MAGZP", source, required=True)
-    catalog = tables["CATALOG"]
-    if catalog is not None and not set(CATALOG_COLUMNS) <= set(catalog.colnames):
-        raise ReferenceError(source, "CATALOG lacks columns "
-                             + ", ".join(sorted(set(CATALOG_COLUMNS) - set(catalog.colnames))))
-    mask = parts["MASK"] if parts["MASK"] is not None else np.zeros(data.shape, dtype=np.int16)
-    mask = np.where(np.isfinite(data), mask, mask | MASK_BITS["NAN"]).astype(np.int16)
-
-    def ident(key):
-        value = header.get(key)
-        return None if value is None else (str(value).strip() if key == "FILTER" else int(value))
-
-    return ReferenceImage(
-        data=data, mask=mask, wcs=wcs, header=header, zeropoint=zeropoint, rms=parts["RMS"],
-        coverage=parts["COVERAGE"], psf=psf, catalog=catalog, frames=tables["FRAMES"],
-        refid=ident("REFID"), fieldid=ident("FIELDID"), ccdid=ident("CCDID"), qid=ident("QID"),
-        filter=ident("FILTER"), gain=_header_number(header, "GAIN", source),
-        saturate=_header_number(header, "SATURATE", source), nframes=int(header.get("NFRAMES", 0)),
-        jdstart=_header_number(header, "JDSTART", source), jdend=_header_number(header, "JDEND", source),
-        fwhm_arcsec=_header_number(header, "SEEING", source),
-        limiting_mag=_header_number(header, "LIMMAG", source), path=source)
-
-
-def _read_part(hdul: fits.HDUList, name: str, shape, source: str) -> np.ndarray | None:
-    if name not in hdul:
-        return None
-    values = hdul[name].data
-    if values is None or values.shape != shape:
-        raise ReferenceError(source, f"{name} extension does not match the image shape {shape}")
-    if name != "RMS" and not np.issubdtype(values.dtype, np.integer):
-        raise ReferenceError(source, f"{name} extension must hold integers")
-    return np.asarray(values, dtype=np.float32 if name == "RMS" else np.int16)
-
-
-def _header_number(header: fits.Header, key: str, source: str, required: bool = False) -> float:
-    if key not in header:
-        if required:
-            raise ReferenceError(source, f"missing keyword {key}")
-        return math.nan
-    value = header[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (required and not math.isfinite(value)):
-        raise ReferenceError(source, f"keyword {key} must be a finite number, got {value!r}")
-    return float(value)

@@ -25,7 +25,8 @@ from _phot_scene import isolated_stars
 from pipeline.config import load_config
 from pipeline.image import MASK_BITS, quadrant_image, read_quadrant, write_quadrant
 from pipeline.reference import (ReferenceConfig, ReferenceError, build_reference, make_refid,
-                                read_reference, select_frames, stack_frames, write_reference)
+                                read_reference, reference_grid, select_frames, stack_frames,
+                                write_reference)
 from pipeline.simulate.plan import Field, exposure_at_airmass
 from pipeline.simulate.run import simulate_quadrant
 from pipeline.simulate.sky import make_sky
@@ -37,13 +38,19 @@ RCID = 21
 FIELD = Field(600, 150.0, 33.0)
 SEEINGS = (1.8, 2.0, 2.2, 2.4, 3.5, 2.1)   # the fifth too broad, the sixth not solved
 CR_FRAME, CR_VALUE, CR_LENGTH = 1, 3000.0, 4
+MARGIN = ReferenceConfig().grid_margin_px      # the coadd's pixel = the grid frame's + MARGIN
+
+
+@functools.lru_cache(maxsize=1)
+def sky_of_scene():
+    cfg = load_config(overrides={"instrument": {"quadrant_nx": NPIX, "quadrant_ny": NPIX},
+                                 "simulation": {"cosmic_ray_rate": 0.0}})
+    return cfg, make_sky(cfg, [(FIELD.fieldid, FIELD.ra, FIELD.dec)], rng_seed=11)
 
 
 @functools.lru_cache(maxsize=1)
 def scene():
-    cfg = load_config(overrides={"instrument": {"quadrant_nx": NPIX, "quadrant_ny": NPIX},
-                                 "simulation": {"cosmic_ray_rate": 0.0}})
-    sky = make_sky(cfg, [(FIELD.fieldid, FIELD.ra, FIELD.dec)], rng_seed=11)
+    cfg, sky = sky_of_scene()
     frames, quadrants = [], []
     for k, seeing in enumerate(SEEINGS):
         spec = exposure_at_airmass(cfg, FIELD, 1.1 + 0.04 * k, expid=7000 + k, seeing_fwhm_arcsec=seeing)
@@ -110,8 +117,11 @@ def test_zero_points_scales_and_metadata():
     assert abs(ref.header["MAGZPFIT"] - 27.0) < 0.01       # Gaia on the coadd agrees
     mjd = np.array([f.meta.obsmjd for f in frames[:4]])
     assert ref.jdstart == pytest.approx(mjd.min() + 2400000.5) and ref.jdend == pytest.approx(mjd.max() + 2400000.5)
-    # The grid is the best-seeing frame's.
+    # The grid is the best-seeing frame's, grown by the margin.
     assert ref.wcs.wcs.crval[0] == pytest.approx(frames[0].wcs.wcs.crval[0])
+    np.testing.assert_allclose(ref.wcs.wcs.crpix, frames[0].wcs.wcs.crpix + MARGIN)
+    assert ref.shape == (NPIX + 2 * MARGIN, NPIX + 2 * MARGIN) and ref.header["GRIDMARG"] == MARGIN
+    assert frames[0].header["CRPIX1"] == frames[0].wcs.wcs.crpix[0]      # the frame's own untouched
     # Effective gain: W^2 / sum(w^2 s / g).
     w, s = np.asarray(used["weight"]), np.asarray(used["scale"])
     assert ref.gain == pytest.approx(w.sum() ** 2 / np.sum(w ** 2 * s / 6.2))
@@ -127,12 +137,12 @@ def test_background_noise_matches_the_weights():
     assert np.median(ref.rms[full]) == pytest.approx(1 / math.sqrt(np.sum(used["weight"])), rel=1e-5)
     truth = quadrants[0].truth
     occupied = np.zeros(ref.shape, bool)
-    occupied[np.clip(np.rint(truth["y"] - 1).astype(int), 0, NPIX - 1),
-             np.clip(np.rint(truth["x"] - 1).astype(int), 0, NPIX - 1)] = True
+    occupied[np.clip(np.rint(truth["y"] - 1).astype(int) + MARGIN, 0, ref.shape[0] - 1),
+             np.clip(np.rint(truth["x"] - 1).astype(int) + MARGIN, 0, ref.shape[1] - 1)] = True
     sky = full & (ref.mask == 0) & ~ndimage.binary_dilation(occupied, iterations=10)
     # Sums over 6x6 boxes: resampling correlates neighbouring pixels but keeps the noise
     # at PSF scales, the one the weights predict.
-    b, n = 6, NPIX // 6
+    b, n = 6, min(ref.shape) // 6
     boxes = ref.data[:n * b, :n * b].reshape(n, b, n, b).sum(axis=(1, 3))
     box_sky = sky[:n * b, :n * b].reshape(n, b, n, b).all(axis=(1, 3))
     _, _, box_std = sigma_clipped_stats(boxes[box_sky], sigma=4.0)
@@ -146,13 +156,13 @@ def test_background_noise_matches_the_weights():
 
 def test_catalogue_photometry_against_truth():
     _, _, quadrants, _, ref, _ = scene()
-    truth = quadrants[0].truth          # the grid frame's pixel positions are the coadd's
+    truth = quadrants[0].truth          # the grid frame's pixel positions, MARGIN off the coadd's
     rows = isolated_stars(truth, npix=NPIX)
     cat = ref.catalog
     assert set(cat.colnames) >= {"id", "ra", "dec", "x", "y", "flux", "fluxerr", "mag", "magerr",
                                  "snr", "sharp", "chi", "flags"}
     distance, match = cKDTree(np.column_stack([cat["x"], cat["y"]])).query(
-        np.column_stack([truth["x"][rows], truth["y"][rows]]))
+        np.column_stack([truth["x"][rows] + MARGIN, truth["y"][rows] + MARGIN]))
     good = (distance < 1.0) & (cat["flags"][match] == 0)
     matched, true_mag = cat[match[good]], np.asarray(truth["mag"])[rows][good]
     residual = np.asarray(matched["mag"]) - true_mag
@@ -261,6 +271,60 @@ def test_write_read_round_trip(tmp_path):
     assert quadrant.meta.magzp == 27.0 and quadrant.meta.gain == pytest.approx(ref.gain)
 
 
+def test_frames_pointed_off_the_grid_frame_fill_the_margin(tmp_path):
+    """Two frames pointed 30 px off the grid frame (north-east) cover the margin on their
+    side; the margin nobody covers stays EDGE; the grown grid survives the file."""
+    _, frames, _, gaia, _, _ = scene()
+    cfg, sky = sky_of_scene()
+    grid_spec = exposure_at_airmass(cfg, FIELD, 1.1, expid=7000, seeing_fwhm_arcsec=SEEINGS[0])
+    scale = 3600.0 * math.sqrt(abs(np.linalg.det(frames[0].wcs.pixel_scale_matrix)))
+    east, north = (v + 30.0 * scale for v in grid_spec.pointing_offset_arcsec)
+    offset = []
+    for k, seeing in enumerate((2.0, 2.2)):
+        spec = exposure_at_airmass(cfg, FIELD, 1.15 + 0.04 * k, expid=7100 + k, seeing_fwhm_arcsec=seeing,
+                                   pointing_offset_arcsec=(east, north))
+        quadrant, _ = simulate_quadrant(spec, RCID, sky, cfg)
+        header = apply_wcs_header(quadrant.header, quadrant.truth_header)
+        header["ASTRUSE"] = True
+        offset.append(quadrant_image(quadrant.data, header, quadrant.mask, f"offset{k}.fits"))
+    ref = build_reference([frames[0], *offset], gaia, cfg.instrument.filters["ZTF_r"])
+    assert ref.nframes == 3 and ref.shape == (NPIX + 2 * MARGIN, NPIX + 2 * MARGIN)
+
+    # Where the offset frames' footprint lands on the coadd's grid (0-based).
+    edge = np.array([0, NPIX - 1, NPIX - 1, 0]), np.array([0, 0, NPIX - 1, NPIX - 1])
+    x, y = ref.wcs.all_world2pix(*offset[0].wcs.all_pix2world(*edge, 0), 0)
+    assert 25 < max(abs(MARGIN - x.min()), abs(MARGIN - y.min())) < 35      # 30 px off the grid frame
+    yy, xx = np.mgrid[0:ref.shape[0], 0:ref.shape[1]]
+    margin = (xx < MARGIN) | (yy < MARGIN) | (xx >= MARGIN + NPIX) | (yy >= MARGIN + NPIX)
+    # 3 px inside the footprint: the spline's support at the frames' own edges is masked.
+    inside = (xx > x.min() + 3) & (xx < x.max() - 3) & (yy > y.min() + 3) & (yy < y.max() - 3)
+    filled = margin & inside
+    assert filled.sum() > 20 * NPIX
+    # Covered but for the pixels both offset frames mask (the same detector defects): not EDGE.
+    assert np.mean(ref.coverage[filled] == 2) > 0.97
+    assert not np.any(ref.mask[filled] & MASK_BITS["EDGE"])
+    assert np.all(np.isfinite(ref.rms[filled & (ref.coverage > 0)]))
+    outside = margin & ~((xx >= x.min() - 1) & (xx <= x.max() + 1) & (yy >= y.min() - 1) & (yy <= y.max() + 1))
+    assert outside.sum() > 20 * NPIX
+    assert np.all(ref.coverage[outside] == 0) and np.all(ref.mask[outside] & MASK_BITS["EDGE"])
+    # Stars in the margin are catalogued, on the right sky position.
+    in_margin = margin[np.rint(ref.catalog["y"] - 1).astype(int), np.rint(ref.catalog["x"] - 1).astype(int)]
+    assert in_margin.sum() > 5
+
+    path = write_reference(tmp_path / "ref.fits", ref)
+    back = read_reference(path)
+    assert back.shape == ref.shape and back.header["GRIDMARG"] == MARGIN
+    np.testing.assert_allclose(back.wcs.wcs.crpix, frames[0].wcs.wcs.crpix + MARGIN)
+    p = np.array([0.0, 500.0, NPIX - 1.0])
+    for wcs in (back.wcs, read_quadrant(path).wcs):
+        np.testing.assert_allclose(wcs.all_pix2world(p + MARGIN, p + MARGIN, 0),
+                                   frames[0].wcs.all_pix2world(p, p, 0), rtol=0, atol=1e-10)
+    header, wcs, shape = reference_grid(frames[0], 0)
+    assert shape == frames[0].shape and header["CRPIX1"] == frames[0].header["CRPIX1"]
+    np.testing.assert_allclose(wcs.all_pix2world(p, p, 0), frames[0].wcs.all_pix2world(p, p, 0),
+                               rtol=0, atol=1e-12)
+
+
 def test_read_reference_accepts_a_plain_image_and_rejects_bad_files(tmp_path):
     _, frames, _, _, _, _ = scene()
     header = frames[0].header.copy()
@@ -339,12 +403,13 @@ def test_command_builds_shows_and_fails_cleanly(tmp_path, capsys):
     gaia[near].write(tmp_path / "gaia.fits")
     out = tmp_path / "refs"
     status = _command(["reference", "build", str(images), "--refcat", str(tmp_path / "gaia.fits"),
-                       "--out", str(out)], cfg)
+                       "--out", str(out), "--grid-margin", "16"], cfg)
     printed = capsys.readouterr().out
     assert status == EXIT_OK
     path = out / "ref_f000600_c06_q2_ZTF_r.fits"
     assert path.exists() and "4 of 4 frames" in printed and "timings" in printed
-    assert read_reference(path).nframes == 4
+    built = read_reference(path)
+    assert built.nframes == 4 and built.shape == (NPIX + 32, NPIX + 32) and built.header["GRIDMARG"] == 16
 
     assert _command(["reference", "show", str(path)], cfg) == EXIT_OK
     shown = capsys.readouterr().out

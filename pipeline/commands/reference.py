@@ -6,7 +6,8 @@ astrometry stage's ``*_matches.fits`` and reference files there are skipped), gr
 (field, CCD, quadrant, filter), builds one reference per group
 (:func:`pipeline.reference.build_reference`) and writes
 ``OUTDIR/ref_f<field>_c<ccd>_q<qid>_<filter>.fits``, printing per group the frames used and
-rejected (with reasons) and the timings.  ``reference show REF.fits`` prints a reference's
+rejected (with reasons) and the timings; ``--grid-margin`` sets how far the coadd's grid
+extends beyond the best-seeing frame's.  ``reference show REF.fits`` prints a reference's
 metadata.
 
 Exit status: 0 every group built; 3 bad input (an unreadable image or reference, no
@@ -53,6 +54,9 @@ def register(subparsers, common) -> None:
     build.add_argument("--out", required=True, metavar="OUTDIR", help="output folder")
     build.add_argument("--max-frames", type=int, default=ReferenceConfig.max_frames,
                        help="coadd at most this many (the deepest) frames (default %(default)s)")
+    build.add_argument("--grid-margin", type=int, default=ReferenceConfig.grid_margin_px, metavar="PX",
+                       help="grow the coadd's grid by this many pixels on every side, so that science "
+                            "images pointed off the grid frame stay covered (default %(default)s)")
     build.set_defaults(func=run_build)
     show = sub.add_parser("show", parents=[common], help="print a reference's metadata",
                           description="Print the metadata, frame table and catalogue summary of a reference.")
@@ -164,8 +168,12 @@ def run_build(args) -> int:
     if args.max_frames < 1:
         log.error("--max-frames must be at least 1, got %d", args.max_frames)
         return EXIT_BAD_INPUT
+    if args.grid_margin < 0:
+        log.error("--grid-margin must be at least 0, got %d", args.grid_margin)
+        return EXIT_BAD_INPUT
     config = ReferenceConfig(max_frames=args.max_frames,
-                             min_frames=min(ReferenceConfig.min_frames, args.max_frames))
+                             min_frames=min(ReferenceConfig.min_frames, args.max_frames),
+                             grid_margin_px=args.grid_margin)
     try:
         files = collect_images(args.images)
         groups = read_groups(files, explicit=[p for p in args.images if not Path(p).is_dir()])
@@ -193,7 +201,8 @@ def run_show(args) -> int:
         return EXIT_BAD_INPUT
     print(f"{args.reference}: {ref.shape[1]} x {ref.shape[0]} px")
     for key in ("REFID", "FIELDID", "CCDID", "QID", "RCID", "FILTER", "MAGZP", "MAGZPFIT", "GAIN",
-                "READNOI", "SATURATE", "NFRAMES", "JDSTART", "JDEND", "SEEING", "FWHM", "LIMMAG", "PIXRMSF"):
+                "READNOI", "SATURATE", "NFRAMES", "JDSTART", "JDEND", "SEEING", "FWHM", "LIMMAG", "PIXRMSF",
+                "GRIDMARG"):
         if key in ref.header:
             print(f"  {key:<8} = {ref.header[key]!r:<24} {ref.header.comments[key]}")
     if ref.coverage is not None:
