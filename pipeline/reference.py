@@ -21,7 +21,7 @@ left; of the rest the ``max_frames`` deepest are kept.
 grown by twice the margin.  The frame is a real solved exposure of this very quadrant, so
 the grid matches the science quadrants' geometry, and the sharpest frame, whose fine
 detail resampling would smear the most, lands on whole pixels and is not resampled.
-Science exposures of the quadrant are pointed some 20-40 px away from that frame; the
+Science exposures of the quadrant are pointed some 20-60 px away from that frame; the
 margin lets the other frames, pointed as variously, cover the science images' edges
 instead of leaving them outside the reference.  Pixels no frame covers are ``EDGE`` with
 coverage 0.
@@ -88,7 +88,7 @@ class ReferenceConfig(StackConfig):
     max_fwhm_arcsec: float = 4.0
     max_depth_loss_mag: float = 0.5     # limiting mag below the median: dropped
     zeropoint: float = 27.0             # common zero point of the coadd, mag for 1 ADU
-    grid_margin_px: int = 48            # the grid extends this far beyond the grid frame
+    grid_margin_px: int = 64            # the grid extends this far beyond the grid frame
     gaia_margin_deg: float = 0.05       # Gaia looked up this far around the footprint
     characterize: CharacterizeConfig = field(default_factory=CharacterizeConfig)
     registration: RegistrationConfig = field(default_factory=RegistrationConfig)
