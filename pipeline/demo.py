@@ -9,10 +9,14 @@ as the survey's offline and real-time steps would:
 3. solves every quadrant's astrometry with SCAMP from that prior and judges it;
 4. writes the scale-versus-airmass QA plot;
 5. coadds a reference per quadrant and filter from the earlier season;
-6. subtracts each science image from its reference (ZOGY) and finds the candidates,
+6. subtracts each science image from its reference (ZOGY) and finds the candidates;
+7. builds every science image's alert packets in time order (object history under the work
+   directory, so later alerts carry earlier detections) and publishes them: to the spool
+   (``<workdir>/alerts/spool``) by default, to the broker when ``kafka.bootstrap_servers``
+   is set,
 
 and prints a summary with the astrometric RMS and verdict per quadrant, the candidates
-against the simulated transients, and the timings.
+against the simulated transients, the alerts built, spooled and delivered, and the timings.
 It is the first of the README's two commands: embedded defaults, no network.
 """
 from __future__ import annotations
@@ -25,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import Config
-from .demo_subtraction import build_demo_references, subtract_demo_images
+from .demo_subtraction import build_demo_references, publish_demo_alerts, subtract_demo_images
 from .simulate.plan import DEFAULT_FIELDS
 from .simulate.run import simulate_run
 
@@ -55,6 +59,7 @@ class DemoSummary:
     astrometry: list[dict] = field(default_factory=list)
     references: list[dict] = field(default_factory=list)
     subtractions: list[dict] = field(default_factory=list)
+    alerts: dict = field(default_factory=dict)
     products: dict[str, str] = field(default_factory=dict)
 
 
@@ -138,6 +143,10 @@ def run_demo(cfg: Config, workdir: str | Path, options: DemoOptions = DemoOption
     (workdir / "qa" / "subtraction.json").write_text(json.dumps(summary.subtractions, indent=1))
     summary.products["subtraction outputs"] = str(workdir / "outputs" / "subtraction")
     lap("subtraction")
+    summary.alerts = publish_demo_alerts(cfg, summary.subtractions, workdir / "alerts")
+    (workdir / "qa" / "alerts.json").write_text(json.dumps(summary.alerts, indent=1))
+    summary.products["alert spool"] = summary.alerts["spool"]
+    lap("alerts")
     return summary
 
 
@@ -210,6 +219,15 @@ def format_summary(summary: DemoSummary) -> str:
         for r in summary.subtractions:
             if r.get("status") != 0:
                 lines.append(f"    {r.get('science')}: not subtracted (exit status {r.get('status')})")
+    if summary.alerts:
+        a = summary.alerts
+        where = f"broker {a['broker']}" if a["broker"] else "no broker configured: kept in the spool"
+        lines.append(f"  alerts              {a['built']} built, {a['spooled']} spooled, {a['delivered']} delivered, "
+                     f"{a['pending']} pending ({where}); topics {', '.join(a['topics']) or '-'}")
+        lines.append("    expid      rcid  alerts  with earlier detections  build s  publish s")
+        for r in a["images"]:
+            lines.append(f"    {r['expid']:<10} {r['rcid']:>4}  {r['alerts']:6d}  {r['with_history']:23d}  "
+                         f"{r['build_s']:7.2f}  {r['publish_s']:9.2f}")
     for name, path in summary.products.items():
         lines.append(f"  {name:<24}{path}")
     lines.append("  stage timings (s)   " + ", ".join(f"{k} {v:.1f}" for k, v in summary.stages.items()))

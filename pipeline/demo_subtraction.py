@@ -1,5 +1,6 @@
 """The demo's difference-imaging steps: references from the earlier season, subtraction of
-every science image, and the candidates compared with the simulator's transients.
+every science image, the candidates compared with the simulator's transients, and the
+alerts of every subtracted image published.
 
 Used by :func:`pipeline.demo.run_demo` after the astrometry of every image; each step
 reads and writes the same files the ``skydiff reference build`` and ``skydiff subtract``
@@ -19,7 +20,8 @@ from .config import Config
 
 log = logging.getLogger("skydiff.demo")
 
-__all__ = ["solved_path", "build_demo_references", "subtract_demo_images", "transient_recovery"]
+__all__ = ["solved_path", "build_demo_references", "subtract_demo_images", "transient_recovery",
+           "publish_demo_alerts"]
 
 _worker_cfg: Config | None = None
 
@@ -82,6 +84,7 @@ def _subtract_task(task: tuple[str, str, str, str, str]) -> dict:
     if record is None:
         return {"science": science, "status": status}
     record["status"] = status
+    record["outdir"] = out
     record.update(transient_recovery(Path(out) / "candidates.ecsv", Path(truth), record["diffmaglim"]))
     return record
 
@@ -133,3 +136,33 @@ def transient_recovery(candidates_path: Path, truth_path: Path, diffmaglim: floa
         found_rb = int(np.count_nonzero(hit & (np.asarray(candidates["rb"])[nearest] >= 0.5)))
     return {"transients_on_image": len(transients), "transients_detectable": len(detectable),
             "transients_found": found, "transients_found_rb": found_rb}
+
+
+def publish_demo_alerts(cfg: Config, subtractions: list[dict], alerts_root: Path) -> dict:
+    """Build and publish the alerts of every subtracted image, earliest exposure first.
+
+    The object history and the spool live under ``alerts_root``; packets go to the broker
+    when ``cfg.kafka.bootstrap_servers`` is set and stay in the spool otherwise (the
+    default), as ``skydiff alerts publish`` does.  Returns the counts and one record per image.
+    """
+    from alerts.from_subtraction import publish_products
+    from alerts.history import SQLiteHistoryStore
+    from alerts.publish import AlertPublisher
+    from alerts.spool import PENDING, Spool
+
+    outdirs = [r["outdir"] for r in subtractions if r.get("status") == 0]
+    spool = Spool(alerts_root / "spool")
+    log.info("demo: alerts of %d subtracted image(s) to %s", len(outdirs),
+             cfg.kafka.bootstrap_servers or f"the spool {spool.root}")
+    with SQLiteHistoryStore(alerts_root / "history.sqlite", survey=cfg.kafka.survey) as store, \
+            AlertPublisher(cfg.kafka, spool) as publisher:
+        images = publish_products(outdirs, cfg, store, publisher)
+        publisher.flush()
+        report = publisher.report
+    return {"built": sum(i.alerts for i in images), "spooled": report.spooled,
+            "already_delivered": report.already_delivered, "delivered": report.delivered,
+            "pending": spool.count(PENDING), "broker": cfg.kafka.bootstrap_servers, "spool": str(spool.root),
+            "topics": sorted({i.topic for i in images}),
+            "images": [{"outdir": i.outdir, "expid": i.expid, "rcid": i.rcid, "topic": i.topic, "alerts": i.alerts,
+                        "with_history": i.with_history, "build_s": round(i.build_s, 3),
+                        "publish_s": round(i.publish_s, 3)} for i in images]}

@@ -1,9 +1,15 @@
 """The demo end to end on a reduced plan: simulation, real SCAMP astrometry, a reference
-coadded from an earlier season, subtraction, and the summary's count of the simulated
-transients found."""
+coadded from an earlier season, subtraction, the summary's count of the simulated
+transients found, and the alerts (no broker configured: they stay in the spool)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+from astropy.table import Table
+
+from alerts.ids import split_candid
+from alerts.schema import read_alert_file, validate_alert
 
 from pipeline.config import load_config
 from pipeline.demo import DemoOptions, format_summary, run_demo
@@ -28,3 +34,21 @@ def test_demo_builds_references_subtracts_and_finds_the_transients(tmp_path):
         out = tmp_path / "outputs" / "subtraction"
         assert any(out.rglob("candidates.ecsv"))
         assert r["n_rb_above_half"] <= r["n_candidates"]
+
+    # Alerts: one per alertable candidate, all in the spool's pending folder (no broker).
+    alerts = summary.alerts
+    assert alerts["broker"] == "" and alerts["delivered"] == 0
+    tables = [Table.read(Path(r["outdir"]) / "candidates.ecsv") for r in summary.subtractions]
+    expected = sum(int((t["magpsf"] == t["magpsf"]).sum()) for t in tables)
+    assert alerts["built"] == alerts["spooled"] == alerts["pending"] == expected > 0
+    assert f"{expected} built, {expected} spooled, 0 delivered" in text
+    packets = [read_alert_file(path) for path in sorted((tmp_path / "alerts" / "spool").rglob("pending/*.avro"))]
+    assert len(packets) == expected
+    for packet in packets[:20]:
+        validate_alert(packet)
+    # The later image's alerts of the transients carry the earlier image's detection.
+    first, later = alerts["images"]
+    assert first["with_history"] == 0 and later["with_history"] >= 5
+    earlier = [p for packet in packets if split_candid(packet["candid"])[0] == later["expid"]
+               for p in packet["prv_candidates"] or () if p["candid"] is not None]
+    assert earlier and all(split_candid(p["candid"])[0] == first["expid"] for p in earlier)
