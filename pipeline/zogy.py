@@ -256,12 +256,14 @@ def _prepare_inputs(new, ref, var_new, var_ref, mask, gain_new, gain_ref, sigma_
     if new.ndim != 2 or new.shape != ref.shape:
         raise ZogyInputError(f"new {new.shape} and ref {ref.shape} must be 2-D images of "
                              f"the same shape (register the reference first)")
-    bad = ~np.isfinite(new) | ~np.isfinite(ref)
+    bad = np.isfinite(new)
+    bad &= np.isfinite(ref)
+    np.logical_not(bad, out=bad)
     if mask is not None:
         mask = np.asarray(mask)
         if mask.shape != new.shape:
             raise ZogyInputError(f"mask shape {mask.shape} != image shape {new.shape}")
-        bad |= mask.astype(bool)
+        bad |= mask if mask.dtype == bool else mask != 0
     variances = []
     for name, var, image, gain, sigma in (("var_new", var_new, new, gain_new, sigma_new),
                                           ("var_ref", var_ref, ref, gain_ref, sigma_ref)):
@@ -276,12 +278,13 @@ def _prepare_inputs(new, ref, var_new, var_ref, mask, gain_new, gain_ref, sigma_
         variances.append(var)
     any_bad = bool(bad.any())
     arrays = []
-    for array in (new, ref, *variances):
+    for array, own in ((new, False), (ref, False), (variances[0], var_new is None),
+                       (variances[1], var_ref is None)):
+        # Copies only of the caller's arrays; copyto with a mask is several times faster
+        # than boolean-index assignment on a quadrant.
+        array = np.asarray(array, dtype=np.float32) if own else np.array(array, dtype=np.float32)
         if any_bad:
-            array = np.array(array, dtype=np.float32)
-            array[bad] = 0.0
-        else:
-            array = np.asarray(array, dtype=np.float32)
+            np.copyto(array, np.float32(0.0), where=bad)
         arrays.append(array)
     return (*arrays, bad if any_bad else None)
 
