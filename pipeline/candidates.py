@@ -340,7 +340,8 @@ def find_candidates(zogy: ZogyResult, wcs, zp_common: float, mask: np.ndarray | 
     # between pixels loses the peak of a sharp source (8 % at half a pixel when the PSF's
     # FWHM is 1.5 px).  Its error is alpha_std there (background, source and registration
     # noise; smooth, so interpolating it is fine); alpha where the fit is impossible.
-    flux = np.where(np.isfinite(fit_flux), fit_flux, sign * alpha)
+    # A weak peak can fit a flux of the wrong sign on D; alpha there has Scorr's sign.
+    flux = np.where(np.isfinite(fit_flux) & (fit_flux > 0), fit_flux, sign * alpha)
     magpsf, sigmapsf = flux_to_mag(flux, alpha_err, zp_common)
     timings["photometry"] = clock() - t0
 

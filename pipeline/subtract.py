@@ -122,14 +122,21 @@ class SubtractionResult:
         sci = self.science
         n_pos = int(np.count_nonzero(self.candidates["isdiffpos"])) if len(self.candidates) else 0
         rb = np.asarray(self.candidates["rb"], dtype=float) if len(self.candidates) else np.zeros(0)
+        def finite(value, digits: int = 6):
+            return None if value is None or not math.isfinite(value) else round(float(value), digits)
+
+        photcal = sci.photcal
         return {
-            "zp_science": round(self.zp_science, 4), "zp_ref": round(self.zp_ref, 4),
+            "zp_science": round(self.zp_science, 6), "zp_ref": round(self.zp_ref, 6),
             "zp_source": self.zp_source,
-            "magzpsciunc": None if sci.photcal is None or not math.isfinite(sci.photcal.magzpsciunc)
-            else round(sci.photcal.magzpsciunc, 4),
+            "magzpsciunc": None if photcal is None else finite(photcal.magzpsciunc),
+            "magzpscirms": None if photcal is None else finite(photcal.magzpscirms),
+            "clrcoeff": None if photcal is None else finite(photcal.clrcoeff),
+            "clrcounc": None if photcal is None else finite(photcal.clrcounc),
+            "nmatches": 0 if photcal is None else int(photcal.n_used),
             "seeing_science_px": round(float(sci.psf.fwhm), 3),
             "limiting_mag_science": None if not math.isfinite(sci.limiting_mag) else round(sci.limiting_mag, 3),
-            "diffmaglim": round(self.diffmaglim, 3),
+            "diffmaglim": round(self.diffmaglim, 6),
             "registration_error_px": round(float(self.registered.mapping_error_px), 5),
             "astrometric_sigma_px": [round(v, 4) for v in self.astrometric_sigma],
             "registration_offset_px": None if self.registration_offset is None else
