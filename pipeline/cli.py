@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "pipeline.commands.reference",
     "pipeline.commands.subtract",
     "pipeline.commands.realbogus",
+    "pipeline.commands.quadrant",
     "pipeline.commands.catalogs",
     "pipeline.commands.alerts",
     "pipeline.commands.lightcurve",

@@ -208,7 +208,8 @@ def read_quadrant(path: str | os.PathLike, hdu: int | str | None = None) -> Quad
         The FITS file.
     hdu : int or str, optional
         The image HDU; default: the primary HDU if it has data, else the first image
-        extension that is not ``MASK``.
+        extension that is not ``MASK``.  Its mask is the extension ``<EXTNAME>_MASK`` when
+        the file has one (a multi-extension exposure), else ``MASK``.
 
     Raises
     ------
@@ -224,8 +225,11 @@ def read_quadrant(path: str | os.PathLike, hdu: int | str | None = None) -> Quad
             data = np.asarray(image_hdu.data, dtype=np.float32)
             header = image_hdu.header.copy()
             mask = None
-            if "MASK" in hdul:
-                mask_data = hdul["MASK"].data
+            # In a multi-extension exposure each quadrant ``Qnn`` has its mask ``Qnn_MASK``.
+            mask_name = f"{image_hdu.name}_MASK" if image_hdu.name and f"{image_hdu.name}_MASK" in hdul \
+                else "MASK"
+            if mask_name in hdul:
+                mask_data = hdul[mask_name].data
                 if mask_data is None or mask_data.shape != data.shape:
                     raise ImageContractError(source, "MASK extension does not match the image shape")
                 if not np.issubdtype(mask_data.dtype, np.integer):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from astropy.time import Time, TimeDelta
 
@@ -44,17 +45,29 @@ def register(subparsers, common) -> None:
     p.add_argument("--quadrants", default="all", help="comma-separated rcids 0-63, or 'all'")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: the configuration's)")
     p.add_argument("--jobs", type=int, default=1, metavar="N", help="worker processes")
+    p.add_argument("--mef", action="store_true",
+                   help="also write each exposure as one multi-extension file exposures/<night>/<expid>.fits")
+    p.add_argument("--reference-nights", type=int, default=0, metavar="N",
+                   help="also simulate N nights of a season 120 days earlier (airmass <= 1.3) for references")
     p.set_defaults(func=run)
 
 
-def _nights(start: str, count: int) -> list[str]:
+def _night(text: str) -> Time:
     try:
-        first = Time(start, format="iso", scale="utc")
+        return Time(text, format="iso", scale="utc")
     except ValueError:
-        raise ValueError(f"--start-night {start!r}: expected YYYY-MM-DD") from None
-    if count < 1:
+        raise ValueError(f"--start-night {text!r}: expected YYYY-MM-DD") from None
+
+
+def _nights(start: str, count: int, step: int = 1) -> list[str]:
+    first = _night(start)
+    if count < 0 or (count < 1 and step == 1):
         raise ValueError("--nights must be at least 1")
-    return [(first + TimeDelta(n, format="jd")).strftime("%Y-%m-%d") for n in range(count)]
+    return [(first + TimeDelta(n * step, format="jd")).strftime("%Y-%m-%d") for n in range(count)]
+
+
+def _days_before(night: str, days: int) -> str:
+    return (_night(night) - TimeDelta(days, format="jd")).strftime("%Y-%m-%d")
 
 
 def _filters(text: str) -> list[str]:
@@ -70,9 +83,10 @@ def run(args) -> int:
         nights = _nights(args.start_night, args.nights)
         if args.epochs_per_night < 1 or args.jobs < 1:
             raise ValueError("--epochs-per-night and --jobs must be at least 1")
+        reference_nights = _nights(_days_before(args.start_night, 120), args.reference_nights, step=3)
         summary = simulate_run(args.cfg, args.out, fields, nights, filters=_filters(args.filters),
                                epochs_per_night=args.epochs_per_night, quadrants=args.quadrants,
-                               seed=args.seed, jobs=args.jobs)
+                               seed=args.seed, jobs=args.jobs, reference_nights=reference_nights)
     except ValueError as exc:
         log.error("%s", exc)
         return EXIT_USAGE
@@ -82,5 +96,11 @@ def run(args) -> int:
           f"over {len(summary['nights'])} night(s) in {timings['total']:.1f} s")
     print(f"sky: {summary['n_stars']} stars, {summary['n_galaxies']} galaxies, "
           f"{summary['n_transients']} transients; seed {summary['seed']}")
+    if args.mef:
+        from ..exposure import write_exposure_mef
+        for folder in sorted(Path(args.out, "exposures").glob("*/*")):
+            if folder.is_dir():
+                write_exposure_mef(sorted(folder.glob("*.fits")), folder.parent / f"{folder.name}.fits")
+        print("multi-extension exposures: exposures/<night>/<expid>.fits")
     print(f"written under {args.out}: exposures/, gaia/gaia_catalog.fits, truth/, simulation.json")
     return 0

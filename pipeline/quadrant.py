@@ -1,0 +1,234 @@
+"""One quadrant of one exposure through every stage: the unit a Slurm task or a worker runs.
+
+:func:`run_quadrant` takes an exposure (a multi-extension FITS with one HDU per quadrant,
+``EXTNAME`` ``Q00``..``Q63`` by rcid, or a directory of quadrant files) and an rcid, and
+runs astrometry, subtraction against the quadrant's reference, alerts and the matchfile
+epoch, each stage through the same file edge its own command uses.  Products go under
+``<paths.outputs>/<expid>/<rcid:02d>/``.
+
+Status record
+-------------
+``status.json`` in that folder, rewritten atomically at every stage: ``expid``, ``rcid``,
+``state`` (``started``, ``finished``, ``failed``, ``unusable``), ``stage`` reached,
+``reason``, ``exit_code``, ``attempt``, ``started_utc``, ``finished_utc``, ``timings_s``
+and the stage summaries (astrometry verdict, candidates, alerts, matchfile rows).
+
+Idempotence: a quadrant whose record says ``finished`` is not run again unless forced; a
+forced rerun republishes nothing already acknowledged (the spool keeps every candid it
+delivered, and candids are deterministic) and replaces its matchfile epoch rather than
+adding one.
+
+Exit codes (:mod:`pipeline.status`): 0 finished, 3 bad input (the exposure or the
+quadrant breaks the contract), 4 unusable (astrometry or subtraction judged the image
+unusable, or no reference exists: the reason is in the record), 75 retry may help (SCAMP
+timed out or crashed, the broker could not take the alerts), 1 a failure inside.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from astropy.io import fits
+
+from .config import Config
+from .image import ImageContractError, read_quadrant, write_quadrant
+from .status import EXIT_OK, EXIT_RETRY, EXIT_UNUSABLE
+
+__all__ = ["quadrant_dir", "read_status", "locate_quadrant", "run_quadrant", "failure_record",
+           "QuadrantInputError"]
+
+log = logging.getLogger("skydiff.quadrant")
+
+_STATES = {EXIT_OK: "finished", EXIT_UNUSABLE: "unusable"}
+
+
+class QuadrantInputError(ValueError):
+    """The exposure holds no such quadrant, or cannot be read; names the file."""
+
+
+def _utc() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def quadrant_dir(cfg: Config, expid: int, rcid: int) -> Path:
+    """Where one quadrant's products and status record go."""
+    return cfg.paths.resolve("outputs") / str(expid) / f"{rcid:02d}"
+
+
+def read_status(folder: Path) -> dict | None:
+    """The status record in ``folder`` (None when absent or unreadable)."""
+    try:
+        return json.loads((folder / "status.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_status(folder: Path, record: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / ".status.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, folder / "status.json")
+
+
+def locate_quadrant(exposure: str | os.PathLike, rcid: int) -> tuple[Path, int | str | None]:
+    """(file, HDU) of quadrant ``rcid`` in an exposure (MEF file or directory)."""
+    exposure = Path(exposure)
+    if exposure.is_dir():
+        for path in sorted(exposure.glob("*.fits")):
+            try:
+                header = fits.getheader(path, 0)
+                if "RCID" not in header:
+                    header = fits.getheader(path, 1)
+            except (OSError, IndexError):
+                continue
+            if int(header.get("RCID", -1)) == rcid:
+                return path, None
+        raise QuadrantInputError(f"{exposure}: no quadrant file with RCID = {rcid}")
+    if not exposure.is_file():
+        raise QuadrantInputError(f"{exposure}: no such exposure file or directory")
+    name = f"Q{rcid:02d}"
+    try:
+        with fits.open(exposure, memmap=True) as hdul:
+            if name not in hdul:
+                raise QuadrantInputError(f"{exposure}: no extension {name} (quadrant rcid {rcid})")
+    except OSError as exc:
+        raise QuadrantInputError(f"{exposure}: not a readable FITS file ({exc})") from None
+    return exposure, name
+
+
+def _prior_path(cfg: Config) -> str | None:
+    candidate = cfg.paths.resolve("priors") / "prior.fits"
+    return str(candidate) if candidate.exists() else None
+
+
+def _matchfile_epoch(cfg: Config, solved: Path, reference_path: Path, subtraction_out: Path) -> dict:
+    from .matchfile_run import append_from_products
+
+    return append_from_products(cfg.paths.resolve("matchfiles"), solved, reference_path, subtraction_out, cfg)
+
+
+def run_quadrant(exposure: str | os.PathLike, rcid: int, cfg: Config, force: bool = False,
+                 publish: bool = True) -> tuple[int, dict]:
+    """Process quadrant ``rcid`` of ``exposure``; returns (exit code, status record)."""
+    from alerts.from_subtraction import publish_products
+    from alerts.history import SQLiteHistoryStore
+    from alerts.publish import AlertPublisher
+    from alerts.spool import Spool
+    from .astrometry_run import run_astrometry
+    from .reference import reference_filename
+    from .subtract_run import run_subtraction
+
+    clock = time.perf_counter
+    t_start = clock()
+    timings: dict[str, float] = {}
+    path, hdu = locate_quadrant(exposure, rcid)
+    image = read_quadrant(path, hdu=hdu)
+    meta = image.meta
+    if meta.rcid != rcid:
+        raise ImageContractError(path, f"header RCID {meta.rcid} where quadrant {rcid} was asked for")
+    folder = quadrant_dir(cfg, meta.expid, rcid)
+    previous = read_status(folder)
+    if previous and previous.get("state") == "finished" and not force:
+        log.info("expid %d rcid %d: already finished (%s); nothing to do", meta.expid, rcid,
+                 previous.get("finished_utc"))
+        return EXIT_OK, previous
+    record = {"expid": meta.expid, "rcid": rcid, "exposure": str(exposure), "state": "started",
+              "stage": "read", "reason": "", "exit_code": None,
+              "attempt": int((previous or {}).get("attempt", 0)) + 1, "started_utc": _utc(),
+              "finished_utc": None, "timings_s": timings}
+    _write_status(folder, record)
+
+    def finish(code: int, stage: str, reason: str = "") -> tuple[int, dict]:
+        timings["total"] = round(clock() - t_start, 3)
+        record.update(state=_STATES.get(code, "failed"), stage=stage, reason=reason, exit_code=code,
+                      finished_utc=_utc())
+        _write_status(folder, record)
+        level = logging.INFO if code == EXIT_OK else logging.WARNING
+        log.log(level, "expid %d rcid %d: %s at %s%s (%.1f s)", meta.expid, rcid, record["state"], stage,
+                f": {reason}" if reason else "", timings["total"])
+        return code, record
+
+    # The astrometry stage reads a single-quadrant file: a MEF quadrant is copied out first.
+    t0 = clock()
+    source = folder / "input" / f"ztf_{meta.expid}_c{meta.ccdid:02d}_q{meta.qid}.fits"
+    if hdu is None:
+        source = path
+    else:
+        write_quadrant(source, image.data, image.header, image.mask)
+    timings["read"] = round(clock() - t0, 3)
+
+    record["stage"] = "astrometry"
+    _write_status(folder, record)
+    t0 = clock()
+    status, astrometry = run_astrometry(source, cfg.paths.resolve("catalogs"), _prior_path(cfg),
+                                        folder / "astrometry", cfg)
+    timings["astrometry"] = round(clock() - t0, 3)
+    record["astrometry"] = None if astrometry is None else {
+        k: astrometry.get(k) for k in ("usable", "reasons", "rms_ra_mas", "rms_dec_mas", "n_matched")}
+    if status != EXIT_OK:
+        reasons = "; ".join((astrometry or {}).get("reasons", [])) or f"exit status {status}"
+        return finish(status, "astrometry", reasons)
+    solved = folder / "astrometry" / Path(source).name
+
+    record["stage"] = "subtraction"
+    _write_status(folder, record)
+    reference = cfg.paths.resolve("references") / reference_filename(meta.fieldid, meta.ccdid, meta.qid,
+                                                                      meta.filter)
+    if not reference.exists():
+        return finish(EXIT_UNUSABLE, "subtraction", f"no reference {reference.name} in {reference.parent}")
+    t0 = clock()
+    subtraction_out = folder / "subtraction"
+    status, subtraction = run_subtraction(solved, reference, subtraction_out, cfg,
+                                          refcat=cfg.paths.resolve("catalogs"))
+    timings["subtraction"] = round(clock() - t0, 3)
+    if status != EXIT_OK:
+        return finish(status, "subtraction", f"exit status {status} (see the log)")
+    record["subtraction"] = {k: subtraction.get(k) for k in ("n_candidates", "n_rb_above_half", "diffmaglim",
+                                                             "zp_science", "zp_source")}
+
+    if publish:
+        record["stage"] = "alerts"
+        _write_status(folder, record)
+        t0 = clock()
+        spool = Spool(cfg.paths.resolve("spool"))
+        history_path = cfg.paths.resolve("history")
+        history_path.parent.mkdir(parents=True, exist_ok=True)
+        with SQLiteHistoryStore(history_path, survey=cfg.kafka.survey) as store, \
+                AlertPublisher(cfg.kafka, spool) as publisher:
+            (images,) = publish_products([subtraction_out], cfg, store, publisher)
+            unacknowledged = publisher.flush() if cfg.kafka.bootstrap_servers else 0
+        timings["alerts"] = round(clock() - t0, 3)
+        record["alerts"] = {"built": images.alerts, "spooled": images.spooled,
+                            "already_delivered": images.already_delivered, "topic": images.topic,
+                            "unacknowledged": unacknowledged}
+        if unacknowledged:
+            return finish(EXIT_RETRY, "alerts", f"{unacknowledged} alert(s) not acknowledged by the broker; "
+                                                 "they wait in the spool (skydiff alerts replay)")
+
+    record["stage"] = "matchfile"
+    _write_status(folder, record)
+    t0 = clock()
+    record["matchfile"] = _matchfile_epoch(cfg, solved, reference, subtraction_out)
+    timings["matchfile"] = round(clock() - t0, 3)
+    return finish(EXIT_OK, "done")
+
+
+def failure_record(exposure, rcid: int, cfg: Config, code: int, reason: str) -> None:
+    """Record a quadrant that failed before its expid was known (best effort)."""
+    try:
+        path, hdu = locate_quadrant(exposure, rcid)
+        expid = int(fits.getval(path, "EXPID", ext=hdu if hdu is not None else 0))
+    except (QuadrantInputError, OSError, KeyError, ValueError):
+        return
+    folder = quadrant_dir(cfg, expid, rcid)
+    previous = read_status(folder) or {}
+    _write_status(folder, {"expid": expid, "rcid": rcid, "exposure": str(exposure),
+                           "state": "failed", "stage": previous.get("stage", "read"), "reason": reason,
+                           "exit_code": code, "attempt": int(previous.get("attempt", 0)) + (0 if previous else 1),
+                           "started_utc": previous.get("started_utc"), "finished_utc": _utc(),
+                           "timings_s": previous.get("timings_s", {})})
+
