@@ -15,6 +15,12 @@ For each new quadrant image the store, in one transaction,
    within 1.5 arcsec on the same field and rcid, this one included, as ZTF counts them) and
    ``ncovhist`` (every image on any field/rcid that covered the position, this one included).
 
+Each detection and each image's upper limit is stored with its Avro encoding as a
+``prv_candidate`` (it never changes), and returned as an :class:`~alerts.schema.EncodedRecord`
+that the packet serialiser splices in unencoded: an alert's 30 history entries cost no
+encoding.  Databases written before that column existed are migrated on opening (their old
+rows have no encoding and are encoded when serialised).
+
 Spatial lookups use HEALPix (nested): detections and objects are indexed at nside 16384
 (12.9 arcsec cells; a 1.5 arcsec search reads one cell and its 8 neighbours), image
 footprints at nside 64 (0.9 degree cells, each image listed in every cell it touches).
@@ -43,6 +49,7 @@ import numpy as np
 from astropy_healpix import HEALPix
 
 from .ids import object_id
+from .schema import EncodedRecord, encode_prv_candidate
 
 __all__ = ["ImageRecord", "CandidateHistory", "HistoryStore", "SQLiteHistoryStore",
            "MATCH_RADIUS_ARCSEC", "HISTORY_DAYS"]
@@ -138,15 +145,26 @@ CREATE INDEX IF NOT EXISTS objects_hpix ON objects (hpix);
 CREATE TABLE IF NOT EXISTS detections (
     candid INTEGER PRIMARY KEY, object_id TEXT NOT NULL, pid INTEGER NOT NULL, jd REAL NOT NULL,
     ra REAL NOT NULL, dec REAL NOT NULL, hpix INTEGER NOT NULL, field INTEGER, rcid INTEGER,
-    record TEXT NOT NULL);
+    record TEXT NOT NULL, avro BLOB);
 CREATE INDEX IF NOT EXISTS detections_hpix ON detections (hpix, jd);
 CREATE TABLE IF NOT EXISTS images (
     pid INTEGER PRIMARY KEY, jd REAL NOT NULL, field INTEGER, rcid INTEGER,
-    corners TEXT NOT NULL, upper_limit TEXT NOT NULL);
+    corners TEXT NOT NULL, upper_limit TEXT NOT NULL, upper_limit_avro BLOB);
 CREATE TABLE IF NOT EXISTS image_cells (
     hpix INTEGER NOT NULL, pid INTEGER NOT NULL, PRIMARY KEY (hpix, pid)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS id_counters (year INTEGER PRIMARY KEY, next_serial INTEGER NOT NULL);
 """
+#: Columns added after the first release: (table, column, type), added to older databases.
+_ADDED_COLUMNS = (("detections", "avro", "BLOB"), ("images", "upper_limit_avro", "BLOB"))
+
+
+def _prv_encoding(entry: Mapping[str, Any]) -> bytes | None:
+    """The entry's Avro encoding, or None when it does not fit the schema (the error then
+    surfaces when an alert holding it is serialised, as for any other bad value)."""
+    try:
+        return encode_prv_candidate(entry)
+    except (ValueError, TypeError, AttributeError, OverflowError):
+        return None
 
 
 class SQLiteHistoryStore(HistoryStore):
@@ -171,7 +189,11 @@ class SQLiteHistoryStore(HistoryStore):
             self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.execute("PRAGMA synchronous = NORMAL")
-            self._db.executescript("BEGIN IMMEDIATE;" + _TABLES + "COMMIT;")
+            self._db.executescript("BEGIN IMMEDIATE;" + _TABLES)
+            for table, column, kind in _ADDED_COLUMNS:
+                if column not in {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+            self._db.execute("COMMIT")
         except sqlite3.DatabaseError as exc:
             raise RuntimeError(f"{self.path}: cannot open the history database: {exc}") from None
         self._objects_hp = HEALPix(_OBJECT_NSIDE, order="nested")
@@ -205,9 +227,10 @@ class SQLiteHistoryStore(HistoryStore):
         if len(corners) < 3:
             raise ValueError(f"image pid {image.pid}: footprint needs at least 3 corners, got {len(corners)}")
         inserted = self._db.execute(
-            "INSERT OR IGNORE INTO images VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT OR IGNORE INTO images (pid, jd, field, rcid, corners, upper_limit, upper_limit_avro) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
             (image.pid, image.jd, image.field, image.rcid, json.dumps(corners),
-             json.dumps(dict(image.upper_limit)))).rowcount
+             json.dumps(dict(image.upper_limit)), _prv_encoding(image.upper_limit))).rowcount
         if not inserted:
             return
         vectors = _unit_vectors([c[0] for c in corners], [c[1] for c in corners])
@@ -220,17 +243,17 @@ class SQLiteHistoryStore(HistoryStore):
         self._db.executemany("INSERT OR IGNORE INTO image_cells VALUES (?, ?)",
                              [(int(c), image.pid) for c in cells])
 
-    def _covering_images(self, ra: float, dec: float, jd: float) -> list[tuple[float, int, dict]]:
+    def _covering_images(self, ra: float, dec: float, jd: float) -> list[tuple[float, int, str, bytes | None]]:
         cell = int(self._images_hp.lonlat_to_healpix(ra * u.deg, dec * u.deg))
         rows = self._db.execute(
-            "SELECT i.jd, i.pid, i.corners, i.upper_limit FROM image_cells c JOIN images i USING (pid) "
-            "WHERE c.hpix = ? AND i.jd <= ?", (cell, jd)).fetchall()
+            "SELECT i.jd, i.pid, i.corners, i.upper_limit, i.upper_limit_avro FROM image_cells c "
+            "JOIN images i USING (pid) WHERE c.hpix = ? AND i.jd <= ?", (cell, jd)).fetchall()
         point = _unit_vectors(ra, dec)
         covering = []
-        for row_jd, pid, corners, limit in rows:
+        for row_jd, pid, corners, limit, avro in rows:
             corners = np.asarray(json.loads(corners))
             if _inside(_unit_vectors(corners[:, 0], corners[:, 1]), point):
-                covering.append((row_jd, pid, limit))
+                covering.append((row_jd, pid, limit, avro))
         return covering
 
     def _associate(self, det: Mapping[str, Any]) -> tuple[str, bool]:
@@ -252,13 +275,13 @@ class SQLiteHistoryStore(HistoryStore):
     def _history(self, det: Mapping[str, Any], name: str, new: bool) -> CandidateHistory:
         jd, start = det["jd"], det["jd"] - HISTORY_DAYS
         near = [row for _, row in self._near(
-            "detections", "candid, pid, jd, field, rcid, record", det["ra"], det["dec"], "AND jd <= ?", (jd,))]
+            "detections", "candid, pid, jd, field, rcid, record, avro", det["ra"], det["dec"], "AND jd <= ?", (jd,))]
         same_channel = [row[2] for row in near if row[3] == det.get("field") and row[4] == det.get("rcid")]
         detected_pids = {row[1] for row in near}
-        previous = [(row[2], json.loads(row[5])) for row in near
+        previous = [(row[2], EncodedRecord(json.loads(row[5]), row[6])) for row in near
                     if start <= row[2] < jd and row[0] != det["candid"]]
         covering = self._covering_images(det["ra"], det["dec"], jd)
-        previous += [(row_jd, json.loads(limit)) for row_jd, pid, limit in covering
+        previous += [(row_jd, EncodedRecord(json.loads(limit), avro)) for row_jd, pid, limit, avro in covering
                      if start <= row_jd < jd and pid not in detected_pids]
         previous.sort(key=lambda entry: entry[0])
         return CandidateHistory(
@@ -275,10 +298,11 @@ class SQLiteHistoryStore(HistoryStore):
             for det in detections:
                 name, new = self._associate(det)
                 self._db.execute(
-                    "INSERT OR IGNORE INTO detections VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT OR IGNORE INTO detections (candid, object_id, pid, jd, ra, dec, hpix, field, rcid, "
+                    "record, avro) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (det["candid"], name, image.pid, det["jd"], det["ra"], det["dec"],
                      self._object_cell(det["ra"], det["dec"]), det.get("field"), det.get("rcid"),
-                     json.dumps(dict(det))))
+                     json.dumps(dict(det)), _prv_encoding(det)))
                 histories.append(self._history(det, name, new))
             self._db.execute("COMMIT")
         except BaseException:

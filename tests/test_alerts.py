@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import glob
 import gzip
 import io
 import logging
 import multiprocessing
+import os
+import pickle
+import sqlite3
+import zlib
 
 import fastavro
 import fastavro.validation
@@ -16,11 +21,14 @@ import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
 
+from alerts import history as history_module
+from alerts.cutouts import fits_stamp, gzip_fits_stamp, stamp_header_cards
 from alerts.history import SQLiteHistoryStore
 from alerts.ids import MAX_EXPID, make_candid, make_pid, object_id, split_candid, topic_name
 from alerts.packet import AlertInputError, make_alerts
 from alerts.publish import AlertPublisher, PublishError, replay
-from alerts.schema import SYNC_MARKER, alert_schema, serialize_alert
+from alerts.schema import (SYNC_MARKER, EncodedRecord, alert_schema, encode_prv_candidate, serialize_alert,
+                           serialize_alert_fastavro, validate_alert)
 from alerts.spool import DELIVERED, OVERSIZE, PENDING, Spool
 from alerts.synthetic import synthetic_candidates, synthetic_context, synthetic_cutouts
 from pipeline.commands import alerts as alerts_command
@@ -213,3 +221,121 @@ def test_show_reads_our_packet_and_rejects_garbage(tmp_path, capsys):
     bad = tmp_path / "bad.avro"
     bad.write_bytes(b"not avro")
     assert _run_cli(["alerts", "show", str(bad)]) == 3
+
+
+# -- the compiled serialiser, history encodings, cutout framing, grouped spool syncs -------
+
+def _fastavro_container(alert) -> bytes:
+    buffer = io.BytesIO()
+    fastavro.writer(buffer, alert_schema(), [alert], sync_marker=SYNC_MARKER)
+    return buffer.getvalue()
+
+
+def _alerts_with_history(tmp_path):
+    """Epoch 3 of a candidate seen on epoch 1 and missed on epoch 2: a detection and a limit."""
+    store = SQLiteHistoryStore(tmp_path / "history.sqlite")
+    first = synthetic_context()
+    candidates = synthetic_candidates(5)
+    make_alerts(first, candidates, None, store, PUBLISHER)
+    second = dataclasses.replace(first, expid=first.expid + 100000, jd=first.jd + 1.0)
+    make_alerts(second, candidates[3:], None, store, PUBLISHER)
+    third = dataclasses.replace(first, expid=first.expid + 200000, jd=first.jd + 2.0)
+    return make_alerts(third, candidates[:3], synthetic_cutouts(candidates[:3]), store, PUBLISHER), store
+
+
+def test_fast_serialiser_writes_fastavros_bytes(tmp_path):
+    alerts, store = _alerts_with_history(tmp_path)
+    store.close()
+    prv = alerts[0]["prv_candidates"]
+    assert [p["candid"] is None for p in prv] == [False, True]
+    assert all(isinstance(p, EncodedRecord) and p.avro == encode_prv_candidate(dict(p)) for p in prv)
+    alerts[1]["candidate"]["ranr"] = float("nan")          # NaN and null both occur
+    alerts[1]["candidate"].pop("sharpnr")                    # a missing optional field is null
+    for alert in alerts:
+        fast = serialize_alert(alert)
+        assert fast == serialize_alert_fastavro(alert) == _fastavro_container(alert)
+        validate_alert(next(fastavro.reader(io.BytesIO(fast))))
+    without_nan = (alerts[0], alerts[2])
+    assert ([next(fastavro.reader(io.BytesIO(serialize_alert(a)))) for a in without_nan]
+            == [next(fastavro.reader(io.BytesIO(serialize_alert_fastavro(a)))) for a in without_nan])
+    decoded = next(fastavro.reader(io.BytesIO(serialize_alert(alerts[1]))))
+    assert np.isnan(decoded["candidate"]["ranr"]) and decoded["candidate"]["sharpnr"] is None
+    assert [p["pid"] for p in decoded["prv_candidates"]] == [p["pid"] for p in alerts[1]["prv_candidates"]]
+
+
+def test_values_outside_the_fast_subset_go_through_fastavro(tmp_path):
+    alerts, store = _alerts_with_history(tmp_path)
+    store.close()
+    alert = alerts[0]
+    alert["candidate"].update(magpsf=np.float32(18.5), nneg=np.int64(3))   # numpy scalars: fastavro writes them
+    alert["prv_candidates"][0]["magpsf"] = np.float64(19.25)    # a changed entry is encoded afresh
+    assert alert["prv_candidates"][0].avro is None
+    assert serialize_alert(alert) == _fastavro_container(alert)
+    decoded = next(fastavro.reader(io.BytesIO(serialize_alert(alert))))
+    assert decoded["candidate"]["nneg"] == 3 and decoded["prv_candidates"][0]["magpsf"] == 19.25
+    for field, bad in (("sgscore1", True), ("magpsf", "bright")):   # fastavro refuses them
+        with pytest.raises(ValueError):
+            serialize_alert({**alert, "candidate": {**alert["candidate"], field: bad}})
+    unchecked = {**alert, "candidate": {**alert["candidate"], "fid": 2**40}}   # fastavro writes it unchecked
+    assert serialize_alert(unchecked) == _fastavro_container(unchecked)
+    entry = alerts[1]["prv_candidates"][0]
+    assert pickle.loads(pickle.dumps(entry)).avro == entry.avro and copy.copy(entry) == entry
+
+
+def test_history_store_from_before_the_encoding_column_is_migrated(tmp_path):
+    path = tmp_path / "old.sqlite"
+    old_tables = history_module._TABLES.replace(", avro BLOB", "").replace(", upper_limit_avro BLOB", "")
+    with sqlite3.connect(path) as db:
+        db.executescript(old_tables)
+        db.execute("INSERT INTO images VALUES (1, 2461100.5, 600, 21, '[[0,0],[1,0],[1,1]]', '{}')")
+    store = SQLiteHistoryStore(path)
+    first = synthetic_context()
+    candidates = synthetic_candidates(2)
+    make_alerts(first, candidates, None, store, PUBLISHER)
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE detections SET avro = NULL")       # rows written by the old code
+    later = dataclasses.replace(first, expid=first.expid + 100000, jd=first.jd + 1.0)
+    alerts = make_alerts(later, candidates, None, store, PUBLISHER)
+    store.close()
+    assert alerts[0]["prv_candidates"][0].avro is None
+    assert serialize_alert(alerts[0]) == _fastavro_container(alerts[0])
+
+
+@pytest.mark.parametrize("shape", [(63, 63), (5, 7), (200, 150), (0, 0)])
+def test_gzip_stamp_framing_holds_the_plain_fits_bytes(shape):
+    cards, crpix1, crpix2 = stamp_header_cards(synthetic_context().wcs_header)
+    data = np.random.default_rng(3).normal(size=shape).astype(np.float32)
+    for wcs, crpix in ((cards, (crpix1 - 12, crpix2 + 0.25)), (b"", None), (cards, None)):
+        packed = gzip_fits_stamp(data, wcs, crpix)
+        stream = zlib.decompressobj(31)
+        assert stream.decompress(packed) == fits_stamp(data, wcs, crpix)
+        assert stream.eof and not stream.unused_data
+
+
+def test_publisher_syncs_each_group_before_producing_it(tmp_path, monkeypatch):
+    context, _, alerts = _alerts(tmp_path, n=5)
+    spool = Spool(tmp_path / "spool")
+    events = []
+    real_sync = spool.sync
+
+    def sync(paths):
+        paths = list(paths)
+        events.append(("sync", sorted(int(os.path.basename(p)[:-5]) for p in paths)))
+        real_sync(paths)
+    monkeypatch.setattr(spool, "sync", sync)
+    with AlertPublisher(KafkaConfig(bootstrap_servers=""), spool, sync_batch=2) as publisher:
+        real_produce = publisher.produce_spooled
+
+        def produce_spooled(topic, candid, value):
+            assert spool.path(topic, candid, PENDING).read_bytes() == value
+            events.append(("produce", candid))
+            return real_produce(topic, candid, value)
+        monkeypatch.setattr(publisher, "produce_spooled", produce_spooled)
+        states = [publisher.publish(context.topic, a["candid"], serialize_alert(a)) for a in alerts]
+        assert states == [PENDING] * 5 and [e[0] for e in events] == ["sync", "produce", "produce"] * 2
+        publisher.flush()
+    candids = [a["candid"] for a in alerts]
+    assert events == [("sync", candids[0:2]), ("produce", candids[0]), ("produce", candids[1]),
+                      ("sync", candids[2:4]), ("produce", candids[2]), ("produce", candids[3]),
+                      ("sync", candids[4:]), ("produce", candids[4])]
+    assert publisher.report.held == 5 and spool.count(PENDING) == 5 and not spool._unsynced
