@@ -1,9 +1,18 @@
 """Publishing alert packets to Kafka through the durable spool.
 
 Every packet is written to the spool first (:mod:`alerts.spool`), then produced with
-confluent-kafka: ``acks=all``, idempotence on, lz4 compression, a bounded local queue
+confluent-kafka.  Packets are spooled in groups (``sync_batch`` packets or ``sync_bytes``,
+whichever comes first, and at every flush): each packet is written as it comes, the group
+is made durable with one :meth:`Spool.sync <alerts.spool.Spool.sync>`, and only then is any
+of it produced.  So a packet is always on disk before the broker can see it, and a crash
+(or power cut) can only lose packets that were never produced -- a rerun of the quadrant
+makes them again with the same candids; nothing that was produced is ever missing from the
+spool.  While the producer's threads send one group the next one is being written, and the
+disk cache is flushed once per group, not once per packet (which capped publishing at
+~900 alerts/s here).  The producer: ``acks=all``, idempotence on, lz4 compression, a bounded local queue
 (``queue.buffering.max.messages``/``kbytes``; a full queue is drained by polling), a delivery
-callback per message, and ``message.timeout.ms`` equal to the flush timeout so that a flush
+callback per message (one bound method: the candid is the message key), and
+``message.timeout.ms`` equal to the flush timeout so that a flush
 ends with every message either acknowledged or failed.  Only an acknowledgement moves a
 packet to ``delivered``; anything else (broker down, broker died mid-stream, timeout, fatal
 producer error, purge at close) leaves it ``pending`` for :func:`replay`.  So nothing is
@@ -30,7 +39,7 @@ from typing import Any, Iterable, Mapping
 from confluent_kafka import KafkaError, KafkaException, Producer
 
 from .schema import serialize_alert
-from .spool import OVERSIZE, PENDING, Spool
+from .spool import DELIVERED, OVERSIZE, PENDING, Spool
 
 __all__ = ["producer_config", "redacted", "SecretFilter", "PublishReport", "AlertPublisher",
            "replay", "PublishError", "RECORD_OVERHEAD_BYTES"]
@@ -119,11 +128,18 @@ class AlertPublisher:
         ``bootstrap_servers`` keeps every packet in the spool.
     spool : Spool
         Where packets wait for their acknowledgement.
+    sync_batch, sync_bytes : int
+        Largest group of packets (count, bytes) made durable with one spool sync before it
+        is produced.
     """
 
-    def __init__(self, kafka, spool: Spool):
+    def __init__(self, kafka, spool: Spool, sync_batch: int = 64, sync_bytes: int = 8 * 1024 * 1024):
         self.kafka = kafka
         self.spool = spool
+        self.sync_batch = max(1, int(sync_batch))
+        self.sync_bytes = int(sync_bytes)
+        self._group: list[tuple[str, int, bytes, str]] = []
+        self._group_bytes = 0
         self.report = PublishReport()
         self._secrets = SecretFilter([kafka.sasl_password, kafka.sasl_username])
         self._kafka_log = logging.getLogger("skydiff.alerts.kafka")
@@ -151,37 +167,63 @@ class AlertPublisher:
         else:
             log.warning("Kafka: %s", err.str())
 
-    def _delivery_callback(self, topic: str, candid: int):
-        def on_delivery(err: KafkaError | None, msg) -> None:
-            if err is None:
-                self.spool.mark_delivered(topic, candid, msg.partition(), msg.offset())
-                self.report.delivered += 1
-            else:
-                self.report.failed += 1
-                log.warning("alert %d to %s not delivered (kept in the spool): %s", candid, topic, err.str())
-        return on_delivery
+    def _on_delivery(self, err: KafkaError | None, msg) -> None:
+        candid = int(msg.key())
+        if err is None:
+            self.spool.mark_delivered(msg.topic(), candid, msg.partition(), msg.offset())
+            self.report.delivered += 1
+        else:
+            self.report.failed += 1
+            log.warning("alert %d to %s not delivered (kept in the spool): %s", candid, msg.topic(), err.str())
+
+    def _oversize(self, candid: int, value: bytes) -> bool:
+        return len(value) + len(str(candid)) + RECORD_OVERHEAD_BYTES > self.kafka.message_max_bytes
 
     def publish(self, topic: str, candid: int, value: bytes) -> str:
-        """Spool one packet, then produce it; returns its state (pending/delivered/oversize)."""
-        if not self.spool.put(topic, candid, value):
+        """Spool one packet and queue it for producing; returns its state.
+
+        ``"pending"`` (spooled; produced once its group is on disk, at the latest at the
+        next :meth:`flush`), ``"delivered"`` (acknowledged before: nothing written or sent)
+        or ``"oversize"`` (set aside in the spool, never produced).
+        """
+        if self._oversize(candid, value):
+            if not self.spool.put(topic, candid, value):
+                self.report.already_delivered += 1
+                return DELIVERED
+            self.report.spooled += 1
+            return self._set_aside(topic, candid, len(value))
+        path = self.spool.write(topic, candid, value)
+        if path is None:
             self.report.already_delivered += 1
-            return "delivered"
+            return DELIVERED
         self.report.spooled += 1
-        return self.produce_spooled(topic, candid, value)
+        self._group.append((topic, candid, value, path))
+        self._group_bytes += len(value)
+        if len(self._group) >= self.sync_batch or self._group_bytes >= self.sync_bytes:
+            self._produce_group()
+        return PENDING
+
+    def _produce_group(self) -> None:
+        """Make the spooled group durable, then produce it."""
+        group, self._group, self._group_bytes = self._group, [], 0
+        if not group:
+            return
+        self.spool.sync([path for *_, path in group])
+        for topic, candid, value, _ in group:
+            self.produce_spooled(topic, candid, value)
 
     def produce_spooled(self, topic: str, candid: int, value: bytes) -> str:
-        """Produce a packet already in the spool's pending folder."""
-        key = str(candid).encode()
-        if len(value) + len(key) + RECORD_OVERHEAD_BYTES > self.kafka.message_max_bytes:
+        """Produce a packet that is on disk in the spool's pending folder."""
+        if self._oversize(candid, value):
             return self._set_aside(topic, candid, len(value))
+        key = str(candid).encode()
         if not self.connected:
             self.report.held += 1
             return PENDING
         deadline = time.monotonic() + max(1.0, self.kafka.flush_timeout_s) * 2
         while True:
             try:
-                self._producer.produce(topic, value=value, key=key,
-                                       on_delivery=self._delivery_callback(topic, candid))
+                self._producer.produce(topic, value=value, key=key, on_delivery=self._on_delivery)
                 self.report.produced += 1
                 self._producer.poll(0)
                 return PENDING
@@ -217,13 +259,18 @@ class AlertPublisher:
         return self.report
 
     def flush(self, timeout_s: float | None = None) -> int:
-        """Wait for acknowledgements; returns how many messages are still unacknowledged."""
+        """Produce the group being spooled, then wait for acknowledgements.
+
+        Returns how many messages are still unacknowledged.
+        """
+        self._produce_group()
         if self._producer is None:
             return 0
         return self._producer.flush(self.kafka.flush_timeout_s if timeout_s is None else timeout_s)
 
     def close(self) -> None:
         """Flush, then drop what is still queued (it stays pending in the spool)."""
+        self._produce_group()
         if self._producer is not None:
             if self.flush():
                 self._producer.purge()
@@ -243,16 +290,23 @@ class AlertPublisher:
 def replay(spool: Spool, publisher: AlertPublisher, retry_oversize: bool = True) -> PublishReport:
     """Republish every pending packet of ``spool`` (and oversize ones, under the current limit).
 
-    Delivered packets are never touched, so nothing acknowledged is sent twice.
+    Delivered packets are never touched, so nothing acknowledged is sent twice.  Packets are
+    synced group by group before they are produced, like new ones: a process that died
+    before its group sync may have left them in the page cache only.
     """
     if retry_oversize:
         for entry in list(spool.entries(OVERSIZE)):
             spool.restore_oversize(entry.topic, entry.candid)
-    for entry in list(spool.entries(PENDING)):
-        try:
-            value = entry.path.read_bytes()
-        except FileNotFoundError:
-            continue    # acknowledged meanwhile by another replaying process
-        publisher.produce_spooled(entry.topic, entry.candid, value)
+    entries = list(spool.entries(PENDING))
+    for start in range(0, len(entries), publisher.sync_batch):
+        group = []
+        for entry in entries[start:start + publisher.sync_batch]:
+            try:
+                group.append((entry, entry.path.read_bytes()))
+            except FileNotFoundError:
+                continue    # acknowledged meanwhile by another replaying process
+        spool.sync([entry.path for entry, _ in group])
+        for entry, value in group:
+            publisher.produce_spooled(entry.topic, entry.candid, value)
     publisher.flush()
     return publisher.report

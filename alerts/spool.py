@@ -16,6 +16,14 @@ interleave between processes).  :meth:`Spool.put` refuses a candid already deliv
 makes reruns publish nothing new; a pending one is rewritten in place.  Pruning old
 ``delivered`` folders is safe for disk space but removes the rerun guard for those candids.
 
+Durability: :meth:`Spool.put` returns once the packet file and its directory entry are on
+disk (``fdatasync`` of the file, ``fsync`` of the folder).  A publisher may instead
+:meth:`~Spool.write` a group of packets (each written atomically and its write-back started
+at once) and make the whole group durable with one :meth:`~Spool.sync` before producing any
+of it: the disk cache is flushed once per group instead of once per packet (measured here:
+~560 us a packet one by one, ~200 us in groups of 64 packets of 80 kB), and a crash before
+the sync can only lose packets that were never produced.
+
 Without a broker (empty ``bootstrap_servers``) packets simply stay in ``pending``, and
 ``skydiff alerts replay`` publishes them later.  Oversize packets stay whole in
 ``oversize``; replay retries them, so raising the limit (``kafka.message_max_bytes``,
@@ -33,6 +41,8 @@ __all__ = ["Spool", "SpoolEntry", "DeliveryRecord", "PENDING", "DELIVERED", "OVE
 
 PENDING, DELIVERED, OVERSIZE = "pending", "delivered", "oversize"
 _LOG = "delivered.log"
+_ADVISE = getattr(os, "POSIX_FADV_DONTNEED", None)
+_fdatasync = getattr(os, "fdatasync", os.fsync)   # data + the metadata to read it back
 
 
 class SpoolEntry(NamedTuple):
@@ -57,27 +67,36 @@ class Spool:
     root : str or Path
         The spool folder (created if missing).
     fsync : bool
-        Flush each packet file to disk before it is produced, so a power cut after the
-        send cannot lose it (a process crash never can: the page cache survives it).
+        Make packets durable (:meth:`put`, :meth:`sync`) before they are produced, so a power
+        cut after the send cannot lose them (a process crash never can: the page cache
+        survives it).  False only for throwaway spools (benchmarks).
     """
 
     def __init__(self, root: str | os.PathLike, fsync: bool = True):
         self.root = Path(root)
         self.fsync = fsync
         self.root.mkdir(parents=True, exist_ok=True)
-        self._made: set[Path] = set()
+        self._root = str(self.root)
+        self._folders: dict[tuple[str, str], str] = {}
+        self._unsynced: dict[str, int] = {}     # written packet -> its still open descriptor
         self._log_lock = threading.Lock()
         self._log_fd: int | None = None
 
     def path(self, topic: str, candid: int, state: str = PENDING) -> Path:
         return self.root / topic / state / f"{int(candid)}.avro"
 
-    def _folder(self, topic: str, state: str) -> Path:
-        folder = self.root / topic / state
-        if folder not in self._made:
-            folder.mkdir(parents=True, exist_ok=True)
-            self._made.add(folder)
+    def _folder(self, topic: str, state: str) -> str:
+        # Plain strings, made once per folder: pathlib costs more than the write itself here.
+        folder = self._folders.get((topic, state))
+        if folder is None:
+            folder = f"{self._root}/{topic}/{state}"
+            os.makedirs(folder, exist_ok=True)
+            self._folders[(topic, state)] = folder
         return folder
+
+    def _file(self, topic: str, candid: int, state: str, make: bool = True) -> str:
+        folder = self._folder(topic, state) if make else f"{self._root}/{topic}/{state}"
+        return f"{folder}/{int(candid)}.avro"
 
     def state(self, topic: str, candid: int) -> str | None:
         """``"delivered"``, ``"pending"``, ``"oversize"`` or None (never spooled)."""
@@ -87,23 +106,76 @@ class Spool:
         return None
 
     def put(self, topic: str, candid: int, value: bytes) -> bool:
-        """Write a packet atomically to ``pending``; False (nothing written) if already delivered."""
-        if self.path(topic, candid, DELIVERED).exists():
+        """Write a packet durably to ``pending``; False (nothing written) if already delivered."""
+        path = self.write(topic, candid, value)
+        if path is None:
             return False
-        folder = self._folder(topic, PENDING)
-        final = folder / f"{int(candid)}.avro"
-        temporary = folder / f".{int(candid)}.{os.getpid()}.{threading.get_ident()}.tmp"
-        with open(temporary, "wb") as handle:
-            handle.write(value)
-            if self.fsync:
-                handle.flush()
-                os.fsync(handle.fileno())
-        os.replace(temporary, final)
+        self.sync([path])
         return True
+
+    def write(self, topic: str, candid: int, value: bytes) -> str | None:
+        """Write a packet atomically to ``pending`` without waiting for the disk.
+
+        Returns its path (to pass to :meth:`sync` before the packet is produced), or None
+        (nothing written) if the candid was delivered already.
+        """
+        if os.path.exists(self._file(topic, candid, DELIVERED, make=False)):
+            return None
+        folder = self._folder(topic, PENDING)
+        final = f"{folder}/{int(candid)}.avro"
+        temporary = f"{folder}/.{int(candid)}.{os.getpid()}.{threading.get_ident()}.tmp"
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(value)
+            while view:
+                view = view[os.write(descriptor, view):]
+            if self.fsync and _ADVISE is not None:
+                # Starts the write-back now (Linux does so for DONTNEED), so the later sync
+                # mostly waits for a disk that is already busy with this group.
+                os.posix_fadvise(descriptor, 0, 0, _ADVISE)
+            os.replace(temporary, final)
+        except BaseException:
+            os.close(descriptor)
+            raise
+        if not self.fsync:
+            os.close(descriptor)
+            return final
+        # Kept open until sync(): reopening each file there cost as much as the writes.
+        previous = self._unsynced.pop(final, None)
+        if previous is not None:
+            os.close(previous)       # rewritten before its sync: the new file is what counts
+        self._unsynced[final] = descriptor
+        return final
+
+    def sync(self, paths) -> None:
+        """Make written packets durable: each file's data, then each folder's entries."""
+        if not self.fsync:
+            return
+        folders = []
+        for path in map(str, paths):
+            descriptor = self._unsynced.pop(path, None)
+            if descriptor is None:
+                try:
+                    descriptor = os.open(path, os.O_RDONLY)
+                except FileNotFoundError:
+                    continue    # acknowledged and moved meanwhile (a replay elsewhere)
+            try:
+                _fdatasync(descriptor)
+            finally:
+                os.close(descriptor)
+            folder = os.path.dirname(path)
+            if folder not in folders:
+                folders.append(folder)
+        for folder in folders:
+            descriptor = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
 
     def _move(self, topic: str, candid: int, source: str, target: str) -> bool:
         try:
-            os.replace(self.path(topic, candid, source), self._folder(topic, target) / f"{int(candid)}.avro")
+            os.replace(self._file(topic, candid, source, make=False), self._file(topic, candid, target))
             return True
         except FileNotFoundError:
             return False
@@ -155,6 +227,9 @@ class Spool:
         return records
 
     def close(self) -> None:
+        for descriptor in self._unsynced.values():
+            os.close(descriptor)
+        self._unsynced.clear()
         with self._log_lock:
             if self._log_fd is not None:
                 os.close(self._log_fd)

@@ -16,6 +16,7 @@ import fastavro.validation
 import pytest
 from confluent_kafka import Consumer
 
+from alerts.bench import bench_publish
 from alerts.history import SQLiteHistoryStore
 from alerts.packet import make_alerts
 from alerts.publish import AlertPublisher, replay
@@ -24,7 +25,7 @@ from alerts.spool import DELIVERED, PENDING, Spool
 from alerts.synthetic import synthetic_candidates, synthetic_context, synthetic_cutouts
 from pipeline.config import KafkaConfig
 
-from kafka_broker import KafkaBroker, free_port
+from kafka_broker import KafkaBroker, free_port, tansu_binary
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -181,3 +182,13 @@ def test_broker_absent_from_start_then_replay(tmp_path):
         broker.kill()
     assert sorted(collector.candids) == sorted(a["candid"] for a in alerts)
     assert Counter(r.candid for r in spool.delivery_log()) == Counter(a["candid"] for a in alerts)
+
+
+def test_publish_benchmark_delivers_everything(tmp_path, broker):
+    # Figures are printed by ``skydiff bench alert-publish``; here only that every alert is
+    # acknowledged and moved to ``delivered``, against a given broker and a self-started one.
+    tansu_binary()
+    given = bench_publish(broker.bootstrap, n=120, distinct=7)
+    own = bench_publish(None, n=40, distinct=5, fsync=False)
+    for figures, n in ((given, 120), (own, 40)):
+        assert figures["delivered"] == figures["delivered_in_spool"] == n and figures["unacknowledged"] == 0
