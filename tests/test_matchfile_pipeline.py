@@ -7,6 +7,7 @@ science exposures on 8 nights (airmass 1.1-1.6, seeing 1.6-2.5"), each character
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,6 +19,7 @@ from scipy.spatial import cKDTree
 
 from pipeline.characterize import characterize_image
 from pipeline.config import Config, load_config
+from pipeline.demo_matchfiles import fill_demo_matchfiles
 from pipeline.image import write_quadrant
 from pipeline.lightcurve import lightcurve
 from pipeline.matchfile import combine, pending_shards
@@ -43,6 +45,7 @@ class Run:
     matchfile: Path
     epochs: list            # dict(expid, mid_mjd, truth, zeropoint, header, append_s)
     last: tuple             # (science QuadrantImage, Characterization) of the last epoch
+    previous: object        # the science QuadrantImage of the epoch before
 
 
 def _unit(ra, dec) -> np.ndarray:
@@ -61,7 +64,7 @@ def _run(root: Path) -> Run:
     band = cfg.instrument.filters[BAND]
     reference = build_reference(simulate_reference_frames(cfg, options, sky), sky.gaia_catalogue(), band)
     matchfile = seed_matchfile_from_reference(root, reference, cfg)
-    epochs, last = [], None
+    epochs, last, previous = [], None, None
     for k, (night, airmass, seeing) in enumerate(zip(NIGHTS, AIRMASS, SEEING)):
         pair = simulate_science(cfg, replace(options, science_night=night, science_airmass=airmass,
                                              science_seeing=seeing, seed=options.seed + 10 * k), sky)
@@ -72,8 +75,8 @@ def _run(root: Path) -> Run:
         append_science_epoch(root, image.header, science, cfg)
         epochs.append(dict(expid=meta.expid, mid_mjd=meta.obstime.mjd, truth=pair.truth, zeropoint=pair.zeropoint,
                            header=image.header, append_s=time.perf_counter() - start))
-        last = (image, science)
-    return Run(cfg, sky, reference, root, matchfile, epochs, last)
+        previous, last = (last[0] if last else None), (image, science)
+    return Run(cfg, sky, reference, root, matchfile, epochs, last, previous)
 
 
 @pytest.fixture(scope="module")
@@ -263,3 +266,40 @@ def test_command_appends_a_solved_image(run, tmp_path, capsys):
     bad = parser.parse_args(["matchfile", "append", str(tmp_path / "missing.fits"), "--root", str(root)])
     bad.cfg = run.cfg
     assert bad.func(bad) == 3
+
+
+def test_demo_hook_fills_matchfiles_from_subtraction_folders(run, tmp_path):
+    """Two subtraction output folders (qa.json naming the solved image and the reference)."""
+    from astropy.io import fits
+
+    reference = tmp_path / "ref.fits"
+    write_reference(reference, run.reference)
+    subtractions = []
+    for image, epoch in ((run.previous, run.epochs[-2]), (run.last[0], run.epochs[-1])):
+        stem = f"science_{image.meta.expid}"
+        science = tmp_path / "astrometry" / "night" / stem / f"{stem}.fits"
+        science.parent.mkdir(parents=True)
+        write_quadrant(science, image.data, image.header, image.mask)
+        truth = tmp_path / "truth" / "night" / f"{stem}_truth.fits"
+        truth.parent.mkdir(parents=True, exist_ok=True)
+        fits.HDUList([fits.PrimaryHDU(), fits.BinTableHDU(epoch["truth"], name="TRUTH")]).writeto(truth)
+        outdir = tmp_path / "subtraction" / stem
+        outdir.mkdir(parents=True)
+        (outdir / "qa.json").write_text(json.dumps({"science": str(science), "reference": str(reference),
+                                                    "zp_science": epoch["zeropoint"], "magzpsciunc": 0.001,
+                                                    "zp_source": "gaia"}))
+        subtractions.append({"status": 0, "outdir": str(outdir), "science": str(science)})
+    subtractions.append({"status": 4, "science": "unusable.fits"})
+    summary = fill_demo_matchfiles(run.cfg, [{"path": str(reference)}], subtractions[::-1], tmp_path / "mf",
+                                   truth_root=tmp_path / "truth", jobs=1)
+    print(f"\ndemo hook: {summary}")
+    assert summary["epochs_appended"] == 2 and not summary["failed"]
+    [matchfile] = summary["matchfiles"]
+    assert matchfile["epochs"] == 2 and matchfile["photometry_rows"] > 2000
+    named = summary["lightcurve"]
+    assert named["simulated_variable"] and named["epochs"] == 2
+    assert named["command"].startswith(f"skydiff lightcurve {named['ra']:.6f} ")
+    stars, row_of = _truth_rows(run)
+    variables = stars[np.asarray(stars["variable"], bool)]
+    chord, _ = cKDTree(_unit(variables["ra"], variables["dec"])).query(_unit([named["ra"]], [named["dec"]]))
+    assert _arcsec(chord[0]) < 1.0
