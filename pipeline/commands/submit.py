@@ -1,0 +1,48 @@
+"""``skydiff submit``: one exposure to Slurm as a job array plus its follow-up summary job."""
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("skydiff.submit")
+
+
+def parse_quadrants(text: str) -> list[int]:
+    """rcids from "0,5,10-12" (inclusive ranges)."""
+    rcids: set[int] = set()
+    try:
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            first, _, last = part.partition("-")
+            rcids.update(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise ValueError(f"--quadrants {text!r}: expected rcids like 0,5,10-12") from None
+    return sorted(rcids)
+
+
+def register(subparsers, common) -> None:
+    p = subparsers.add_parser(
+        "submit", parents=[common], help="submit an exposure to Slurm (array of quadrants + summary)",
+        description="Submit one exposure to Slurm: a job array with one task per quadrant running "
+                    "'skydiff quadrant' (time limit, partition and the retry cap on exit 75 from the "
+                    "[slurm] section) and a follow-up job, started once every task has ended, running "
+                    "'skydiff exposure-summary'.  Prints the two job ids.")
+    p.add_argument("exposure", metavar="EXPOSURE", help="multi-extension FITS exposure or folder of quadrant files")
+    p.add_argument("--quadrants", metavar="RCIDS", help="rcids to run, e.g. 0,5,10-12 (default: all it holds)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from slurm.jobs import SlurmError
+    from slurm.submit import submit_exposure
+    from ..status import EXIT_BAD_INPUT, EXIT_FAILED
+    try:
+        quadrants = parse_quadrants(args.quadrants) if args.quadrants else None
+        result = submit_exposure(args.exposure, args.cfg, quadrants)
+    except (ValueError, OSError) as exc:
+        log.error("%s", exc)
+        return EXIT_BAD_INPUT
+    except SlurmError as exc:
+        log.error("%s", exc)
+        return EXIT_FAILED
+    print(f"array job {result.array_job_id} ({len(result.quadrants)} quadrants), "
+          f"summary job {result.summary_job_id}; logs in {result.workdir / 'logs'}")
+    return 0
