@@ -13,10 +13,14 @@ as the survey's offline and real-time steps would:
 7. builds every science image's alert packets in time order (object history under the work
    directory, so later alerts carry earlier detections) and publishes them: to the spool
    (``<workdir>/alerts/spool``) by default, to the broker when ``kafka.bootstrap_servers``
-   is set,
+   is set;
+8. seeds a matchfile per quadrant and filter from its reference and appends every subtracted
+   image's PSF photometry in exposure order, naming a variable star's light curve
+   (``skydiff lightcurve RA DEC --root ...``),
 
 and prints a summary with the astrometric RMS and verdict per quadrant, the candidates
-against the simulated transients, the alerts built, spooled and delivered, and the timings.
+against the simulated transients, the alerts built, spooled and delivered, the matchfiles
+and the timings.
 It is the first of the README's two commands: embedded defaults, no network.
 """
 from __future__ import annotations
@@ -29,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import Config
+from .demo_matchfiles import fill_demo_matchfiles
 from .demo_subtraction import build_demo_references, publish_demo_alerts, subtract_demo_images
 from .simulate.plan import DEFAULT_FIELDS
 from .simulate.run import simulate_run
@@ -60,6 +65,7 @@ class DemoSummary:
     references: list[dict] = field(default_factory=list)
     subtractions: list[dict] = field(default_factory=list)
     alerts: dict = field(default_factory=dict)
+    matchfiles: dict = field(default_factory=dict)
     products: dict[str, str] = field(default_factory=dict)
 
 
@@ -147,6 +153,11 @@ def run_demo(cfg: Config, workdir: str | Path, options: DemoOptions = DemoOption
     (workdir / "qa" / "alerts.json").write_text(json.dumps(summary.alerts, indent=1))
     summary.products["alert spool"] = summary.alerts["spool"]
     lap("alerts")
+    summary.matchfiles = fill_demo_matchfiles(cfg, summary.references, summary.subtractions, workdir / "matchfiles",
+                                              truth_root=workdir / "sim" / "truth", jobs=options.jobs)
+    (workdir / "qa" / "matchfiles.json").write_text(json.dumps(summary.matchfiles, indent=1))
+    summary.products["matchfiles"] = summary.matchfiles["root"]
+    lap("matchfiles")
     return summary
 
 
@@ -228,6 +239,20 @@ def format_summary(summary: DemoSummary) -> str:
         for r in a["images"]:
             lines.append(f"    {r['expid']:<10} {r['rcid']:>4}  {r['alerts']:6d}  {r['with_history']:23d}  "
                          f"{r['build_s']:7.2f}  {r['publish_s']:9.2f}")
+    if summary.matchfiles:
+        m = summary.matchfiles
+        lines.append(f"  matchfiles          {len(m['matchfiles'])} file(s), {m['epochs_appended']} epochs appended "
+                     f"(characterise {m['characterize_s']:.1f} s, append {m['append_s']:.2f} s per image)")
+        for f in m["matchfiles"]:
+            lines.append(f"    {f['path']}: {f['epochs']} epochs, {f['photometry_rows']} photometry rows, "
+                         f"{f['unmatched_rows']} unmatched detections")
+        for f in m["failed"]:
+            lines.append(f"    {f['source']}: not appended: {f['reason']}")
+        lc = m["lightcurve"]
+        if lc:
+            what = "simulated variable star" if lc["simulated_variable"] else "most variable object"
+            lines.append(f"  light curve to see  {what} oid {lc['oid']}, {lc['epochs']} epochs "
+                         f"({', '.join(lc['filters'])}), mag {lc['mag_min']:.2f}-{lc['mag_max']:.2f}: {lc['command']}")
     for name, path in summary.products.items():
         lines.append(f"  {name:<24}{path}")
     lines.append("  stage timings (s)   " + ", ".join(f"{k} {v:.1f}" for k, v in summary.stages.items()))

@@ -15,12 +15,11 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
-from astropy.io import fits
-
 from .config import Config
 from .exposure import exposure_rcids
 from .image import ImageContractError
-from .quadrant import QuadrantInputError, failure_record, locate_quadrant, quadrant_dir, read_status, run_quadrant
+from .quadrant import (QuadrantInputError, failure_record, locate_quadrant, quadrant_dir, quadrant_expid,
+                       read_status, run_quadrant)
 from .status import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_RETRY
 
 __all__ = ["run_exposure", "exposure_summary", "format_exposure_summary", "exposure_expid"]
@@ -58,8 +57,7 @@ def exposure_expid(exposure: str | os.PathLike) -> int:
     rcids = exposure_rcids(exposure)
     if not rcids:
         raise QuadrantInputError(f"{exposure}: no quadrant found")
-    path, hdu = locate_quadrant(exposure, rcids[0])
-    return int(fits.getval(path, "EXPID", ext=hdu if hdu is not None else 0))
+    return quadrant_expid(*locate_quadrant(exposure, rcids[0]))
 
 
 def run_exposure(exposure: str | os.PathLike, cfg: Config, jobs: int | None = None,

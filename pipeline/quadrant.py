@@ -38,7 +38,7 @@ from .config import Config
 from .image import ImageContractError, read_quadrant, write_quadrant
 from .status import EXIT_OK, EXIT_RETRY, EXIT_UNUSABLE
 
-__all__ = ["quadrant_dir", "read_status", "locate_quadrant", "run_quadrant", "failure_record",
+__all__ = ["quadrant_dir", "read_status", "locate_quadrant", "quadrant_expid", "run_quadrant", "failure_record",
            "QuadrantInputError"]
 
 log = logging.getLogger("skydiff.quadrant")
@@ -100,15 +100,28 @@ def locate_quadrant(exposure: str | os.PathLike, rcid: int) -> tuple[Path, int |
     return exposure, name
 
 
+def quadrant_expid(path: Path, hdu: int | str | None) -> int:
+    """EXPID of a located quadrant (QuadrantInputError when unreadable or absent)."""
+    try:
+        with fits.open(path, memmap=True) as hdul:
+            header = hdul[hdu if hdu is not None else 0].header
+            if "EXPID" not in header and hdu is None and len(hdul) > 1:
+                header = hdul[1].header
+            return int(header["EXPID"])
+    except (OSError, KeyError, ValueError, IndexError) as exc:
+        raise QuadrantInputError(f"{path}: no readable EXPID ({exc})") from None
+
+
 def _prior_path(cfg: Config) -> str | None:
     candidate = cfg.paths.resolve("priors") / "prior.fits"
     return str(candidate) if candidate.exists() else None
 
 
-def _matchfile_epoch(cfg: Config, solved: Path, reference_path: Path, subtraction_out: Path) -> dict:
-    from .matchfile_run import append_from_products
+def _matchfile_epoch(cfg: Config, reference_path: Path, subtraction_out: Path) -> dict:
+    from .matchfile_run import append_from_files
 
-    return append_from_products(cfg.paths.resolve("matchfiles"), solved, reference_path, subtraction_out, cfg)
+    result = append_from_files(cfg.paths.resolve("matchfiles"), subtraction_out, cfg, reference_path=reference_path)
+    return {"matched": result.nmatched, "unmatched": result.nunmatched, "folded": result.folded}
 
 
 def run_quadrant(exposure: str | os.PathLike, rcid: int, cfg: Config, force: bool = False,
@@ -212,7 +225,7 @@ def run_quadrant(exposure: str | os.PathLike, rcid: int, cfg: Config, force: boo
     record["stage"] = "matchfile"
     _write_status(folder, record)
     t0 = clock()
-    record["matchfile"] = _matchfile_epoch(cfg, solved, reference, subtraction_out)
+    record["matchfile"] = _matchfile_epoch(cfg, reference, subtraction_out)
     timings["matchfile"] = round(clock() - t0, 3)
     return finish(EXIT_OK, "done")
 
@@ -220,9 +233,8 @@ def run_quadrant(exposure: str | os.PathLike, rcid: int, cfg: Config, force: boo
 def failure_record(exposure, rcid: int, cfg: Config, code: int, reason: str) -> None:
     """Record a quadrant that failed before its expid was known (best effort)."""
     try:
-        path, hdu = locate_quadrant(exposure, rcid)
-        expid = int(fits.getval(path, "EXPID", ext=hdu if hdu is not None else 0))
-    except (QuadrantInputError, OSError, KeyError, ValueError):
+        expid = quadrant_expid(*locate_quadrant(exposure, rcid))
+    except QuadrantInputError:
         return
     folder = quadrant_dir(cfg, expid, rcid)
     previous = read_status(folder) or {}
