@@ -38,8 +38,8 @@ from typing import Any, Iterable, Mapping
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from .schema import serialize_alert
-from .spool import DELIVERED, OVERSIZE, PENDING, Spool
+from .schema import container_is_complete, serialize_alert
+from .spool import DAMAGED, DELIVERED, OVERSIZE, PENDING, Spool
 
 __all__ = ["producer_config", "redacted", "SecretFilter", "PublishReport", "AlertPublisher",
            "replay", "PublishError", "RECORD_OVERHEAD_BYTES"]
@@ -113,6 +113,7 @@ class PublishReport:
     failed: int = 0               # delivery failed (stays pending)
     oversize: int = 0             # over message.max.bytes (set aside in the spool)
     held: int = 0                 # no broker configured, or producer unusable: stays pending
+    damaged: int = 0              # replay found the spooled file cut short (set aside, not sent)
 
     def __str__(self) -> str:
         return ", ".join(f"{name} {value}" for name, value in vars(self).items())
@@ -292,7 +293,9 @@ def replay(spool: Spool, publisher: AlertPublisher, retry_oversize: bool = True)
 
     Delivered packets are never touched, so nothing acknowledged is sent twice.  Packets are
     synced group by group before they are produced, like new ones: a process that died
-    before its group sync may have left them in the page cache only.
+    before its group sync may have left them in the page cache only.  A file cut short (a
+    power cut before its group sync; such a packet was never produced) is moved to the
+    spool's ``damaged`` folder and logged, never sent.
     """
     if retry_oversize:
         for entry in list(spool.entries(OVERSIZE)):
@@ -302,9 +305,16 @@ def replay(spool: Spool, publisher: AlertPublisher, retry_oversize: bool = True)
         group = []
         for entry in entries[start:start + publisher.sync_batch]:
             try:
-                group.append((entry, entry.path.read_bytes()))
+                value = entry.path.read_bytes()
             except FileNotFoundError:
                 continue    # acknowledged meanwhile by another replaying process
+            if container_is_complete(value):
+                group.append((entry, value))
+            elif spool.mark_damaged(entry.topic, entry.candid):
+                publisher.report.damaged += 1
+                log.error("%s is cut short (%d bytes; written but not on disk when the machine went down, "
+                          "never sent): moved to %s; rerun its quadrant to rebuild it", entry.path, len(value),
+                          spool.path(entry.topic, entry.candid, DAMAGED))
         spool.sync([entry.path for entry, _ in group])
         for entry, value in group:
             publisher.produce_spooled(entry.topic, entry.candid, value)

@@ -42,7 +42,7 @@ import fastavro.validation
 
 __all__ = [
     "SCHEMA_VERSION", "SYNC_MARKER", "SCHEMA_FILES", "AlertFormatError", "alert_schema", "schema_field_names",
-    "serialize_alert", "serialize_alert_fastavro", "encode_prv_candidate", "EncodedRecord",
+    "serialize_alert", "serialize_alert_fastavro", "encode_prv_candidate", "EncodedRecord", "container_is_complete",
     "deserialize_alert", "read_alert_file", "validate_alert",
 ]
 
@@ -379,6 +379,38 @@ def serialize_alert(alert: Mapping[str, Any]) -> bytes:
     except _FALLBACK_ERRORS:
         return serialize_alert_fastavro(alert)
     return _container(parts)
+
+
+def _read_varint(value: bytes, position: int) -> tuple[int, int]:
+    shift = result = 0
+    while True:
+        byte = value[position]
+        result |= (byte & 0x7F) << shift
+        position += 1
+        if not byte & 0x80:
+            return (result >> 1) ^ -(result & 1), position
+        shift += 7
+
+
+def container_is_complete(value: bytes) -> bool:
+    """Whether ``value`` is a whole one-alert container (not cut short, e.g. by a power cut).
+
+    Our packets are checked by their framing (fixed header, one block whose declared size
+    fits the length, the sync marker at the end); any other container by decoding it.
+    """
+    header = _container_header()
+    if value.startswith(header):
+        try:
+            count, position = _read_varint(value, len(header))
+            size, position = _read_varint(value, position)
+        except IndexError:
+            return False
+        return count == 1 and len(value) == position + size + len(SYNC_MARKER) and value.endswith(SYNC_MARKER)
+    try:
+        deserialize_alert(value)
+        return True
+    except AlertFormatError:
+        return False
 
 
 def deserialize_alert(value: bytes, source: str = "<message>") -> dict:

@@ -5,6 +5,7 @@ Layout under the spool root::
     <topic>/pending/<candid>.avro     written (atomically), not yet acknowledged
     <topic>/delivered/<candid>.avro   acknowledged by the broker (acks=all)
     <topic>/oversize/<candid>.avro    larger than message.max.bytes: never produced
+    <topic>/damaged/<candid>.avro     found cut short by replay: never produced
     delivered.log                     one line per acknowledgement:
                                       "<UTC time> <topic> <candid> <partition> <offset>"
 
@@ -21,8 +22,12 @@ disk (``fdatasync`` of the file, ``fsync`` of the folder).  A publisher may inst
 :meth:`~Spool.write` a group of packets (each written atomically and its write-back started
 at once) and make the whole group durable with one :meth:`~Spool.sync` before producing any
 of it: the disk cache is flushed once per group instead of once per packet (measured here:
-~560 us a packet one by one, ~200 us in groups of 64 packets of 80 kB), and a crash before
-the sync can only lose packets that were never produced.
+~560 us a packet one by one, ~200 us in groups of 64 packets of 80 kB).  A packet is renamed
+into ``pending`` when written, before the sync, so a process crash leaves every written
+packet complete in ``pending`` (the page cache survives it) for replay.  A power cut before
+the sync can leave a ``pending`` file cut short -- of a packet that was never produced --
+which replay recognises and moves to ``damaged`` instead of sending it (rerunning the
+quadrant rebuilds it).
 
 Without a broker (empty ``bootstrap_servers``) packets simply stay in ``pending``, and
 ``skydiff alerts replay`` publishes them later.  Oversize packets stay whole in
@@ -37,9 +42,9 @@ import threading
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
-__all__ = ["Spool", "SpoolEntry", "DeliveryRecord", "PENDING", "DELIVERED", "OVERSIZE"]
+__all__ = ["Spool", "SpoolEntry", "DeliveryRecord", "PENDING", "DELIVERED", "OVERSIZE", "DAMAGED"]
 
-PENDING, DELIVERED, OVERSIZE = "pending", "delivered", "oversize"
+PENDING, DELIVERED, OVERSIZE, DAMAGED = "pending", "delivered", "oversize", "damaged"
 _LOG = "delivered.log"
 _ADVISE = getattr(os, "POSIX_FADV_DONTNEED", None)
 _fdatasync = getattr(os, "fdatasync", os.fsync)   # data + the metadata to read it back
@@ -191,6 +196,10 @@ class Spool:
                 self._log_fd = os.open(self.root / _LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             os.write(self._log_fd, line)
         return True
+
+    def mark_damaged(self, topic: str, candid: int) -> bool:
+        """Set aside a pending packet found cut short (it was never produced)."""
+        return self._move(topic, candid, PENDING, DAMAGED)
 
     def mark_oversize(self, topic: str, candid: int) -> bool:
         """Set a packet aside that exceeds the message size limit."""

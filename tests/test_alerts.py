@@ -27,9 +27,9 @@ from alerts.history import SQLiteHistoryStore
 from alerts.ids import MAX_EXPID, make_candid, make_pid, object_id, split_candid, topic_name
 from alerts.packet import AlertInputError, make_alerts
 from alerts.publish import AlertPublisher, PublishError, replay
-from alerts.schema import (SYNC_MARKER, EncodedRecord, alert_schema, encode_prv_candidate, serialize_alert,
-                           serialize_alert_fastavro, validate_alert)
-from alerts.spool import DELIVERED, OVERSIZE, PENDING, Spool
+from alerts.schema import (SYNC_MARKER, EncodedRecord, alert_schema, container_is_complete, encode_prv_candidate,
+                           serialize_alert, serialize_alert_fastavro, validate_alert)
+from alerts.spool import DAMAGED, DELIVERED, OVERSIZE, PENDING, Spool
 from alerts.synthetic import synthetic_candidates, synthetic_context, synthetic_cutouts
 from pipeline.commands import alerts as alerts_command
 from pipeline.config import KafkaConfig, load_config
@@ -339,3 +339,21 @@ def test_publisher_syncs_each_group_before_producing_it(tmp_path, monkeypatch):
                       ("sync", candids[2:4]), ("produce", candids[2]), ("produce", candids[3]),
                       ("sync", candids[4:]), ("produce", candids[4])]
     assert publisher.report.held == 5 and spool.count(PENDING) == 5 and not spool._unsynced
+
+
+def test_replay_sets_aside_packets_cut_short(tmp_path, caplog):
+    # What a power cut between a group's write and its sync can leave (never produced).
+    context, _, alerts = _alerts(tmp_path, n=3)
+    spool = Spool(tmp_path / "spool")
+    values = [serialize_alert(a) for a in alerts]
+    for alert, value in zip(alerts, values):
+        spool.put(context.topic, alert["candid"], value)
+    spool.path(context.topic, alerts[1]["candid"]).write_bytes(values[1][:40000])
+    spool.path(context.topic, alerts[2]["candid"]).write_bytes(b"")
+    assert [container_is_complete(v) for v in (values[0], values[1][:-1], values[1] + b"x")] == [True, False, False]
+    sample = open(SAMPLES[0], "rb").read()
+    assert container_is_complete(sample) and not container_is_complete(sample[:-100])
+    with AlertPublisher(KafkaConfig(bootstrap_servers=""), spool) as publisher:
+        report = replay(spool, publisher)
+    assert (report.damaged, report.held) == (2, 1) and spool.count(DAMAGED) == 2 and spool.count(PENDING) == 1
+    assert "cut short" in caplog.text and str(alerts[2]["candid"]) in caplog.text
