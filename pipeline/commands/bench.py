@@ -103,6 +103,15 @@ def _bench_reference(args) -> dict:
     return _flat(bench_reference(cfg=args.cfg))
 
 
+@benchmark("latency", "file appearing -> alerts acknowledged by the broker and matchfile epoch committed, "
+           "per quadrant on one core (target: median at most 20 s; use --repeat 1; --bootstrap or a local "
+           "broker)", {"latency_median_s": 20.0})
+def _bench_latency(args) -> dict:
+    from ..latency_bench import bench_latency
+    return _flat(bench_latency(args.cfg, rcid=args.rcid,
+                               bootstrap=getattr(args, "bootstrap", None)))
+
+
 @benchmark("matchfile-append", "append one 50,000-source epoch to a matchfile (target: at most 1 s)",
            {"append": 1.0})
 def _bench_matchfile_append(args) -> dict:
