@@ -37,7 +37,6 @@ null (``nmatches`` 0) unless the QA record holds them under those names.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -301,14 +300,14 @@ def read_products(outdir: str | os.PathLike, science_path: str | os.PathLike | N
     """
     from pipeline.image import ImageContractError, validate_header
 
+    from pipeline.subtract_run import SubtractionOutputError, read_qa_record
+
     outdir = Path(outdir)
     qa_path = outdir / "qa.json"
-    if not qa_path.is_file():
-        raise AlertProductsError(f"{outdir}: no qa.json (not a complete subtraction output folder)")
     try:
-        qa = json.loads(qa_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise AlertProductsError(f"{qa_path}: unreadable QA record ({exc})") from None
+        qa = read_qa_record(outdir)
+    except SubtractionOutputError as exc:
+        raise AlertProductsError(str(exc)) from None
     science_path = _input_path(qa, "science", science_path, qa_path)
     reference_path = _input_path(qa, "reference", reference_path, qa_path)
     try:

@@ -30,7 +30,6 @@ appended (a matchfile row is a detection's magnitude).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -257,13 +256,13 @@ def append_science_epoch(root: str | os.PathLike, science_header, result: Charac
 # -- file edge -------------------------------------------------------------------------------
 
 def _subtraction_record(outdir: Path) -> dict:
+    from .subtract_run import SubtractionOutputError, read_qa_record
+
     qa = outdir / "qa.json"
-    if not qa.is_file():
-        raise MatchfileRunError(f"{outdir}: no qa.json (not a finished `skydiff subtract` output folder)")
     try:
-        record = json.loads(qa.read_text())
-    except (OSError, ValueError) as exc:
-        raise MatchfileRunError(f"{qa}: unreadable QA record ({exc})") from None
+        record = read_qa_record(outdir)
+    except SubtractionOutputError as exc:
+        raise MatchfileRunError(str(exc)) from None
     if not record.get("science") or record.get("zp_science") is None:
         raise MatchfileRunError(f"{qa}: names no science image or zero point (written before subtract "
                                 "recorded them?)")

@@ -35,9 +35,26 @@ from .image import read_quadrant, write_fits_atomic
 from .status import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNUSABLE
 from .subtract import SubtractionConfig, SubtractionError, SubtractionResult, subtract_images
 
-__all__ = ["run_subtraction", "write_subtraction", "load_gaia_for_image"]
+__all__ = ["run_subtraction", "write_subtraction", "load_gaia_for_image", "read_qa_record",
+           "SubtractionOutputError"]
 
 log = logging.getLogger(__name__)
+
+
+class SubtractionOutputError(ValueError):
+    """A subtraction output folder without a readable ``qa.json``; names the file."""
+
+
+def read_qa_record(outdir: str | os.PathLike) -> dict:
+    """The ``qa.json`` of a subtraction output folder (written last: its presence means the
+    folder is complete)."""
+    qa = Path(outdir) / "qa.json"
+    if not qa.is_file():
+        raise SubtractionOutputError(f"{outdir}: no qa.json (not a complete `skydiff subtract` output folder)")
+    try:
+        return json.loads(qa.read_text())
+    except (OSError, ValueError) as exc:
+        raise SubtractionOutputError(f"{qa}: unreadable QA record ({exc})") from None
 
 
 def load_gaia_for_image(refcat: str | os.PathLike, image, margin_deg: float):
