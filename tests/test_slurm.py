@@ -173,19 +173,29 @@ def _start_watcher(incoming: Path, config_file: Path, log: Path) -> subprocess.P
         return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _released(ledger: Path) -> int:
+def _ledger_row(ledger: Path, sql: str, args: tuple = ()):
+    """One row of a query on the watcher's ledger; None while the watcher has not created its table yet."""
     if not ledger.exists():
-        return 0
-    with sqlite3.connect(ledger) as db:
-        return db.execute("SELECT count(*) FROM submissions WHERE state = 'released'").fetchone()[0]
+        return None
+    try:
+        with sqlite3.connect(ledger) as db:
+            return db.execute(sql, args).fetchone()
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return None
+        raise
+
+
+def _released(ledger: Path) -> int:
+    row = _ledger_row(ledger, "SELECT count(*) FROM submissions WHERE state = 'released'")
+    return 0 if row is None else row[0]
 
 
 def _wait_intent(ledger: Path, name: str, watcher: subprocess.Popen, log: Path) -> None:
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while True:
-        with sqlite3.connect(ledger) as db:
-            if db.execute("SELECT 1 FROM submissions WHERE exposure LIKE ?", (f"%/{name}",)).fetchone():
-                return
+        if _ledger_row(ledger, "SELECT 1 FROM submissions WHERE exposure LIKE ?", (f"%/{name}",)):
+            return
         assert watcher.poll() is None, f"watcher exited: {log.read_text()}"
         assert time.monotonic() < deadline, f"{name} never taken: {log.read_text()}"
         time.sleep(0.005)
