@@ -157,7 +157,7 @@ def calibration_of(result: Characterization | SubtractionResult, reference=None)
                                 "gaia" if result.photcal.zp_source == "fit" else "header")
     if reference is not None and reference.catalog is not None:
         try:
-            zp, unc, _ = relative_zeropoint(result.photometry, reference.catalog, float(reference.zeropoint))
+            zp, unc, _ = relative_zeropoint(result.photometry, reference.catalog)
         except SubtractionError as exc:
             raise MatchfileRunError(f"science image: {exc}") from None
         return EpochCalibration(zp, unc, "reference")

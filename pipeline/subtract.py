@@ -199,9 +199,7 @@ def measure_registration_offset(photometry: Table, reference_catalog: Table, wcs
     if good.sum() < 10 or len(ref) < 10:
         return None
     sci = photometry[good]
-    tree = cKDTree(_unit(ref["ra"], ref["dec"]))
-    dist, index = tree.query(_unit(sci["ra"], sci["dec"]), distance_upper_bound=np.deg2rad(radius_arcsec / 3600))
-    hit = np.isfinite(dist)
+    hit, index = _match_to_reference(sci, ref, radius_arcsec)
     if hit.sum() < 10:
         return None
     rx, ry = wcs.all_world2pix(np.asarray(ref["ra"], float)[index[hit]], np.asarray(ref["dec"], float)[index[hit]], 1)
@@ -247,7 +245,7 @@ def registered_psf_stamp(psf: PSFModel, registered: RegisteredImage, x: float, y
     return (out / total).astype(np.float32)
 
 
-def relative_zeropoint(photometry: Table, reference_catalog: Table, zp_ref: float,
+def relative_zeropoint(photometry: Table, reference_catalog: Table,
                        radius_arcsec: float = 1.0, min_stars: int = 10) -> tuple[float, float, int]:
     """Zero point of a science image from its PSF fluxes of the reference catalogue's stars.
 
@@ -262,10 +260,7 @@ def relative_zeropoint(photometry: Table, reference_catalog: Table, zp_ref: floa
     if len(sci) < min_stars or len(ref) < min_stars:
         raise SubtractionError("relative zero point: too few good stars in the science image "
                                "or the reference catalogue")
-    tree = cKDTree(_unit(ref["ra"], ref["dec"]))
-    dist, index = tree.query(_unit(sci["ra"], sci["dec"]),
-                             distance_upper_bound=np.deg2rad(radius_arcsec / 3600.0))
-    hit = np.isfinite(dist)
+    hit, index = _match_to_reference(sci, ref, radius_arcsec)
     if hit.sum() < min_stars:
         raise SubtractionError(f"relative zero point: only {int(hit.sum())} stars matched the "
                                f"reference catalogue (need {min_stars})")
@@ -280,6 +275,14 @@ def relative_zeropoint(photometry: Table, reference_catalog: Table, zp_ref: floa
         offsets = offsets[keep]
     spread = 1.4826 * np.median(np.abs(offsets - np.median(offsets)))
     return float(np.median(offsets)), float(1.253 * spread / math.sqrt(offsets.size)), int(offsets.size)
+
+
+def _match_to_reference(science: Table, reference: Table, radius_arcsec: float) -> tuple[np.ndarray, np.ndarray]:
+    """(matched, index): which science rows have a reference source within the radius, and which."""
+    tree = cKDTree(_unit(reference["ra"], reference["dec"]))
+    dist, index = tree.query(_unit(science["ra"], science["dec"]),
+                             distance_upper_bound=np.deg2rad(radius_arcsec / 3600.0))
+    return np.isfinite(dist), index
 
 
 def _unit(ra, dec) -> np.ndarray:
@@ -361,7 +364,7 @@ def subtract_images(data: np.ndarray, mask: np.ndarray, header, wcs, reference, 
     if science.photcal is not None:
         zp_new, zp_source = science.zeropoint, ("gaia" if science.photcal.zp_source == "fit" else "header")
     elif reference.catalog is not None:
-        zp_new, _, _ = relative_zeropoint(science.photometry, reference.catalog, zp_ref,
+        zp_new, _, _ = relative_zeropoint(science.photometry, reference.catalog,
                                           min_stars=config.min_relative_zp_stars)
         zp_source = "reference"
     else:

@@ -127,6 +127,15 @@ def test_zero_point_and_registration_offset(case):
     assert abs(offset.dx + shift[0]) < 0.02 and abs(offset.dy + shift[1]) < 0.02
 
 
+def test_reference_catalogue_calibrates_like_gaia(case):
+    # Without Gaia or MAGZP the science image is calibrated on the reference's catalogue.
+    from pipeline.subtract import relative_zeropoint
+    name, pair, reference, result = case
+    zp, err, n = relative_zeropoint(result.science.photometry, reference.catalog)
+    assert n >= 100 and err < 0.005
+    assert abs(zp - pair.zeropoint) < 0.02, (name, zp, pair.zeropoint)
+
+
 def test_subtract_command_writes_every_product(setting, tmp_path):
     cfg, sky, reference = setting
     pair = simulate_science(cfg, replace(OPTIONS, n_inject=20), sky)
