@@ -97,6 +97,13 @@ def _bench_subtract(args) -> dict:
     return _flat(bench_subtraction(args.cfg))
 
 
+@benchmark("subtract-accuracy", "completeness, false candidates after real-bogus, Scorr normalisation, "
+           "photometry and zero point against truth on 2 quadrants x 3 seeing cases (several minutes; use --repeat 1)")
+def _bench_subtract_accuracy(args) -> dict:
+    from ..subtract_validation import validate_subtraction
+    return _flat(validate_subtraction(args.cfg))
+
+
 @benchmark("reference", "build a reference from 20 simulated full-size frames (use --repeat 1)")
 def _bench_reference(args) -> dict:
     from .reference import bench_reference
