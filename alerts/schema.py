@@ -62,11 +62,26 @@ def _schema_dir() -> Path:
     return Path(str(resources.files("alerts") / "schema"))
 
 
+def _sorted_keys(node):
+    if isinstance(node, dict):
+        return {key: _sorted_keys(node[key]) for key in sorted(node)}
+    if isinstance(node, list):
+        return [_sorted_keys(item) for item in node]
+    return node
+
+
 @functools.lru_cache(maxsize=1)
 def alert_schema() -> dict:
-    """The parsed v4.02 ``ztf.alert`` schema (self-contained: nested records inlined)."""
+    """The parsed v4.02 ``ztf.alert`` schema (self-contained: nested records inlined).
+
+    Every mapping's keys are sorted: fastavro orders a parsed field's properties by
+    iterating a set, i.e. by the interpreter's string-hash seed, and a container embeds
+    the schema as JSON, so without this two processes wrote different bytes for one alert.
+    """
     directory = _schema_dir()
-    return fastavro.schema.load_schema_ordered([str(directory / f"{name}.avsc") for name in SCHEMA_FILES])
+    parsed = fastavro.schema.load_schema_ordered([str(directory / f"{name}.avsc") for name in SCHEMA_FILES])
+    # fastavro's bookkeeping entries ("__fastavro_parsed", "__named_schemas") stay as they are.
+    return {key: value if key.startswith("__") else _sorted_keys(value) for key, value in parsed.items()}
 
 
 @functools.lru_cache(maxsize=None)

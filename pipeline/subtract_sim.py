@@ -30,7 +30,7 @@ from .simulate.run import simulate_quadrant
 from .simulate.sky import SkyModel, make_sky
 
 __all__ = ["PairOptions", "SimulatedPair", "pair_sky", "simulate_reference_frames", "simulate_science",
-           "simulated_pair", "real_positions"]
+           "simulated_pair", "real_positions", "with_true_wcs"]
 
 @dataclass(frozen=True)
 class PairOptions:
@@ -75,11 +75,18 @@ class SimulatedPair:
 
 def _solved(quadrant, usable: bool = True, shift_px: tuple[float, float] = (0.0, 0.0)) -> QuadrantImage:
     """The simulated quadrant with its true WCS in the header, as if the astrometry had solved it."""
-    header = quadrant.header.copy()
+    return with_true_wcs(quadrant.data, quadrant.header, quadrant.mask, quadrant.truth_header, usable, shift_px)
+
+
+def with_true_wcs(data: np.ndarray, header, mask: np.ndarray | None, truth_header, usable: bool = True,
+                  shift_px: tuple[float, float] = (0.0, 0.0)) -> QuadrantImage:
+    """A simulated quadrant whose header carries the true WCS (of its truth file's primary
+    header), shifted by ``shift_px``, flagged as solved as if by the astrometry stage."""
+    header = header.copy()
     for key in [k for k in header if k.startswith(("CTYPE", "CRPIX", "CRVAL", "CD", "PV", "CUNIT",
                                                      "A_", "B_", "AP_", "BP_"))]:
         del header[key]
-    for card in quadrant.truth_header.cards:
+    for card in truth_header.cards:
         if card.keyword.startswith(("CTYPE", "CRPIX", "CRVAL", "CD", "PV", "CUNIT", "RADESYS", "EQUINOX")):
             header[card.keyword] = (card.value, card.comment)
     header["CRPIX1"] = header["CRPIX1"] + shift_px[0]
@@ -88,7 +95,7 @@ def _solved(quadrant, usable: bool = True, shift_px: tuple[float, float] = (0.0,
     header["ASTRNMAT"] = (1000, "stars matched to Gaia")
     header["ASTRRMSA"] = (40.0, "[mas] Gaia-match RMS, RA")
     header["ASTRRMSD"] = (40.0, "[mas] Gaia-match RMS, Dec")
-    return quadrant_image(quadrant.data, header, quadrant.mask, source="<simulated>")
+    return quadrant_image(data, header, mask, source="<simulated>")
 
 
 def pair_sky(cfg: Config, options: PairOptions) -> SkyModel:

@@ -263,6 +263,17 @@ def test_fast_serialiser_writes_fastavros_bytes(tmp_path):
     assert [p["pid"] for p in decoded["prv_candidates"]] == [p["pid"] for p in alerts[1]["prv_candidates"]]
 
 
+def test_every_process_writes_the_same_container_bytes():
+    """Processes with different string-hash seeds (Slurm tasks, pool workers) write one header."""
+    import subprocess
+    import sys
+    probe = "import hashlib, alerts.schema as s; print(hashlib.sha256(s._container_header()).hexdigest())"
+    digests = {subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout.strip()
+               for seed in (0, 1, 2, 3)}
+    assert len(digests) == 1
+
+
 def test_values_outside_the_fast_subset_go_through_fastavro(tmp_path):
     alerts, store = _alerts_with_history(tmp_path)
     store.close()

@@ -11,13 +11,14 @@ import os
 
 log = logging.getLogger("skydiff.bench")
 
-#: name -> (help, runner(args) -> dict of figures, targets {figure: max seconds})
+#: name -> (help, runner(args) -> dict of figures, targets {figure: max seconds}, one-core run)
 BENCHMARKS: dict = {}
 
 
-def benchmark(name: str, help: str, targets: dict[str, float] | None = None):
+def benchmark(name: str, help: str, targets: dict[str, float] | None = None, one_core: bool = True):
+    """Register a benchmark; ``one_core=False`` for those measuring the whole machine (run once, unpinned)."""
     def wrap(func):
-        BENCHMARKS[name] = (help, func, targets or {})
+        BENCHMARKS[name] = (help, func, targets or {}, one_core)
         return func
     return wrap
 
@@ -119,6 +120,21 @@ def _bench_latency(args) -> dict:
                                bootstrap=getattr(args, "bootstrap", None)))
 
 
+@benchmark("exposure", "a whole simulated exposure (every quadrant, each with a 4-frame reference) through "
+           "the local executor (--executor local), a running Slurm (slurm), or both with their products "
+           "compared (both); --jobs workers; the survey is built once under --out and reused", one_core=False)
+def _bench_exposure(args) -> dict:
+    import tempfile
+    from ..exposure_bench import bench_exposure
+    from ..simulate.run import parse_quadrants
+    rcids = parse_quadrants(args.quadrants, args.cfg.instrument.n_quadrants)
+    jobs = args.jobs or len(os.sched_getaffinity(0))
+    if args.out:
+        return bench_exposure(args.cfg, args.out, rcids, jobs, args.executor)
+    with tempfile.TemporaryDirectory(prefix="skydiff-exposure-bench-") as out:
+        return bench_exposure(args.cfg, out, rcids, jobs, args.executor)
+
+
 @benchmark("matchfile-append", "append one 50,000-source epoch to a matchfile (target: at most 1 s)",
            {"append": 1.0})
 def _bench_matchfile_append(args) -> dict:
@@ -166,6 +182,10 @@ def register(subparsers, common) -> None:
     p.add_argument("--out", metavar="DIR", help="where benchmarks that write products put them")
     p.add_argument("--bootstrap", metavar="HOST:PORT",
                    help="Kafka broker for alert-publish (default: start a local one on loopback)")
+    p.add_argument("--executor", choices=("local", "slurm", "both"), default="local",
+                   help="exposure: who runs the quadrants (both: the two, products compared)")
+    p.add_argument("--jobs", type=int, help="exposure: quadrants at once (default: the machine's cores)")
+    p.add_argument("--quadrants", default="all", help="exposure: 'all' or comma-separated rcids")
     p.set_defaults(func=run)
 
 
@@ -190,9 +210,12 @@ def _unit(name: str) -> str:
 
 
 def run(args) -> int:
-    help_text, runner, targets = BENCHMARKS[args.name]
-    pinned = _pin_one_core()
-    runs = [runner(args) for _ in range(max(1, args.repeat))]
+    help_text, runner, targets, one_core = BENCHMARKS[args.name]
+    if one_core:
+        pinned, repeat = _pin_one_core(), max(1, args.repeat)
+    else:
+        pinned, repeat = "not pinned (measures the whole machine)", 1
+    runs = [runner(args) for _ in range(repeat)]
     best = {k: _best(k, [r[k] for r in runs]) for k in runs[0]}
     if args.json:
         print(json.dumps({"benchmark": args.name, "runs": runs, "best": best}, indent=2))
