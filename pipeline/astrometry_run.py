@@ -21,16 +21,17 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from .astrometry import (AstrometricPrior, astrometric_matches, footprint_corners,
+from .astrometry import (AstrometricPrior, AstrometryResult, astrometric_matches, footprint_corners,
                          prior_from_image_header, solve_astrometry)
 from .config import Config
 from .image import read_quadrant, write_quadrant
 from .status import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_RETRY, EXIT_UNUSABLE
 from .wcs_head import apply_wcs_header
 
-__all__ = ["run_astrometry", "load_prior"]
+__all__ = ["run_astrometry", "solve_quadrant_file", "AstrometryRun", "load_prior"]
 
 log = logging.getLogger("skydiff.astrometry")
 
@@ -53,6 +54,22 @@ def load_prior(prior_path: str | None, image, cfg: Config) -> AstrometricPrior:
     return AstrometricPrior(header, meta.airmass, f"distortion prior {prior_path}")
 
 
+@dataclass(frozen=True)
+class AstrometryRun:
+    """What :func:`solve_quadrant_file` did.
+
+    ``status`` is the exit status, ``record`` the QA record written to ``qa.json`` (None
+    when the input was rejected), ``result`` the in-memory result (its extraction can be
+    reused by the later stages of the same quadrant), ``solved`` the written image with its
+    solved WCS (None when SCAMP gave no WCS).
+    """
+
+    status: int
+    record: dict | None
+    result: AstrometryResult | None = None
+    solved: Path | None = None
+
+
 def run_astrometry(image_path: str | os.PathLike, refcat: str | os.PathLike, prior_path: str | None,
                    out: str | os.PathLike, cfg: Config, plots: bool = False,
                    keep_workdir: bool = False) -> tuple[int, dict | None]:
@@ -70,6 +87,14 @@ def run_astrometry(image_path: str | os.PathLike, refcat: str | os.PathLike, pri
     ImageContractError
         The image breaks the input contract.
     """
+    run = solve_quadrant_file(image_path, refcat, prior_path, out, cfg, plots, keep_workdir)
+    return run.status, run.record
+
+
+def solve_quadrant_file(image_path: str | os.PathLike, refcat: str | os.PathLike, prior_path: str | None,
+                        out: str | os.PathLike, cfg: Config, plots: bool = False,
+                        keep_workdir: bool = False) -> AstrometryRun:
+    """:func:`run_astrometry`, also handing over the in-memory result (:class:`AstrometryRun`)."""
     from catalogs import CatalogError, catalog_for_footprint
     from priors.model import PriorError
     from .scamp import ScampError
@@ -84,7 +109,7 @@ def run_astrometry(image_path: str | os.PathLike, refcat: str | os.PathLike, pri
         gaia = catalog_for_footprint(refcat, corners, cfg.astrometry.catalog_margin_deg)
     except (PriorError, CatalogError, ValueError) as exc:
         log.error("bad input: %s", exc)
-        return EXIT_BAD_INPUT, None
+        return AstrometryRun(EXIT_BAD_INPUT, None)
     lookup_s = time.perf_counter() - t0 - read_s
 
     out.mkdir(parents=True, exist_ok=True)
@@ -93,7 +118,7 @@ def run_astrometry(image_path: str | os.PathLike, refcat: str | os.PathLike, pri
         result = solve_astrometry(image, gaia, prior, cfg, workdir)
     except ScampError as exc:
         log.error("SCAMP could not be run: %s", exc)
-        return EXIT_FAILED, None
+        return AstrometryRun(EXIT_FAILED, None)
     finally:
         if not keep_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -101,6 +126,7 @@ def run_astrometry(image_path: str | os.PathLike, refcat: str | os.PathLike, pri
     name = Path(image_path).name
     stem = name.removesuffix(".fits").removesuffix(".fz")
     t_write = time.perf_counter()
+    solved = None
     if result.wcs_header is not None:
         header = apply_wcs_header(image.header, result.wcs_header)
         header["ASTRUSE"] = (result.usable, "astrometry usable")
@@ -110,7 +136,7 @@ def run_astrometry(image_path: str | os.PathLike, refcat: str | os.PathLike, pri
             header["ASTRRMSD"] = (round(result.qa.rms_dec_mas, 2), "[mas] Gaia-match RMS, Dec")
         if result.scale is not None:
             header["ASTRSCMX"] = (round(result.scale.max_abs_pct, 4), "[%] max pixel-scale change vs prior")
-        write_quadrant(out / name, image.data, header, image.mask)
+        solved = write_quadrant(out / name, image.data, header, image.mask)
         matches = astrometric_matches(result, image)
         matches.write(out / f"{stem}_matches.fits", overwrite=True)
         if plots and result.matches is not None:
@@ -129,11 +155,11 @@ def run_astrometry(image_path: str | os.PathLike, refcat: str | os.PathLike, pri
         log.info("%s: usable; RMS %.1f/%.1f mas, %d matched, max scale change %.3f %%, %.2f s", name,
                  result.qa.rms_ra_mas, result.qa.rms_dec_mas, result.qa.n_matched,
                  result.scale.max_abs_pct, record["seconds"])
-        return EXIT_OK, record
+        return AstrometryRun(EXIT_OK, record, result, solved)
     log.warning("%s: unusable: %s", name, "; ".join(result.reasons))
     if any(word in reason for reason in result.reasons for word in _TRANSIENT_FAILURES):
-        return EXIT_RETRY, record
-    return EXIT_UNUSABLE, record
+        return AstrometryRun(EXIT_RETRY, record, result, solved)
+    return AstrometryRun(EXIT_UNUSABLE, record, result, solved)
 
 
 def _write_json_atomic(path: Path, record: dict) -> None:

@@ -3,8 +3,11 @@
 :func:`run_quadrant` takes an exposure (a multi-extension FITS with one HDU per quadrant,
 ``EXTNAME`` ``Q00``..``Q63`` by rcid, or a directory of quadrant files) and an rcid, and
 runs astrometry, subtraction against the quadrant's reference, alerts and the matchfile
-epoch, each stage through the same file edge its own command uses.  Products go under
-``<paths.outputs>/<expid>/<rcid:02d>/``.
+epoch, each stage writing the same products its own command writes.  Products go under
+``<paths.outputs>/<expid>/<rcid:02d>/``.  What a stage computed is handed to the next in
+memory rather than recomputed from files: the subtraction reuses the astrometry stage's
+extraction, and the matchfile epoch is the subtraction's own calibrated PSF photometry of
+the science image (the matchfile command run on the subtraction folder measures it again).
 
 Status record
 -------------
@@ -117,10 +120,14 @@ def _prior_path(cfg: Config) -> str | None:
     return str(candidate) if candidate.exists() else None
 
 
-def _matchfile_epoch(cfg: Config, reference_path: Path, subtraction_out: Path) -> dict:
-    from .matchfile_run import append_from_files
+def _matchfile_epoch(cfg: Config, subtraction) -> dict:
+    """The science image's PSF photometry, as the subtraction measured and calibrated it, into its matchfile."""
+    from .matchfile_run import append_science_epoch, seed_matchfile_from_reference
 
-    result = append_from_files(cfg.paths.resolve("matchfiles"), subtraction_out, cfg, reference_path=reference_path)
+    root = cfg.paths.resolve("matchfiles")
+    seed_matchfile_from_reference(root, subtraction.reference, cfg)
+    result = append_science_epoch(root, subtraction.science.header, subtraction.result, cfg,
+                                  reference=subtraction.reference)
     return {"matched": result.nmatched, "unmatched": result.nunmatched, "folded": result.folded}
 
 
@@ -131,9 +138,9 @@ def run_quadrant(exposure: str | os.PathLike, rcid: int, cfg: Config, force: boo
     from alerts.history import SQLiteHistoryStore
     from alerts.publish import AlertPublisher
     from alerts.spool import Spool
-    from .astrometry_run import run_astrometry
+    from .astrometry_run import solve_quadrant_file
     from .reference import reference_filename
-    from .subtract_run import run_subtraction
+    from .subtract_run import subtract_files
 
     clock = time.perf_counter
     t_start = clock()
@@ -177,15 +184,15 @@ def run_quadrant(exposure: str | os.PathLike, rcid: int, cfg: Config, force: boo
     record["stage"] = "astrometry"
     _write_status(folder, record)
     t0 = clock()
-    status, astrometry = run_astrometry(source, cfg.paths.resolve("catalogs"), _prior_path(cfg),
-                                        folder / "astrometry", cfg)
+    astrometry = solve_quadrant_file(source, cfg.paths.resolve("catalogs"), _prior_path(cfg),
+                                     folder / "astrometry", cfg)
     timings["astrometry"] = round(clock() - t0, 3)
-    record["astrometry"] = None if astrometry is None else {
-        k: astrometry.get(k) for k in ("usable", "reasons", "rms_ra_mas", "rms_dec_mas", "n_matched")}
-    if status != EXIT_OK:
-        reasons = "; ".join((astrometry or {}).get("reasons", [])) or f"exit status {status}"
-        return finish(status, "astrometry", reasons)
-    solved = folder / "astrometry" / Path(source).name
+    qa = astrometry.record
+    record["astrometry"] = None if qa is None else {
+        k: qa.get(k) for k in ("usable", "reasons", "rms_ra_mas", "rms_dec_mas", "n_matched")}
+    if astrometry.status != EXIT_OK:
+        reasons = "; ".join((qa or {}).get("reasons", [])) or f"exit status {astrometry.status}"
+        return finish(astrometry.status, "astrometry", reasons)
 
     record["stage"] = "subtraction"
     _write_status(folder, record)
@@ -195,13 +202,15 @@ def run_quadrant(exposure: str | os.PathLike, rcid: int, cfg: Config, force: boo
         return finish(EXIT_UNUSABLE, "subtraction", f"no reference {reference.name} in {reference.parent}")
     t0 = clock()
     subtraction_out = folder / "subtraction"
-    status, subtraction = run_subtraction(solved, reference, subtraction_out, cfg,
-                                          refcat=cfg.paths.resolve("catalogs"))
+    # Same pixels, same extraction settings: the astrometry stage's extraction is reused.
+    subtraction = subtract_files(astrometry.solved, reference, subtraction_out, cfg,
+                                 refcat=cfg.paths.resolve("catalogs"),
+                                 extraction=astrometry.result.extraction)
     timings["subtraction"] = round(clock() - t0, 3)
-    if status != EXIT_OK:
-        return finish(status, "subtraction", f"exit status {status} (see the log)")
-    record["subtraction"] = {k: subtraction.get(k) for k in ("n_candidates", "n_rb_above_half", "diffmaglim",
-                                                             "zp_science", "zp_source")}
+    if subtraction.status != EXIT_OK:
+        return finish(subtraction.status, "subtraction", f"exit status {subtraction.status} (see the log)")
+    record["subtraction"] = {k: subtraction.record.get(k) for k in ("n_candidates", "n_rb_above_half",
+                                                                    "diffmaglim", "zp_science", "zp_source")}
 
     if publish:
         record["stage"] = "alerts"
@@ -225,7 +234,7 @@ def run_quadrant(exposure: str | os.PathLike, rcid: int, cfg: Config, force: boo
     record["stage"] = "matchfile"
     _write_status(folder, record)
     t0 = clock()
-    record["matchfile"] = _matchfile_epoch(cfg, reference, subtraction_out)
+    record["matchfile"] = _matchfile_epoch(cfg, subtraction)
     timings["matchfile"] = round(clock() - t0, 3)
     return finish(EXIT_OK, "done")
 

@@ -25,18 +25,19 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
 
 from .config import Config
-from .image import read_quadrant, write_fits_atomic
+from .image import QuadrantImage, read_quadrant, write_fits_atomic
 from .status import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNUSABLE
 from .subtract import SubtractionConfig, SubtractionError, SubtractionResult, subtract_images
 
-__all__ = ["run_subtraction", "write_subtraction", "load_gaia_for_image", "read_qa_record",
-           "SubtractionOutputError"]
+__all__ = ["run_subtraction", "subtract_files", "SubtractionRun", "write_subtraction", "load_gaia_for_image",
+           "read_qa_record", "SubtractionOutputError"]
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,19 @@ def write_subtraction(result: SubtractionResult, header: fits.Header, out: str |
     return record
 
 
+@dataclass(frozen=True)
+class SubtractionRun:
+    """What :func:`subtract_files` did: exit status, QA record (None unless done) and, when
+    done, the in-memory result, the science image read and the reference (for the later
+    stages of the same quadrant: alerts, matchfile epoch)."""
+
+    status: int
+    record: dict | None
+    result: SubtractionResult | None = None
+    science: QuadrantImage | None = None
+    reference: object | None = None          # pipeline.reference_io.ReferenceImage
+
+
 def run_subtraction(science_path: str | os.PathLike, reference_path: str | os.PathLike,
                     out: str | os.PathLike, cfg: Config, refcat: str | os.PathLike | None = None,
                     config: SubtractionConfig = SubtractionConfig()) -> tuple[int, dict | None]:
@@ -119,6 +133,18 @@ def run_subtraction(science_path: str | os.PathLike, reference_path: str | os.Pa
     record : dict or None
         The QA record written to ``qa.json``.
     """
+    run = subtract_files(science_path, reference_path, out, cfg, refcat, config)
+    return run.status, run.record
+
+
+def subtract_files(science_path: str | os.PathLike, reference_path: str | os.PathLike,
+                   out: str | os.PathLike, cfg: Config, refcat: str | os.PathLike | None = None,
+                   config: SubtractionConfig = SubtractionConfig(), extraction=None) -> SubtractionRun:
+    """:func:`run_subtraction`, also handing over what it computed (:class:`SubtractionRun`).
+
+    ``extraction``: the astrometry stage's extraction of these very pixels
+    (:attr:`pipeline.astrometry.AstrometryResult.extraction`), reused instead of extracting again.
+    """
     from catalogs import CatalogError
     from .reference import ReferenceError, read_reference
 
@@ -126,22 +152,22 @@ def run_subtraction(science_path: str | os.PathLike, reference_path: str | os.Pa
     science = read_quadrant(science_path)
     if science.wcs is None:
         log.error("bad input: %s has no WCS (run `skydiff astrometry` first)", science_path)
-        return EXIT_BAD_INPUT, None
+        return SubtractionRun(EXIT_BAD_INPUT, None)
     if "ASTRUSE" in science.header and not bool(science.header["ASTRUSE"]):
         log.error("%s: astrometry marked the image unusable (ASTRUSE = F); not subtracted", science_path)
-        return EXIT_UNUSABLE, None
+        return SubtractionRun(EXIT_UNUSABLE, None)
     try:
         reference = read_reference(reference_path)
     except ReferenceError as exc:
         log.error("bad input: %s", exc)
-        return EXIT_BAD_INPUT, None
+        return SubtractionRun(EXIT_BAD_INPUT, None)
     gaia = None
     if refcat is not None:
         try:
             gaia = load_gaia_for_image(refcat, science, cfg.astrometry.catalog_margin_deg)
         except (CatalogError, ValueError) as exc:
             log.error("bad input: %s", exc)
-            return EXIT_BAD_INPUT, None
+            return SubtractionRun(EXIT_BAD_INPUT, None)
     read_s = time.perf_counter() - t0
     inst = cfg.instrument
     meta = science.meta
@@ -149,15 +175,15 @@ def run_subtraction(science_path: str | os.PathLike, reference_path: str | os.Pa
         band = inst.filters[meta.filter]
     except KeyError:
         log.error("bad input: %s: filter %s is not configured", science_path, meta.filter)
-        return EXIT_BAD_INPUT, None
+        return SubtractionRun(EXIT_BAD_INPUT, None)
     try:
         result = subtract_images(science.data, science.mask, science.header, science.wcs, reference, band,
                                  gain=meta.gain, saturate=meta.saturate,
-                                 pixel_scale_arcsec=inst.pixel_scale_arcsec, gaia=gaia,
+                                 pixel_scale_arcsec=inst.pixel_scale_arcsec, gaia=gaia, extraction=extraction,
                                  read_noise=meta.readnoi, config=config)
     except SubtractionError as exc:
         log.error("%s: subtraction failed: %s", science_path, exc)
-        return EXIT_UNUSABLE, None
+        return SubtractionRun(EXIT_UNUSABLE, None)
     t_write = time.perf_counter()
     extra = {"science": str(science_path), "reference": str(reference_path),
              "expid": meta.expid, "rcid": meta.rcid, "refid": reference.refid}
@@ -165,4 +191,4 @@ def run_subtraction(science_path: str | os.PathLike, reference_path: str | os.Pa
     log.info("%s: %d candidates (%d with rb >= 0.5), diffmaglim %.2f, %.2f s (read %.2f, write %.2f)",
              Path(science_path).name, record["n_candidates"], record["n_rb_above_half"], record["diffmaglim"],
              time.perf_counter() - t0, read_s, time.perf_counter() - t_write)
-    return EXIT_OK, record
+    return SubtractionRun(EXIT_OK, record, result, science, reference)
