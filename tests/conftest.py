@@ -18,3 +18,10 @@ pytest_plugins = ["pytester"]
 def cfg():
     """The embedded default configuration."""
     return load_config()
+
+
+@pytest.fixture(scope="session")
+def survey21(tmp_path_factory):
+    """The simulated survey of quadrant 21 (tests/_survey.py), built once per session."""
+    from _survey import build_survey
+    return build_survey(tmp_path_factory.mktemp("survey21"))

@@ -5,48 +5,18 @@ idempotence and bad-input handling."""
 from __future__ import annotations
 
 import json
+
 import pytest
 
-from catalogs import field_region, prefetch_from_table
+from _survey import RCID
 from pipeline.cli import main
-from pipeline.config import load_config
-from pipeline.exposure import write_exposure_mef
 from pipeline.image import read_quadrant
-from pipeline.reference import build_reference, reference_filename, write_reference
-from pipeline.simulate.plan import Field
-from pipeline.simulate.run import simulate_run
-
-FIELD = Field(600, 150.0, 33.0)
-RCID = 21
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("survey")
-    config = root / "skydiff.toml"
-    config.write_text(f'[paths]\nroot = "{root}"\n')
-    cfg = load_config(config)
-    summary = simulate_run(cfg, root / "sim", [FIELD], ["2026-03-15"], filters=("ZTF_r",), epochs_per_night=2,
-                           quadrants=[RCID], reference_nights=["2025-11-18", "2025-11-21"])
-    prefetch_from_table(root / "sim" / "gaia" / "gaia_catalog.fits", cfg.paths.resolve("catalogs"),
-                        field_region(FIELD.ra, FIELD.dec))
-    exposures = {int(p.name): p for p in (root / "sim" / "exposures").glob("*/*") if p.is_dir()}
-    reference_expids = summary["reference_expids"]
-    science = sorted(set(exposures) - set(reference_expids))
-    # The reference season goes through the pipeline first: solved, then unusable for want of a reference.
-    for expid in reference_expids:
-        assert main(["quadrant", "--config", str(config), str(exposures[expid]), "--quadrant", str(RCID)]) == 4
-    solved = [read_quadrant(cfg.paths.resolve("outputs") / str(e) / f"{RCID:02d}" / "astrometry" / p.name)
-              for e in reference_expids for p in exposures[e].glob("*.fits")]
-    from catalogs import read_gaia_table
-    reference = build_reference(solved, read_gaia_table(root / "sim" / "gaia" / "gaia_catalog.fits"),
-                                cfg.instrument.filters["ZTF_r"])
-    meta = solved[0].meta
-    write_reference(cfg.paths.resolve("references") / reference_filename(meta.fieldid, meta.ccdid, meta.qid,
-                                                                         meta.filter), reference)
-    mef = root / "mef" / f"{science[1]}.fits"
-    write_exposure_mef(sorted(exposures[science[1]].glob("*.fits")), mef)
-    return cfg, config, exposures[science[0]], mef, science
+def world(survey21):
+    s = survey21
+    return s.cfg, s.config, s.exposures[s.science[0]], s.mef, s.science
 
 
 def _status(cfg, expid) -> dict:

@@ -1,6 +1,6 @@
 """The real pipeline on the real one-machine Slurm (slurm/local-slurm.sh), checked on its products.
 
-A small simulated survey (one field, quadrant 21: a reference season solved through
+The simulated survey of tests/_survey.py (one field, quadrant 21: a reference season solved through
 ``skydiff quadrant`` and coadded, three science exposures) is shared by the tests; each test
 has its own outputs, spool, alert history and matchfiles (catalogs and references shared), so
 the same exposure can be processed afresh in each.
@@ -35,25 +35,19 @@ from astropy.table import Table
 from confluent_kafka import Consumer
 
 from alerts.spool import DELIVERED, PENDING, Spool
-from catalogs import field_region, prefetch_from_table, read_gaia_table
-from pipeline.cli import main
-from pipeline.config import config_to_toml, load_config
+from pipeline.config import config_to_toml
 from pipeline.exposure import write_exposure_mef
 from pipeline.exposure_compare import compare_exposure_outputs
 from pipeline.image import read_quadrant
 from pipeline.lightcurve import lightcurve
-from pipeline.reference import build_reference, reference_filename, write_reference
-from pipeline.simulate.plan import Field
-from pipeline.simulate.run import simulate_run
 from slurm.jobs import completed_tasks, wait_for_jobs
 from slurm.submit import exposure_key, job_names, skydiff_executable, submit_exposure
+from _survey import RCID
 from kafka_broker import KafkaBroker
 from slurm_cluster import start_local_slurm
 
 pytestmark = pytest.mark.timeout(900)
 
-FIELD = Field(600, 150.0, 33.0)
-RCID = 21
 JOB_TIMEOUT_S = 400
 PRODUCTS = ("qa.json", "candidates.ecsv", "cutouts.fits", "diff.fits")
 
@@ -75,29 +69,9 @@ def local_slurm():
 
 
 @pytest.fixture(scope="module")
-def survey(tmp_path_factory):
+def survey(survey21):
     """Base configuration (catalogs and reference in place) and the science exposure folders."""
-    root = tmp_path_factory.mktemp("slurm_survey")
-    config = root / "skydiff.toml"
-    config.write_text(f'[paths]\nroot = "{root}"\n')
-    cfg = load_config(config)
-    summary = simulate_run(cfg, root / "sim", [FIELD], ["2026-03-15"], filters=("ZTF_r",), epochs_per_night=3,
-                           quadrants=[RCID], reference_nights=["2025-11-18", "2025-11-21"])
-    gaia = root / "sim" / "gaia" / "gaia_catalog.fits"
-    prefetch_from_table(gaia, cfg.paths.resolve("catalogs"), field_region(FIELD.ra, FIELD.dec))
-    exposures = {int(p.name): p for p in (root / "sim" / "exposures").glob("*/*") if p.is_dir()}
-    reference_expids = summary["reference_expids"]
-    for expid in reference_expids:     # solved, then unusable for want of a reference
-        assert main(["quadrant", "--config", str(config), str(exposures[expid]), "--quadrant", str(RCID)]) == 4
-    solved = [read_quadrant(cfg.paths.resolve("outputs") / str(e) / f"{RCID:02d}" / "astrometry" / p.name)
-              for e in reference_expids for p in exposures[e].glob("*.fits")]
-    reference = build_reference(solved, read_gaia_table(gaia), cfg.instrument.filters["ZTF_r"])
-    meta = solved[0].meta
-    write_reference(cfg.paths.resolve("references") / reference_filename(meta.fieldid, meta.ccdid, meta.qid,
-                                                                         meta.filter), reference)
-    science = [exposures[e] for e in sorted(set(exposures) - set(reference_expids))]
-    assert len(science) == 3
-    return cfg, science
+    return survey21.cfg, [survey21.exposures[e] for e in survey21.science]
 
 
 def _run_config(cfg, run: Path, **kafka):
