@@ -1,8 +1,6 @@
 """``skydiff demo``: the main job on its embedded defaults (simulated data, no network)."""
 from __future__ import annotations
 
-from ..demo import DemoOptions, format_summary, run_demo
-
 
 def register(subparsers, common) -> None:
     p = subparsers.add_parser("demo", parents=[common], help="simulate a small survey and run every stage on it",
@@ -15,6 +13,7 @@ def register(subparsers, common) -> None:
 
 
 def run(args) -> int:
+    from ..demo import DemoOptions, format_summary, run_demo   # heavy: imported only when run
     summary = run_demo(args.cfg, args.workdir, DemoOptions(jobs=args.jobs))
     print(format_summary(summary))
     return 0
