@@ -134,10 +134,15 @@ def _exposure_rows(path: Path, expid: int) -> dict[str, Table]:
     return {"photometry": rows[rows["expid"] == expid], "unmatched": unmatched[unmatched["expid"] == expid]}
 
 
+def _matchfiles(root: Path) -> set[Path]:
+    """Main matchfiles under ``root`` (relative): not the epoch shards, not a writer's temporaries."""
+    return {p.relative_to(root) for p in root.rglob("*.h5")
+            if not p.name.startswith(".") and not p.parent.name.endswith(".wal")}
+
+
 def _compare_matchfiles(cfg_a: Config, cfg_b: Config, expid: int) -> tuple[list[str], int]:
     root_a, root_b = cfg_a.paths.resolve("matchfiles"), cfg_b.paths.resolve("matchfiles")
-    files_a = {p.relative_to(root_a) for p in root_a.rglob("*.h5") if ".wal" not in p.parent.name}
-    files_b = {p.relative_to(root_b) for p in root_b.rglob("*.h5") if ".wal" not in p.parent.name}
+    files_a, files_b = _matchfiles(root_a), _matchfiles(root_b)
     problems = [f"matchfiles: {name} only in run {'A' if name in files_a else 'B'}"
                 for name in sorted(files_a ^ files_b)]
     n_rows = 0
