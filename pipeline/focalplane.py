@@ -9,12 +9,13 @@ lower-left corner.  The layout is described in :class:`pipeline.config.Instrumen
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 import numpy as np
 
 from .config import InstrumentConfig
 
-__all__ = ["QuadrantGeometry", "quadrant_geometry", "all_quadrants", "nominal_cd",
+__all__ = ["parse_quadrants", "QuadrantGeometry", "quadrant_geometry", "all_quadrants", "nominal_cd",
            "ccd_qid_of_rcid", "scale_check_grid"]
 
 
@@ -95,3 +96,28 @@ def scale_check_grid() -> tuple[np.ndarray, np.ndarray]:
     x = np.arange(1, 3074, 128, dtype=float)
     y = np.arange(1, 3082, 140, dtype=float)
     return np.meshgrid(x, y)
+
+
+def parse_quadrants(quadrants: str | Iterable[int], n_quadrants: int = 64) -> list[int]:
+    """Sorted unique rcids from ``'all'``, a list with inclusive ranges ``'0,5,10-12'``, or ints.
+
+    The one parser behind every ``--quadrants`` option (simulate, exposure, submit, watch,
+    bench).  Raises ValueError, naming the input, for anything else or an rcid outside 0..n-1.
+    """
+    if isinstance(quadrants, str):
+        text = quadrants.strip().lower()
+        if text == "all":
+            return list(range(n_quadrants))
+        rcids = []
+        try:
+            for part in filter(None, (p.strip() for p in text.split(","))):
+                first, _, last = part.partition("-")
+                rcids.extend(range(int(first), int(last or first) + 1))
+        except ValueError:
+            raise ValueError(f"quadrants must be 'all' or rcids like 0,5,10-12, got {quadrants!r}") from None
+    else:
+        rcids = [int(q) for q in quadrants]
+    bad = [q for q in rcids if not 0 <= q < n_quadrants]
+    if bad or not rcids:
+        raise ValueError(f"quadrants must be rcids 0-{n_quadrants - 1}, got {quadrants!r}")
+    return sorted(set(rcids))

@@ -10,7 +10,6 @@ import http.client
 import multiprocessing
 import shutil
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager

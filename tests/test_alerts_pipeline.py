@@ -105,7 +105,7 @@ def _consume(bootstrap: str, topics: list[str], expected: int, group: str, timeo
 
 
 def test_publish_products_to_broker_consume_validate_and_rerun(products, tmp_path):
-    root, outdirs = products["root"], products["outdirs"]
+    outdirs = products["outdirs"]
     expected = set().union(*(_expected_candids(d) for d in outdirs))
     topics = [f"ztf_{night.replace('-', '')}_programid1" for night in NIGHTS]
     broker = KafkaBroker(tmp_path).start()

@@ -13,7 +13,8 @@ from pipeline.commands import simulate as simulate_command
 from pipeline.config import load_config
 from pipeline.image import read_quadrant
 from pipeline.simulate.plan import Field
-from pipeline.simulate.run import parse_quadrants, simulate_run
+from pipeline.focalplane import parse_quadrants
+from pipeline.simulate.run import simulate_run
 from pipeline.simulate.sky import GAIA_COLUMNS
 
 FIELDS = [Field(600, 150.0, 33.0)]
@@ -99,6 +100,9 @@ def test_bad_arguments_are_clear_errors(cfg, tmp_path):
     with pytest.raises(ValueError, match="unknown filter"):
         simulate_run(cfg, tmp_path, FIELDS, NIGHTS, filters=["ZTF_z"], quadrants=[0])
     assert parse_quadrants("all") == list(range(64))
+    assert parse_quadrants("5, 0,10-12,11") == [0, 5, 10, 11, 12]
+    with pytest.raises(ValueError, match="10-12"):
+        parse_quadrants("a-b")
 
 
 def test_simulate_command_runs_and_summarises(cfg, tmp_path, capsys):

@@ -22,7 +22,7 @@ from pipeline.config import load_config
 from pipeline.image import write_quadrant
 from pipeline.realbogus_train import label_candidates, subtract_pair
 from pipeline.reference import build_reference, write_reference
-from pipeline.subtract_sim import PairOptions, pair_sky, real_positions, simulate_reference_frames, simulate_science
+from pipeline.subtract_sim import PairOptions, pair_sky, simulate_reference_frames, simulate_science
 from pipeline.zogy import measure_flux
 
 OPTIONS = PairOptions(rcid=42, seed=909, n_inject=150, snr_range=(3.0, 60.0))

@@ -126,7 +126,7 @@ def _bench_latency(args) -> dict:
 def _bench_exposure(args) -> dict:
     import tempfile
     from ..exposure_bench import bench_exposure
-    from ..simulate.run import parse_quadrants
+    from ..focalplane import parse_quadrants
     rcids = parse_quadrants(args.quadrants, args.cfg.instrument.n_quadrants)
     jobs = args.jobs or len(os.sched_getaffinity(0))
     if args.out:
@@ -185,7 +185,7 @@ def register(subparsers, common) -> None:
     p.add_argument("--executor", choices=("local", "slurm", "both"), default="local",
                    help="exposure: who runs the quadrants (both: the two, products compared)")
     p.add_argument("--jobs", type=int, help="exposure: quadrants at once (default: the machine's cores)")
-    p.add_argument("--quadrants", default="all", help="exposure: 'all' or comma-separated rcids")
+    p.add_argument("--quadrants", default="all", help="exposure: 'all' or rcids, e.g. 0,5,10-12")
     p.set_defaults(func=run)
 
 

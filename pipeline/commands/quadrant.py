@@ -16,11 +16,9 @@ from ..status import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
 log = logging.getLogger("skydiff.quadrant")
 
 
-def _quadrants(text: str | None) -> list[int] | None:
-    if not text:
-        return None
-    from ..simulate.run import parse_quadrants
-    return parse_quadrants(text)
+def _quadrants(text: str | None, n_quadrants: int) -> list[int] | None:
+    from ..focalplane import parse_quadrants
+    return parse_quadrants(text, n_quadrants) if text else None
 
 
 def register(subparsers, common) -> None:
@@ -37,7 +35,7 @@ def register(subparsers, common) -> None:
                                           "exposure's quadrants, a progress bar, then the exposure summary.")
     e.add_argument("exposure", metavar="EXPOSURE")
     e.add_argument("--jobs", type=int, metavar="N", help="worker processes (default: the cores available)")
-    e.add_argument("--quadrants", metavar="LIST", help="comma-separated rcids (default: all in the exposure)")
+    e.add_argument("--quadrants", metavar="LIST", help="rcids, e.g. 0,5,10-12 (default: all in the exposure)")
     e.add_argument("--force", action="store_true", help="rerun finished quadrants")
     e.add_argument("--json", action="store_true", help="print the summary as JSON")
     e.set_defaults(func=run_all)
@@ -62,8 +60,12 @@ def _print(summary: dict, as_json: bool) -> None:
 
 def run_all(args) -> int:
     try:
-        summary = run_exposure(args.exposure, args.cfg, jobs=args.jobs, quadrants=_quadrants(args.quadrants),
-                               force=args.force)
+        quadrants = _quadrants(args.quadrants, args.cfg.instrument.n_quadrants)
+    except ValueError as exc:
+        log.error("bad input: %s", exc)
+        return EXIT_BAD_INPUT
+    try:
+        summary = run_exposure(args.exposure, args.cfg, jobs=args.jobs, quadrants=quadrants, force=args.force)
     except QuadrantInputError as exc:
         log.error("bad input: %s", exc)
         return EXIT_BAD_INPUT

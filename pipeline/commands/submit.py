@@ -6,18 +6,6 @@ import logging
 log = logging.getLogger("skydiff.submit")
 
 
-def parse_quadrants(text: str) -> list[int]:
-    """rcids from "0,5,10-12" (inclusive ranges)."""
-    rcids: set[int] = set()
-    try:
-        for part in filter(None, (p.strip() for p in text.split(","))):
-            first, _, last = part.partition("-")
-            rcids.update(range(int(first), int(last or first) + 1))
-    except ValueError:
-        raise ValueError(f"--quadrants {text!r}: expected rcids like 0,5,10-12") from None
-    return sorted(rcids)
-
-
 def register(subparsers, common) -> None:
     p = subparsers.add_parser(
         "submit", parents=[common], help="submit an exposure to Slurm (array of quadrants + summary)",
@@ -33,9 +21,10 @@ def register(subparsers, common) -> None:
 def run(args) -> int:
     from slurm.jobs import SlurmError
     from slurm.submit import submit_exposure
+    from ..focalplane import parse_quadrants
     from ..status import EXIT_BAD_INPUT, EXIT_FAILED
     try:
-        quadrants = parse_quadrants(args.quadrants) if args.quadrants else None
+        quadrants = parse_quadrants(args.quadrants, args.cfg.instrument.n_quadrants) if args.quadrants else None
         result = submit_exposure(args.exposure, args.cfg, quadrants)
     except (ValueError, OSError) as exc:
         log.error("%s", exc)

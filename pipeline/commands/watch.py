@@ -33,9 +33,9 @@ def run(args) -> int:
     from slurm.jobs import SlurmError
     from slurm.watch import ExposureWatcher, SubmissionLedger, WatcherBusyError, WatchSettings
     from ..status import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_USAGE
-    from .submit import parse_quadrants
+    from ..focalplane import parse_quadrants
     try:
-        quadrants = tuple(parse_quadrants(args.quadrants)) if args.quadrants else None
+        quadrants = tuple(parse_quadrants(args.quadrants, args.cfg.instrument.n_quadrants)) if args.quadrants else None
     except ValueError as exc:
         log.error("%s", exc)
         return EXIT_USAGE

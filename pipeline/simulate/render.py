@@ -406,7 +406,7 @@ def render_quadrant(spec: ExposureSpec, geom: QuadrantGeometry, wcs: WCS, sky: S
     -------
     SimulatedQuadrant
     """
-    inst, sim = cfg.instrument, cfg.simulation
+    inst = cfg.instrument
     shape = (geom.ny, geom.nx)
     rng = np.random.default_rng(np.random.SeedSequence([spec.seed, geom.rcid]))
     psf = _PsfField(spec, geom, cfg, rng)

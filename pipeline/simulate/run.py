@@ -33,7 +33,7 @@ from astropy.table import Table
 
 from .. import __version__
 from ..config import Config, config_to_toml
-from ..focalplane import ccd_qid_of_rcid, quadrant_geometry
+from ..focalplane import ccd_qid_of_rcid, parse_quadrants, quadrant_geometry
 from ..image import write_fits_atomic, write_quadrant
 from .exposure import ExposureSpec
 from .optics import true_boresight, true_quadrant_solution
@@ -42,27 +42,9 @@ from .render import SimulatedQuadrant, image_zeropoint, render_quadrant
 from .sky import SkyModel, make_sky
 
 __all__ = ["simulate_run", "quadrant_paths", "write_simulated_quadrant", "simulate_quadrant",
-           "exposures_table", "transients_table", "bench_simulate_quadrant", "parse_quadrants"]
+           "exposures_table", "transients_table", "bench_simulate_quadrant"]
 
 log = logging.getLogger("skydiff.simulate")
-
-
-def parse_quadrants(quadrants: str | Iterable[int], n_quadrants: int = 64) -> list[int]:
-    """rcids from ``'all'``, a comma list ``'0,1,5'`` or an iterable of ints (checked 0..n-1)."""
-    if isinstance(quadrants, str):
-        text = quadrants.strip().lower()
-        if text == "all":
-            return list(range(n_quadrants))
-        try:
-            rcids = [int(part) for part in text.split(",") if part.strip()]
-        except ValueError:
-            raise ValueError(f"quadrants must be 'all' or comma-separated rcids, got {quadrants!r}") from None
-    else:
-        rcids = [int(q) for q in quadrants]
-    bad = [q for q in rcids if not 0 <= q < n_quadrants]
-    if bad or not rcids:
-        raise ValueError(f"quadrants must be rcids 0-{n_quadrants - 1}, got {quadrants!r}")
-    return sorted(set(rcids))
 
 
 def quadrant_paths(outdir: str | os.PathLike, spec: ExposureSpec, ccdid: int, qid: int) -> tuple[Path, Path]:
