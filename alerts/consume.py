@@ -10,7 +10,7 @@ from typing import Any, Iterator
 
 from confluent_kafka import Consumer, KafkaError, KafkaException
 
-from .schema import deserialize_alert
+from alerts.schema import deserialize_alert
 
 __all__ = ["consumer_config", "consume_alerts"]
 

@@ -3,8 +3,8 @@
 Two entry points share one path (:func:`alert_context` + :func:`cutout_triplets` +
 :func:`alerts.packet.make_alerts`):
 
-* in memory, right after :func:`pipeline.subtract.subtract_images`:
-  :func:`alerts_from_result` (a :class:`~pipeline.subtract.SubtractionResult`);
+* in memory, right after :func:`pipeline.subtraction.difference.subtract_images`:
+  :func:`alerts_from_result` (a :class:`~pipeline.subtraction.difference.SubtractionResult`);
 * from what ``skydiff subtract`` wrote (``candidates.ecsv``, ``cutouts.fits``, ``qa.json``) plus
   the solved science image's header and the reference's header: :func:`alerts_from_products`.
 
@@ -50,9 +50,9 @@ from astropy.io import fits
 from astropy.table import Table
 from astropy.time import Time
 
-from .cutouts import CutoutTriplet
-from .packet import AlertContext, make_alerts
-from .schema import serialize_alert
+from alerts.cutouts import CutoutTriplet
+from alerts.packet import AlertContext, make_alerts
+from alerts.schema import serialize_alert
 
 __all__ = ["AlertProductsError", "ReferenceSummary", "SubtractionProducts", "ImageAlerts",
            "ZTF_NIGHT_EPOCH_MJD", "image_calibration", "alert_context", "cutout_triplets",
@@ -150,7 +150,7 @@ def image_calibration(result_or_qa: Any) -> dict[str, Any]:
 
 
 def _wcs_cards(science_header: fits.Header, wcs) -> dict[str, Any]:
-    from pipeline.wcs_head import is_wcs_keyword
+    from pipeline.formats.scamp_head import is_wcs_keyword
 
     if "CTYPE1" in science_header:
         return {card.keyword: card.value for card in science_header.cards if is_wcs_keyword(card.keyword)}
@@ -171,17 +171,17 @@ def alert_context(science_header: fits.Header, wcs, reference: Any, result_or_qa
         Anything with ``refid``, ``jdstart``, ``jdend``, ``nframes``.
     result_or_qa : SubtractionResult or mapping
         The subtraction's result, or its QA record (``qa.json``).
-    cfg : pipeline.config.Config
+    cfg : pipeline.core.config.Config
         ``kafka.survey`` names the topics and object ids.
     shape : (int, int), optional
         The image's (ny, nx); default: the result's, else the header's NAXIS2/NAXIS1.
 
     Raises
     ------
-    AlertProductsError, pipeline.image.ImageContractError
+    AlertProductsError, pipeline.core.image.ImageContractError
     """
-    from pipeline.astrometry import footprint_corners
-    from pipeline.image import header_wcs, validate_header
+    from pipeline.astrometry.solve import footprint_corners
+    from pipeline.core.image import header_wcs, validate_header
 
     meta = validate_header(science_header, "science header")
     wcs = header_wcs(science_header) if wcs is None else wcs
@@ -208,7 +208,7 @@ def alert_context(science_header: fits.Header, wcs, reference: Any, result_or_qa
 def cutout_triplets(cubes: Mapping[str, np.ndarray], candidates: Table) -> list[CutoutTriplet]:
     """Per candidate row the :class:`CutoutTriplet` of the (N, s, s) science/reference/difference cubes.
 
-    The stamps' origin follows :func:`pipeline.candidates.cutout_stamps`: the central pixel is
+    The stamps' origin follows :func:`pipeline.subtraction.candidates.cutout_stamps`: the central pixel is
     0-based ``(floor(xpos - 0.5), floor(ypos - 0.5))``.
     """
     arrays = [np.asarray(cubes[name]) for name in _CUBES]
@@ -298,9 +298,9 @@ def read_products(outdir: str | os.PathLike, science_path: str | os.PathLike | N
         A missing or unreadable product, or products that disagree (candidates vs cutouts,
         QA's expid/rcid/refid vs the headers).
     """
-    from pipeline.image import ImageContractError, validate_header
+    from pipeline.core.image import ImageContractError, validate_header
 
-    from pipeline.subtract_run import SubtractionOutputError, read_qa_record
+    from pipeline.subtraction.files import SubtractionOutputError, read_qa_record
 
     outdir = Path(outdir)
     qa_path = outdir / "qa.json"

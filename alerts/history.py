@@ -48,8 +48,8 @@ import astropy.units as u
 import numpy as np
 from astropy_healpix import HEALPix
 
-from .ids import object_id
-from .schema import EncodedRecord, encode_prv_candidate
+from alerts.ids import object_id
+from alerts.schema import EncodedRecord, encode_prv_candidate
 
 __all__ = ["ImageRecord", "CandidateHistory", "HistoryStore", "SQLiteHistoryStore",
            "MATCH_RADIUS_ARCSEC", "HISTORY_DAYS"]

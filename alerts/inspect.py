@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .cutouts import STAMP_KINDS, read_stamp
+from alerts.cutouts import STAMP_KINDS, read_stamp
 
 __all__ = ["FILTER_NAMES", "alert_summary", "alert_line", "plot_triplet"]
 

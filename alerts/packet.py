@@ -34,10 +34,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .cutouts import STAMP_KINDS, CutoutTriplet, stamp_header_cards, stamp_record
-from .history import CandidateHistory, HistoryStore, ImageRecord
-from .ids import make_candid, make_pid, topic_name
-from .schema import SCHEMA_VERSION, schema_field_names
+from alerts.cutouts import STAMP_KINDS, CutoutTriplet, stamp_header_cards, stamp_record
+from alerts.history import CandidateHistory, HistoryStore, ImageRecord
+from alerts.ids import make_candid, make_pid, topic_name
+from alerts.schema import SCHEMA_VERSION, schema_field_names
 
 __all__ = ["AlertContext", "REQUIRED_COLUMNS", "NULL_REASONS", "candidate_records",
            "upper_limit_record", "image_record", "cutout_fields", "assemble_alert", "make_alerts", "AlertInputError"]

@@ -38,8 +38,8 @@ from typing import Any, Iterable, Mapping
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from .schema import container_is_complete, serialize_alert
-from .spool import DAMAGED, DELIVERED, OVERSIZE, PENDING, Spool
+from alerts.schema import container_is_complete, serialize_alert
+from alerts.spool import DAMAGED, DELIVERED, OVERSIZE, PENDING, Spool
 
 __all__ = ["producer_config", "redacted", "SecretFilter", "PublishReport", "AlertPublisher",
            "replay", "PublishError", "RECORD_OVERHEAD_BYTES"]
@@ -56,7 +56,7 @@ class PublishError(RuntimeError):
 
 
 def producer_config(kafka, client_id: str = "skydiff-alerts") -> dict[str, Any]:
-    """librdkafka settings for a :class:`pipeline.config.KafkaConfig` (holds secrets: never log)."""
+    """librdkafka settings for a :class:`pipeline.core.config.KafkaConfig` (holds secrets: never log)."""
     timeout_ms = max(1000, int(kafka.flush_timeout_s * 1000))
     conf: dict[str, Any] = {
         "bootstrap.servers": kafka.bootstrap_servers,

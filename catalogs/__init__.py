@@ -1,14 +1,14 @@
 """Offline Gaia catalogue store: prefetch into LDAC tiles, run-time lookup and epoch propagation."""
 import pipeline  # noqa: F401  (process hygiene before any astropy import)
 
-from .epoch import (DEFAULT_PM_DISPERSION_MAS_YR, propagate_to_epoch, scamp_reference_table,
+from catalogs.epoch import (DEFAULT_PM_DISPERSION_MAS_YR, propagate_to_epoch, scamp_reference_table,
                     write_scamp_reference)
-from .lookup import catalog_for_footprint
-from .prefetch import GAIA_DR3_TABLE, PrefetchResult, prefetch_from_table, prefetch_from_tap
-from .schema import GAIA_COLUMNS, CatalogError, as_gaia_table, read_gaia_table
-from .sky import SkyBox, cone_region, field_region, footprint_region
-from .store import DEFAULT_NSIDE, StoreInfo, read_store_info
-from .tap import GAIA_TAP_URL, TapError
+from catalogs.lookup import catalog_for_footprint
+from catalogs.prefetch import GAIA_DR3_TABLE, PrefetchResult, prefetch_from_table, prefetch_from_tap
+from catalogs.schema import GAIA_COLUMNS, CatalogError, as_gaia_table, read_gaia_table
+from catalogs.sky import SkyBox, cone_region, field_region, footprint_region
+from catalogs.store import DEFAULT_NSIDE, StoreInfo, read_store_info
+from catalogs.tap import GAIA_TAP_URL, TapError
 
 __all__ = [
     "CatalogError", "TapError", "GAIA_COLUMNS", "GAIA_TAP_URL", "GAIA_DR3_TABLE", "DEFAULT_NSIDE",

@@ -28,10 +28,10 @@ import astropy.units as u
 from astropy.table import Table
 from astropy.time import Time
 
-from pipeline.ldac import write_ldac
+from pipeline.formats.ldac import write_ldac
 
-from .schema import CatalogError, as_gaia_table
-from .sky import east_north, radec_to_xyz, xyz_to_radec
+from catalogs.schema import CatalogError, as_gaia_table
+from catalogs.sky import east_north, radec_to_xyz, xyz_to_radec
 
 __all__ = [
     "DEFAULT_PM_DISPERSION_MAS_YR", "NOMINAL_MAGERR", "FLAG_NO_PROPER_MOTION",

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 from astropy.table import Table
 
-from .schema import CatalogError, read_gaia_table
-from .sky import footprint_region
-from .store import is_store, read_store_info, read_tiles
+from catalogs.schema import CatalogError, read_gaia_table
+from catalogs.sky import footprint_region
+from catalogs.store import is_store, read_store_info, read_tiles
 
 __all__ = ["catalog_for_footprint"]
 

@@ -21,7 +21,7 @@ import numpy as np
 import astropy.units as u
 from astropy_healpix import HEALPix, nside_to_pixel_resolution
 
-from .schema import CatalogError
+from catalogs.schema import CatalogError
 
 __all__ = [
     "radec_to_xyz", "xyz_to_radec", "east_north", "healpix", "distance_to_polygon",

@@ -35,9 +35,9 @@ import numpy as np
 from astropy.table import Table, vstack
 from astropy.utils.exceptions import AstropyUserWarning
 
-from pipeline.ldac import LDACError, read_ldac, write_ldac
+from pipeline.formats.ldac import LDACError, read_ldac, write_ldac
 
-from .schema import GAIA_COLUMNS, CatalogError, as_gaia_table, empty_gaia_table
+from catalogs.schema import GAIA_COLUMNS, CatalogError, as_gaia_table, empty_gaia_table
 
 __all__ = [
     "DEFAULT_NSIDE", "STORE_FORMAT", "TileEntry", "StoreInfo",

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from astropy.io.votable import parse as parse_votable
 from astropy.table import Table
 
-from .schema import CatalogError
+from catalogs.schema import CatalogError
 
 __all__ = ["GAIA_TAP_URL", "TapError", "TapResult", "tap_sync_query", "parse_tap_votable"]
 

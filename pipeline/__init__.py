@@ -1,5 +1,5 @@
 """skydiff per-quadrant pipeline: image model, stages, simulator and command line."""
-from .runtime import configure_runtime
+from pipeline.core.runtime import configure_runtime
 
 configure_runtime()
 

@@ -11,11 +11,11 @@ import importlib
 import logging
 import sys
 
-from . import __version__
-from .config import ConfigError, load_config
-from .image import ImageContractError
-from .runtime import setup_logging
-from .status import EXIT_BAD_INPUT, EXIT_USAGE
+from pipeline import __version__
+from pipeline.core.config import ConfigError, load_config
+from pipeline.core.image import ImageContractError
+from pipeline.core.runtime import setup_logging
+from pipeline.core.exits import EXIT_BAD_INPUT, EXIT_USAGE
 
 # Modules providing commands, in the order ``skydiff --help`` lists them.
 COMMAND_MODULES = [

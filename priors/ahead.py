@@ -10,18 +10,18 @@ PV terms that absorb the rest (differential aberration and refraction).  The hea
 differs from the truth only by the exposure's pointing and position-angle errors, which
 SCAMP's first pass solves for.  Because it includes the exposure's own refraction, the
 scale check's reference airmass for it is the image's own airmass.  ``write_ahead`` is
-:func:`pipeline.wcs_head.write_ahead` (ASCII 80-character cards, END, no NAXIS keys).
+:func:`pipeline.formats.scamp_head.write_ahead` (ASCII 80-character cards, END, no NAXIS keys).
 """
 from __future__ import annotations
 
 import numpy as np
 from astropy.io import fits
 
-from pipeline.tpv import fit_tpv_wcs, sky_to_tangent, tpv_wcs
-from pipeline.wcs_head import write_ahead  # the project's one .ahead writer (re-exported)
+from pipeline.formats.tpv import fit_tpv_wcs, sky_to_tangent, tpv_wcs
+from pipeline.formats.scamp_head import write_ahead  # the project's one .ahead writer (re-exported)
 
-from .frames import rotation_matrix
-from .model import Prior, PriorError
+from priors.frames import rotation_matrix
+from priors.model import Prior, PriorError
 
 __all__ = ["prior_wcs_header", "write_ahead", "AHEAD_FIT_TOLERANCE_MAS"]
 

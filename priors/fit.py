@@ -8,7 +8,7 @@ made in the camera frame (:mod:`priors.frames`: observed hour angle and declinat
 precession rotation since J2000, differential aberration and refraction, which all differ
 between exposures, are taken out exactly).  Its detection, at quadrant pixel ``p`` of
 channel ``c``, sits at global focal-plane pixel ``X = layout_c(p) + d_c + S_c (p - centre_c)``,
-where ``layout_c`` is the nominal layout (:mod:`pipeline.focalplane`) and ``d_c``, ``S_c``
+where ``layout_c`` is the nominal layout (:mod:`pipeline.core.focalplane`) and ``d_c``, ``S_c``
 the channel's placement (an offset and a small linear term).  For star ``j`` of exposure ``e``::
 
     s_j = o_e + M_e X_j + a_c + P(X_j)
@@ -54,13 +54,13 @@ from datetime import datetime, timezone
 import numpy as np
 from astropy.table import Table
 
-from pipeline.config import Config
-from pipeline.focalplane import QuadrantGeometry, all_quadrants
-from pipeline.tpv import fit_tpv_wcs, tangent_to_sky
+from pipeline.core.config import Config
+from pipeline.core.focalplane import QuadrantGeometry, all_quadrants
+from pipeline.formats.tpv import fit_tpv_wcs, tangent_to_sky
 
-from .frames import CameraFrame, rotation_matrix
-from .matches import validate_matches
-from .model import (PLACEMENT_FITTED, PLACEMENT_LAYOUT, Prior, PriorError, PriorProvenance,
+from priors.frames import CameraFrame, rotation_matrix
+from priors.matches import validate_matches
+from priors.model import (PLACEMENT_FITTED, PLACEMENT_LAYOUT, Prior, PriorError, PriorProvenance,
                     QuadrantPrior)
 
 __all__ = ["PriorFitSettings", "FocalPlanePolynomial", "fit_prior", "quadrant_prior", "exposure_frames",

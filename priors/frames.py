@@ -27,9 +27,9 @@ import astropy.units as u
 from astropy.coordinates import HADec, SkyCoord
 from astropy.time import Time
 
-from pipeline.config import SiteConfig
-from pipeline.refraction import site_location
-from pipeline.tpv import sky_to_tangent, tangent_to_sky
+from pipeline.core.config import SiteConfig
+from pipeline.core.refraction import site_location
+from pipeline.formats.tpv import sky_to_tangent, tangent_to_sky
 
 __all__ = ["CameraFrame", "rotation_matrix"]
 

@@ -36,7 +36,7 @@ import numpy as np
 from astropy.io.registry import IORegistryError
 from astropy.table import Table, vstack
 
-from .model import PriorError
+from priors.model import PriorError
 
 __all__ = ["MATCH_COLUMNS", "OPTIONAL_COLUMNS", "EXPOSURE_COLUMNS", "stack_matches", "read_matches",
            "validate_matches"]

@@ -18,10 +18,10 @@ import numpy as np
 from astropy.io import fits
 from astropy.table import Table
 
-from pipeline.config import SiteConfig
-from pipeline.tpv import tpv_header
+from pipeline.core.config import SiteConfig
+from pipeline.formats.tpv import tpv_header
 
-from .frames import CameraFrame
+from priors.frames import CameraFrame
 
 __all__ = ["PriorError", "QuadrantPrior", "PriorProvenance", "Prior", "PLACEMENT_FITTED",
            "PLACEMENT_LAYOUT"]

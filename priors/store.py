@@ -23,10 +23,10 @@ import numpy as np
 from astropy.io import fits
 from astropy.table import Table
 
-from pipeline.image import write_fits_atomic
-from pipeline.tpv import tpv_indices
+from pipeline.core.image import write_fits_atomic
+from pipeline.formats.tpv import tpv_indices
 
-from .model import Prior, PriorError, PriorProvenance, QuadrantPrior
+from priors.model import Prior, PriorError, PriorProvenance, QuadrantPrior
 
 __all__ = ["PRIOR_FORMAT_VERSION", "write_prior", "read_prior"]
 

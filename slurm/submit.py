@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from pipeline.config import Config, config_to_toml
+from pipeline.core.config import Config, config_to_toml
 
-from .jobs import SlurmError, run_slurm
+from slurm.jobs import SlurmError, run_slurm
 
 __all__ = ["SubmitResult", "submit_exposure", "exposure_key", "job_names", "skydiff_executable",
            "quadrant_command", "summary_command", "TEMPLATE_DIR"]
@@ -93,7 +93,7 @@ def _array_spec(quadrants: Sequence[int]) -> str:
 
 
 def _default_quadrants(exposure: Path, cfg: Config) -> list[int]:
-    from pipeline.exposure import exposure_rcids
+    from pipeline.formats.exposure import exposure_rcids
     rcids = exposure_rcids(exposure)
     if not rcids:
         raise ValueError(f"{exposure}: no quadrant found (expected extensions Q00..Q{cfg.instrument.n_quadrants - 1:02d}"

@@ -37,10 +37,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from pipeline.config import Config
+from pipeline.core.config import Config
 
-from .jobs import SlurmError, cancel_jobs, queued_jobs, release_jobs
-from .submit import SubmitResult, exposure_key, job_names, submit_exposure
+from slurm.jobs import SlurmError, cancel_jobs, queued_jobs, release_jobs
+from slurm.submit import SubmitResult, exposure_key, job_names, submit_exposure
 
 __all__ = ["WatchSettings", "SubmissionLedger", "ExposureWatcher", "WatcherBusyError", "exposure_signature"]
 

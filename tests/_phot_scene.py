@@ -14,11 +14,11 @@ from astropy.table import Table
 from astropy.wcs import WCS
 from scipy.spatial import cKDTree
 
-from pipeline.config import Config, load_config
-from pipeline.extract import extract_sources
-from pipeline.focalplane import ccd_qid_of_rcid, quadrant_geometry
-from pipeline.photometry import estimate_background
-from pipeline.psf import PSFModel, build_psf
+from pipeline.core.config import Config, load_config
+from pipeline.measure.extract import extract_sources
+from pipeline.core.focalplane import ccd_qid_of_rcid, quadrant_geometry
+from pipeline.measure.photometry import estimate_background
+from pipeline.measure.psf import PSFModel, build_psf
 from pipeline.simulate.plan import Field, exposure_at_airmass
 from pipeline.simulate.render import _PsfField
 from pipeline.simulate.run import simulate_quadrant

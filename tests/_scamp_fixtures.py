@@ -17,9 +17,9 @@ from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
 
-from pipeline.config import InstrumentConfig
-from pipeline.focalplane import nominal_cd, quadrant_geometry
-from pipeline.ldac import write_ldac
+from pipeline.core.config import InstrumentConfig
+from pipeline.core.focalplane import nominal_cd, quadrant_geometry
+from pipeline.formats.ldac import write_ldac
 
 # TPV coefficients of the true optics (degrees of intermediate world coordinates).
 # Radial cubic xi' = xi (1 + k r^2): ~20 arcsec at the field corner.

@@ -14,10 +14,10 @@ from pathlib import Path
 
 from catalogs import field_region, prefetch_from_table, read_gaia_table
 from pipeline.cli import main
-from pipeline.config import Config, load_config
-from pipeline.exposure import write_exposure_mef
-from pipeline.image import read_quadrant
-from pipeline.reference import build_reference, reference_filename, write_reference
+from pipeline.core.config import Config, load_config
+from pipeline.formats.exposure import write_exposure_mef
+from pipeline.core.image import read_quadrant
+from pipeline.reference.build import build_reference, reference_filename, write_reference
 from pipeline.simulate.plan import Field
 from pipeline.simulate.run import simulate_run
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 import pipeline  # noqa: F401  (process hygiene first)
-from pipeline.config import load_config
+from pipeline.core.config import load_config
 
 pytest_plugins = ["pytester"]
 

@@ -54,7 +54,7 @@ def run_publish(args) -> int:
     from alerts.packet import AlertInputError
     from alerts.publish import AlertPublisher, PublishError
     from alerts.spool import PENDING, Spool
-    from ..status import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_RETRY
+    from pipeline.core.exits import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_RETRY
     cfg = args.cfg
     kafka = cfg.kafka if not args.bootstrap else dataclasses.replace(cfg.kafka, bootstrap_servers=args.bootstrap)
     spool = Spool(args.spool or cfg.paths.resolve("spool"))
@@ -90,7 +90,7 @@ def run_show(args) -> int:
         if args.png:
             print(f"cutouts    written to {plot_triplet(alert, args.png)}")
     except (AlertFormatError, ValueError, KeyError) as exc:
-        from ..cli import EXIT_BAD_INPUT
+        from pipeline.cli import EXIT_BAD_INPUT
         log.error("%s: %s", args.file, exc)
         return EXIT_BAD_INPUT
     return 0

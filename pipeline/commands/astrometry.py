@@ -1,10 +1,10 @@
 """``skydiff astrometry``: solve one quadrant image against Gaia and judge the solution.
 
-See :mod:`pipeline.astrometry_run` for the products and the exit statuses.
+See :mod:`pipeline.astrometry.files` for the products and the exit statuses.
 """
 from __future__ import annotations
 
-from ..astrometry_run import run_astrometry
+from pipeline.astrometry.files import run_astrometry
 
 
 def register(subparsers, common) -> None:

@@ -26,7 +26,7 @@ def benchmark(name: str, help: str, targets: dict[str, float] | None = None, one
 @benchmark("astrometry", "extraction + two SCAMP passes + QA for one full quadrant (target: at most 4 s)",
            {"total": 4.0})
 def _bench_astrometry(args) -> dict:
-    from ..astrometry_bench import bench_astrometry_quadrant
+    from pipeline.bench.astrometry import bench_astrometry_quadrant
     return bench_astrometry_quadrant(args.cfg, rcid=args.rcid)
 
 
@@ -34,7 +34,7 @@ def _bench_astrometry(args) -> dict:
            "quadrants solved and compared with the true WCS (use --repeat 1; writes --out)")
 def _bench_astrometry_night(args) -> dict:
     import tempfile
-    from ..astrometry_bench import validate_astrometry_night
+    from pipeline.bench.astrometry import validate_astrometry_night
     out = args.out or tempfile.mkdtemp(prefix="skydiff-night-")
     summary = validate_astrometry_night(args.cfg, out)
     figures = {"quadrants": summary["quadrants"], "usable": summary["usable"],
@@ -54,14 +54,14 @@ def _bench_astrometry_night(args) -> dict:
 @benchmark("simulate", "simulate one full 3072 x 3080 quadrant (target: at most 3 s)",
            {"quadrant_total": 3.0})
 def _bench_simulate(args) -> dict:
-    from ..simulate.run import bench_simulate_quadrant
+    from pipeline.simulate.run import bench_simulate_quadrant
     return bench_simulate_quadrant(args.cfg, rcid=args.rcid)
 
 
 @benchmark("zogy", "ZOGY D, S, Scorr for a registered 3080 x 3072 pair with known PSFs (target: at most 2 s)",
            {"whole_total": 2.0, "tiled_total": 2.0})
 def _bench_zogy(args) -> dict:
-    from ..zogy_bench import bench_zogy
+    from pipeline.bench.zogy import bench_zogy
     return _flat(bench_zogy(repeats=1))
 
 
@@ -79,14 +79,14 @@ def _flat(report: dict) -> dict:
 @benchmark("registration", "resample a reference onto a science grid, full 3080 x 3072 quadrant "
            "(target: at most 1 s)", {"total": 1.0})
 def _bench_registration(args) -> dict:
-    from ..subtract_bench import bench_registration
+    from pipeline.bench.subtraction import bench_registration
     return _flat(bench_registration(args.cfg, rcid=args.rcid, repeats=1))
 
 
 @benchmark("candidates", "candidate detection and features on a full quadrant's ZOGY products "
            "(target: at most 0.3 s)", {"find_candidates": 0.3})
 def _bench_candidates(args) -> dict:
-    from ..subtract_bench import bench_candidates
+    from pipeline.bench.subtraction import bench_candidates
     return _flat(bench_candidates(repeats=1))
 
 
@@ -94,20 +94,20 @@ def _bench_candidates(args) -> dict:
            "quadrant against a 5-frame reference (targets: stage at most 6 s, ZOGY at most 2 s; "
            "use --repeat 1, it repeats internally)", {"stage_s": 6.0, "zogy_s": 2.0})
 def _bench_subtract(args) -> dict:
-    from ..subtract_bench import bench_subtraction
+    from pipeline.bench.subtraction import bench_subtraction
     return _flat(bench_subtraction(args.cfg))
 
 
 @benchmark("subtract-accuracy", "completeness, false candidates after real-bogus, Scorr normalisation, "
            "photometry and zero point against truth on 2 quadrants x 3 seeing cases (several minutes; use --repeat 1)")
 def _bench_subtract_accuracy(args) -> dict:
-    from ..subtract_validation import validate_subtraction
+    from pipeline.bench.subtraction_accuracy import validate_subtraction
     return _flat(validate_subtraction(args.cfg))
 
 
 @benchmark("reference", "build a reference from 20 simulated full-size frames (use --repeat 1)")
 def _bench_reference(args) -> dict:
-    from .reference import bench_reference
+    from pipeline.commands.reference import bench_reference
     return _flat(bench_reference(cfg=args.cfg))
 
 
@@ -115,7 +115,7 @@ def _bench_reference(args) -> dict:
            "per quadrant on one core (target: median at most 20 s; use --repeat 1; --bootstrap or a local "
            "broker)", {"latency_median_s": 20.0})
 def _bench_latency(args) -> dict:
-    from ..latency_bench import bench_latency
+    from pipeline.bench.latency import bench_latency
     return _flat(bench_latency(args.cfg, rcid=args.rcid,
                                bootstrap=getattr(args, "bootstrap", None)))
 
@@ -125,8 +125,8 @@ def _bench_latency(args) -> dict:
            "compared (both); --jobs workers; the survey is built once under --out and reused", one_core=False)
 def _bench_exposure(args) -> dict:
     import tempfile
-    from ..exposure_bench import bench_exposure
-    from ..focalplane import parse_quadrants
+    from pipeline.bench.exposure import bench_exposure
+    from pipeline.core.focalplane import parse_quadrants
     rcids = parse_quadrants(args.quadrants, args.cfg.instrument.n_quadrants)
     jobs = args.jobs or len(os.sched_getaffinity(0))
     if args.out:
@@ -138,28 +138,28 @@ def _bench_exposure(args) -> dict:
 @benchmark("matchfile-append", "append one 50,000-source epoch to a matchfile (target: at most 1 s)",
            {"append": 1.0})
 def _bench_matchfile_append(args) -> dict:
-    from ..matchfile_bench import bench_append
+    from pipeline.bench.matchfile import bench_append
     return bench_append(site=args.cfg.site)
 
 
 @benchmark("lightcurve-cone", "warm cone query on a matchfile of 20,000 objects x 500 epochs "
            "(target: at most 20 ms)", {"cone_warm_median": 0.02, "cone_warm_p95": 0.02})
 def _bench_lightcurve_cone(args) -> dict:
-    from ..matchfile_bench import bench_cone
+    from pipeline.bench.matchfile import bench_cone
     return bench_cone()
 
 
 @benchmark("lightcurve-service", "light-curve HTTP service under 50 requests/s for 30 s on loopback "
            "(target: p95 at most 50 ms; use --repeat 1)", {"p95": 0.05})
 def _bench_lightcurve_service(args) -> dict:
-    from ..matchfile_bench import bench_service
+    from pipeline.bench.matchfile import bench_service
     return bench_service()
 
 
 @benchmark("alert-packets", "build and serialise 3000 alert packets with cutouts and 30 history entries "
            "(target: at least 3000 alerts/s)", {"alerts_per_s": 3000.0})
 def _bench_alert_packets(args) -> dict:
-    from alerts.bench import bench_packets
+    from pipeline.bench.alerts import bench_packets
     return bench_packets()
 
 
@@ -167,7 +167,7 @@ def _bench_alert_packets(args) -> dict:
            "idempotence (target: at least 1000 alerts/s); --bootstrap HOST:PORT, or a local Tansu broker "
            "on loopback is started per run", {"alerts_per_s": 1000.0})
 def _bench_alert_publish(args) -> dict:
-    from alerts.bench import bench_publish
+    from pipeline.bench.alerts import bench_publish
     return bench_publish(args.bootstrap)
 
 

@@ -8,7 +8,7 @@ from catalogs import (DEFAULT_NSIDE, GAIA_DR3_TABLE, GAIA_TAP_URL, CatalogError,
                       cone_region, field_region, prefetch_from_table, prefetch_from_tap,
                       read_store_info)
 
-from ..status import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from pipeline.core.exits import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_USAGE
 
 log = logging.getLogger("skydiff.catalogs")
 

@@ -1,7 +1,7 @@
 """``skydiff config``: print the effective configuration."""
 from __future__ import annotations
 
-from ..config import config_to_toml
+from pipeline.core.config import config_to_toml
 
 
 def register(subparsers, common) -> None:

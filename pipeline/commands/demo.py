@@ -13,7 +13,7 @@ def register(subparsers, common) -> None:
 
 
 def run(args) -> int:
-    from ..demo import DemoOptions, format_summary, run_demo   # heavy: imported only when run
+    from pipeline.demo.survey import DemoOptions, format_summary, run_demo   # heavy: imported only when run
     summary = run_demo(args.cfg, args.workdir, DemoOptions(jobs=args.jobs))
     print(format_summary(summary))
     return 0

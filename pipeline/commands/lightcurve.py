@@ -36,8 +36,8 @@ def _root(args):
 
 
 def run_lightcurve(args) -> int:
-    from ..lightcurve import lightcurve, plot_lightcurve, serialise
-    from ..matchfile_layout import LayoutError
+    from pipeline.matchfile.lightcurves import lightcurve, plot_lightcurve, serialise
+    from pipeline.matchfile.layout import LayoutError
 
     try:
         table = lightcurve(args.ra, args.dec, args.radius, _root(args))
@@ -55,7 +55,7 @@ def run_lightcurve(args) -> int:
 
 
 def run_serve(args) -> int:
-    from ..lightcurve_service import serve
+    from pipeline.matchfile.service import serve
 
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("binding to %s: the service is reachable from other machines", args.host)

@@ -4,7 +4,7 @@
 and filter from its PSF catalogue (kept as it is when already seeded from that reference).
 ``matchfile append SOURCE... [--reference REF.fits] [--refcat GAIA]`` appends each SOURCE, a
 ``skydiff subtract`` output folder or a solved science image, as one epoch (appending an
-exposure again replaces it); see :mod:`pipeline.matchfile_run` for how the epoch is built.
+exposure again replaces it); see :mod:`pipeline.matchfile.epochs` for how the epoch is built.
 A folder's science image, reference and zero point are those its ``qa.json`` names; for an
 image, ``--reference`` seeds the matchfile and, when the image has neither MAGZP nor
 ``--refcat``, calibrates it.  ``--root`` defaults to ``paths.matchfiles``.
@@ -18,7 +18,7 @@ import logging
 import time
 from pathlib import Path
 
-from ..status import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
+from pipeline.core.exits import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
 
 __all__ = ["register"]
 
@@ -54,9 +54,9 @@ def _root(args) -> Path:
 
 
 def run_seed(args) -> int:
-    from ..matchfile import MatchfileError
-    from ..matchfile_run import BAD_INPUT_ERRORS, seed_matchfile_from_reference
-    from ..reference_io import ReferenceError, read_reference
+    from pipeline.matchfile.store import MatchfileError
+    from pipeline.matchfile.epochs import BAD_INPUT_ERRORS, seed_matchfile_from_reference
+    from pipeline.reference.files import ReferenceError, read_reference
 
     status = EXIT_OK
     for path in args.references:
@@ -71,8 +71,8 @@ def run_seed(args) -> int:
 
 
 def run_append(args) -> int:
-    from ..matchfile import MatchfileError
-    from ..matchfile_run import BAD_INPUT_ERRORS, append_from_files
+    from pipeline.matchfile.store import MatchfileError
+    from pipeline.matchfile.epochs import BAD_INPUT_ERRORS, append_from_files
 
     status = EXIT_OK
     for source in args.sources:

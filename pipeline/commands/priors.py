@@ -10,11 +10,11 @@ from priors.matches import read_matches
 from priors.model import PriorError
 from priors.store import read_prior, write_prior
 
-from ..image import read_quadrant
+from pipeline.core.image import read_quadrant
 
 log = logging.getLogger("skydiff.priors")
 
-from ..status import EXIT_BAD_INPUT
+from pipeline.core.exits import EXIT_BAD_INPUT
 
 
 def register(subparsers, common) -> None:

@@ -1,23 +1,23 @@
 """``skydiff quadrant``, ``skydiff exposure`` and ``skydiff exposure-summary``: run one quadrant,
 every quadrant of an exposure on this machine, or summarise an exposure's quadrants.
 
-See :mod:`pipeline.quadrant` (stages, status record, idempotence, exit codes) and
-:mod:`pipeline.exposure_run` (local executor, summary).
+See :mod:`pipeline.run.quadrant` (stages, status record, idempotence, exit codes) and
+:mod:`pipeline.run.exposure` (local executor, summary).
 """
 from __future__ import annotations
 
 import json
 import logging
 
-from ..exposure_run import exposure_summary, format_exposure_summary, quadrant_task, run_exposure
-from ..quadrant import QuadrantInputError
-from ..status import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
+from pipeline.run.exposure import exposure_summary, format_exposure_summary, quadrant_task, run_exposure
+from pipeline.run.quadrant import QuadrantInputError
+from pipeline.core.exits import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
 
 log = logging.getLogger("skydiff.quadrant")
 
 
 def _quadrants(text: str | None, n_quadrants: int) -> list[int] | None:
-    from ..focalplane import parse_quadrants
+    from pipeline.core.focalplane import parse_quadrants
     return parse_quadrants(text, n_quadrants) if text else None
 
 

@@ -1,7 +1,7 @@
 """``skydiff realbogus``: train the real-bogus model on simulated pairs, or show a model.
 
-The model shipped in the package (``pipeline/data/rb_model.json``) was made with
-``skydiff realbogus train --out pipeline/data/rb_model.json``; see :mod:`pipeline.realbogus_train`.
+The model shipped in the package (``pipeline/subtraction/data/rb_model.json``) was made with
+``skydiff realbogus train --out pipeline/subtraction/data/rb_model.json``; see :mod:`pipeline.simulate.realbogus_training`.
 """
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import logging
 import os
 from pathlib import Path
 
-from ..realbogus import RealBogusError, RealBogusModel, load_default_model, model_summary
-from ..status import EXIT_BAD_INPUT, EXIT_OK
+from pipeline.subtraction.realbogus import RealBogusError, RealBogusModel, load_default_model, model_summary
+from pipeline.core.exits import EXIT_BAD_INPUT, EXIT_OK
 
 log = logging.getLogger("skydiff.realbogus")
 
@@ -34,7 +34,7 @@ def register(subparsers, common) -> None:
 
 
 def run_train(args) -> int:
-    from ..realbogus_train import train_model
+    from pipeline.simulate.realbogus_training import train_model
 
     model = train_model(args.cfg, args.version)
     out = Path(args.out)

@@ -4,7 +4,7 @@
 (files, or directories whose ``*.fits`` / ``*.fits.fz`` are read; tables such as the
 astrometry stage's ``*_matches.fits`` and reference files there are skipped), groups them by
 (field, CCD, quadrant, filter), builds one reference per group
-(:func:`pipeline.reference.build_reference`) and writes
+(:func:`pipeline.reference.build.build_reference`) and writes
 ``OUTDIR/ref_f<field>_c<ccd>_q<qid>_<filter>.fits``, printing per group the frames used and
 rejected (with reasons) and the timings; ``--grid-margin`` sets how far the coadd's grid
 extends beyond the best-seeing frame's.  ``reference show REF.fits`` prints a reference's
@@ -25,12 +25,12 @@ from collections import defaultdict
 from pathlib import Path
 
 
-from ..astrometry import footprint_corners
-from ..config import Config
-from ..image import ImageContractError, QuadrantImage, quadrant_image, read_quadrant
-from ..reference import (ReferenceConfig, ReferenceError, build_reference, read_reference,
+from pipeline.astrometry.solve import footprint_corners
+from pipeline.core.config import Config
+from pipeline.core.image import ImageContractError, QuadrantImage, quadrant_image, read_quadrant
+from pipeline.reference.build import (ReferenceConfig, ReferenceError, build_reference, read_reference,
                          reference_filename, write_reference)
-from ..status import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNUSABLE
+from pipeline.core.exits import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNUSABLE
 
 __all__ = ["register", "collect_images", "read_groups", "build_references", "bench_reference"]
 
@@ -226,11 +226,11 @@ def bench_reference(n_frames: int = 20, cfg: Config | None = None, rcid: int = 2
         ``characterize``, ``register``, ``stack``, ``coadd``, ``build_total``, ``write``,
         and ``per_frame`` (build seconds per input frame).
     """
-    from ..config import load_config
-    from ..simulate.plan import Field, exposure_at_airmass
-    from ..simulate.run import simulate_quadrant
-    from ..simulate.sky import make_sky
-    from ..wcs_head import apply_wcs_header
+    from pipeline.core.config import load_config
+    from pipeline.simulate.plan import Field, exposure_at_airmass
+    from pipeline.simulate.run import simulate_quadrant
+    from pipeline.simulate.sky import make_sky
+    from pipeline.formats.scamp_head import apply_wcs_header
 
     cfg = load_config() if cfg is None else cfg
     field = Field(600, 150.0, 33.0)

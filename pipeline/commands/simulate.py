@@ -6,7 +6,7 @@ from pathlib import Path
 
 from astropy.time import Time, TimeDelta
 
-from ..simulate.plan import DEFAULT_FIELDS, Field
+from pipeline.simulate.plan import DEFAULT_FIELDS, Field
 
 log = logging.getLogger("skydiff.simulate")
 
@@ -76,8 +76,8 @@ def _filters(text: str) -> list[str]:
 
 
 def run(args) -> int:
-    from ..status import EXIT_USAGE
-    from ..simulate.run import simulate_run
+    from pipeline.core.exits import EXIT_USAGE
+    from pipeline.simulate.run import simulate_run
     try:
         fields = [_field(text) for text in args.fields] if args.fields else list(DEFAULT_FIELDS)
         nights = _nights(args.start_night, args.nights)
@@ -97,7 +97,7 @@ def run(args) -> int:
     print(f"sky: {summary['n_stars']} stars, {summary['n_galaxies']} galaxies, "
           f"{summary['n_transients']} transients; seed {summary['seed']}")
     if args.mef:
-        from ..exposure import write_exposure_mef
+        from pipeline.formats.exposure import write_exposure_mef
         for folder in sorted(Path(args.out, "exposures").glob("*/*")):
             if folder.is_dir():
                 write_exposure_mef(sorted(folder.glob("*.fits")), folder.parent / f"{folder.name}.fits")

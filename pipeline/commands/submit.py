@@ -21,8 +21,8 @@ def register(subparsers, common) -> None:
 def run(args) -> int:
     from slurm.jobs import SlurmError
     from slurm.submit import submit_exposure
-    from ..focalplane import parse_quadrants
-    from ..status import EXIT_BAD_INPUT, EXIT_FAILED
+    from pipeline.core.focalplane import parse_quadrants
+    from pipeline.core.exits import EXIT_BAD_INPUT, EXIT_FAILED
     try:
         quadrants = parse_quadrants(args.quadrants, args.cfg.instrument.n_quadrants) if args.quadrants else None
         result = submit_exposure(args.exposure, args.cfg, quadrants)

@@ -1,10 +1,10 @@
 """``skydiff subtract``: ZOGY subtraction of a reference from a solved science quadrant.
 
-See :mod:`pipeline.subtract_run` for the products and :mod:`pipeline.subtract` for the method.
+See :mod:`pipeline.subtraction.files` for the products and :mod:`pipeline.subtraction.difference` for the method.
 """
 from __future__ import annotations
 
-from ..subtract_run import run_subtraction
+from pipeline.subtraction.files import run_subtraction
 
 
 def register(subparsers, common) -> None:

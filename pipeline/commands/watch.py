@@ -32,8 +32,8 @@ def run(args) -> int:
 
     from slurm.jobs import SlurmError
     from slurm.watch import ExposureWatcher, SubmissionLedger, WatcherBusyError, WatchSettings
-    from ..status import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_USAGE
-    from ..focalplane import parse_quadrants
+    from pipeline.core.exits import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_USAGE
+    from pipeline.core.focalplane import parse_quadrants
     try:
         quadrants = tuple(parse_quadrants(args.quadrants, args.cfg.instrument.n_quadrants)) if args.quadrants else None
     except ValueError as exc:

@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 from astropy.table import Table
 
-from ..config import Config
-from ..focalplane import ccd_qid_of_rcid, quadrant_geometry
-from .exposure import ExposureSpec
-from .render import _moffat_alpha2, _PsfField, _render_profiles, image_zeropoint, sky_electrons_per_pixel
+from pipeline.core.config import Config
+from pipeline.core.focalplane import ccd_qid_of_rcid, quadrant_geometry
+from pipeline.simulate.exposure import ExposureSpec
+from pipeline.simulate.render import _moffat_alpha2, _PsfField, _render_profiles, image_zeropoint, sky_electrons_per_pixel
 
 __all__ = ["true_psf_field", "inject_point_sources"]
 

@@ -2,7 +2,7 @@
 
 The chain, followed physically for every quadrant of an exposure:
 
-1. quadrant pixel -> global focal-plane pixel (:mod:`pipeline.focalplane`);
+1. quadrant pixel -> global focal-plane pixel (:mod:`pipeline.core.focalplane`);
 2. focal plane -> ideal angles about the optical axis (pixel scale, position angle);
 3. the instrument's fixed optical distortion (radial ``k1 r^3 + k2 r^5`` plus a small
    decentering term), giving observed standard coordinates;
@@ -24,15 +24,15 @@ from astropy.coordinates import HADec, SkyCoord
 from astropy.time import Time
 from astropy.wcs import WCS
 
-from ..config import Config
-from ..focalplane import QuadrantGeometry, nominal_cd
-from ..refraction import site_location
-from ..tpv import fit_tpv_wcs, sky_to_tangent, tangent_to_sky
+from pipeline.core.config import Config
+from pipeline.core.focalplane import QuadrantGeometry, nominal_cd
+from pipeline.core.refraction import site_location
+from pipeline.formats.tpv import fit_tpv_wcs, sky_to_tangent, tangent_to_sky
 from dataclasses import replace
 
 from astropy.io import fits
 
-from .exposure import ExposureSpec
+from pipeline.simulate.exposure import ExposureSpec
 
 __all__ = ["true_boresight", "optical_distortion", "pixels_to_sky", "true_quadrant_wcs",
            "true_quadrant_solution", "first_guess_header", "TRUE_WCS_DEGREE"]

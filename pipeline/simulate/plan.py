@@ -13,9 +13,9 @@ import numpy as np
 import astropy.units as u
 from astropy.time import Time
 
-from ..config import Config
-from ..refraction import airmass_at
-from .exposure import ExposureSpec
+from pipeline.core.config import Config
+from pipeline.core.refraction import airmass_at
+from pipeline.simulate.exposure import ExposureSpec
 
 __all__ = ["Field", "time_at_hour_angle", "time_at_airmass", "plan_night", "plan_survey",
            "exposure_at_airmass", "DEFAULT_FIELDS"]

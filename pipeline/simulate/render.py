@@ -1,7 +1,7 @@
 """Rendering one quadrant image of one exposure from the sky model and the true WCS.
 
 Pure: no I/O.  The image is in ADU, bias-subtracted, sky not subtracted; the header follows
-the keyword contract of :mod:`pipeline.image` with a *first-guess* WCS (the telescope's
+the keyword contract of :mod:`pipeline.core.image` with a *first-guess* WCS (the telescope's
 linear model at the commanded pointing, so off by the pointing error), never the true one.
 Every random number comes from ``SeedSequence([spec.seed, rcid])``, so a quadrant is the
 same whether rendered alone or with the rest of its exposure.  The fixed defects of each
@@ -16,12 +16,12 @@ from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
 
-from ..config import Config
-from ..focalplane import QuadrantGeometry
-from ..image import FILTER_IDS, MASK_BITS
-from .exposure import ExposureSpec
-from .optics import first_guess_header
-from .sky import SkyModel, julian_epoch, propagate_positions
+from pipeline.core.config import Config
+from pipeline.core.focalplane import QuadrantGeometry
+from pipeline.core.image import FILTER_IDS, MASK_BITS
+from pipeline.simulate.exposure import ExposureSpec
+from pipeline.simulate.optics import first_guess_header
+from pipeline.simulate.sky import SkyModel, julian_epoch, propagate_positions
 
 __all__ = ["SimulatedQuadrant", "render_quadrant", "quadrant_header", "image_zeropoint",
            "sky_electrons_per_pixel", "PIXEL_SIZE_CM", "GALAXY_BETA"]

@@ -31,15 +31,15 @@ import numpy as np
 from astropy.io import fits
 from astropy.table import Table
 
-from .. import __version__
-from ..config import Config, config_to_toml
-from ..focalplane import ccd_qid_of_rcid, parse_quadrants, quadrant_geometry
-from ..image import write_fits_atomic, write_quadrant
-from .exposure import ExposureSpec
-from .optics import true_boresight, true_quadrant_solution
-from .plan import Field, plan_night
-from .render import SimulatedQuadrant, image_zeropoint, render_quadrant
-from .sky import SkyModel, make_sky
+from pipeline import __version__
+from pipeline.core.config import Config, config_to_toml
+from pipeline.core.focalplane import ccd_qid_of_rcid, parse_quadrants, quadrant_geometry
+from pipeline.core.image import write_fits_atomic, write_quadrant
+from pipeline.simulate.exposure import ExposureSpec
+from pipeline.simulate.optics import true_boresight, true_quadrant_solution
+from pipeline.simulate.plan import Field, plan_night
+from pipeline.simulate.render import SimulatedQuadrant, image_zeropoint, render_quadrant
+from pipeline.simulate.sky import SkyModel, make_sky
 
 __all__ = ["simulate_run", "quadrant_paths", "write_simulated_quadrant", "simulate_quadrant",
            "exposures_table", "transients_table", "bench_simulate_quadrant"]
@@ -277,7 +277,7 @@ def bench_simulate_quadrant(cfg: Config, rcid: int = 21, field: Field | None = N
     k-d tree build that a run pays once).  Also reports the
     object counts.
     """
-    from .plan import DEFAULT_FIELDS, exposure_at_airmass
+    from pipeline.simulate.plan import DEFAULT_FIELDS, exposure_at_airmass
     field = DEFAULT_FIELDS[0] if field is None else field
     spec = exposure_at_airmass(cfg, field, 1.2)
     timings: dict = {}

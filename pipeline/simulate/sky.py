@@ -18,8 +18,8 @@ from astropy.table import Table
 from astropy.wcs import WCS
 from scipy.spatial import cKDTree
 
-from ..config import Config, FilterConfig
-from ..tpv import sky_to_tangent
+from pipeline.core.config import Config, FilterConfig
+from pipeline.formats.tpv import sky_to_tangent
 
 __all__ = ["SkyModel", "make_sky", "propagate_positions", "julian_epoch", "FOOTPRINT_DEG",
            "GAIA_COLUMNS", "VARIABLE_SINE", "VARIABLE_SAWTOOTH"]

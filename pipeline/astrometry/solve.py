@@ -1,0 +1,295 @@
+"""Astrometric calibration of one quadrant: extraction, two-pass SCAMP, QA and the verdict.
+
+The stage takes in-memory inputs (the image, the Gaia rows around it, the prior WCS) and
+returns an :class:`AstrometryResult`; SCAMP is the one external program, run in a work
+directory by :mod:`pipeline.astrometry.scamp`.  The verdict is ``usable`` only when every check passes;
+each failed check adds a reason.  Nothing is accepted on SCAMP's exit code alone.
+
+Checks, in order (a failed early check skips the later ones):
+
+1. enough detections for SCAMP (``min_detections``) and reference stars in the footprint;
+2. SCAMP's own verdict (pattern-matching contrast, matches, residual sigma, timeout, crash);
+3. Gaia-match QA with the solved WCS: at least ``min_matched`` stars, RMS per axis below
+   ``max_rms_mas``, and no region (of a 4 x 4 grid) whose mean residual exceeds
+   ``max_cell_offset_mas`` at more than ``max_cell_significance`` sigma;
+4. the pixel-scale check against the prior over the detector grid (``max_scale_diff_pct``),
+   with the airmass recomputed at the quadrant's centre and the refraction model's
+   expectation reported beside it.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+from astropy.table import Table
+from astropy.wcs import WCS
+
+from pipeline.astrometry.qa import AstrometricQA, astrometric_outliers, astrometric_qa
+from pipeline.core.config import Config
+from pipeline.measure.extract import FLAG_BITS, ExtractionConfig, ExtractionResult, extract_sources, to_scamp_ldac
+from pipeline.core.image import QuadrantImage
+from pipeline.astrometry.scale_check import ScaleCheck, scale_check
+from pipeline.astrometry.scamp import ScampResult, ScampSettings, run_scamp_pass, solve_with_scamp
+from pipeline.formats.scamp_head import strip_wcs_keywords, wcs_from_header
+
+__all__ = ["AstrometricPrior", "AstrometryResult", "prior_from_image_header", "footprint_corners",
+           "solve_astrometry", "astrometric_matches"]
+
+log = logging.getLogger("skydiff.astrometry")
+
+
+@dataclass(frozen=True)
+class AstrometricPrior:
+    """The WCS SCAMP starts from, and the airmass it describes (for the scale check).
+
+    ``source`` says where it came from ("distortion prior FILE" or "image header").
+    """
+
+    header: fits.Header
+    airmass: float
+    source: str
+
+    def wcs(self, shape: tuple[int, int]) -> WCS:
+        return wcs_from_header(self.header, shape)
+
+
+def _as_tpv(header: fits.Header) -> fits.Header:
+    """A TAN header as the equivalent TPV (identity PV terms): SCAMP's PRE-DISTORTED mode wants TPV."""
+    out = header.copy()
+    if str(out.get("CTYPE1", "")).endswith("-TAN"):
+        out["CTYPE1"], out["CTYPE2"] = "RA---TPV", "DEC--TPV"
+        out["PV1_1"], out["PV2_1"] = 1.0, 1.0
+    return out
+
+
+def prior_from_image_header(image: QuadrantImage) -> AstrometricPrior:
+    """The image's own first-guess WCS as the prior (when no distortion prior is given).
+
+    Its airmass is the image's: a header WCS describes the exposure as taken.
+
+    Raises
+    ------
+    ValueError
+        The header has no celestial WCS.
+    """
+    if image.wcs is None:
+        raise ValueError(f"{image.path}: no first-guess WCS in the header and no distortion prior given")
+    keys = ("CTYPE1", "CTYPE2", "CUNIT1", "CUNIT2", "RADESYS", "EQUINOX", "CRVAL1", "CRVAL2",
+            "CRPIX1", "CRPIX2", "CD1_1", "CD1_2", "CD2_1", "CD2_2")
+    header = fits.Header()
+    for key in keys:
+        if key in image.header:
+            header[key] = image.header[key]
+    for key in image.header:
+        if key.startswith(("PV1_", "PV2_")):
+            header[key] = image.header[key]
+    return AstrometricPrior(_as_tpv(header), image.meta.airmass, "image header")
+
+
+def footprint_corners(wcs: WCS, shape: tuple[int, int]) -> np.ndarray:
+    """(4, 2) sky corners of an image, in order around it (for the catalogue lookup)."""
+    ny, nx = shape
+    ra, dec = wcs.all_pix2world([0.5, nx + 0.5, nx + 0.5, 0.5], [0.5, 0.5, ny + 0.5, ny + 0.5], 1)
+    return np.column_stack([ra, dec])
+
+
+@dataclass(frozen=True)
+class AstrometryResult:
+    """Everything the astrometry stage found about one quadrant."""
+
+    usable: bool
+    reasons: tuple[str, ...]
+    wcs: WCS | None
+    wcs_header: fits.Header | None
+    prior: AstrometricPrior
+    extraction: ExtractionResult
+    reference: Table | None
+    scamp: ScampResult | None
+    qa: AstrometricQA | None
+    scale: ScaleCheck | None
+    matches: Table | None
+    timings: dict[str, float] = field(default_factory=dict)
+    n_outliers: int = 0
+
+    def summary(self) -> dict:
+        """The QA record (``qa.json``): verdict, figures, timings."""
+        record: dict = {
+            "usable": self.usable, "reasons": list(self.reasons), "prior": self.prior.source,
+            "n_detections": len(self.extraction.catalog),
+            "n_reference": 0 if self.reference is None else len(self.reference),
+            "seeing_fwhm_px": _finite(self.extraction.seeing_fwhm_px),
+            "background_adu": _finite(self.extraction.background_level),
+            "rms_ra_mas": None, "rms_dec_mas": None, "n_matched": 0, "chi2": None,
+            "scale_diff_pct_max": None, "airmass_quadrant": None,
+            "n_astrometric_outliers": self.n_outliers,
+        }
+        if self.scamp is not None and self.scamp.pass1 is not None:
+            record["scamp_xy_contrast"] = _finite(self.scamp.pass1.xy_contrast)
+            sigma = self.scamp.pass1.astrom_sigma_reference_arcsec
+            record["scamp_pass1_sigma_arcsec"] = [_finite(s) for s in sigma]
+        if self.scamp is not None and self.scamp.pass2 is not None:
+            record["scamp_pass2_sigma_arcsec"] = [_finite(s) for s in self.scamp.pass2.astrom_sigma_reference_arcsec]
+            record["scamp_chi2"] = _finite(self.scamp.pass2.astrom_chi2_reference)
+        if self.qa is not None:
+            record.update({k: _finite(v) if isinstance(v, float) else v for k, v in self.qa.as_dict().items()})
+        if self.scale is not None:
+            record.update({k: _finite(v) for k, v in self.scale.summary().items()})
+        record["timings_s"] = {k: round(v, 4) for k, v in self.timings.items()}
+        record["seconds"] = round(sum(self.timings.values()), 4)
+        return record
+
+
+def _finite(value):
+    if value is None:
+        return None
+    value = float(value)
+    return value if np.isfinite(value) else None
+
+
+class _Clock:
+    def __init__(self, timings: dict):
+        self.timings, self.t = timings, time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.timings[stage] = self.timings.get(stage, 0.0) + now - self.t
+        self.t = now
+
+
+def solve_astrometry(image: QuadrantImage, gaia: Table, prior: AstrometricPrior, cfg: Config,
+                     workdir: str | Path, extraction_config: ExtractionConfig = ExtractionConfig(),
+                     scamp_settings: ScampSettings | None = None) -> AstrometryResult:
+    """Solve and judge the astrometry of one quadrant image.
+
+    Parameters
+    ----------
+    image : QuadrantImage
+    gaia : Table
+        Gaia rows (archive column names) around the footprint, at the catalogue epoch;
+        they are propagated to the exposure here.
+    prior : AstrometricPrior
+        The starting WCS (a distortion prior's ``.ahead`` or the image header's WCS).
+    cfg : Config
+    workdir : path
+        Where SCAMP's catalogues and run directories go.
+    extraction_config, scamp_settings : optional
+        Defaults from ``cfg.astrometry``.
+
+    Returns
+    -------
+    AstrometryResult
+    """
+    from catalogs import scamp_reference_table, write_scamp_reference
+    acfg = cfg.astrometry
+    settings = scamp_settings or ScampSettings.from_config(acfg)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    clock = _Clock(timings)
+    meta = image.meta
+    shape = image.shape
+
+    extraction = extract_sources(image.data, image.mask, meta.gain, meta.saturate, extraction_config,
+                                 read_noise=meta.readnoi)
+    clock.lap("extract")
+    reference = scamp_reference_table(gaia, meta.obstime) if len(gaia) else None
+    partial = dict(prior=prior, extraction=extraction, reference=reference, timings=timings)
+
+    reasons: list[str] = []
+    if len(extraction.catalog) < acfg.min_detections:
+        reasons.append(f"only {len(extraction.catalog)} detections (at least {acfg.min_detections} needed)")
+    if reference is None or len(reference) == 0:
+        reasons.append("no Gaia reference stars around the footprint")
+    if reasons:
+        return AstrometryResult(False, tuple(reasons), None, None, scamp=None, qa=None, scale=None,
+                                matches=None, **partial)
+
+    det_path = to_scamp_ldac(extraction, strip_wcs_keywords(image.header), workdir / "quadrant.ldac")
+    ref_path = write_scamp_reference(workdir / "refcat.ldac", reference)
+    clock.lap("write_catalogs")
+    scamp = solve_with_scamp(det_path, ref_path, prior.header, shape, settings, workdir)
+    timings["scamp_pass1"] = scamp.seconds_pass1 or 0.0
+    timings["scamp_pass2"] = scamp.seconds_pass2 or 0.0
+    clock.lap("scamp_overhead")
+    timings["scamp_overhead"] = max(0.0, timings["scamp_overhead"] - timings["scamp_pass1"] - timings["scamp_pass2"])
+    if not scamp.ok:
+        return AstrometryResult(False, (f"SCAMP: {scamp.reason}",), None, None, scamp=scamp, qa=None,
+                                scale=None, matches=None, **partial)
+
+    scamp, n_outliers = _refit_without_outliers(scamp, extraction, image, reference, ref_path, settings,
+                                                workdir, acfg.match_radius_arcsec)
+    clock.lap("outlier_refit")
+    solved = wcs_from_header(scamp.wcs_header, shape)
+    qa, matches = astrometric_qa(extraction.catalog, solved, reference, radius_arcsec=acfg.match_radius_arcsec)
+    clock.lap("qa")
+    check = scale_check(solved, prior.wcs(shape), meta.obstime, cfg.site,
+                        cfg.instrument.filters[meta.filter].wavelength_um, prior.airmass,
+                        pressure_hpa=meta.pressure, temperature_c=meta.temperature,
+                        max_diff_pct=acfg.max_scale_diff_pct, shape=shape)
+    clock.lap("scale_check")
+
+    if qa.n_matched < acfg.min_matched:
+        reasons.append(f"only {qa.n_matched} Gaia matches (at least {acfg.min_matched} needed)")
+    worst = max(qa.rms_ra_mas, qa.rms_dec_mas) if qa.n_matched else float("inf")
+    if not worst <= acfg.max_rms_mas:
+        reasons.append(f"Gaia-match RMS {worst:.0f} mas per axis exceeds {acfg.max_rms_mas:.0f} mas")
+    if qa.max_cell_offset_mas > acfg.max_cell_offset_mas and qa.max_cell_significance > acfg.max_cell_significance:
+        reasons.append(f"residuals off by {qa.max_cell_offset_mas:.0f} mas ({qa.max_cell_significance:.1f} sigma) "
+                       f"in one region of the quadrant (limit {acfg.max_cell_offset_mas:.0f} mas)")
+    if not check.usable:
+        reasons.append(check.reason)
+    return AstrometryResult(not reasons, tuple(reasons), solved, scamp.wcs_header, scamp=scamp, qa=qa,
+                            scale=check, matches=matches, n_outliers=n_outliers, **partial)
+
+
+def _refit_without_outliers(scamp: ScampResult, extraction: ExtractionResult, image: QuadrantImage,
+                            reference: Table, ref_path: Path, settings: ScampSettings, workdir: Path,
+                            radius_arcsec: float) -> tuple[ScampResult, int]:
+    """Rerun pass 2 with the astrometric outliers of the first solution flagged out.
+
+    SCAMP does not clip a bright unresolved blend whose formal error is a few mas: it bends
+    the polynomial toward it, by up to 200 mas in the nearest corner.  Such detections are
+    found against Gaia with the first solution, flagged ``ASTROMETRIC_OUTLIER`` and left out
+    of a second pass 2 started from the first.  The refit is kept only if SCAMP accepts it.
+    """
+    first = wcs_from_header(scamp.wcs_header, image.shape)
+    outliers = astrometric_outliers(extraction.catalog, first, reference, radius_arcsec)
+    if len(outliers) == 0:
+        return scamp, 0
+    catalog = extraction.catalog.copy()
+    catalog["FLAGS"][outliers] |= FLAG_BITS["ASTROMETRIC_OUTLIER"]
+    refit_dir = workdir / "refit"
+    refit_dir.mkdir(exist_ok=True)
+    det_path = to_scamp_ldac(replace(extraction, catalog=catalog), strip_wcs_keywords(image.header),
+                             refit_dir / "quadrant.ldac")
+    refit = run_scamp_pass(2, det_path, ref_path, scamp.wcs_header, settings, refit_dir, image.shape)
+    if not refit.ok:
+        log.warning("%s: pass 2 without %d outliers failed (%s); keeping the first solution",
+                    image.path, len(outliers), refit.reason)
+        return scamp, 0
+    return replace(scamp, wcs_header=refit.head, pass2=refit.qa,
+                   seconds_pass2=(scamp.seconds_pass2 or 0.0) + (refit.seconds or 0.0)), len(outliers)
+
+
+def astrometric_matches(result: AstrometryResult, image: QuadrantImage) -> Table:
+    """The matched (pixel, Gaia) pairs of a solved image in the layout the prior build reads."""
+    if result.matches is None or result.reference is None:
+        return Table()
+    m, ref, meta = result.matches, result.reference, image.meta
+    table = Table({
+        "expid": np.full(len(m), meta.expid), "rcid": np.full(len(m), meta.rcid),
+        "x": m["x"], "y": m["y"],
+        "ra": np.asarray(ref["X_WORLD"])[m["ref_index"]], "dec": np.asarray(ref["Y_WORLD"])[m["ref_index"]],
+        "dra_mas": m["dra_mas"], "ddec_mas": m["ddec_mas"], "snr": m["snr"],
+    })
+    table.meta.update({"TELRA": meta.telra, "TELDEC": meta.teldec, "OBSMJD": meta.obsmjd,
+                       "AIRMASS": meta.airmass, "FILTER": meta.filter})
+    # Conditions as columns: "temperature" is too long for a FITS keyword.
+    for name, value in (("pressure", meta.pressure), ("temperature", meta.temperature)):
+        if value is not None:
+            table[name] = np.full(len(m), value)
+    return table

@@ -1,0 +1,65 @@
+"""Exposures: the 64 quadrants of one exposure as a multi-extension FITS file or a folder.
+
+A multi-extension exposure has an empty primary HDU carrying the exposure's keywords and,
+per quadrant, an image extension ``Qnn`` (nn = rcid, 00-63) with the quadrant's own header
+(the input contract) and a mask extension ``Qnn_MASK``.  A folder exposure holds one
+quadrant file per rcid (what ``skydiff simulate`` writes); either form is accepted by
+``skydiff quadrant``, ``skydiff exposure`` and ``skydiff submit``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+from astropy.io import fits
+
+from pipeline.core.image import read_quadrant, write_fits_atomic
+
+__all__ = ["write_exposure_mef", "exposure_rcids", "EXPOSURE_KEYWORDS"]
+
+#: Keywords copied from the quadrants into the exposure's primary header.
+EXPOSURE_KEYWORDS = ("EXPID", "FIELDID", "FILTER", "FILTERID", "OBSMJD", "EXPTIME", "PROGRMID", "TELRA",
+                     "TELDEC", "AIRMASS")
+
+
+def write_exposure_mef(quadrant_files: Iterable[str | os.PathLike], path: str | os.PathLike) -> Path:
+    """Combine quadrant files of one exposure into one multi-extension FITS file (atomically)."""
+    images = sorted((read_quadrant(p) for p in quadrant_files), key=lambda q: q.meta.rcid)
+    if not images:
+        raise ValueError("an exposure needs at least one quadrant")
+    expids = {q.meta.expid for q in images}
+    if len(expids) != 1:
+        raise ValueError(f"quadrants of several exposures given: {sorted(expids)}")
+    primary = fits.PrimaryHDU()
+    for key in EXPOSURE_KEYWORDS:
+        if key in images[0].header:
+            primary.header[key] = images[0].header[key]
+    primary.header["NQUAD"] = (len(images), "quadrant extensions Qnn (nn = rcid)")
+    hdus = [primary]
+    for q in images:
+        name = f"Q{q.meta.rcid:02d}"
+        hdus.append(fits.ImageHDU(q.data, header=q.header, name=name))
+        hdus.append(fits.ImageHDU(q.mask.astype("int16"), name=f"{name}_MASK"))
+    return write_fits_atomic(fits.HDUList(hdus), path)
+
+
+def exposure_rcids(exposure: str | os.PathLike) -> list[int]:
+    """The rcids an exposure (MEF file or folder) holds."""
+    exposure = Path(exposure)
+    rcids = set()
+    if exposure.is_dir():
+        for path in exposure.glob("*.fits"):
+            try:
+                header = fits.getheader(path, 0)
+                if "RCID" not in header:
+                    header = fits.getheader(path, 1)
+                rcids.add(int(header["RCID"]))
+            except (OSError, IndexError, KeyError, ValueError):
+                continue
+    else:
+        with fits.open(exposure) as hdul:
+            for hdu in hdul[1:]:
+                if hdu.name.startswith("Q") and not hdu.name.endswith("_MASK") and hdu.name[1:].isdigit():
+                    rcids.add(int(hdu.name[1:]))
+    return sorted(rcids)

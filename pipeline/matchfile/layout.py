@@ -1,0 +1,246 @@
+"""The HDF5 matchfile layout (version 1): tables, names, object ids and atomic file writes.
+
+One matchfile per (field, CCD, quadrant, filter), seeded from the reference image's PSF
+catalogue, at ``<root>/<field:06d>/ztf_<field:06d>_<filtercode>_c<ccdid:02d>_q<qid>_match.h5``
+(filtercode ``zg``, ``zr``, ``zi`` for fid 1, 2, 3).  Pending epochs live beside it in
+``<matchfile>.wal/<expid>.h5`` (see :mod:`pipeline.matchfile.store` for why).
+
+Every table is an HDF5 group holding one 1-D dataset per column, all of one length;
+datasets are chunked, compressed (gzip level 1 with the shuffle filter, readable by any
+HDF5 tool) and resizable (``maxshape=(None,)``), with the unit and meaning of each column
+in its ``unit`` and ``description`` attributes.  Column datasets rather than compound
+tables so that a reader pulls only the columns it needs.
+
+Root attributes: ``layout_version`` (1), ``kind`` (``matchfile`` or ``epoch-shard``),
+``field``, ``ccdid``, ``qid``, ``rcid``, ``fid``, ``filtercode``, ``refid``,
+``ref_jd_start``, ``ref_jd_end``, ``ref_nframes``, ``match_radius_arcsec``, ``created``
+(ISO UTC), ``software``; a shard also has ``expid``.
+
+``/sources``      one row per reference object, in reference-catalogue order (sorted by id)
+``/exposures``    one row per epoch, sorted by mjd
+``/photometry``   one row per (object, epoch) match, sorted by object (``/sources`` order)
+                  then hjd: the rows of source ``i`` are
+                  ``phot_start[i] : phot_start[i] + phot_count[i]``
+``/unmatched``    detections that matched no reference object (the transient table),
+                  sorted by expid
+
+An object's global id (``oid``, as in IRSA's light-curve service) is the decimal
+concatenation field, rcid (2 digits), fid (1 digit), reference id (8 digits):
+``oid = ((field * 100 + rcid) * 10 + fid) * 10**8 + id``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping
+
+import h5py
+import numpy as np
+
+__all__ = ["LAYOUT_VERSION", "TABLES", "ColumnSpec", "FILTERCODES", "filtercode_of", "fid_of_band",
+           "make_oid", "split_oid", "matchfile_path", "shard_dir", "write_table",
+           "read_table", "table_length", "coerce_columns", "empty_columns", "write_h5_atomic",
+           "fsync_dir", "LayoutError", "layout_markdown", "ID_DIGITS"]
+
+LAYOUT_VERSION = 1
+ID_DIGITS = 8
+FILTERCODES = {1: "zg", 2: "zr", 3: "zi"}
+COMPRESSION = dict(compression="gzip", compression_opts=1, shuffle=True)
+
+
+class LayoutError(ValueError):
+    """A matchfile or its input that does not follow the layout (message names the file)."""
+
+
+@dataclass(frozen=True)
+class ColumnSpec:
+    name: str
+    dtype: str
+    unit: str
+    description: str
+
+
+def _specs(*rows) -> tuple[ColumnSpec, ...]:
+    return tuple(ColumnSpec(*row) for row in rows)
+
+
+#: table -> (row chunk, columns)
+TABLES: dict[str, tuple[int, tuple[ColumnSpec, ...]]] = {
+    "sources": (8192, _specs(
+        ("id", "i8", "", "reference object id (unique in the file)"),
+        ("ra", "f8", "deg", "reference position, ICRS"),
+        ("dec", "f8", "deg", "reference position, ICRS"),
+        ("refmag", "f4", "mag", "reference-image PSF magnitude"),
+        ("refmagerr", "f4", "mag", "its uncertainty"),
+        ("refflags", "i4", "", "reference catalogue flags"),
+        ("phot_start", "i8", "", "first row of the object in /photometry"),
+        ("phot_count", "i4", "", "number of rows of the object in /photometry"),
+    )),
+    "exposures": (1024, _specs(
+        ("expid", "i8", "", "exposure id"),
+        ("mjd", "f8", "d", "MJD (UTC) at the start of the exposure"),
+        ("hjd", "f8", "d", "heliocentric JD (UTC-based) at mid-exposure, at the field centre"),
+        ("exptime", "f4", "s", "exposure time"),
+        ("airmass", "f4", "", "airmass"),
+        ("magzp", "f4", "mag", "photometric zero point (mag = magzp - 2.5 log10 flux)"),
+        ("magzpunc", "f4", "mag", "zero-point uncertainty"),
+        ("seeing", "f4", "arcsec", "seeing FWHM"),
+        ("limmag", "f4", "mag", "5-sigma limiting magnitude"),
+        ("field_ra", "f8", "deg", "field centre (telescope pointing)"),
+        ("field_dec", "f8", "deg", "field centre (telescope pointing)"),
+        ("astrometry_qa", "i4", "", "astrometric QA flag (0 = good)"),
+        ("photometry_qa", "i4", "", "photometric QA flag (0 = good)"),
+        ("programid", "i4", "", "survey programme"),
+        ("nmatched", "i4", "", "detections matched to reference objects"),
+        ("nunmatched", "i4", "", "detections matched to none"),
+    )),
+    "photometry": (8192, _specs(
+        ("objid", "i8", "", "reference object id (/sources id)"),
+        ("expid", "i8", "", "exposure id"),
+        ("mag", "f4", "mag", "PSF magnitude"),
+        ("magerr", "f4", "mag", "its uncertainty"),
+        ("flux", "f4", "ADU", "PSF flux on the image zero point (mag = magzp - 2.5 log10 flux)"),
+        ("fluxerr", "f4", "ADU", "its uncertainty"),
+        ("flags", "i4", "", "photometry flags (catflags)"),
+        ("hjd", "f8", "d", "heliocentric JD (UTC-based) at mid-exposure at the detection"),
+    )),
+    "unmatched": (8192, _specs(
+        ("expid", "i8", "", "exposure id"),
+        ("ra", "f8", "deg", "detected position, ICRS"),
+        ("dec", "f8", "deg", "detected position, ICRS"),
+        ("mag", "f4", "mag", "PSF magnitude"),
+        ("magerr", "f4", "mag", "its uncertainty"),
+        ("flux", "f4", "ADU", "PSF flux on the image zero point"),
+        ("fluxerr", "f4", "ADU", "its uncertainty"),
+        ("flags", "i4", "", "photometry flags"),
+        ("hjd", "f8", "d", "heliocentric JD (UTC-based) at mid-exposure at the detection"),
+    )),
+}
+
+
+def filtercode_of(fid: int) -> str:
+    try:
+        return FILTERCODES[int(fid)]
+    except KeyError:
+        raise LayoutError(f"unknown filter id {fid!r} (expected one of {sorted(FILTERCODES)})") from None
+
+
+def fid_of_band(band: str) -> int:
+    """Filter id of a band name: ``g``, ``zg``, ``ZTF_g`` -> 1."""
+    code = "z" + str(band).strip().lower()[-1:]
+    for fid, name in FILTERCODES.items():
+        if name == code:
+            return fid
+    raise LayoutError(f"unknown band {band!r} (expected g, r or i)")
+
+
+def make_oid(field, rcid, fid, local_id) -> np.ndarray:
+    """Global object id(s) from the matchfile keys and the reference id (see module docstring)."""
+    local_id = np.asarray(local_id, dtype=np.int64)
+    return ((np.int64(field) * 100 + np.int64(rcid)) * 10 + np.int64(fid)) * 10**ID_DIGITS + local_id
+
+
+def split_oid(oid) -> tuple[int, int, int, int]:
+    """(field, rcid, fid, reference id) of a global object id."""
+    oid = int(oid)
+    if oid < 0:
+        raise LayoutError(f"object id {oid} is negative")
+    rest, local_id = divmod(oid, 10**ID_DIGITS)
+    rest, fid = divmod(rest, 10)
+    field, rcid = divmod(rest, 100)
+    return field, rcid, fid, local_id
+
+
+def matchfile_path(root: str | Path, field: int, ccdid: int, qid: int, fid: int) -> Path:
+    code = filtercode_of(fid)
+    return Path(root) / f"{int(field):06d}" / f"ztf_{int(field):06d}_{code}_c{int(ccdid):02d}_q{int(qid)}_match.h5"
+
+
+def shard_dir(path: str | Path) -> Path:
+    """Directory of the pending epoch shards of a matchfile."""
+    path = Path(path)
+    return path.with_name(path.name + ".wal")
+
+
+def empty_columns(table: str) -> dict[str, np.ndarray]:
+    return {c.name: np.zeros(0, dtype=c.dtype) for c in TABLES[table][1]}
+
+
+def coerce_columns(table: str, values: Mapping[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
+    """The columns of ``table`` from ``values``, cast to the layout's types, equal lengths."""
+    out, length = {}, None
+    for spec in TABLES[table][1]:
+        if spec.name not in values:
+            raise LayoutError(f"{where}: table {table} lacks column {spec.name!r}")
+        column = np.asarray(values[spec.name]).astype(spec.dtype, copy=False).ravel()
+        if length is not None and len(column) != length:
+            raise LayoutError(f"{where}: column {table}/{spec.name} has {len(column)} rows, expected {length}")
+        length = len(column)
+        out[spec.name] = column
+    return out
+
+
+def write_table(h5: h5py.File, table: str, columns: Mapping[str, np.ndarray]) -> None:
+    """Create ``/table`` with one chunked, compressed, resizable dataset per column."""
+    chunk, specs = TABLES[table]
+    group = h5.create_group(table)
+    for spec in specs:
+        data = np.asarray(columns[spec.name], dtype=spec.dtype)
+        ds = group.create_dataset(spec.name, data=data, maxshape=(None,),
+                                  chunks=(min(chunk, max(len(data), 1)),),
+                                  **COMPRESSION)
+        ds.attrs["unit"] = spec.unit
+        ds.attrs["description"] = spec.description
+
+
+def table_length(h5: h5py.File, table: str) -> int:
+    return int(h5[table][TABLES[table][1][0].name].shape[0])
+
+
+def read_table(h5: h5py.File, table: str, names=None, rows=slice(None)) -> dict[str, np.ndarray]:
+    """Columns of ``/table`` (all, or ``names``), optionally a row slice."""
+    names = [c.name for c in TABLES[table][1]] if names is None else names
+    group = h5[table]
+    return {name: group[name][rows] for name in names}
+
+
+def fsync_dir(directory: str | Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_h5_atomic(path: str | Path, fill: Callable[[h5py.File], None]) -> Path:
+    """Write an HDF5 file through a temporary name, fsync it, rename it into place, fsync the directory.
+
+    A reader (or a process killed half-way) sees either no file or the complete one.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with h5py.File(tmp, "w", libver=("earliest", "v110"), locking=False) as h5:
+            fill(h5)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def layout_markdown() -> str:
+    """The tables as Markdown (the README's matchfile section is generated from this)."""
+    lines = []
+    for table, (_, specs) in TABLES.items():
+        lines += [f"`/{table}`", "", "| column | type | unit | meaning |", "|---|---|---|---|"]
+        lines += [f"| {s.name} | {s.dtype} | {s.unit} | {s.description} |" for s in specs]
+        lines.append("")
+    return "\n".join(lines)

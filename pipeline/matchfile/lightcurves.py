@@ -1,0 +1,435 @@
+"""Light curves from the matchfiles under a root: cone and object-id queries, selection, output.
+
+:func:`lightcurve` (and :class:`LightcurveReader`, which the HTTP service shares) answers a
+cone query across every matchfile under a root.  The footprint index
+(:mod:`pipeline.matchfile.index`) names the files that can hold the position, so only those
+are opened.  Each file is read through a :class:`MatchfileSnapshot`: the main file plus
+its pending epoch shards at one instant (the consistency rule is in :mod:`pipeline.matchfile.store`),
+with a KD-tree over the unit vectors of its reference objects for the cone search and the
+object-sorted ``/photometry`` rows read as one slice per object.  Snapshots are cached
+per file and rebuilt only when the main file or its shards change, so warm queries touch
+no more than the rows they return.
+
+The output columns follow IRSA's ZTF light-curve service: ``oid`` (object id),
+``filtercode`` (the filter), ``catflags`` (the photometry flags), ``magzprms`` (the zero
+point's uncertainty), ``limitmag``...  see :data:`LIGHTCURVE_COLUMNS`.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import threading
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+import h5py
+import numpy as np
+from astropy.table import Table
+from scipy.spatial import cKDTree
+
+from pipeline.matchfile.index import FootprintIndex
+from pipeline.matchfile.layout import LayoutError, make_oid, matchfile_path, read_table, shard_dir, split_oid
+
+__all__ = ["LIGHTCURVE_COLUMNS", "MatchfileSnapshot", "LightcurveReader", "lightcurve", "select",
+           "serialise", "plot_lightcurve", "check_position", "FORMATS"]
+
+#: name, dtype, unit, meaning
+LIGHTCURVE_COLUMNS = [
+    ("oid", "i8", "", "object id"),
+    ("expid", "i8", "", "exposure id"),
+    ("hjd", "f8", "d", "heliocentric JD (UTC-based) at mid-exposure"),
+    ("mjd", "f8", "d", "MJD (UTC) at the start of the exposure"),
+    ("mag", "f4", "mag", "PSF magnitude"),
+    ("magerr", "f4", "mag", "its uncertainty"),
+    ("catflags", "i4", "", "photometry flags"),
+    ("filtercode", "U2", "", "filter (zg, zr, zi)"),
+    ("ra", "f8", "deg", "reference position of the object"),
+    ("dec", "f8", "deg", "reference position of the object"),
+    ("field", "i4", "", "field"),
+    ("ccdid", "i4", "", "CCD"),
+    ("qid", "i4", "", "quadrant"),
+    ("limitmag", "f4", "mag", "limiting magnitude of the exposure"),
+    ("magzp", "f4", "mag", "zero point of the exposure"),
+    ("magzprms", "f4", "mag", "uncertainty of the zero point"),
+    ("exptime", "f4", "s", "exposure time"),
+    ("airmass", "f4", "", "airmass"),
+    ("programid", "i4", "", "survey programme"),
+]
+FORMATS = {"csv": "text/csv", "ecsv": "text/plain", "votable": "application/x-votable+xml",
+           "ipac_table": "text/plain", "json": "application/json"}
+_PHOT_COLUMNS = ("expid", "mag", "magerr", "flags", "hjd")
+_EXPOSURE_JOIN = {"mjd": "mjd", "limitmag": "limmag", "magzp": "magzp", "magzprms": "magzpunc",
+                  "exptime": "exptime", "airmass": "airmass", "programid": "programid"}
+
+
+def check_position(ra: float, dec: float, radius_deg: float) -> None:
+    """ValueError unless 0 <= ra < 360, |dec| <= 90 and radius > 0 (all finite)."""
+    if not all(np.isfinite([ra, dec, radius_deg])):
+        raise ValueError("ra, dec and radius must be finite numbers")
+    if not 0 <= ra < 360:
+        raise ValueError(f"ra {ra} is outside 0 <= ra < 360")
+    if not -90 <= dec <= 90:
+        raise ValueError(f"dec {dec} is outside -90 <= dec <= 90")
+    if radius_deg <= 0:
+        raise ValueError(f"radius {radius_deg} must be positive")
+
+
+def _unit(ra_deg, dec_deg) -> np.ndarray:
+    ra, dec = np.deg2rad(np.asarray(ra_deg, float)), np.deg2rad(np.asarray(dec_deg, float))
+    return np.stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)], axis=-1)
+
+
+def _stamp(path: Path) -> tuple:
+    """What identifies a consistent state: the main file's inode/mtime/size and the shard set."""
+    st = os.stat(path)
+    shards = []
+    directory = shard_dir(path)
+    if directory.is_dir():
+        for entry in os.scandir(directory):
+            if entry.name.endswith(".h5") and not entry.name.startswith("."):
+                try:
+                    s = entry.stat()
+                except FileNotFoundError:
+                    continue
+                shards.append((entry.name, s.st_ino, s.st_mtime_ns))
+    return (st.st_ino, st.st_mtime_ns, st.st_size), tuple(sorted(shards))
+
+
+class MatchfileSnapshot:
+    """A consistent read-only view of one matchfile: main file plus pending shards."""
+
+    def __init__(self, path: str | Path, attempts: int = 50):
+        self.path = Path(path)
+        for _ in range(attempts):
+            try:
+                if self._open():
+                    return
+            except FileNotFoundError:
+                pass          # a shard folded between listing and opening: try again
+        raise LayoutError(f"{self.path}: the file kept changing while being opened")
+
+    def _open(self) -> bool:
+        main_before, shard_names = _stamp(self.path)
+        try:
+            h5 = h5py.File(self.path, "r", locking=False)
+        except OSError as exc:
+            if not self.path.exists():
+                raise FileNotFoundError(self.path) from None
+            raise LayoutError(f"{self.path}: not a readable HDF5 matchfile ({exc})") from None
+        shards = []
+        for name, _, _ in shard_names:
+            with h5py.File(shard_dir(self.path) / name, "r", locking=False) as sh:
+                shards.append({t: read_table(sh, t) for t in ("exposures", "photometry")})
+        if _stamp(self.path)[0] != main_before:
+            h5.close()
+            return False
+        self.stamp = (main_before, shard_names)
+        self.h5 = h5
+        self.attrs = dict(h5.attrs)
+        src = read_table(h5, "sources", ["id", "ra", "dec", "phot_start", "phot_count"])
+        self.ids, self.ra, self.dec = src["id"], src["ra"], src["dec"]
+        self.phot_start, self.phot_count = src["phot_start"], src["phot_count"]
+        self.tree = cKDTree(_unit(self.ra, self.dec))
+        self.shard_expids = np.array([e for s in shards for e in s["exposures"]["expid"]], dtype=np.int64)
+        self.shard_photometry = [s["photometry"] for s in shards]
+        main_exposures = read_table(h5, "exposures")
+        keep = ~np.isin(main_exposures["expid"], self.shard_expids)
+        exposures = {k: np.concatenate([v[keep]] + [s["exposures"][k] for s in shards])
+                     for k, v in main_exposures.items()}
+        order = np.argsort(exposures["expid"])
+        self.exposures = {k: v[order] for k, v in exposures.items()}
+        self._datasets = {name: h5["photometry"][name] for name in _PHOT_COLUMNS}
+        return True
+
+    def is_current(self) -> bool:
+        try:
+            return _stamp(self.path) == self.stamp
+        except FileNotFoundError:
+            return False
+
+    def cone(self, ra: float, dec: float, radius_deg: float) -> np.ndarray:
+        """Rows of ``/sources`` within ``radius_deg`` of (ra, dec), sorted."""
+        chord = 2.0 * np.sin(np.deg2rad(radius_deg) / 2.0)
+        return np.sort(np.asarray(self.tree.query_ball_point(_unit(ra, dec), chord), dtype=np.int64))
+
+    def rows_of_ids(self, ids) -> np.ndarray:
+        """Rows of ``/sources`` holding the given reference ids (missing ones dropped)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        rows = np.searchsorted(self.ids, ids)
+        found = rows < len(self.ids)
+        rows, ids = rows[found], ids[found]
+        return np.unique(rows[self.ids[rows] == ids])
+
+    def photometry(self, source_rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Photometry rows (``source_row`` and the ``_PHOT_COLUMNS``) of some objects."""
+        parts: dict[str, list] = {name: [] for name in ("source_row",) + _PHOT_COLUMNS}
+        for row in source_rows:
+            start, count = int(self.phot_start[row]), int(self.phot_count[row])
+            if count:
+                block = {name: ds[start:start + count] for name, ds in self._datasets.items()}
+                keep = ~np.isin(block["expid"], self.shard_expids) if len(self.shard_expids) else slice(None)
+                for name in _PHOT_COLUMNS:
+                    parts[name].append(block[name][keep])
+                parts["source_row"].append(np.full(len(block["expid"][keep]), row))
+        wanted = self.ids[source_rows]
+        for shard in self.shard_photometry:
+            lo = np.searchsorted(shard["objid"], wanted, side="left")
+            hi = np.searchsorted(shard["objid"], wanted, side="right")
+            for row, a, b in zip(source_rows, lo, hi):
+                if b > a:
+                    for name in _PHOT_COLUMNS:
+                        parts[name].append(shard[name][a:b])
+                    parts["source_row"].append(np.full(b - a, row))
+        return {name: np.concatenate(chunks) if chunks else np.zeros(0) for name, chunks in parts.items()}
+
+    def lightcurve_table(self, source_rows: np.ndarray) -> Table:
+        """The light-curve rows of some objects (:data:`LIGHTCURVE_COLUMNS`), by oid then hjd."""
+        phot = self.photometry(np.asarray(source_rows, dtype=np.int64))
+        n = len(phot["expid"])
+        a = self.attrs
+        rows = phot["source_row"].astype(np.int64)
+        exposure = np.searchsorted(self.exposures["expid"], phot["expid"].astype(np.int64))
+        values = {
+            "oid": make_oid(a["field"], a["rcid"], a["fid"], self.ids[rows]),
+            "expid": phot["expid"], "hjd": phot["hjd"], "mag": phot["mag"], "magerr": phot["magerr"],
+            "catflags": phot["flags"], "filtercode": np.full(n, a["filtercode"]),
+            "ra": self.ra[rows], "dec": self.dec[rows],
+            "field": np.full(n, a["field"]), "ccdid": np.full(n, a["ccdid"]), "qid": np.full(n, a["qid"]),
+            **{out: self.exposures[col][exposure] for out, col in _EXPOSURE_JOIN.items()},
+        }
+        table = _empty_table() if n == 0 else _table(values)
+        table.sort(["oid", "hjd"])
+        return table
+
+    def unmatched(self, ra: float, dec: float, radius_deg: float) -> Table:
+        """Unmatched detections (main file and shards) within a cone, sorted by hjd."""
+        columns = read_table(self.h5, "unmatched")
+        keep = ~np.isin(columns["expid"], self.shard_expids)
+        parts = [{k: v[keep] for k, v in columns.items()}]
+        for name, _, _ in self.stamp[1]:
+            try:
+                with h5py.File(shard_dir(self.path) / name, "r", locking=False) as sh:
+                    parts.append(read_table(sh, "unmatched"))
+            except FileNotFoundError:
+                continue   # folded since the snapshot: its rows are now in a newer main file
+        merged = {k: np.concatenate([p[k] for p in parts]) for k in columns}
+        chord = 2.0 * np.sin(np.deg2rad(radius_deg) / 2.0)
+        near = np.linalg.norm(_unit(merged["ra"], merged["dec"]) - _unit(ra, dec), axis=-1) <= chord
+        table = Table({k: v[near] for k, v in merged.items()})
+        table.sort("hjd")
+        return table
+
+
+def _empty_table() -> Table:
+    return Table({name: np.zeros(0, dtype=dtype) for name, dtype, _, _ in LIGHTCURVE_COLUMNS})
+
+
+def _table(values: dict) -> Table:
+    table = Table({name: np.asarray(values[name]).astype(dtype) for name, dtype, _, _ in LIGHTCURVE_COLUMNS})
+    for name, _, unit, meaning in LIGHTCURVE_COLUMNS:
+        table[name].unit = unit or None
+        table[name].description = meaning
+    return table
+
+
+class LightcurveReader:
+    """Cone and object-id queries over the matchfiles under ``root`` (thread safe).
+
+    ``opened`` lists the matchfiles this reader has opened, in order (for tests and logs).
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.index = FootprintIndex(self.root)
+        self.opened: list[Path] = []
+        self._snapshots: dict[Path, MatchfileSnapshot] = {}
+        self._lock = threading.Lock()
+
+    def snapshot(self, path: Path) -> MatchfileSnapshot:
+        """The current snapshot of one matchfile (cached until the file or its shards change)."""
+        with self._lock:
+            snap = self._snapshots.get(path)
+            if snap is None or not snap.is_current():
+                snap = MatchfileSnapshot(path)
+                self._snapshots[path] = snap
+                self.opened.append(path)
+            return snap
+
+    def cone(self, ra: float, dec: float, radius_deg: float) -> Table:
+        """Light curves of every object within ``radius_deg`` of (ra, dec), all filters."""
+        check_position(ra, dec, radius_deg)
+        tables = []
+        for path, _ in self.index.files_covering(ra, dec, radius_deg):
+            snap = self.snapshot(path)
+            rows = snap.cone(ra, dec, radius_deg)
+            if len(rows):
+                tables.append(snap.lightcurve_table(rows))
+        return _stack(tables)
+
+    def by_oid(self, oids) -> Table:
+        """Light curves of objects given by global object id."""
+        tables = []
+        for oid in sorted({int(o) for o in oids}):
+            field, rcid, fid, local_id = split_oid(oid)
+            path = matchfile_path(self.root, field, rcid // 4 + 1, rcid % 4 + 1, fid) if fid in (1, 2, 3) else None
+            if path is None or not path.exists():
+                continue
+            snap = self.snapshot(path)
+            rows = snap.rows_of_ids([local_id])
+            if len(rows):
+                tables.append(snap.lightcurve_table(rows))
+        return _stack(tables)
+
+    def unmatched(self, ra: float, dec: float, radius_deg: float) -> Table:
+        """Unmatched (transient) detections within the cone, with their file's filter."""
+        check_position(ra, dec, radius_deg)
+        tables = []
+        for path, keys in self.index.files_covering(ra, dec, radius_deg):
+            table = self.snapshot(path).unmatched(ra, dec, radius_deg)
+            table["fid"] = np.full(len(table), keys["fid"], dtype=np.int32)
+            tables.append(table)
+        if not tables:
+            return Table()
+        from astropy.table import vstack
+        return vstack(tables)
+
+
+def _stack(tables: list[Table]) -> Table:
+    if not tables:
+        return _empty_table()
+    if len(tables) == 1:
+        return tables[0]
+    from astropy.table import vstack
+    out = vstack(tables)
+    out.sort(["oid", "hjd"])
+    return out
+
+
+_READERS: dict[Path, LightcurveReader] = {}
+_READERS_LOCK = threading.Lock()
+
+
+def lightcurve(ra: float, dec: float, radius_arcsec: float, root: str | Path) -> Table:
+    """Light curves of the objects within ``radius_arcsec`` of (ra, dec) in the matchfiles under ``root``.
+
+    Readers are cached per root, so repeated calls are warm.
+    """
+    root = Path(root).resolve()
+    with _READERS_LOCK:
+        reader = _READERS.setdefault(root, LightcurveReader(root))
+    return reader.cone(float(ra), float(dec), float(radius_arcsec) / 3600.0)
+
+
+def select(table: Table, fids=None, mag_range=None, mjd_range=None, bad_flags_mask: int = 0,
+           nobs_min: int = 0) -> Table:
+    """Rows of a light-curve table passing IRSA-style filters.
+
+    ``fids``: filter ids to keep; ``mag_range``/``mjd_range``: inclusive (min, max);
+    ``bad_flags_mask``: drop rows with ``catflags & mask``; ``nobs_min``: drop objects with
+    fewer remaining rows (per object and filter).
+    """
+    keep = np.ones(len(table), bool)
+    if fids:
+        codes = {"zg": 1, "zr": 2, "zi": 3}
+        keep &= np.isin([codes.get(c, 0) for c in table["filtercode"]], list(fids))
+    if mag_range is not None:
+        keep &= (table["mag"] >= mag_range[0]) & (table["mag"] <= mag_range[1])
+    if mjd_range is not None:
+        keep &= (table["mjd"] >= mjd_range[0]) & (table["mjd"] <= mjd_range[1])
+    if bad_flags_mask:
+        keep &= (np.asarray(table["catflags"]) & int(bad_flags_mask)) == 0
+    out = table[keep]
+    if nobs_min and len(out):
+        _, inverse, counts = np.unique(np.asarray(out["oid"]), return_inverse=True, return_counts=True)
+        out = out[counts[inverse] >= nobs_min]
+    return out
+
+
+_VOTABLE_TYPES = {"i": {8: "long", 4: "int", 2: "short"}, "f": {8: "double", 4: "float"}}
+
+
+def _cell_strings(column) -> list[str]:
+    """Shortest round-tripping text of every value (numpy's repr algorithm, vectorised)."""
+    values = np.asarray(column)
+    text = values.astype(str)
+    if values.dtype.kind == "f":
+        text[np.isnan(values)] = "NaN"
+    return text.tolist()
+
+
+def _votable(table: Table) -> bytes:
+    """VOTable 1.4 TABLEDATA of a light-curve table.
+
+    Hand-rolled because astropy's writer takes ~60 ms for a 500-row light curve, more than
+    the service's whole latency budget; the types here are plain (ints, floats, short
+    strings) and astropy's parser reads the result back (see the tests).
+    """
+    fields = []
+    for name in table.colnames:
+        column = table[name]
+        unit = f' unit="{escape(str(column.unit))}"' if column.unit else ""
+        kind = column.dtype.kind
+        if kind in "US":
+            fields.append(f'<FIELD name="{escape(name)}" datatype="char" arraysize="*"{unit}/>')
+        else:
+            fields.append(f'<FIELD name="{escape(name)}" datatype="{_VOTABLE_TYPES[kind][column.dtype.itemsize]}"'
+                          f"{unit}/>")
+    columns = [[escape(v) for v in _cell_strings(table[n])] if table[n].dtype.kind in "US"
+               else _cell_strings(table[n]) for n in table.colnames]
+    rows = "".join("<TR><TD>" + "</TD><TD>".join(cells) + "</TD></TR>\n" for cells in zip(*columns))
+    return ('<?xml version="1.0" encoding="utf-8"?>\n'
+            '<VOTABLE version="1.4" xmlns="http://www.ivoa.net/xml/VOTable/v1.3">\n'
+            '<RESOURCE type="results">\n<TABLE name="lightcurves">\n' + "\n".join(fields)
+            + "\n<DATA><TABLEDATA>\n" + rows + "</TABLEDATA></DATA>\n</TABLE>\n</RESOURCE>\n</VOTABLE>\n").encode()
+
+
+def _csv(table: Table) -> bytes:
+    """CSV with a header line (hand-rolled for speed like :func:`_votable`; no value here needs quoting)."""
+    columns = [_cell_strings(table[n]) for n in table.colnames]
+    lines = [",".join(table.colnames)] + [",".join(cells) for cells in zip(*columns)]
+    return ("\n".join(lines) + "\n").encode()
+
+
+def serialise(table: Table, fmt: str) -> tuple[bytes, str]:
+    """(bytes, content type) of a table in ``csv``, ``ecsv``, ``votable``, ``ipac_table`` or ``json``."""
+    fmt = fmt.lower()
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r} (one of {', '.join(FORMATS)})")
+    if fmt == "votable":
+        return _votable(table), FORMATS[fmt]
+    if fmt == "csv":
+        return _csv(table), FORMATS[fmt]
+    if fmt == "json":
+        payload = {"columns": [{"name": n, "datatype": str(table[n].dtype), "unit": str(table[n].unit or "")}
+                               for n in table.colnames],
+                   "data": [list(row) for row in zip(*(table[n].tolist() for n in table.colnames))]}
+        return json.dumps(payload).encode(), FORMATS[fmt]
+    buffer = io.StringIO()
+    table.write(buffer, format={"ecsv": "ascii.ecsv", "ipac_table": "ascii.ipac"}[fmt])
+    return buffer.getvalue().encode(), FORMATS[fmt]
+
+
+def plot_lightcurve(table: Table, path: str | Path, title: str = "") -> Path:
+    """A PNG of magnitude against HJD, one series per object and filter."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"zg": "tab:green", "zr": "tab:red", "zi": "tab:brown"}
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for oid in np.unique(np.asarray(table["oid"])) if len(table) else []:
+        rows = table[table["oid"] == oid]
+        code = rows["filtercode"][0]
+        ax.errorbar(rows["hjd"] - 2400000.5, rows["mag"], rows["magerr"], fmt="o", ms=3,
+                    color=colours.get(code), label=f"{oid} {code}")
+    ax.invert_yaxis()
+    ax.set_xlabel("HJD - 2400000.5 (d)")
+    ax.set_ylabel("mag")
+    ax.set_title(title or f"{len(table)} points")
+    if len(table):
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,401 @@
+r"""Reference images: an outlier-rejecting weighted coadd of the good exposures of one
+field, CCD, quadrant and filter, with the coadd's PSF and PSF-fit catalogue.
+
+:func:`build_reference` is pure (frames and Gaia in, :class:`ReferenceImage` out).  The
+per-pixel combination is :mod:`pipeline.reference.stack`'s (:func:`stack_frames`), the
+file format :mod:`pipeline.reference.files`'s (:func:`write_reference`,
+:func:`read_reference`); both are re-exported here.
+
+Method
+------
+*Characterisation and cuts.*  Every frame is characterised
+(:func:`pipeline.measure.characterize.characterize_image`: PSF, Gaia zero point, 5-sigma limit).
+A frame is dropped, with its reason recorded in the frame table, when its astrometry is
+not usable (``ASTRUSE`` false or absent, no WCS), it cannot be characterised, its PSF
+FWHM exceeds ``max_fwhm_arcsec`` or ``max_seeing_ratio`` times the best frame's, or its
+limiting magnitude is more than ``max_depth_loss_mag`` above the median of the frames
+left; of the rest the ``max_frames`` deepest are kept.
+
+*Grid.*  The coadd is built on the pixel grid of the best-seeing frame kept, grown by
+``grid_margin_px`` on every side: its WCS with ``CRPIX`` shifted by the margin, its shape
+grown by twice the margin.  The frame is a real solved exposure of this very quadrant, so
+the grid matches the science quadrants' geometry, and the sharpest frame, whose fine
+detail resampling would smear the most, lands on whole pixels and is not resampled.
+Science exposures of the quadrant are pointed some 20-60 px away from that frame; the
+margin lets the other frames, pointed as variously, cover the science images' edges
+instead of leaving them outside the reference.  Pixels no frame covers are ``EDGE`` with
+coverage 0.
+
+*Scaling.*  Frames are background-subtracted (the characterisation's sky map), registered
+(:func:`pipeline.measure.registration.register_image`) and scaled to the common zero point
+``zeropoint``: ``scale = 10**(0.4 * (zeropoint - zp_frame))``.  The default 27.0 puts every
+reference of the survey in the same flux unit (1 ADU = mag 27), whatever frames a build
+used, so catalogue fluxes (and matchfiles seeded from them) stay comparable across fields
+and rebuilds; it is of the order of the frames' own zero points (ZTF's 30 s exposures
+26.0-26.4, the simulator's about 27.7), so scales stay near 1 and float32 loses nothing.
+The saturation level is the lowest scaled, background-subtracted level at which a frame
+saturates.
+
+*Identifier.*  ``refid = fieldid * 2**40 + rcid * 2**34 + filterid * 2**32 + h`` with
+``h`` the first 32 bits of BLAKE2b over the sorted exposure ids used: deterministic (a
+rebuild from the same frames has the same id, from other frames another one), decodable,
+and below 2**63 for field ids under 2**23.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from typing import Sequence
+
+import numpy as np
+from astropy.io import fits
+from astropy.table import Table
+from astropy.time import Time
+from astropy.wcs import WCS
+
+from catalogs import propagate_to_epoch
+from pipeline.measure.characterize import CharacterizeConfig, characterize_image
+from pipeline.core.config import FilterConfig
+from pipeline.measure.extract import ExtractionError, extract_sources
+from pipeline.core.image import FILTER_IDS, MASK_BITS, QuadrantImage, header_wcs, rcid_of
+from pipeline.measure.calibration import PhotCalError, calibrate_zeropoint
+from pipeline.measure.photometry import flux_to_mag
+from pipeline.reference.files import (CATALOG_COLUMNS, ReferenceError, ReferenceImage, primary_header, read_reference,
+                           write_reference)
+from pipeline.reference.stack import StackConfig, StackResult, stack_frames
+from pipeline.measure.registration import RegistrationConfig, RegistrationError, register_image
+from pipeline.formats.scamp_head import is_wcs_keyword
+
+__all__ = ["ReferenceError", "ReferenceConfig", "StackResult", "ReferenceImage", "stack_frames",
+           "select_frames", "build_reference", "make_refid", "write_reference", "read_reference",
+           "reference_filename", "reference_grid", "CATALOG_COLUMNS"]
+
+_CRPIX = re.compile(r"CRPIX([12])[A-Z]?")
+
+
+@dataclass(frozen=True)
+class ReferenceConfig(StackConfig):
+    """Settings of :func:`build_reference` (see the module docstring for their meaning);
+    the rejection's (``clip_*``, ``block_rows``) are :class:`pipeline.reference.stack.StackConfig`'s."""
+
+    max_frames: int = 40
+    min_frames: int = 3
+    max_seeing_ratio: float = 1.6       # FWHM / best frame's FWHM
+    max_fwhm_arcsec: float = 4.0
+    max_depth_loss_mag: float = 0.5     # limiting mag below the median: dropped
+    zeropoint: float = 27.0             # common zero point of the coadd, mag for 1 ADU
+    grid_margin_px: int = 64            # the grid extends this far beyond the grid frame
+    gaia_margin_deg: float = 0.05       # Gaia looked up this far around the footprint
+    characterize: CharacterizeConfig = field(default_factory=CharacterizeConfig)
+    registration: RegistrationConfig = field(default_factory=RegistrationConfig)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 1 <= self.min_frames <= self.max_frames:
+            raise ValueError("1 <= min_frames <= max_frames required")
+        if self.max_seeing_ratio < 1 or self.max_fwhm_arcsec <= 0 or self.max_depth_loss_mag < 0:
+            raise ValueError("max_seeing_ratio >= 1, max_fwhm_arcsec > 0, max_depth_loss_mag >= 0 required")
+        if self.grid_margin_px < 0:
+            raise ValueError("grid_margin_px >= 0 required")
+
+
+def select_frames(frames: Table, config: ReferenceConfig = ReferenceConfig()) -> Table:
+    """Apply the seeing, depth and number cuts to a frame table, in that order.
+
+    ``frames`` needs ``reason`` (non-empty: already rejected), ``fwhm_arcsec`` and
+    ``limmag``; a copy is returned with ``used`` set and ``reason`` filled for every frame
+    dropped here.
+    """
+    table = frames.copy()
+    reason = [str(r) for r in table["reason"]]
+    fwhm = np.asarray(table["fwhm_arcsec"], dtype=np.float64)
+    limmag = np.asarray(table["limmag"], dtype=np.float64)
+    ok = np.array([r == "" for r in reason])
+
+    def drop(rows, why) -> None:
+        for i in np.flatnonzero(rows):
+            reason[i] = why(i)
+        ok[rows] = False
+
+    drop(ok & ~(fwhm <= config.max_fwhm_arcsec),
+         lambda i: f"seeing {fwhm[i]:.2f}\" > {config.max_fwhm_arcsec:.2f}\" (max_fwhm_arcsec)")
+    if ok.any():
+        best = float(fwhm[ok].min())
+        drop(ok & (fwhm > config.max_seeing_ratio * best),
+             lambda i: f"seeing {fwhm[i]:.2f}\" > {config.max_seeing_ratio:g} x best {best:.2f}\"")
+    if ok.any():
+        median = float(np.median(limmag[ok]))
+        drop(ok & ~(limmag >= median - config.max_depth_loss_mag),
+             lambda i: f"limiting mag {limmag[i]:.2f} < median {median:.2f} - {config.max_depth_loss_mag:g}")
+    rows = np.flatnonzero(ok)
+    if rows.size > config.max_frames:
+        deepest = rows[np.argsort(-limmag[rows], kind="stable")]
+        drop(np.isin(np.arange(len(table)), deepest[config.max_frames:]),
+             lambda i: f"not among the {config.max_frames} deepest frames (max_frames)")
+    table["used"] = ok
+    table["reason"] = reason
+    return table
+
+
+def make_refid(fieldid: int, rcid: int, filterid: int, expids) -> int:
+    """The reference id (see the module docstring): field, rcid, filter and the exposures used."""
+    if not 0 <= fieldid < 2 ** 23 or not 0 <= rcid < 64 or not 0 <= filterid < 4:
+        raise ValueError(f"refid needs 0 <= fieldid < 2**23, rcid 0-63, filterid 0-3; got "
+                         f"{fieldid}, {rcid}, {filterid}")
+    text = ",".join(str(int(e)) for e in sorted(int(e) for e in expids)).encode()
+    digest = int.from_bytes(hashlib.blake2b(text, digest_size=4).digest(), "big")
+    return (fieldid << 40) | (rcid << 34) | (filterid << 32) | digest
+
+
+def reference_filename(fieldid: int, ccdid: int, qid: int, filt: str) -> str:
+    """``ref_f<field>_c<ccd>_q<qid>_<filter>.fits`` (field 6 digits, CCD 2)."""
+    return f"ref_f{fieldid:06d}_c{ccdid:02d}_q{qid}_{filt}.fits"
+
+
+def _pixel_scale_arcsec(wcs: WCS) -> float:
+    return 3600.0 * math.sqrt(abs(float(np.linalg.det(wcs.pixel_scale_matrix))))
+
+
+def _astrometry_problem(frame: QuadrantImage) -> str:
+    if frame.wcs is None:
+        return "no WCS in the header"
+    if "ASTRUSE" not in frame.header:
+        return "no ASTRUSE keyword (astrometry not run)"
+    if frame.header["ASTRUSE"] is not True:
+        return f"astrometry not usable (ASTRUSE = {frame.header['ASTRUSE']!r})"
+    return ""
+
+
+def _characterize_frames(frames, gaia, band, config):
+    """The frame table and each frame's background map (None when rejected); only the
+    maps are kept of the characterisations, to bound the memory of a 40-frame build."""
+    rows, backgrounds = [], []
+    for frame in frames:
+        meta = frame.meta
+        row = dict(expid=meta.expid, path=frame.path or "<memory>", obsmjd=meta.obsmjd,
+                   airmass=meta.airmass, fwhm_arcsec=math.nan, zp=math.nan, zp_unc=math.nan,
+                   limmag=math.nan, bkg_level=math.nan, bkg_rms=math.nan, scale=math.nan, weight=0.0,
+                   n_clipped=0, used=False, reason=_astrometry_problem(frame))
+        result = None
+        if not row["reason"]:
+            epoch_gaia = None if gaia is None else propagate_to_epoch(gaia, meta.obstime)
+            try:
+                result = characterize_image(frame.data, frame.mask, frame.wcs, meta.gain, meta.saturate,
+                                            band, epoch_gaia, header=frame.header, config=config.characterize,
+                                            read_noise=meta.readnoi)
+            except ValueError as exc:   # CharacterizeError, or a stage's own ValueError
+                row["reason"] = f"characterization failed: {exc}"
+        if result is not None and not math.isfinite(result.psf.fwhm):
+            row["reason"], result = "characterization failed: PSF FWHM not finite", None
+        if result is not None and result.photcal is None:
+            row["reason"], result = "no zero point (no Gaia catalogue and no MAGZP)", None
+        if result is not None:
+            row.update(fwhm_arcsec=result.psf.fwhm * _pixel_scale_arcsec(frame.wcs),
+                       zp=result.photcal.magzpsci, zp_unc=result.photcal.magzpsciunc,
+                       limmag=result.limiting_mag, bkg_level=result.extraction.background_level,
+                       bkg_rms=result.extraction.background_rms)
+        rows.append(row)
+        backgrounds.append(None if result is None else result.extraction.background_map)
+    return Table(rows=rows), backgrounds
+
+
+def _reject(table: Table, row: int, why: str) -> None:
+    """Mark a frame unused; the reason column is rebuilt (a fixed-width column would truncate)."""
+    reasons = [str(r) for r in table["reason"]]
+    reasons[row] = why
+    table["reason"] = reasons
+    table["used"][row] = False
+
+
+def _group(frames: Sequence[QuadrantImage]) -> tuple[int, int, int, str]:
+    keys = Counter((f.meta.fieldid, f.meta.ccdid, f.meta.qid, f.meta.filter) for f in frames)
+    if len(keys) != 1:
+        raise ReferenceError("<frames>", "frames of several field/CCD/quadrant/filter groups: "
+                             + ", ".join(f"{k} x{n}" for k, n in keys.items()))
+    return next(iter(keys))
+
+
+def reference_grid(frame: QuadrantImage, margin_px: int) -> tuple[fits.Header, WCS, tuple[int, int]]:
+    """The coadd's grid: ``frame``'s WCS cards with every ``CRPIX`` shifted by ``margin_px``,
+    their WCS, and ``frame``'s shape grown by twice the margin.
+
+    Raises
+    ------
+    ReferenceError
+        A WCS the shift does not carry over exactly (distortion tables in detector pixels).
+    """
+    # New cards: a Header built from the frame's Card objects would share (and shift) them.
+    header = fits.Header([(card.keyword, card.value, card.comment) for card in frame.header.cards
+                          if is_wcs_keyword(card.keyword)])
+    for axis in ("1", "2"):
+        header.setdefault(f"CRPIX{axis}", 0.0)      # FITS's default reference pixel
+    for key in [k for k in header if _CRPIX.fullmatch(k)]:
+        header[key] = float(header[key]) + margin_px
+    wcs = header_wcs(header)
+    ny, nx = frame.shape
+    shape = (ny + 2 * margin_px, nx + 2 * margin_px)
+    wcs.pixel_shape = (shape[1], shape[0])
+    # SIP and TPV are polynomials in pixel - CRPIX and follow the shift; Paper IV lookup
+    # tables are in detector pixels and would not: check on a few pixels.
+    x, y = np.meshgrid(np.linspace(0, nx - 1, 3), np.linspace(0, ny - 1, 3))
+    ra0, dec0 = frame.wcs.all_pix2world(x.ravel(), y.ravel(), 0)
+    ra1, dec1 = wcs.all_pix2world(x.ravel() + margin_px, y.ravel() + margin_px, 0)
+    offset = np.hypot((ra1 - ra0) * np.cos(np.deg2rad(dec0)), dec1 - dec0) * 3600.0
+    if np.max(offset) > 1e-4:
+        raise ReferenceError(frame.path or "<memory>", f"the grid WCS does not follow a {margin_px} px "
+                             f"margin (off by {np.max(offset):.2g}\"): a distortion table?")
+    return header, wcs, shape
+
+
+def build_reference(frames: Sequence[QuadrantImage], gaia: Table | None, band: FilterConfig,
+                    config: ReferenceConfig = ReferenceConfig()) -> ReferenceImage:
+    """Coadd the good frames of one field/CCD/quadrant/filter into a reference image.
+
+    Parameters
+    ----------
+    frames : sequence of QuadrantImage
+        Solved quadrant images (:func:`pipeline.core.image.read_quadrant`; header WCS and
+        ``ASTRUSE``) of one field, CCD, quadrant and filter.
+    gaia : Table or None
+        Gaia catalogue covering the quadrant at its own epoch (propagated to each frame's);
+        None: zero points from the frames' ``MAGZP`` only.
+    band : FilterConfig
+        The frames' filter.
+    config : ReferenceConfig
+
+    Returns
+    -------
+    ReferenceImage
+        With ``timings`` (s): characterize, register, stack, coadd, total.
+
+    Raises
+    ------
+    ReferenceError
+        No frames, mixed groups, fewer than ``min_frames`` usable frames (every reason
+        listed), or a coadd that cannot be characterised.
+    """
+    clock = time.perf_counter
+    t0 = clock()
+    if not frames:
+        raise ReferenceError("<frames>", "no frames given")
+    fieldid, ccdid, qid, filt = _group(frames)
+    source = f"reference f{fieldid} c{ccdid} q{qid} {filt}"
+    table, backgrounds = _characterize_frames(frames, gaia, band, config)
+    table = select_frames(table, config)
+    timings = {"characterize": clock() - t0}
+    used = np.flatnonzero(table["used"])
+    if used.size < config.min_frames:
+        why = "; ".join(f"{table['path'][i]}: {table['reason'][i]}" for i in range(len(table)) if not table["used"][i])
+        raise ReferenceError(source, f"{used.size} usable frame(s), at least {config.min_frames} needed"
+                             + (f" ({why})" if why else ""))
+
+    t1 = clock()
+    grid = int(used[np.argmin(np.asarray(table["fwhm_arcsec"])[used])])
+    margin = config.grid_margin_px
+    grid_header, grid_wcs, shape = reference_grid(frames[grid], margin)
+    grid_scale = _pixel_scale_arcsec(grid_wcs)
+    images, masks = [], []
+    for i in used:
+        frame = frames[i]
+        subtracted = np.where(frame.mask == 0, frame.data - backgrounds[i], 0.0)
+        backgrounds[i] = None
+        if i == grid:
+            images.append(np.pad(subtracted.astype(np.float32), margin))
+            masks.append(np.pad(frame.mask.astype(np.int16), margin, constant_values=MASK_BITS["EDGE"]))
+            continue
+        try:
+            registered = register_image(subtracted.astype(np.float32), frame.wcs, grid_wcs, shape,
+                                        mask=frame.mask, config=config.registration)
+        except RegistrationError as exc:
+            _reject(table, i, f"registration failed: {exc}")
+            continue
+        images.append(registered.data)
+        masks.append(registered.mask)
+    used = np.flatnonzero(table["used"])
+    if used.size < config.min_frames:
+        raise ReferenceError(source, f"{used.size} frame(s) left after registration, at least "
+                             f"{config.min_frames} needed")
+    timings["register"] = clock() - t1
+
+    t2 = clock()
+    zp, sky = np.asarray(table["zp"])[used], np.asarray(table["bkg_rms"])[used]
+    scales = 10.0 ** (0.4 * (config.zeropoint - zp))
+    gains = np.array([frames[i].meta.gain for i in used])
+    stack = stack_frames(images, masks, scales, sky, gains,
+                         np.asarray(table["fwhm_arcsec"])[used] / grid_scale, config)
+    del images, masks
+    for column, values in (("scale", scales), ("weight", 1.0 / (scales * sky) ** 2), ("n_clipped", stack.n_clipped)):
+        table[column][used] = values
+    levels = np.asarray(table["bkg_level"])[used]
+    saturate = float(np.min(scales * (np.array([frames[i].meta.saturate for i in used]) - levels)))
+    weights = np.asarray(table["weight"])[used]
+    read_noise_adu = math.sqrt(np.sum(weights ** 2 * scales ** 2 * (np.array(
+        [frames[i].meta.readnoi / frames[i].meta.gain for i in used])) ** 2)) / weights.sum()
+    timings["stack"] = clock() - t2
+
+    t3 = clock()
+    mjd = np.asarray(table["obsmjd"])[used]
+    coadd_gaia = None if gaia is None else propagate_to_epoch(gaia, Time(float(np.mean(mjd)), format="mjd"))
+    result, zp_check = _characterize_coadd(stack, grid_wcs, saturate, band, coadd_gaia, config, source)
+    timings["coadd"] = clock() - t3
+
+    expids = [int(e) for e in np.asarray(table["expid"])[used]]
+    filterid = FILTER_IDS[filt]
+    ref = ReferenceImage(
+        data=stack.data, mask=stack.mask, wcs=grid_wcs, header=fits.Header(), zeropoint=config.zeropoint,
+        rms=stack.rms, coverage=stack.coverage, psf=result.psf,
+        catalog=_catalog(result.photometry, config.zeropoint), frames=table,
+        refid=make_refid(fieldid, rcid_of(ccdid, qid), filterid, expids), fieldid=fieldid, ccdid=ccdid,
+        qid=qid, filter=filt, gain=stack.gain, saturate=saturate, nframes=int(used.size),
+        jdstart=float(mjd.min() + 2400000.5), jdend=float(mjd.max() + 2400000.5),
+        fwhm_arcsec=result.psf.fwhm * grid_scale, limiting_mag=result.limiting_mag, timings=timings)
+    ref.header = primary_header(ref, [frames[i] for i in used], grid_header, read_noise_adu, zp_check,
+                                result.photcal.clrcoeff, margin)
+    timings["total"] = clock() - t0
+    return ref
+
+
+def _characterize_coadd(stack: StackResult, wcs, saturate, band, gaia, config, source):
+    """The coadd's characterisation with the weights' noise map, and a free Gaia zero point."""
+    try:
+        extraction = extract_sources(stack.data, stack.mask, stack.gain, saturate, config.characterize.extraction)
+    except ExtractionError as exc:
+        raise ReferenceError(source, f"coadd extraction failed: {exc}") from None
+    covered = np.isfinite(stack.rms)
+    typical = float(np.median(stack.rms[covered]))
+    # PSF fits and the depth need the noise at PSF scales: the weights' map, not sep's
+    # pixel-to-pixel estimate, which resampling lowers (see :mod:`pipeline.reference.stack`).
+    extraction = replace(extraction, rms_map=np.where(covered, stack.rms, typical).astype(np.float32),
+                         background_rms=typical)
+    header = fits.Header({"MAGZP": config.zeropoint})
+    try:
+        result = characterize_image(stack.data, stack.mask, wcs, stack.gain, saturate, band, gaia,
+                                    header=header, config=config.characterize, extraction=extraction)
+    except ValueError as exc:   # CharacterizeError, or a stage's own ValueError
+        raise ReferenceError(source, f"coadd characterization failed: {exc}") from None
+    zp_check = math.nan
+    if gaia is not None:
+        try:
+            zp_check = calibrate_zeropoint(result.photometry, wcs, gaia, band,
+                                           config=config.characterize.photcal).magzpsci
+        except PhotCalError:
+            pass  # the check is reported as NaN; the coadd's zero point is set, not fitted
+    return result, zp_check
+
+
+def _catalog(photometry: Table, zeropoint: float) -> Table:
+    mag, magerr = flux_to_mag(photometry["flux"], photometry["fluxerr"], zeropoint)
+    columns = {"id": np.arange(1, len(photometry) + 1, dtype=np.int32),
+               "ra": photometry["ra"], "dec": photometry["dec"], "x": photometry["x"], "y": photometry["y"],
+               "flux": photometry["flux"], "fluxerr": photometry["fluxerr"], "mag": mag, "magerr": magerr,
+               "snr": photometry["snr"], "sharp": photometry["sharpness"], "chi": photometry["chi2"],
+               "flags": photometry["flags"]}
+    table = Table({k: np.asarray(v) for k, v in columns.items()})
+    for name, unit in (("ra", "deg"), ("dec", "deg"), ("x", "pix"), ("y", "pix"), ("flux", "adu"),
+                       ("fluxerr", "adu"), ("mag", "mag"), ("magerr", "mag")):
+        table[name].unit = unit
+    return table

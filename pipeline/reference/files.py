@@ -1,0 +1,265 @@
+"""The reference in memory (:class:`ReferenceImage`) and its file format.
+
+One FITS file, written atomically by :func:`write_reference` and validated by
+:func:`read_reference`:
+
+- primary HDU: the coadd, float32, background-subtracted, in ADU at the common zero point
+  ``MAGZP``.  Its header (:func:`primary_header`) carries the input-contract keywords (so
+  :func:`pipeline.core.image.read_quadrant` reads a reference like any quadrant image), the
+  grid's WCS (the best-seeing frame's, with ``CRPIX`` shifted by the grid margin) and the
+  reference's own keywords: ``REFID``, ``NFRAMES``, ``JDSTART`` / ``JDEND``, ``SEEING``
+  (arcsec) and ``FWHM`` (px) of the coadd's PSF, ``LIMMAG``, ``MAGZPFIT`` (the zero point
+  fitted to Gaia on the coadd, a check of ``MAGZP``), ``GAIN`` (effective: ``coadd / GAIN``
+  is the sources' Poisson variance), ``READNOI``, ``SATURATE`` (the lowest scaled,
+  background-subtracted level at which a frame saturates), ``GRIDMARG`` (the grid margin,
+  px) and ``PIXRMSF`` (pixel-to-pixel sky scatter over the ``RMS`` map: resampling
+  correlates the noise);
+- image HDUs ``MASK`` (int16 :data:`pipeline.core.image.MASK_BITS`), ``RMS`` (float32
+  background noise at PSF scales), ``COVERAGE`` (int16 frames per pixel) and ``PSF``
+  (:meth:`pipeline.measure.psf.PSFModel.to_fits`'s cube and header);
+- binary tables ``CATALOG`` (:data:`CATALOG_COLUMNS`) and ``FRAMES`` (one row per input
+  frame, used or not, with the reason).
+
+Every part but the primary image is optional: a plain image with a WCS and ``MAGZP`` reads
+as a reference without noise map, PSF or catalogue.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+from astropy.io import fits
+from astropy.stats import sigma_clipped_stats
+from astropy.table import Table
+from astropy.wcs import WCS
+
+from pipeline.core.image import FILTER_IDS, MASK_BITS, QuadrantImage, header_wcs, rcid_of, write_fits_atomic
+from pipeline.measure.psf import PSFError, PSFModel
+from pipeline.formats.scamp_head import is_wcs_keyword
+
+__all__ = ["ReferenceError", "ReferenceImage", "CATALOG_COLUMNS", "primary_header", "write_reference",
+           "read_reference"]
+
+#: Columns of the reference's PSF-fit catalogue (x, y 1-based; mag calibrated to MAGZP).
+CATALOG_COLUMNS = ("id", "ra", "dec", "x", "y", "flux", "fluxerr", "mag", "magerr", "snr",
+                   "sharp", "chi", "flags")
+
+
+class ReferenceError(ValueError):
+    """A reference that cannot be built or read; the message names the source and problem."""
+
+    def __init__(self, source: str | os.PathLike, problem: str):
+        self.source, self.problem = str(source), problem
+        super().__init__(f"{self.source}: {problem}")
+
+
+@dataclass
+class ReferenceImage:
+    """A reference image in memory (what :func:`pipeline.reference.build.build_reference` and
+    :func:`read_reference` return).
+
+    ``data`` is background-subtracted, in ADU at ``zeropoint``; ``rms`` the background noise
+    map (None for a plain image), ``coverage`` frames per pixel (None for a plain image);
+    ``psf``, ``catalog`` (:data:`CATALOG_COLUMNS`) and ``frames`` (one row per input frame:
+    expid, path, obsmjd, airmass, fwhm_arcsec, zp, zp_unc, limmag, bkg_level, bkg_rms, scale, weight,
+    n_clipped, used, reason) are None when absent.  Identifiers are None and numbers NaN
+    when a plain image's header lacks them.  ``header`` is the primary header.
+    """
+
+    data: np.ndarray
+    mask: np.ndarray
+    wcs: WCS
+    header: fits.Header
+    zeropoint: float
+    rms: np.ndarray | None = None
+    coverage: np.ndarray | None = None
+    psf: PSFModel | None = None
+    catalog: Table | None = None
+    frames: Table | None = None
+    refid: int | None = None
+    fieldid: int | None = None
+    ccdid: int | None = None
+    qid: int | None = None
+    filter: str | None = None
+    gain: float = math.nan
+    saturate: float = math.nan
+    nframes: int = 0
+    jdstart: float = math.nan
+    jdend: float = math.nan
+    fwhm_arcsec: float = math.nan
+    limiting_mag: float = math.nan
+    path: str | None = None
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def rcid(self) -> int | None:
+        return None if self.ccdid is None or self.qid is None else rcid_of(self.ccdid, self.qid)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.data.shape
+
+
+def primary_header(ref: ReferenceImage, used: Sequence[QuadrantImage], grid_header: fits.Header,
+                   read_noise_adu: float, zp_check: float, clrcoeff: float,
+                   grid_margin_px: int = 0) -> fits.Header:
+    """The primary header of a built reference (keywords in the module docstring).
+
+    ``used`` are the frames coadded; the WCS cards of ``grid_header`` (the grid's: the
+    best-seeing frame's, shifted by the margin) are copied verbatim.
+    """
+    metas = [f.meta for f in used]
+    header = fits.Header()
+    cards = [
+        ("IMAGETYP", "REFERENCE", "coadd of NFRAMES exposures"),
+        ("REFID", ref.refid, "reference id"),
+        ("FIELDID", ref.fieldid, "survey field id"), ("CCDID", ref.ccdid, "CCD id"),
+        ("QID", ref.qid, "quadrant id within the CCD"), ("RCID", ref.rcid, "readout channel id"),
+        ("FILTER", ref.filter, "filter"), ("FILTERID", FILTER_IDS[ref.filter], "filter id"),
+        ("OBSMJD", ref.jdstart - 2400000.5, "UTC MJD at the start of the first exposure"),
+        ("EXPTIME", float(sum(m.exptime for m in metas)), "s, total of the exposures used"),
+        ("EXPID", 0, "no single exposure: a reference"),
+        ("PROGRMID", Counter(m.progrmid for m in metas).most_common(1)[0][0], "program id (most frames)"),
+        ("TELRA", float(np.median([m.telra for m in metas])), "median boresight RA of the frames, deg"),
+        ("TELDEC", float(np.median([m.teldec for m in metas])), "median boresight Dec of the frames, deg"),
+        ("AIRMASS", float(np.median([m.airmass for m in metas])), "median airmass of the frames"),
+        ("GAIN", ref.gain, "effective e-/ADU: source variance = coadd/GAIN"),
+        ("READNOI", read_noise_adu * ref.gain, "effective read noise, e- (in the RMS map)"),
+        ("SATURATE", ref.saturate, "ADU, lowest scaled frame saturation"),
+        ("MAGZP", ref.zeropoint, "common zero point, mag for 1 ADU at BP-RP=0"),
+        ("MAGZPFIT", zp_check, "zero point fitted to Gaia on the coadd (check)"),
+        ("CLRCOEFF", clrcoeff, "colour coefficient on Gaia BP-RP"),
+        ("NFRAMES", ref.nframes, "exposures coadded"),
+        ("JDSTART", ref.jdstart, "JD at the start of the first exposure used"),
+        ("JDEND", ref.jdend, "JD at the start of the last exposure used"),
+        ("SEEING", ref.fwhm_arcsec, "PSF FWHM of the coadd, arcsec"),
+        ("FWHM", ref.psf.fwhm if ref.psf is not None else math.nan, "PSF FWHM of the coadd, px"),
+        ("LIMMAG", ref.limiting_mag, "5-sigma point-source limit, mag"),
+        ("PIXRMSF", _pixel_noise_factor(ref), "pixel-to-pixel sky std / RMS map (resampling)"),
+        ("GRIDMARG", int(grid_margin_px), "px the grid extends beyond the grid frame"),
+        ("BUNIT", "adu", "background-subtracted, scaled to MAGZP"),
+    ]
+    for key, value, comment in cards:
+        header[key] = (value.item() if isinstance(value, np.generic) else value, comment)
+    for card in grid_header.cards:
+        if is_wcs_keyword(card.keyword):
+            header[card.keyword] = (card.value, card.comment)
+    return header
+
+
+def _pixel_noise_factor(ref: ReferenceImage) -> float:
+    """Pixel-to-pixel sky scatter over the RMS map (NaN for a coadd without catalogue or sky).
+
+    Each pixel is divided by its own RMS: the grid's margin and edges, covered by fewer
+    frames, are noisier than the rest.
+    """
+    sky = (ref.mask == 0) & np.isfinite(ref.rms) & (ref.rms > 0)
+    if ref.catalog is not None and sky.sum() > 1000:
+        _, _, std = sigma_clipped_stats((ref.data[sky] / ref.rms[sky])[::7], sigma=3.0, stdfunc="mad_std")
+        return float(std)
+    return math.nan
+
+
+def write_reference(path: str | os.PathLike, ref: ReferenceImage) -> os.PathLike:
+    """Write a reference as one FITS file, atomically (layout in the module docstring);
+    the optional parts are written when present.  Returns the path written."""
+    header = ref.header.copy()
+    if header_wcs(header) is None:
+        header.update(ref.wcs.to_header(relax=True))
+    hdus = [fits.PrimaryHDU(np.asarray(ref.data, dtype=np.float32), header=header),
+            fits.ImageHDU(np.asarray(ref.mask, dtype=np.int16), name="MASK")]
+    if ref.rms is not None:
+        hdus.append(fits.ImageHDU(np.asarray(ref.rms, dtype=np.float32), name="RMS"))
+    if ref.coverage is not None:
+        hdus.append(fits.ImageHDU(np.asarray(ref.coverage, dtype=np.int16), name="COVERAGE"))
+    if ref.psf is not None:
+        psf_hdu = ref.psf.to_fits()[0]
+        hdus.append(fits.ImageHDU(psf_hdu.data, header=psf_hdu.header, name="PSF"))
+    for name, table in (("CATALOG", ref.catalog), ("FRAMES", ref.frames)):
+        if table is not None:
+            hdus.append(fits.table_to_hdu(table, name=name))
+    return write_fits_atomic(fits.HDUList(hdus), path)
+
+
+def read_reference(path: str | os.PathLike) -> ReferenceImage:
+    """Read and validate a reference file (or a plain image with a WCS and MAGZP).
+
+    Raises
+    ------
+    ReferenceError
+        Missing or unreadable file, no 2-D primary image, no WCS, no finite MAGZP, or an
+        extension of the wrong shape or content.
+    """
+    source = str(path)
+    try:
+        with fits.open(path, memmap=False) as hdul:
+            hdul.verify("silentfix")
+            primary = hdul[0]
+            if primary.data is None or primary.data.ndim != 2:
+                raise ReferenceError(source, "primary HDU holds no 2-D image")
+            data = np.asarray(primary.data, dtype=np.float32)
+            header = primary.header.copy()
+            parts = {name: _read_part(hdul, name, data.shape, source)
+                     for name in ("MASK", "RMS", "COVERAGE")}
+            psf = PSFModel.from_fits(fits.HDUList([fits.PrimaryHDU(hdul["PSF"].data, hdul["PSF"].header)]),
+                                     f"{source}[PSF]") if "PSF" in hdul else None
+            tables = {name: Table.read(hdul[name], mask_invalid=False) if name in hdul else None
+                      for name in ("CATALOG", "FRAMES")}
+    except ReferenceError:
+        raise
+    except FileNotFoundError:
+        raise ReferenceError(source, "file not found") from None
+    except PSFError as exc:
+        raise ReferenceError(source, f"bad PSF extension ({exc})") from None
+    except (OSError, ValueError, TypeError, IndexError, KeyError) as exc:
+        raise ReferenceError(source, f"not a readable FITS reference ({exc})") from None
+    wcs = header_wcs(header)
+    if wcs is None:
+        raise ReferenceError(source, "no celestial WCS in the primary header")
+    zeropoint = _header_number(header, "MAGZP", source, required=True)
+    catalog = tables["CATALOG"]
+    if catalog is not None and not set(CATALOG_COLUMNS) <= set(catalog.colnames):
+        raise ReferenceError(source, "CATALOG lacks columns "
+                             + ", ".join(sorted(set(CATALOG_COLUMNS) - set(catalog.colnames))))
+    mask = parts["MASK"] if parts["MASK"] is not None else np.zeros(data.shape, dtype=np.int16)
+    mask = np.where(np.isfinite(data), mask, mask | MASK_BITS["NAN"]).astype(np.int16)
+
+    def ident(key):
+        value = header.get(key)
+        return None if value is None else (str(value).strip() if key == "FILTER" else int(value))
+
+    return ReferenceImage(
+        data=data, mask=mask, wcs=wcs, header=header, zeropoint=zeropoint, rms=parts["RMS"],
+        coverage=parts["COVERAGE"], psf=psf, catalog=catalog, frames=tables["FRAMES"],
+        refid=ident("REFID"), fieldid=ident("FIELDID"), ccdid=ident("CCDID"), qid=ident("QID"),
+        filter=ident("FILTER"), gain=_header_number(header, "GAIN", source),
+        saturate=_header_number(header, "SATURATE", source), nframes=int(header.get("NFRAMES", 0)),
+        jdstart=_header_number(header, "JDSTART", source), jdend=_header_number(header, "JDEND", source),
+        fwhm_arcsec=_header_number(header, "SEEING", source),
+        limiting_mag=_header_number(header, "LIMMAG", source), path=source)
+
+
+def _read_part(hdul: fits.HDUList, name: str, shape, source: str) -> np.ndarray | None:
+    if name not in hdul:
+        return None
+    values = hdul[name].data
+    if values is None or values.shape != shape:
+        raise ReferenceError(source, f"{name} extension does not match the image shape {shape}")
+    if name != "RMS" and not np.issubdtype(values.dtype, np.integer):
+        raise ReferenceError(source, f"{name} extension must hold integers")
+    return np.asarray(values, dtype=np.float32 if name == "RMS" else np.int16)
+
+
+def _header_number(header: fits.Header, key: str, source: str, required: bool = False) -> float:
+    if key not in header:
+        if required:
+            raise ReferenceError(source, f"missing keyword {key}")
+        return math.nan
+    value = header[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (required and not math.isfinite(value)):
+        raise ReferenceError(source, f"keyword {key} must be a finite number, got {value!r}")
+    return float(value)

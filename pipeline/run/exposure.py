@@ -1,0 +1,135 @@
+"""Running every quadrant of an exposure on this machine, and the exposure summary.
+
+:func:`run_exposure` is the local executor: a process pool sized to the machine (one
+quadrant per core, as on the cluster) runs :func:`pipeline.run.quadrant.run_quadrant` for each
+rcid, printing progress as quadrants finish.  :func:`exposure_summary` reads every
+quadrant's status record (whoever ran it: this executor or a Slurm array) and lists the
+quadrants to reprocess: failed, never finished, or retryable.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+
+from pipeline.core.config import Config
+from pipeline.formats.exposure import exposure_rcids
+from pipeline.core.image import ImageContractError
+from pipeline.run.quadrant import (QuadrantInputError, failure_record, locate_quadrant, quadrant_dir, quadrant_expid,
+                       read_status, run_quadrant)
+from pipeline.core.exits import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_RETRY
+
+__all__ = ["run_exposure", "exposure_summary", "format_exposure_summary", "exposure_expid"]
+
+log = logging.getLogger("skydiff.exposure")
+
+_worker_cfg: Config | None = None
+
+
+def _init_worker(cfg: Config) -> None:
+    global _worker_cfg
+    _worker_cfg = cfg
+
+
+def quadrant_task(exposure: str, rcid: int, cfg: Config, force: bool = False) -> tuple[int, int, str]:
+    """Run one quadrant, turning every exception into an exit code and a status record."""
+    try:
+        code, record = run_quadrant(exposure, rcid, cfg, force=force)
+        return rcid, code, record.get("reason", "")
+    except (ImageContractError, QuadrantInputError) as exc:
+        failure_record(exposure, rcid, cfg, EXIT_BAD_INPUT, f"bad input: {exc}")
+        return rcid, EXIT_BAD_INPUT, f"bad input: {exc}"
+    except Exception as exc:  # a worker must report, never take the pool down
+        log.exception("rcid %d: unexpected failure", rcid)
+        failure_record(exposure, rcid, cfg, EXIT_FAILED, f"{type(exc).__name__}: {exc}")
+        return rcid, EXIT_FAILED, f"{type(exc).__name__}: {exc}"
+
+
+def _task(args: tuple[str, int, bool]) -> tuple[int, int, str]:
+    exposure, rcid, force = args
+    return quadrant_task(exposure, rcid, _worker_cfg, force)
+
+
+def exposure_expid(exposure: str | os.PathLike) -> int:
+    rcids = exposure_rcids(exposure)
+    if not rcids:
+        raise QuadrantInputError(f"{exposure}: no quadrant found")
+    return quadrant_expid(*locate_quadrant(exposure, rcids[0]))
+
+
+def run_exposure(exposure: str | os.PathLike, cfg: Config, jobs: int | None = None,
+                 quadrants: list[int] | None = None, force: bool = False, progress=sys.stderr) -> dict:
+    """Process the quadrants of an exposure with a local process pool; returns the summary."""
+    exposure = str(exposure)
+    rcids = quadrants or exposure_rcids(exposure)
+    if not rcids:
+        raise QuadrantInputError(f"{exposure}: no quadrant found")
+    jobs = jobs or len(os.sched_getaffinity(0))
+    t0 = time.perf_counter()
+    done = 0
+    with ProcessPoolExecutor(max_workers=jobs, initializer=_init_worker, initargs=(cfg,)) as pool:
+        futures = [pool.submit(_task, (exposure, rcid, force)) for rcid in rcids]
+        for future in as_completed(futures):
+            rcid, code, reason = future.result()
+            done += 1
+            if progress is not None:
+                width = 30
+                filled = int(width * done / len(rcids))
+                print(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{len(rcids)} quadrants, "
+                      f"{time.perf_counter() - t0:.0f} s (rcid {rcid}: exit {code})", end="", file=progress,
+                      flush=True)
+    if progress is not None:
+        print(file=progress)
+    summary = exposure_summary(exposure, cfg, rcids)
+    summary["wall_s"] = round(time.perf_counter() - t0, 1)
+    summary["jobs"] = jobs
+    return summary
+
+
+def exposure_summary(exposure: str | os.PathLike, cfg: Config, rcids: list[int] | None = None) -> dict:
+    """Every quadrant's state from its status record; writes ``<outputs>/<expid>/summary.json``."""
+    expid = exposure_expid(exposure)
+    rcids = rcids or exposure_rcids(exposure)
+    quadrants, reprocess = [], []
+    for rcid in rcids:
+        record = read_status(quadrant_dir(cfg, expid, rcid)) or {"rcid": rcid, "state": "missing",
+                                                                  "reason": "no status record", "exit_code": None}
+        quadrants.append({k: record.get(k) for k in ("rcid", "state", "stage", "reason", "exit_code", "attempt")}
+                         | {"total_s": (record.get("timings_s") or {}).get("total"),
+                            "candidates": (record.get("subtraction") or {}).get("n_candidates"),
+                            "alerts": (record.get("alerts") or {}).get("built")})
+        if record.get("state") in ("missing", "started", "failed") or record.get("exit_code") == EXIT_RETRY:
+            reprocess.append(rcid)
+    counts: dict[str, int] = {}
+    for q in quadrants:
+        counts[q["state"]] = counts.get(q["state"], 0) + 1
+    summary = {"exposure": str(exposure), "expid": expid, "quadrants": quadrants, "counts": counts,
+               "reprocess": reprocess,
+               "candidates": sum(q["candidates"] or 0 for q in quadrants),
+               "alerts": sum(q["alerts"] or 0 for q in quadrants)}
+    out = cfg.paths.resolve("outputs") / str(expid)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, out / "summary.json")
+    return summary
+
+
+def format_exposure_summary(summary: dict) -> str:
+    lines = [f"exposure {summary['expid']} ({summary['exposure']}): "
+             + ", ".join(f"{n} {state}" for state, n in sorted(summary["counts"].items()))
+             + f"; {summary['candidates']} candidates, {summary['alerts']} alerts"
+             + (f"; {summary['wall_s']} s with {summary['jobs']} worker(s)" if "wall_s" in summary else "")]
+    lines.append("  rcid  state      stage         exit  attempt  seconds  candidates  alerts  reason")
+    for q in summary["quadrants"]:
+        cells = {k: "-" if q.get(k) is None else q[k] for k in ("exit_code", "attempt", "total_s", "candidates",
+                                                                 "alerts")}
+        lines.append(f"  {q['rcid']:>4}  {q['state'] or '':<9}  {q['stage'] or '':<12}  {cells['exit_code']:>4}"
+                     f"  {cells['attempt']:>7}  {cells['total_s']:>7}  {cells['candidates']:>10}"
+                     f"  {cells['alerts']:>6}  {q['reason'] or ''}")
+    if summary["reprocess"]:
+        lines.append(f"  to reprocess: {', '.join(map(str, summary['reprocess']))}")
+    return "\n".join(lines)

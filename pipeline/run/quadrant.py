@@ -1,0 +1,255 @@
+"""One quadrant of one exposure through every stage: the unit a Slurm task or a worker runs.
+
+:func:`run_quadrant` takes an exposure (a multi-extension FITS with one HDU per quadrant,
+``EXTNAME`` ``Q00``..``Q63`` by rcid, or a directory of quadrant files) and an rcid, and
+runs astrometry, subtraction against the quadrant's reference, alerts and the matchfile
+epoch, each stage writing the same products its own command writes.  Products go under
+``<paths.outputs>/<expid>/<rcid:02d>/``.  What a stage computed is handed to the next in
+memory rather than recomputed from files: the subtraction reuses the astrometry stage's
+extraction, and the matchfile epoch is the subtraction's own calibrated PSF photometry of
+the science image (the matchfile command run on the subtraction folder measures it again).
+
+Status record
+-------------
+``status.json`` in that folder, rewritten atomically at every stage: ``expid``, ``rcid``,
+``state`` (``started``, ``finished``, ``failed``, ``unusable``), ``stage`` reached,
+``reason``, ``exit_code``, ``attempt``, ``started_utc``, ``finished_utc``, ``timings_s``
+and the stage summaries (astrometry verdict, candidates, alerts, matchfile rows).
+
+Idempotence: a quadrant whose record says ``finished`` is not run again unless forced; a
+forced rerun republishes nothing already acknowledged (the spool keeps every candid it
+delivered, and candids are deterministic) and replaces its matchfile epoch rather than
+adding one.
+
+Exit codes (:mod:`pipeline.core.exits`): 0 finished, 3 bad input (the exposure or the
+quadrant breaks the contract), 4 unusable (astrometry or subtraction judged the image
+unusable, or no reference exists: the reason is in the record), 75 retry may help (SCAMP
+timed out or crashed, the broker could not take the alerts), 1 a failure inside.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from astropy.io import fits
+
+from pipeline.core.config import Config
+from pipeline.core.image import ImageContractError, read_quadrant, write_quadrant
+from pipeline.core.exits import EXIT_OK, EXIT_RETRY, EXIT_UNUSABLE
+
+__all__ = ["quadrant_dir", "read_status", "locate_quadrant", "quadrant_expid", "run_quadrant", "failure_record",
+           "QuadrantInputError"]
+
+log = logging.getLogger("skydiff.quadrant")
+
+_STATES = {EXIT_OK: "finished", EXIT_UNUSABLE: "unusable"}
+
+
+class QuadrantInputError(ValueError):
+    """The exposure holds no such quadrant, or cannot be read; names the file."""
+
+
+def _utc() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def quadrant_dir(cfg: Config, expid: int, rcid: int) -> Path:
+    """Where one quadrant's products and status record go."""
+    return cfg.paths.resolve("outputs") / str(expid) / f"{rcid:02d}"
+
+
+def read_status(folder: Path) -> dict | None:
+    """The status record in ``folder`` (None when absent or unreadable)."""
+    try:
+        return json.loads((folder / "status.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_status(folder: Path, record: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / ".status.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, folder / "status.json")
+
+
+def locate_quadrant(exposure: str | os.PathLike, rcid: int) -> tuple[Path, int | str | None]:
+    """(file, HDU) of quadrant ``rcid`` in an exposure (MEF file or directory)."""
+    exposure = Path(exposure)
+    if exposure.is_dir():
+        for path in sorted(exposure.glob("*.fits")):
+            try:
+                header = fits.getheader(path, 0)
+                if "RCID" not in header:
+                    header = fits.getheader(path, 1)
+            except (OSError, IndexError):
+                continue
+            if int(header.get("RCID", -1)) == rcid:
+                return path, None
+        raise QuadrantInputError(f"{exposure}: no quadrant file with RCID = {rcid}")
+    if not exposure.is_file():
+        raise QuadrantInputError(f"{exposure}: no such exposure file or directory")
+    name = f"Q{rcid:02d}"
+    try:
+        with fits.open(exposure, memmap=True) as hdul:
+            if name not in hdul:
+                raise QuadrantInputError(f"{exposure}: no extension {name} (quadrant rcid {rcid})")
+    except OSError as exc:
+        raise QuadrantInputError(f"{exposure}: not a readable FITS file ({exc})") from None
+    return exposure, name
+
+
+def quadrant_expid(path: Path, hdu: int | str | None) -> int:
+    """EXPID of a located quadrant (QuadrantInputError when unreadable or absent)."""
+    try:
+        with fits.open(path, memmap=True) as hdul:
+            header = hdul[hdu if hdu is not None else 0].header
+            if "EXPID" not in header and hdu is None and len(hdul) > 1:
+                header = hdul[1].header
+            return int(header["EXPID"])
+    except (OSError, KeyError, ValueError, IndexError) as exc:
+        raise QuadrantInputError(f"{path}: no readable EXPID ({exc})") from None
+
+
+def _prior_path(cfg: Config) -> str | None:
+    candidate = cfg.paths.resolve("priors") / "prior.fits"
+    return str(candidate) if candidate.exists() else None
+
+
+def _matchfile_epoch(cfg: Config, subtraction) -> dict:
+    """The science image's PSF photometry, as the subtraction measured and calibrated it, into its matchfile."""
+    from pipeline.matchfile.epochs import append_science_epoch, seed_matchfile_from_reference
+
+    root = cfg.paths.resolve("matchfiles")
+    seed_matchfile_from_reference(root, subtraction.reference, cfg)
+    result = append_science_epoch(root, subtraction.science.header, subtraction.result, cfg,
+                                  reference=subtraction.reference)
+    return {"matched": result.nmatched, "unmatched": result.nunmatched, "folded": result.folded}
+
+
+def run_quadrant(exposure: str | os.PathLike, rcid: int, cfg: Config, force: bool = False,
+                 publish: bool = True) -> tuple[int, dict]:
+    """Process quadrant ``rcid`` of ``exposure``; returns (exit code, status record)."""
+    from alerts.from_subtraction import publish_products
+    from alerts.history import SQLiteHistoryStore
+    from alerts.publish import AlertPublisher
+    from alerts.spool import Spool
+    from pipeline.astrometry.files import solve_quadrant_file
+    from pipeline.reference.build import reference_filename
+    from pipeline.subtraction.files import subtract_files
+
+    clock = time.perf_counter
+    t_start = clock()
+    timings: dict[str, float] = {}
+    path, hdu = locate_quadrant(exposure, rcid)
+    image = read_quadrant(path, hdu=hdu)
+    meta = image.meta
+    if meta.rcid != rcid:
+        raise ImageContractError(path, f"header RCID {meta.rcid} where quadrant {rcid} was asked for")
+    folder = quadrant_dir(cfg, meta.expid, rcid)
+    previous = read_status(folder)
+    if previous and previous.get("state") == "finished" and not force:
+        log.info("expid %d rcid %d: already finished (%s); nothing to do", meta.expid, rcid,
+                 previous.get("finished_utc"))
+        return EXIT_OK, previous
+    record = {"expid": meta.expid, "rcid": rcid, "exposure": str(exposure), "state": "started",
+              "stage": "read", "reason": "", "exit_code": None,
+              "attempt": int((previous or {}).get("attempt", 0)) + 1, "started_utc": _utc(),
+              "finished_utc": None, "timings_s": timings}
+    _write_status(folder, record)
+
+    def finish(code: int, stage: str, reason: str = "") -> tuple[int, dict]:
+        timings["total"] = round(clock() - t_start, 3)
+        record.update(state=_STATES.get(code, "failed"), stage=stage, reason=reason, exit_code=code,
+                      finished_utc=_utc())
+        _write_status(folder, record)
+        level = logging.INFO if code == EXIT_OK else logging.WARNING
+        log.log(level, "expid %d rcid %d: %s at %s%s (%.1f s)", meta.expid, rcid, record["state"], stage,
+                f": {reason}" if reason else "", timings["total"])
+        return code, record
+
+    # The astrometry stage reads a single-quadrant file: a MEF quadrant is copied out first.
+    t0 = clock()
+    source = folder / "input" / f"ztf_{meta.expid}_c{meta.ccdid:02d}_q{meta.qid}.fits"
+    if hdu is None:
+        source = path
+    else:
+        write_quadrant(source, image.data, image.header, image.mask)
+    timings["read"] = round(clock() - t0, 3)
+
+    record["stage"] = "astrometry"
+    _write_status(folder, record)
+    t0 = clock()
+    astrometry = solve_quadrant_file(source, cfg.paths.resolve("catalogs"), _prior_path(cfg),
+                                     folder / "astrometry", cfg)
+    timings["astrometry"] = round(clock() - t0, 3)
+    qa = astrometry.record
+    record["astrometry"] = None if qa is None else {
+        k: qa.get(k) for k in ("usable", "reasons", "rms_ra_mas", "rms_dec_mas", "n_matched")}
+    if astrometry.status != EXIT_OK:
+        reasons = "; ".join((qa or {}).get("reasons", [])) or f"exit status {astrometry.status}"
+        return finish(astrometry.status, "astrometry", reasons)
+
+    record["stage"] = "subtraction"
+    _write_status(folder, record)
+    reference = cfg.paths.resolve("references") / reference_filename(meta.fieldid, meta.ccdid, meta.qid,
+                                                                      meta.filter)
+    if not reference.exists():
+        return finish(EXIT_UNUSABLE, "subtraction", f"no reference {reference.name} in {reference.parent}")
+    t0 = clock()
+    subtraction_out = folder / "subtraction"
+    # Same pixels, same extraction settings: the astrometry stage's extraction is reused.
+    subtraction = subtract_files(astrometry.solved, reference, subtraction_out, cfg,
+                                 refcat=cfg.paths.resolve("catalogs"),
+                                 extraction=astrometry.result.extraction)
+    timings["subtraction"] = round(clock() - t0, 3)
+    if subtraction.status != EXIT_OK:
+        return finish(subtraction.status, "subtraction", f"exit status {subtraction.status} (see the log)")
+    record["subtraction"] = {k: subtraction.record.get(k) for k in ("n_candidates", "n_rb_above_half",
+                                                                    "diffmaglim", "zp_science", "zp_source")}
+
+    if publish:
+        record["stage"] = "alerts"
+        _write_status(folder, record)
+        t0 = clock()
+        spool = Spool(cfg.paths.resolve("spool"))
+        history_path = cfg.paths.resolve("history")
+        history_path.parent.mkdir(parents=True, exist_ok=True)
+        with SQLiteHistoryStore(history_path, survey=cfg.kafka.survey) as store, \
+                AlertPublisher(cfg.kafka, spool) as publisher:
+            (images,) = publish_products([subtraction_out], cfg, store, publisher)
+            unacknowledged = publisher.flush() if cfg.kafka.bootstrap_servers else 0
+        timings["alerts"] = round(clock() - t0, 3)
+        record["alerts"] = {"built": images.alerts, "spooled": images.spooled,
+                            "already_delivered": images.already_delivered, "topic": images.topic,
+                            "unacknowledged": unacknowledged}
+        if unacknowledged:
+            return finish(EXIT_RETRY, "alerts", f"{unacknowledged} alert(s) not acknowledged by the broker; "
+                                                 "they wait in the spool (skydiff alerts replay)")
+
+    record["stage"] = "matchfile"
+    _write_status(folder, record)
+    t0 = clock()
+    record["matchfile"] = _matchfile_epoch(cfg, subtraction)
+    timings["matchfile"] = round(clock() - t0, 3)
+    return finish(EXIT_OK, "done")
+
+
+def failure_record(exposure, rcid: int, cfg: Config, code: int, reason: str) -> None:
+    """Record a quadrant that failed before its expid was known (best effort)."""
+    try:
+        expid = quadrant_expid(*locate_quadrant(exposure, rcid))
+    except QuadrantInputError:
+        return
+    folder = quadrant_dir(cfg, expid, rcid)
+    previous = read_status(folder) or {}
+    _write_status(folder, {"expid": expid, "rcid": rcid, "exposure": str(exposure),
+                           "state": "failed", "stage": previous.get("stage", "read"), "reason": reason,
+                           "exit_code": code, "attempt": int(previous.get("attempt", 0)) + (0 if previous else 1),
+                           "started_utc": previous.get("started_utc"), "finished_utc": _utc(),
+                           "timings_s": previous.get("timings_s", {})})
+

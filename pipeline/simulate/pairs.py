@@ -1,0 +1,177 @@
+"""Simulated science/reference pairs with truth, for the subtraction's tests, benchmark and
+real-bogus training.
+
+A pair is what the survey makes: a reference coadded (:func:`pipeline.reference.build.build_reference`)
+from exposures of one field and quadrant taken a season earlier (so this season's
+transients are absent), and a science exposure of the same quadrant with its own pointing
+error (another pixel grid), seeing and PSF variation, into which point sources of known
+flux are injected with the simulator's own PSF.  The science image's WCS is its true WCS
+(the astrometry stage's job is tested elsewhere), optionally offset to mimic a
+misregistration; artefacts the simulator does not mask (cosmic rays, and here optionally
+unmasked hot pixels) are left for the subtraction and the real-bogus model to deal with.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+from astropy.table import Table
+import astropy.units as u
+from astropy.time import Time
+from astropy.wcs import WCS
+
+from catalogs import propagate_to_epoch
+from pipeline.core.config import Config
+from pipeline.core.image import QuadrantImage, quadrant_image
+from pipeline.simulate.inject import inject_point_sources, true_psf_field
+from pipeline.simulate.plan import DEFAULT_FIELDS, Field, exposure_at_airmass
+from pipeline.simulate.render import image_zeropoint, sky_electrons_per_pixel, true_psf_stamp
+from pipeline.simulate.run import simulate_quadrant
+from pipeline.simulate.sky import SkyModel, make_sky
+
+__all__ = ["PairOptions", "SimulatedPair", "pair_sky", "simulate_reference_frames", "simulate_science",
+           "simulated_pair", "real_positions", "with_true_wcs"]
+
+@dataclass(frozen=True)
+class PairOptions:
+    """What :func:`simulated_pair` makes.
+
+    Seeing values are FWHM in arcsec at zenith (the simulator scales them by airmass**0.6).
+    ``snr_range`` bounds the injected sources' S/N on the science image's sky noise alone.
+    """
+
+    rcid: int = 21
+    field: Field = DEFAULT_FIELDS[0]
+    seed: int = 20260315
+    science_night: str = "2026-03-15"
+    science_seeing: float = 2.0
+    science_airmass: float = 1.2
+    reference_seeing: tuple[float, ...] = (1.5, 1.6, 1.7, 1.8, 1.9)
+    reference_first_night: str = "2025-11-20"   # a season earlier: no current transients
+    n_inject: int = 80
+    snr_range: tuple[float, float] = (4.0, 40.0)
+    edge_margin_px: float = 40.0
+    misregister_px: tuple[float, float] = (0.0, 0.0)
+    hot_pixels: int = 0
+    transients_window_days: float = 40.0
+
+
+@dataclass(frozen=True)
+class SimulatedPair:
+    """A science image with truth and the frames (or the reference) it is subtracted from."""
+
+    cfg: Config
+    science: QuadrantImage          # wcs: the (possibly misregistered) solution
+    true_wcs: WCS
+    truth: Table                    # the simulator's truth of the science quadrant
+    injected: Table                 # x, y (1-based), mag, flux_adu, snr_sky, flux_ref (ref ADU)
+    hot_pixels: Table               # x, y (1-based) of unmasked hot pixels added
+    zeropoint: float                # true zero point of the science image
+    gaia: Table                     # at the science epoch
+    sky: SkyModel
+    spec: object
+    reference_frames: list[QuadrantImage] = field(default_factory=list)
+
+
+def _solved(quadrant, usable: bool = True, shift_px: tuple[float, float] = (0.0, 0.0)) -> QuadrantImage:
+    """The simulated quadrant with its true WCS in the header, as if the astrometry had solved it."""
+    return with_true_wcs(quadrant.data, quadrant.header, quadrant.mask, quadrant.truth_header, usable, shift_px)
+
+
+def with_true_wcs(data: np.ndarray, header, mask: np.ndarray | None, truth_header, usable: bool = True,
+                  shift_px: tuple[float, float] = (0.0, 0.0)) -> QuadrantImage:
+    """A simulated quadrant whose header carries the true WCS (of its truth file's primary
+    header), shifted by ``shift_px``, flagged as solved as if by the astrometry stage."""
+    header = header.copy()
+    for key in [k for k in header if k.startswith(("CTYPE", "CRPIX", "CRVAL", "CD", "PV", "CUNIT",
+                                                     "A_", "B_", "AP_", "BP_"))]:
+        del header[key]
+    for card in truth_header.cards:
+        if card.keyword.startswith(("CTYPE", "CRPIX", "CRVAL", "CD", "PV", "CUNIT", "RADESYS", "EQUINOX")):
+            header[card.keyword] = (card.value, card.comment)
+    header["CRPIX1"] = header["CRPIX1"] + shift_px[0]
+    header["CRPIX2"] = header["CRPIX2"] + shift_px[1]
+    header["ASTRUSE"] = (usable, "astrometry usable")
+    header["ASTRNMAT"] = (1000, "stars matched to Gaia")
+    header["ASTRRMSA"] = (40.0, "[mas] Gaia-match RMS, RA")
+    header["ASTRRMSD"] = (40.0, "[mas] Gaia-match RMS, Dec")
+    return quadrant_image(data, header, mask, source="<simulated>")
+
+
+def pair_sky(cfg: Config, options: PairOptions) -> SkyModel:
+    mjd = Time(options.science_night).mjd
+    f = options.field
+    return make_sky(cfg, [(f.fieldid, f.ra, f.dec)], options.seed,
+                    mjd_range=(mjd - options.transients_window_days, mjd + 0.5))
+
+
+def simulate_reference_frames(cfg: Config, options: PairOptions, sky: SkyModel | None = None
+                              ) -> list[QuadrantImage]:
+    """Solved reference-season frames of the pair's quadrant, one per ``reference_seeing``."""
+    sky = pair_sky(cfg, options) if sky is None else sky
+    start = Time(options.reference_first_night)
+    frames = []
+    for k, seeing in enumerate(options.reference_seeing):
+        night = (start + 3 * k * u.day).strftime("%Y-%m-%d")
+        spec = exposure_at_airmass(cfg, options.field, 1.1 + 0.05 * k, night=night, seed=options.seed + k,
+                                   seeing_fwhm_arcsec=seeing)
+        quadrant, _ = simulate_quadrant(spec, options.rcid, sky, cfg)
+        frames.append(_solved(quadrant))
+    return frames
+
+
+def _snr_flux_adu(spec, cfg: Config, rcid: int, x, y) -> np.ndarray:
+    """ADU flux error of a PSF fit on the sky noise alone at (x, y): sigma / sqrt(sum P^2)."""
+    psf = true_psf_field(spec, rcid, cfg)
+    inst = cfg.instrument
+    sky_sigma_adu = np.sqrt(sky_electrons_per_pixel(spec, cfg) + inst.read_noise ** 2) / inst.gain
+    return np.array([sky_sigma_adu / np.sqrt(np.sum(true_psf_stamp(psf, xi, yi, 12) ** 2))
+                     for xi, yi in zip(x, y)])
+
+
+def simulate_science(cfg: Config, options: PairOptions, sky: SkyModel | None = None) -> SimulatedPair:
+    """The pair's science exposure with injected point sources (no reference yet)."""
+    sky = pair_sky(cfg, options) if sky is None else sky
+    spec = exposure_at_airmass(cfg, options.field, options.science_airmass, night=options.science_night,
+                               seed=options.seed + 1000, seeing_fwhm_arcsec=options.science_seeing)
+    quadrant, _ = simulate_quadrant(spec, options.rcid, sky, cfg)
+    ny, nx = quadrant.data.shape
+    rng = np.random.default_rng(np.random.SeedSequence([options.seed, 77]))
+    m = options.edge_margin_px
+    x = rng.uniform(m, nx - m, options.n_inject)
+    y = rng.uniform(m, ny - m, options.n_inject)
+    flux_err = _snr_flux_adu(spec, cfg, options.rcid, x, y)
+    snr = np.exp(rng.uniform(*np.log(options.snr_range), options.n_inject))
+    zp = image_zeropoint(spec, cfg)
+    mag = zp - 2.5 * np.log10(snr * flux_err)
+    data, injected = inject_point_sources(quadrant.data, spec, options.rcid, cfg, x, y, mag,
+                                          seed=options.seed)
+    injected["snr_sky"] = snr
+    hot = Table({"x": np.zeros(0), "y": np.zeros(0)})
+    if options.hot_pixels:
+        col = rng.integers(10, nx - 10, options.hot_pixels)
+        row = rng.integers(10, ny - 10, options.hot_pixels)
+        data[row, col] += rng.uniform(200, 3000, options.hot_pixels).astype(np.float32)
+        hot = Table({"x": col + 1.0, "y": row + 1.0})
+    solved = _solved(replace(quadrant, data=data), shift_px=options.misregister_px)
+    gaia = propagate_to_epoch(sky.gaia_catalogue(), Time(spec.obsmjd + 0.5 * spec.exptime / 86400,
+                                                          format="mjd", scale="utc"))
+    return SimulatedPair(cfg=cfg, science=solved, true_wcs=WCS(quadrant.truth_header), truth=quadrant.truth,
+                         injected=injected, hot_pixels=hot, zeropoint=zp, gaia=gaia, sky=sky, spec=spec)
+
+
+def simulated_pair(cfg: Config, options: PairOptions = PairOptions()) -> SimulatedPair:
+    """Science image and reference frames of :class:`PairOptions` (the reference not yet built)."""
+    sky = pair_sky(cfg, options)
+    pair = simulate_science(cfg, options, sky)
+    return replace(pair, reference_frames=simulate_reference_frames(cfg, options, sky))
+
+
+def real_positions(pair: SimulatedPair) -> np.ndarray:
+    """(N, 2) 1-based positions of everything real that can differ from the reference:
+    injected sources, the simulator's transients and variable stars."""
+    t = pair.truth
+    real = np.asarray(t["transient"], bool) | np.asarray(t["variable"], bool)
+    parts = [np.column_stack([np.asarray(t["x"])[real], np.asarray(t["y"])[real]]),
+             np.column_stack([np.asarray(pair.injected["x"]), np.asarray(pair.injected["y"])])]
+    return np.vstack(parts)

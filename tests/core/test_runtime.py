@@ -1,0 +1,66 @@
+"""No network, private astropy directories, one log format."""
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_non_loopback_connection_is_blocked():
+    with pytest.raises(Exception) as info:
+        socket.create_connection(("192.0.2.1", 80), timeout=1)
+    assert "Blocked" in type(info.value).__name__
+
+
+def test_loopback_connection_is_allowed():
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    client = socket.create_connection(server.getsockname(), timeout=2)
+    conn, _ = server.accept()
+    client.sendall(b"ok")
+    assert conn.recv(2) == b"ok"
+    for s in (client, conn, server):
+        s.close()
+
+
+def test_a_test_reaching_the_network_fails(pytester):
+    """Run a test that opens a socket to a non-loopback address under the suite's own options."""
+    addopts = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["addopts"]
+    pytester.makepyfile(test_net="""
+        import socket
+        def test_reaches_out():
+            socket.create_connection(("93.184.216.34", 80), timeout=1)
+    """)
+    result = pytester.runpytest_subprocess(*addopts.split(), "-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*SocketConnectBlockedError*"])
+
+
+def test_astropy_directories_are_private_to_each_process():
+    code = "import pipeline, astropy.config as c; print(c.get_config_dir()); print(c.get_cache_dir())"
+    outs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+            for _ in range(2)]
+    home_astropy = str(Path.home() / ".astropy")
+    for out in outs:
+        assert home_astropy not in out
+    assert outs[0] != outs[1]
+
+
+def test_astropy_downloads_are_off():
+    from astropy.utils import data, iers
+    assert iers.conf.auto_download is False
+    assert data.conf.allow_internet is False
+
+
+def test_log_format_is_shared(capsys):
+    import logging
+    from pipeline.core.runtime import LOG_FORMAT, setup_logging
+    setup_logging()
+    assert any(h.formatter and h.formatter._fmt == LOG_FORMAT for h in logging.getLogger().handlers)
