@@ -53,6 +53,7 @@ from astropy.time import Time
 from alerts.cutouts import CutoutTriplet
 from alerts.packet import AlertContext, make_alerts
 from alerts.schema import serialize_alert
+from pipeline.core.exits import BadInputError
 
 __all__ = ["AlertProductsError", "ReferenceSummary", "SubtractionProducts", "ImageAlerts",
            "ZTF_NIGHT_EPOCH_MJD", "image_calibration", "alert_context", "cutout_triplets",
@@ -65,7 +66,7 @@ ZTF_NIGHT_EPOCH_MJD = 57754
 _CUBES = ("science", "reference", "difference")
 
 
-class AlertProductsError(ValueError):
+class AlertProductsError(BadInputError):
     """Subtraction products that cannot make alerts; the message names the file and problem."""
 
 

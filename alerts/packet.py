@@ -38,6 +38,7 @@ from alerts.cutouts import STAMP_KINDS, CutoutTriplet, stamp_header_cards, stamp
 from alerts.history import CandidateHistory, HistoryStore, ImageRecord
 from alerts.ids import make_candid, make_pid, topic_name
 from alerts.schema import SCHEMA_VERSION, schema_field_names
+from pipeline.core.exits import BadInputError
 
 __all__ = ["AlertContext", "REQUIRED_COLUMNS", "NULL_REASONS", "candidate_records",
            "upper_limit_record", "image_record", "cutout_fields", "assemble_alert", "make_alerts", "AlertInputError"]
@@ -66,7 +67,7 @@ _DERIVED = {
 }
 
 
-class AlertInputError(ValueError):
+class AlertInputError(BadInputError):
     """Candidates or context that break the input contract (names the problem)."""
 
 

@@ -40,6 +40,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 
 from alerts.schema import container_is_complete, serialize_alert
 from alerts.spool import DAMAGED, DELIVERED, OVERSIZE, PENDING, Spool
+from pipeline.core.exits import PipelineError
 
 __all__ = ["producer_config", "redacted", "SecretFilter", "PublishReport", "AlertPublisher",
            "replay", "PublishError", "RECORD_OVERHEAD_BYTES"]
@@ -51,7 +52,7 @@ RECORD_OVERHEAD_BYTES = 256
 _SECRET_KEYS = ("sasl.password", "sasl.username", "ssl.key.password", "sasl.oauthbearer.client.secret")
 
 
-class PublishError(RuntimeError):
+class PublishError(PipelineError, RuntimeError):
     """The producer cannot be configured or used (message already free of credentials)."""
 
 

@@ -41,6 +41,7 @@ from typing import Any, BinaryIO, Callable, Mapping
 import fastavro
 import fastavro.schema
 import fastavro.validation
+from pipeline.core.exits import BadInputError
 
 __all__ = [
     "SCHEMA_VERSION", "SYNC_MARKER", "SCHEMA_FILES", "AlertFormatError", "alert_schema", "schema_field_names",
@@ -54,7 +55,7 @@ SCHEMA_VERSION = "4.02"
 SCHEMA_FILES = ("cutout", "candidate", "prv_candidate", "fp_hist", "alert")
 
 
-class AlertFormatError(ValueError):
+class AlertFormatError(BadInputError):
     """Bytes or a file that are not a readable Avro alert; the message names the source."""
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import astropy.units as u
 from astropy.io import fits
 from astropy.table import MaskedColumn, Table
+from pipeline.core.exits import BadInputError
 
 __all__ = [
     "CatalogError", "GAIA_COLUMNS", "REQUIRED_COLUMNS", "OPTIONAL_COLUMNS",
@@ -22,7 +23,7 @@ __all__ = [
 ]
 
 
-class CatalogError(ValueError):
+class CatalogError(BadInputError):
     """A catalogue file, store or service answer that cannot be used; the message names it."""
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from astropy.io.votable import parse as parse_votable
 from astropy.table import Table
 
+from pipeline.core.exits import EXIT_FAILED
 from catalogs.schema import CatalogError
 
 __all__ = ["GAIA_TAP_URL", "TapError", "TapResult", "tap_sync_query", "parse_tap_votable"]
@@ -30,6 +31,9 @@ _USER_AGENT = "skydiff-catalogs/1 (python urllib)"
 
 class TapError(CatalogError):
     """The TAP service could not be reached, timed out, or answered with an error."""
+
+    exit_status = EXIT_FAILED  # the archive failed, not the input
+    kind = "catalogue service"
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,9 @@ import logging
 import sys
 
 from pipeline import __version__
-from pipeline.core.config import ConfigError, load_config
-from pipeline.core.image import ImageContractError
+from pipeline.core.config import load_config
+from pipeline.core.exits import PipelineError, describe, exit_status_of
 from pipeline.core.runtime import setup_logging
-from pipeline.core.exits import EXIT_BAD_INPUT, EXIT_USAGE
 
 # Modules providing commands, in the order ``skydiff --help`` lists them.
 COMMAND_MODULES = [
@@ -62,12 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.cfg = load_config(getattr(args, "config", None))
         return int(args.func(args) or 0)
-    except ConfigError as exc:
-        log.error("configuration: %s", exc)
-        return EXIT_USAGE
-    except ImageContractError as exc:
-        log.error("bad input: %s", exc)
-        return EXIT_BAD_INPUT
+    except PipelineError as exc:
+        # The one place a recognised failure becomes an exit status (pipeline.core.exits).
+        log.error("%s", describe(exc))
+        return exit_status_of(exc)
     except KeyboardInterrupt:
         log.error("interrupted")
         return 130

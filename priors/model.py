@@ -22,6 +22,7 @@ from pipeline.core.config import SiteConfig
 from pipeline.formats.tpv import tpv_header
 
 from priors.frames import CameraFrame
+from pipeline.core.exits import BadInputError
 
 __all__ = ["PriorError", "QuadrantPrior", "PriorProvenance", "Prior", "PLACEMENT_FITTED",
            "PLACEMENT_LAYOUT"]
@@ -33,7 +34,7 @@ PLACEMENT_FITTED = "fitted"
 PLACEMENT_LAYOUT = "layout"
 
 
-class PriorError(ValueError):
+class PriorError(BadInputError):
     """Input a prior cannot be built or used from; the message names the source and the problem."""
 
     def __init__(self, source: str, problem: str):

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
+from pipeline.core.exits import PipelineError
 
 __all__ = ["SlurmError", "QueuedJob", "CompletedTask", "run_slurm", "slurm_config_value", "queued_jobs",
            "completed_tasks", "wait_for_jobs", "release_jobs", "cancel_jobs", "TERMINAL_STATES"]
@@ -30,7 +31,7 @@ _SQUEUE_FORMAT = "%F|%K|%i|%j|%T|%r"
 _JOBCOMP_PAIR = re.compile(r"(\w+)=(.*?)(?= \w+=|\s*$)")
 
 
-class SlurmError(RuntimeError):
+class SlurmError(PipelineError, RuntimeError):
     """A Slurm command failed or is missing; the message names the command and Slurm's words."""
 
 

@@ -37,6 +37,7 @@ from pipeline.core.config import AstrometryConfig
 from pipeline.formats.ldac import LDACError, read_ldac, write_ldac
 from pipeline.formats.scamp_head import (WcsHeaderError, read_head, strip_wcs_keywords, wcs_from_header,
                        write_ahead)
+from pipeline.core.exits import PipelineError
 
 __all__ = ["ScampError", "ScampNotFoundError", "ScampInputError", "ScampSettings",
            "ScampInputs", "ScampQA", "ScampPassResult", "ScampResult", "load_inputs",
@@ -56,7 +57,7 @@ _TERMINAL_CONTROL = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _REFERENCES_LOADED = re.compile(r"(\d+)\s+astrometric references loaded")
 
 
-class ScampError(RuntimeError):
+class ScampError(PipelineError, RuntimeError):
     """SCAMP could not be run at all."""
 
 

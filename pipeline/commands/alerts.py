@@ -90,7 +90,7 @@ def run_show(args) -> int:
         if args.png:
             print(f"cutouts    written to {plot_triplet(alert, args.png)}")
     except (AlertFormatError, ValueError, KeyError) as exc:
-        from pipeline.cli import EXIT_BAD_INPUT
+        from pipeline.core.exits import EXIT_BAD_INPUT
         log.error("%s: %s", args.file, exc)
         return EXIT_BAD_INPUT
     return 0

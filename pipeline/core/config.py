@@ -19,6 +19,7 @@ from types import MappingProxyType
 from typing import Any, Mapping
 
 import tomli_w
+from pipeline.core.exits import UsageError
 
 __all__ = [
     "FilterConfig", "InstrumentConfig", "SiteConfig", "PathsConfig", "SimulationConfig",
@@ -27,7 +28,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A configuration file that cannot be read or holds an unknown or badly typed value."""
 
 

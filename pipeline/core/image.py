@@ -21,6 +21,7 @@ import numpy as np
 from astropy.io import fits
 from astropy.time import Time
 from astropy.wcs import WCS, FITSFixedWarning
+from pipeline.core.exits import BadInputError
 
 __all__ = [
     "REQUIRED_KEYWORDS", "OPTIONAL_KEYWORDS", "FILTER_IDS", "MASK_BITS",
@@ -58,7 +59,7 @@ OPTIONAL_KEYWORDS: dict[str, tuple[type, str]] = {
 }
 
 
-class ImageContractError(ValueError):
+class ImageContractError(BadInputError):
     """An input image that breaks the contract; the message names the file and the problem."""
 
     def __init__(self, source: str | os.PathLike, problem: str):

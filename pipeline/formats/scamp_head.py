@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
+from pipeline.core.exits import BadInputError
 
 __all__ = ["WcsHeaderError", "is_wcs_keyword", "strip_wcs_keywords", "strip_structure",
            "parse_head_text",
@@ -48,7 +49,7 @@ _COMMENTARY = ("COMMENT", "HISTORY", "")
 _FITS_FLOAT_WIDTH = 20
 
 
-class WcsHeaderError(ValueError):
+class WcsHeaderError(BadInputError):
     """A header or header file that does not hold a usable celestial WCS."""
 
 

@@ -46,6 +46,7 @@ from pipeline.matchfile.layout import LayoutError, fid_of_band, matchfile_path
 from pipeline.measure.photometry import flux_to_mag
 from pipeline.core.refraction import site_location
 from pipeline.subtraction.difference import SubtractionError, SubtractionResult, relative_zeropoint
+from pipeline.core.exits import BadInputError
 
 __all__ = ["MatchfileRunError", "ASTROMETRY_QA_BITS", "PHOTOMETRY_QA_BITS", "EpochCalibration", "ScienceEpoch",
            "reference_meta", "seed_matchfile_from_reference", "calibration_of", "science_epoch", "commit_epoch",
@@ -64,7 +65,7 @@ MAX_ZP_UNCERTAINTY_MAG = 0.05
 _PHOTOMETRY_COLUMNS = ("ra", "dec", "flux", "fluxerr", "mag", "magerr", "flags")
 
 
-class MatchfileRunError(ValueError):
+class MatchfileRunError(BadInputError):
     """Products that cannot fill a matchfile; the message names the source and the problem."""
 
 

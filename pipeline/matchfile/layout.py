@@ -37,6 +37,7 @@ from typing import Callable, Mapping
 
 import h5py
 import numpy as np
+from pipeline.core.exits import BadInputError
 
 __all__ = ["LAYOUT_VERSION", "TABLES", "ColumnSpec", "FILTERCODES", "filtercode_of", "fid_of_band",
            "make_oid", "split_oid", "matchfile_path", "shard_dir", "write_table",
@@ -49,7 +50,7 @@ FILTERCODES = {1: "zg", 2: "zr", 3: "zi"}
 COMPRESSION = dict(compression="gzip", compression_opts=1, shuffle=True)
 
 
-class LayoutError(ValueError):
+class LayoutError(BadInputError):
     """A matchfile or its input that does not follow the layout (message names the file)."""
 
 

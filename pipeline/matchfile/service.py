@@ -29,6 +29,7 @@ from astropy.table import Table
 
 from pipeline.matchfile.lightcurves import LightcurveReader, check_position, select, serialise
 from pipeline.matchfile.layout import fid_of_band, LayoutError
+from pipeline.core.exits import BadInputError
 
 __all__ = ["QueryError", "LightcurveQuery", "parse_query", "run_query", "make_server", "serve",
            "LIGHTCURVE_PATH", "MAX_RADIUS_DEG", "HELP_TEXT"]
@@ -43,7 +44,7 @@ _KNOWN = {"ID", "POS", "BANDNAME", "MAG", "TIME", "BAD_CATFLAGS_MASK", "NOBS_MIN
 HELP_TEXT = (__doc__ or "").split("\n\n", 1)[1]
 
 
-class QueryError(ValueError):
+class QueryError(BadInputError):
     """A request the service rejects with 400 (the message is sent to the client)."""
 
 

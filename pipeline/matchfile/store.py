@@ -68,6 +68,7 @@ from pipeline.matchfile.index import footprint_of, register_footprint
 from pipeline.matchfile.layout import (ID_DIGITS, LAYOUT_VERSION, LayoutError, coerce_columns, empty_columns, filtercode_of,
                                fsync_dir, matchfile_path, read_table, shard_dir, write_h5_atomic,
                                write_table)
+from pipeline.core.exits import PipelineError, RetryableError
 
 __all__ = ["MatchfileConfig", "ReferenceMeta", "EpochMeta", "MatchfileError", "MatchfileLockTimeout",
            "EpochMatch", "AppendResult", "match_epoch", "epoch_tables", "create_matchfile", "append_epoch",
@@ -76,11 +77,11 @@ __all__ = ["MatchfileConfig", "ReferenceMeta", "EpochMeta", "MatchfileError", "M
 log = logging.getLogger("skydiff.matchfile")
 
 
-class MatchfileError(RuntimeError):
+class MatchfileError(PipelineError, RuntimeError):
     """A matchfile that cannot be written as asked (the message names the file)."""
 
 
-class MatchfileLockTimeout(MatchfileError):
+class MatchfileLockTimeout(MatchfileError, RetryableError):
     """Another writer held the matchfile's lock for longer than the timeout."""
 
 

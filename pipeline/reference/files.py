@@ -40,6 +40,7 @@ from astropy.wcs import WCS
 from pipeline.core.image import FILTER_IDS, MASK_BITS, QuadrantImage, header_wcs, rcid_of, write_fits_atomic
 from pipeline.measure.psf import PSFError, PSFModel
 from pipeline.formats.scamp_head import is_wcs_keyword
+from pipeline.core.exits import BadInputError
 
 __all__ = ["ReferenceError", "ReferenceImage", "CATALOG_COLUMNS", "primary_header", "write_reference",
            "read_reference"]
@@ -49,7 +50,7 @@ CATALOG_COLUMNS = ("id", "ra", "dec", "x", "y", "flux", "fluxerr", "mag", "mager
                    "sharp", "chi", "flags")
 
 
-class ReferenceError(ValueError):
+class ReferenceError(BadInputError):
     """A reference that cannot be built or read; the message names the source and problem."""
 
     def __init__(self, source: str | os.PathLike, problem: str):

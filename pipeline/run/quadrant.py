@@ -40,6 +40,7 @@ from astropy.io import fits
 from pipeline.core.config import Config
 from pipeline.core.image import ImageContractError, read_quadrant, write_quadrant
 from pipeline.core.exits import EXIT_OK, EXIT_RETRY, EXIT_UNUSABLE
+from pipeline.core.exits import BadInputError
 
 __all__ = ["quadrant_dir", "read_status", "locate_quadrant", "quadrant_expid", "run_quadrant", "failure_record",
            "QuadrantInputError"]
@@ -49,7 +50,7 @@ log = logging.getLogger("skydiff.quadrant")
 _STATES = {EXIT_OK: "finished", EXIT_UNUSABLE: "unusable"}
 
 
-class QuadrantInputError(ValueError):
+class QuadrantInputError(BadInputError):
     """The exposure holds no such quadrant, or cannot be read; names the file."""
 
 

@@ -43,6 +43,7 @@ from pipeline.measure.psf import PSFModel
 from pipeline.subtraction.realbogus import RealBogusModel, load_default_model
 from pipeline.measure.registration import RegisteredImage, RegistrationConfig, RegistrationError, register_image
 from pipeline.subtraction.zogy import ZogyConfig, ZogyInputError, ZogyResult, zogy_subtract_tiled
+from pipeline.core.exits import UnusableImageError
 
 __all__ = ["SubtractionConfig", "SubtractionResult", "SubtractionError", "subtract_images",
            "registered_psf_stamp", "relative_zeropoint", "astrometric_sigma_px", "RegistrationOffset",
@@ -52,7 +53,7 @@ _RMS_GRID = 64          # px: the reference rms is sampled through the registrat
 _PSF_MARGIN = 3         # px of the reference PSF stamp beyond the registered stamp (spline support)
 
 
-class SubtractionError(ValueError):
+class SubtractionError(UnusableImageError, ValueError):
     """The subtraction cannot be made; the message names the stage and the problem."""
 
 

@@ -35,6 +35,7 @@ from pipeline.core.config import Config
 from pipeline.core.image import QuadrantImage, read_quadrant, write_fits_atomic
 from pipeline.core.exits import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNUSABLE
 from pipeline.subtraction.difference import SubtractionConfig, SubtractionError, SubtractionResult, subtract_images
+from pipeline.core.exits import BadInputError
 
 __all__ = ["run_subtraction", "subtract_files", "SubtractionRun", "write_subtraction", "load_gaia_for_image",
            "read_qa_record", "SubtractionOutputError"]
@@ -42,7 +43,7 @@ __all__ = ["run_subtraction", "subtract_files", "SubtractionRun", "write_subtrac
 log = logging.getLogger(__name__)
 
 
-class SubtractionOutputError(ValueError):
+class SubtractionOutputError(BadInputError):
     """A subtraction output folder without a readable ``qa.json``; names the file."""
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 from astropy.table import Table
+from pipeline.core.exits import BadInputError
 
 __all__ = ["RB_FEATURES", "RealBogusModel", "RealBogusError", "feature_matrix", "fit_model",
            "load_default_model", "model_summary", "DEFAULT_MODEL_RESOURCE"]
@@ -54,7 +55,7 @@ RB_FEATURES = (
 _NO_NEIGHBOUR_PX = 60.0     # distnr of candidates with no reference source within the search radius
 
 
-class RealBogusError(ValueError):
+class RealBogusError(BadInputError):
     """A model file that cannot be read, or candidates lacking the model's inputs."""
 
 
