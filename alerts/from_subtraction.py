@@ -8,8 +8,9 @@ Two entry points share one path (:func:`alert_context` + :func:`cutout_triplets`
 * from what ``skydiff subtract`` wrote (``candidates.ecsv``, ``cutouts.fits``, ``qa.json``) plus
   the solved science image's header and the reference's header: :func:`alerts_from_products`.
 
-:func:`publish_products` builds and publishes the alerts of several subtraction output
-folders in exposure-time order (so a later image's alerts carry the earlier detections in
+:func:`publish_subtraction` publishes one subtraction held in memory (the quadrant runner,
+which never reads back what it wrote); :func:`publish_products` builds and publishes the
+alerts of several subtraction output folders in exposure-time order (so a later image's alerts carry the earlier detections in
 ``prv_candidates``) through an :class:`~alerts.publish.AlertPublisher`.
 
 Every candidate with a finite position and PSF magnitude becomes one alert whose ``candid``
@@ -57,7 +58,8 @@ from pipeline.core.exits import BadInputError
 
 __all__ = ["AlertProductsError", "ReferenceSummary", "SubtractionProducts", "ImageAlerts",
            "ZTF_NIGHT_EPOCH_MJD", "image_calibration", "alert_context", "cutout_triplets",
-           "alertable", "alerts_from_result", "read_products", "alerts_from_products", "publish_products"]
+           "alertable", "alerts_from_result", "read_products", "alerts_from_products", "publish_products",
+           "publish_subtraction"]
 
 log = logging.getLogger("skydiff.alerts")
 
@@ -181,8 +183,7 @@ def alert_context(science_header: fits.Header, wcs, reference: Any, result_or_qa
     ------
     AlertProductsError, pipeline.core.image.ImageContractError
     """
-    from pipeline.astrometry.solve import footprint_corners
-    from pipeline.core.image import header_wcs, validate_header
+    from pipeline.core.image import footprint_corners, header_wcs, validate_header
 
     meta = validate_header(science_header, "science header")
     wcs = header_wcs(science_header) if wcs is None else wcs
@@ -301,7 +302,7 @@ def read_products(outdir: str | os.PathLike, science_path: str | os.PathLike | N
     """
     from pipeline.core.image import ImageContractError, validate_header
 
-    from pipeline.subtraction.files import SubtractionOutputError, read_qa_record
+    from pipeline.subtraction.products import SubtractionOutputError, read_qa_record
 
     outdir = Path(outdir)
     qa_path = outdir / "qa.json"
@@ -415,14 +416,41 @@ def publish_products(outdirs: Iterable[str | os.PathLike], cfg, history_store, p
         products = read_products(head.outdir, head.science_path, head.reference_path)
         t1 = clock()
         context, alerts = _products_alerts(products, cfg, history_store, publisher_name)
-        t2 = clock()
-        before = (publisher.report.spooled, publisher.report.already_delivered)
-        for alert in alerts:
-            publisher.publish(context.topic, alert["candid"], serialize_alert(alert))
-        records.append(ImageAlerts(
-            outdir=str(head.outdir), expid=context.expid, rcid=context.rcid, jd=context.jd, topic=context.topic,
-            alerts=len(alerts), spooled=publisher.report.spooled - before[0],
-            already_delivered=publisher.report.already_delivered - before[1],
-            with_history=sum(any(p["candid"] is not None for p in a["prv_candidates"] or ()) for a in alerts),
-            candids=[a["candid"] for a in alerts], read_s=t1 - t0, build_s=t2 - t1, publish_s=clock() - t2))
+        records.append(_publish(context, alerts, publisher, head.outdir, read_s=t1 - t0, build_s=clock() - t1))
     return records
+
+
+def publish_subtraction(outdir: str | os.PathLike, qa: Mapping, candidates: Table, cubes: Mapping[str, np.ndarray],
+                        science_header: fits.Header, reference: Any, cfg, history_store, publisher,
+                        publisher_name: str | None = None) -> ImageAlerts:
+    """Build and publish the alerts of one subtraction held in memory (the quadrant runner's path).
+
+    The same packets, byte for byte, as :func:`publish_products` builds from the folder
+    ``outdir`` once the subtraction has written it: the image-level fields come from the QA
+    record as written (``qa``), the cutouts as the float32 planes ``cutouts.fits`` holds, and
+    ``science_header`` is the solved image's header as its file reads back
+    (:func:`pipeline.core.image.write_quadrant_image`).  Nothing is read from disk.
+    """
+    clock = time.perf_counter
+    t0 = clock()
+    ref = reference if isinstance(reference, ReferenceSummary) else ReferenceSummary.of(reference, str(outdir))
+    context = alert_context(science_header, None, ref, qa, cfg)
+    stamps = {name: np.asarray(cubes[name], dtype=np.float32) for name in _CUBES}
+    alerts = _make_alerts(context, candidates, stamps, history_store, publisher_name or cfg.kafka.publisher)
+    return _publish(context, alerts, publisher, outdir, read_s=0.0, build_s=clock() - t0)
+
+
+def _publish(context: AlertContext, alerts: list[dict], publisher, outdir, read_s: float,
+             build_s: float) -> ImageAlerts:
+    """Send one image's packets through ``publisher``; its :class:`ImageAlerts` record."""
+    t0 = time.perf_counter()
+    before = (publisher.report.spooled, publisher.report.already_delivered)
+    for alert in alerts:
+        publisher.publish(context.topic, alert["candid"], serialize_alert(alert))
+    return ImageAlerts(
+        outdir=str(outdir), expid=context.expid, rcid=context.rcid, jd=context.jd, topic=context.topic,
+        alerts=len(alerts), spooled=publisher.report.spooled - before[0],
+        already_delivered=publisher.report.already_delivered - before[1],
+        with_history=sum(any(p["candid"] is not None for p in a["prv_candidates"] or ()) for a in alerts),
+        candids=[a["candid"] for a in alerts], read_s=read_s, build_s=build_s,
+        publish_s=time.perf_counter() - t0)

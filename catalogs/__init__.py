@@ -3,7 +3,7 @@ import pipeline  # noqa: F401  (process hygiene before any astropy import)
 
 from catalogs.epoch import (DEFAULT_PM_DISPERSION_MAS_YR, propagate_to_epoch, scamp_reference_table,
                     write_scamp_reference)
-from catalogs.lookup import catalog_for_footprint
+from catalogs.lookup import catalog_for_footprint, catalog_for_image
 from catalogs.prefetch import GAIA_DR3_TABLE, PrefetchResult, prefetch_from_table, prefetch_from_tap
 from catalogs.schema import GAIA_COLUMNS, CatalogError, as_gaia_table, read_gaia_table
 from catalogs.sky import SkyBox, cone_region, field_region, footprint_region
@@ -14,6 +14,6 @@ __all__ = [
     "CatalogError", "TapError", "GAIA_COLUMNS", "GAIA_TAP_URL", "GAIA_DR3_TABLE", "DEFAULT_NSIDE",
     "DEFAULT_PM_DISPERSION_MAS_YR", "PrefetchResult", "StoreInfo", "SkyBox",
     "as_gaia_table", "read_gaia_table", "cone_region", "field_region", "footprint_region",
-    "prefetch_from_table", "prefetch_from_tap", "read_store_info", "catalog_for_footprint",
+    "prefetch_from_table", "prefetch_from_tap", "read_store_info", "catalog_for_footprint", "catalog_for_image",
     "propagate_to_epoch", "scamp_reference_table", "write_scamp_reference",
 ]

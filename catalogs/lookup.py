@@ -11,7 +11,7 @@ from catalogs.schema import CatalogError, read_gaia_table
 from catalogs.sky import footprint_region
 from catalogs.store import is_store, read_store_info, read_tiles
 
-__all__ = ["catalog_for_footprint"]
+__all__ = ["catalog_for_footprint", "catalog_for_image"]
 
 
 def catalog_for_footprint(source: str | os.PathLike, footprint_radec, margin_deg: float) -> Table:
@@ -56,3 +56,20 @@ def catalog_for_footprint(source: str | os.PathLike, footprint_radec, margin_deg
     result.meta["FOOTMARG"] = float(margin_deg)
     return result
 
+
+
+def catalog_for_image(source: str | os.PathLike, image, margin_deg: float) -> Table:
+    """The catalogue over a solved image's footprint, propagated to its mid-exposure epoch.
+
+    ``image`` is a :class:`pipeline.core.image.QuadrantImage` with a WCS.
+
+    Raises
+    ------
+    CatalogError
+        As :func:`catalog_for_footprint`.
+    """
+    from catalogs.epoch import propagate_to_epoch
+    from pipeline.core.image import footprint_corners
+
+    gaia = catalog_for_footprint(source, footprint_corners(image.wcs, image.shape), margin_deg)
+    return propagate_to_epoch(gaia, image.meta.obstime)

@@ -24,14 +24,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.astrometry.solve import (AstrometricPrior, AstrometryResult, astrometric_matches, footprint_corners,
-                         prior_from_image_header, solve_astrometry)
+from pipeline.astrometry.solve import (AstrometricPrior, AstrometryResult, astrometric_matches,
+                                       prior_from_image_header, solve_astrometry)
 from pipeline.core.config import Config
-from pipeline.core.image import read_quadrant, write_quadrant
+from pipeline.core.image import QuadrantImage, footprint_corners, read_quadrant, write_quadrant_image
 from pipeline.core.exits import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_RETRY, EXIT_UNUSABLE
 from pipeline.formats.scamp_head import apply_wcs_header
 
-__all__ = ["run_astrometry", "solve_quadrant_file", "AstrometryRun", "load_prior"]
+__all__ = ["run_astrometry", "solve_quadrant_file", "solve_quadrant", "AstrometryRun", "load_prior"]
 
 log = logging.getLogger("skydiff.astrometry")
 
@@ -61,13 +61,14 @@ class AstrometryRun:
     ``status`` is the exit status, ``record`` the QA record written to ``qa.json`` (None
     when the input was rejected), ``result`` the in-memory result (its extraction can be
     reused by the later stages of the same quadrant), ``solved`` the written image with its
-    solved WCS (None when SCAMP gave no WCS).
+    solved WCS as a reader would see it (None when SCAMP gave no WCS; ``solved.path`` is
+    the file).
     """
 
     status: int
     record: dict | None
     result: AstrometryResult | None = None
-    solved: Path | None = None
+    solved: QuadrantImage | None = None
 
 
 def run_astrometry(image_path: str | os.PathLike, refcat: str | os.PathLike, prior_path: str | None,
@@ -95,14 +96,39 @@ def solve_quadrant_file(image_path: str | os.PathLike, refcat: str | os.PathLike
                         out: str | os.PathLike, cfg: Config, plots: bool = False,
                         keep_workdir: bool = False) -> AstrometryRun:
     """:func:`run_astrometry`, also handing over the in-memory result (:class:`AstrometryRun`)."""
+    t0 = time.perf_counter()
+    image = read_quadrant(image_path)
+    return solve_quadrant(image, Path(image_path).name, refcat, prior_path, out, cfg, plots, keep_workdir,
+                          read_s=time.perf_counter() - t0)
+
+
+def solve_quadrant(image: QuadrantImage, name: str, refcat: str | os.PathLike, prior_path: str | None,
+                   out: str | os.PathLike, cfg: Config, plots: bool = False, keep_workdir: bool = False,
+                   read_s: float = 0.0) -> AstrometryRun:
+    """Solve a quadrant image held in memory and write its products under ``out``.
+
+    Parameters
+    ----------
+    image : QuadrantImage
+        The quadrant as read (``image.path`` is recorded as the image solved).
+    name : str
+        The file name of the solved image written under ``out`` (``<stem>_matches.fits``
+        and the plots take its stem).
+    read_s : float
+        Seconds the caller spent reading the image (recorded in the timings).
+
+    Returns
+    -------
+    AstrometryRun
+        Its ``solved_image`` is the written solved image exactly as a reader would see it,
+        for the later stages of the same quadrant.
+    """
     from catalogs import CatalogError, catalog_for_footprint
     from priors.model import PriorError
     from pipeline.astrometry.scamp import ScampError
 
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() - read_s
     out = Path(out)
-    image = read_quadrant(image_path)
-    read_s = time.perf_counter() - t0
     try:
         prior = load_prior(prior_path, image, cfg)
         corners = footprint_corners(prior.wcs(image.shape), image.shape)
@@ -123,8 +149,7 @@ def solve_quadrant_file(image_path: str | os.PathLike, refcat: str | os.PathLike
         if not keep_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    name = Path(image_path).name
-    stem = name.removesuffix(".fits").removesuffix(".fz")
+    stem = name.removesuffix(".fz").removesuffix(".fits")
     t_write = time.perf_counter()
     solved = None
     if result.wcs_header is not None:
@@ -136,7 +161,7 @@ def solve_quadrant_file(image_path: str | os.PathLike, refcat: str | os.PathLike
             header["ASTRRMSD"] = (round(result.qa.rms_dec_mas, 2), "[mas] Gaia-match RMS, Dec")
         if result.scale is not None:
             header["ASTRSCMX"] = (round(result.scale.max_abs_pct, 4), "[%] max pixel-scale change vs prior")
-        solved = write_quadrant(out / name, image.data, header, image.mask)
+        solved = write_quadrant_image(out / name, image.data, header, image.mask)
         matches = astrometric_matches(result, image)
         matches.write(out / f"{stem}_matches.fits", overwrite=True)
         if plots and result.matches is not None:
@@ -144,7 +169,7 @@ def solve_quadrant_file(image_path: str | os.PathLike, refcat: str | os.PathLike
             plot_residual_map(result.matches, out / f"{stem}_residuals.png", shape=image.shape,
                               title=f"{stem}: astrometric residuals")
     record = result.summary()
-    record["image"] = str(image_path)
+    record["image"] = str(image.path)
     record["expid"], record["rcid"] = image.meta.expid, image.meta.rcid
     record["timings_s"].update(read=round(read_s, 4), catalog_lookup=round(lookup_s, 4),
                                write=round(time.perf_counter() - t_write, 4))

@@ -36,7 +36,7 @@ from pipeline.astrometry.scale_check import ScaleCheck, scale_check
 from pipeline.astrometry.scamp import ScampResult, ScampSettings, run_scamp_pass, solve_with_scamp
 from pipeline.formats.scamp_head import strip_wcs_keywords, wcs_from_header
 
-__all__ = ["AstrometricPrior", "AstrometryResult", "prior_from_image_header", "footprint_corners",
+__all__ = ["AstrometricPrior", "AstrometryResult", "prior_from_image_header",
            "solve_astrometry", "astrometric_matches"]
 
 log = logging.getLogger("skydiff.astrometry")
@@ -88,13 +88,6 @@ def prior_from_image_header(image: QuadrantImage) -> AstrometricPrior:
         if key.startswith(("PV1_", "PV2_")):
             header[key] = image.header[key]
     return AstrometricPrior(_as_tpv(header), image.meta.airmass, "image header")
-
-
-def footprint_corners(wcs: WCS, shape: tuple[int, int]) -> np.ndarray:
-    """(4, 2) sky corners of an image, in order around it (for the catalogue lookup)."""
-    ny, nx = shape
-    ra, dec = wcs.all_pix2world([0.5, nx + 0.5, nx + 0.5, 0.5], [0.5, 0.5, ny + 0.5, ny + 0.5], 1)
-    return np.column_stack([ra, dec])
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.astrometry.solve import AstrometricPrior, footprint_corners, prior_from_image_header, solve_astrometry
+from pipeline.astrometry.solve import AstrometricPrior, prior_from_image_header, solve_astrometry
 from pipeline.astrometry.qa import wcs_difference_mas
 from pipeline.core.config import Config
 from pipeline.core.focalplane import ccd_qid_of_rcid, quadrant_geometry, scale_check_grid
-from pipeline.core.image import quadrant_image
+from pipeline.core.image import footprint_corners, quadrant_image
 from pipeline.core.refraction import RefractionModel, airmass_at
 from pipeline.simulate.optics import true_quadrant_solution
 from pipeline.simulate.plan import DEFAULT_FIELDS, Field, exposure_at_airmass, plan_night

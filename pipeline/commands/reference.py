@@ -25,9 +25,8 @@ from collections import defaultdict
 from pathlib import Path
 
 
-from pipeline.astrometry.solve import footprint_corners
 from pipeline.core.config import Config
-from pipeline.core.image import ImageContractError, QuadrantImage, quadrant_image, read_quadrant
+from pipeline.core.image import ImageContractError, QuadrantImage, footprint_corners, quadrant_image, read_quadrant
 from pipeline.reference.build import (ReferenceConfig, ReferenceError, build_reference, read_reference,
                          reference_filename, write_reference)
 from pipeline.core.exits import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNUSABLE

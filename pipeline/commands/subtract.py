@@ -1,6 +1,6 @@
 """``skydiff subtract``: ZOGY subtraction of a reference from a solved science quadrant.
 
-See :mod:`pipeline.subtraction.files` for the products and :mod:`pipeline.subtraction.difference` for the method.
+See :mod:`pipeline.subtraction.products` for the products and :mod:`pipeline.subtraction.difference` for the method.
 """
 from __future__ import annotations
 

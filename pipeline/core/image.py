@@ -26,7 +26,8 @@ from pipeline.core.exits import BadInputError
 __all__ = [
     "REQUIRED_KEYWORDS", "OPTIONAL_KEYWORDS", "FILTER_IDS", "MASK_BITS",
     "ImageContractError", "QuadrantMeta", "QuadrantImage",
-    "validate_header", "read_quadrant", "quadrant_image", "write_quadrant", "write_fits_atomic", "rcid_of",
+    "validate_header", "read_quadrant", "quadrant_image", "write_quadrant", "write_quadrant_image",
+    "write_fits_atomic", "rcid_of", "footprint_corners",
 ]
 
 FILTER_IDS = {"ZTF_g": 1, "ZTF_r": 2, "ZTF_i": 3}
@@ -318,7 +319,30 @@ def write_fits_atomic(hdul: fits.HDUList, path: str | os.PathLike, finalize=None
 def write_quadrant(path: str | os.PathLike, data: np.ndarray, header: fits.Header,
                    mask: np.ndarray | None = None) -> Path:
     """Write a quadrant image (and its mask) atomically."""
+    write_quadrant_image(path, data, header, mask)
+    return Path(path)
+
+
+def write_quadrant_image(path: str | os.PathLike, data: np.ndarray, header: fits.Header,
+                         mask: np.ndarray | None = None) -> QuadrantImage:
+    """Write a quadrant image atomically and return it exactly as :func:`read_quadrant` would
+    read it back (the header as its written cards parse, float32 pixels, int32 mask), without
+    reading the file: a later stage of the same process works on what it wrote, bit for bit.
+    """
     hdus = [fits.PrimaryHDU(np.asarray(data, dtype=np.float32), header=header)]
     if mask is not None:
         hdus.append(fits.ImageHDU(np.asarray(mask, dtype=np.int16), name="MASK"))
-    return write_fits_atomic(fits.HDUList(hdus), path)
+    write_fits_atomic(fits.HDUList(hdus), path)
+    # Writing normalised the primary header in place (SIMPLE, BITPIX, NAXISn, EXTEND); its
+    # text is what the file holds, so parsing it gives the values a reader sees (a float
+    # formatted into a 20-character card is not always the float that was set).
+    written = fits.Header.fromstring(hdus[0].header.tostring())
+    written_mask = None if mask is None else np.asarray(np.asarray(mask, dtype=np.int16), dtype=np.int32)
+    return quadrant_image(hdus[0].data, written, written_mask, str(path))
+
+
+def footprint_corners(wcs: WCS, shape: tuple[int, int]) -> np.ndarray:
+    """(4, 2) sky corners (deg) of an image's outer pixel edges, in order around it."""
+    ny, nx = shape
+    ra, dec = wcs.all_pix2world([0.5, nx + 0.5, nx + 0.5, 0.5], [0.5, 0.5, ny + 0.5, ny + 0.5], 1)
+    return np.column_stack([ra, dec])

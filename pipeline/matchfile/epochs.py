@@ -257,7 +257,7 @@ def append_science_epoch(root: str | os.PathLike, science_header, result: Charac
 # -- file edge -------------------------------------------------------------------------------
 
 def _subtraction_record(outdir: Path) -> dict:
-    from pipeline.subtraction.files import SubtractionOutputError, read_qa_record
+    from pipeline.subtraction.products import SubtractionOutputError, read_qa_record
 
     qa = outdir / "qa.json"
     try:
@@ -311,10 +311,9 @@ def epoch_from_files(source: str | os.PathLike, cfg: Config, reference=None,
         raise MatchfileRunError(f"{source}: no WCS (run `skydiff astrometry` first)")
     gaia = None
     if refcat is not None and calibration is None:
-        from catalogs import CatalogError
-        from pipeline.subtraction.files import load_gaia_for_image
+        from catalogs import CatalogError, catalog_for_image
         try:
-            gaia = load_gaia_for_image(refcat, image, cfg.astrometry.catalog_margin_deg)
+            gaia = catalog_for_image(refcat, image, cfg.astrometry.catalog_margin_deg)
         except (CatalogError, ValueError) as exc:
             raise MatchfileRunError(f"{refcat}: {exc}") from None
     science = characterize_solved(image, cfg, gaia)

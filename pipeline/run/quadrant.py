@@ -4,10 +4,11 @@
 ``EXTNAME`` ``Q00``..``Q63`` by rcid, or a directory of quadrant files) and an rcid, and
 runs astrometry, subtraction against the quadrant's reference, alerts and the matchfile
 epoch, each stage writing the same products its own command writes.  Products go under
-``<paths.outputs>/<expid>/<rcid:02d>/``.  What a stage computed is handed to the next in
-memory rather than recomputed from files: the subtraction reuses the astrometry stage's
-extraction, and the matchfile epoch is the subtraction's own calibrated PSF photometry of
-the science image (the matchfile command run on the subtraction folder measures it again).
+``<paths.outputs>/<expid>/<rcid:02d>/``.  The quadrant's pixels are read once, and what a
+stage computed is handed to the next in memory, never read back from the files it wrote:
+the subtraction gets the solved image (as its file reads back, bit for bit) and the
+astrometry stage's extraction, the alerts and the matchfile epoch get the subtraction's
+result (the matchfile command run on the subtraction folder measures it again).
 
 Status record
 -------------
@@ -38,7 +39,7 @@ from pathlib import Path
 from astropy.io import fits
 
 from pipeline.core.config import Config
-from pipeline.core.image import ImageContractError, read_quadrant, write_quadrant
+from pipeline.core.image import ImageContractError, read_quadrant
 from pipeline.core.exits import EXIT_OK, EXIT_RETRY, EXIT_UNUSABLE
 from pipeline.core.exits import BadInputError
 
@@ -134,14 +135,19 @@ def _matchfile_epoch(cfg: Config, subtraction) -> dict:
 
 def run_quadrant(exposure: str | os.PathLike, rcid: int, cfg: Config, force: bool = False,
                  publish: bool = True) -> tuple[int, dict]:
-    """Process quadrant ``rcid`` of ``exposure``; returns (exit code, status record)."""
-    from alerts.from_subtraction import publish_products
+    """Process quadrant ``rcid`` of ``exposure``; returns (exit code, status record).
+
+    The pixels are read once; each stage hands the next what it computed (the solved image
+    as written, the extraction, the subtraction's result) and writes its products, which
+    this process never reads back.
+    """
+    from alerts.from_subtraction import publish_subtraction
     from alerts.history import SQLiteHistoryStore
     from alerts.publish import AlertPublisher
     from alerts.spool import Spool
-    from pipeline.astrometry.files import solve_quadrant_file
+    from pipeline.astrometry.files import solve_quadrant
     from pipeline.reference.build import reference_filename
-    from pipeline.subtraction.files import subtract_files
+    from pipeline.subtraction.files import subtract_quadrant
 
     clock = time.perf_counter
     t_start = clock()
@@ -161,6 +167,7 @@ def run_quadrant(exposure: str | os.PathLike, rcid: int, cfg: Config, force: boo
               "stage": "read", "reason": "", "exit_code": None,
               "attempt": int((previous or {}).get("attempt", 0)) + 1, "started_utc": _utc(),
               "finished_utc": None, "timings_s": timings}
+    timings["read"] = round(clock() - t_start, 3)
     _write_status(folder, record)
 
     def finish(code: int, stage: str, reason: str = "") -> tuple[int, dict]:
@@ -173,20 +180,13 @@ def run_quadrant(exposure: str | os.PathLike, rcid: int, cfg: Config, force: boo
                 f": {reason}" if reason else "", timings["total"])
         return code, record
 
-    # The astrometry stage reads a single-quadrant file: a MEF quadrant is copied out first.
-    t0 = clock()
-    source = folder / "input" / f"ztf_{meta.expid}_c{meta.ccdid:02d}_q{meta.qid}.fits"
-    if hdu is None:
-        source = path
-    else:
-        write_quadrant(source, image.data, image.header, image.mask)
-    timings["read"] = round(clock() - t0, 3)
-
     record["stage"] = "astrometry"
     _write_status(folder, record)
     t0 = clock()
-    astrometry = solve_quadrant_file(source, cfg.paths.resolve("catalogs"), _prior_path(cfg),
-                                     folder / "astrometry", cfg)
+    # A quadrant of a multi-extension exposure is named as a single-quadrant file would be.
+    name = path.name if hdu is None else f"ztf_{meta.expid}_c{meta.ccdid:02d}_q{meta.qid}.fits"
+    astrometry = solve_quadrant(image, name, cfg.paths.resolve("catalogs"), _prior_path(cfg),
+                                folder / "astrometry", cfg)
     timings["astrometry"] = round(clock() - t0, 3)
     qa = astrometry.record
     record["astrometry"] = None if qa is None else {
@@ -204,9 +204,8 @@ def run_quadrant(exposure: str | os.PathLike, rcid: int, cfg: Config, force: boo
     t0 = clock()
     subtraction_out = folder / "subtraction"
     # Same pixels, same extraction settings: the astrometry stage's extraction is reused.
-    subtraction = subtract_files(astrometry.solved, reference, subtraction_out, cfg,
-                                 refcat=cfg.paths.resolve("catalogs"),
-                                 extraction=astrometry.result.extraction)
+    subtraction = subtract_quadrant(astrometry.solved, reference, subtraction_out, cfg,
+                                    refcat=cfg.paths.resolve("catalogs"), extraction=astrometry.result.extraction)
     timings["subtraction"] = round(clock() - t0, 3)
     if subtraction.status != EXIT_OK:
         return finish(subtraction.status, "subtraction", f"exit status {subtraction.status} (see the log)")
@@ -220,9 +219,11 @@ def run_quadrant(exposure: str | os.PathLike, rcid: int, cfg: Config, force: boo
         spool = Spool(cfg.paths.resolve("spool"))
         history_path = cfg.paths.resolve("history")
         history_path.parent.mkdir(parents=True, exist_ok=True)
+        result = subtraction.result
         with SQLiteHistoryStore(history_path, survey=cfg.kafka.survey) as store, \
                 AlertPublisher(cfg.kafka, spool) as publisher:
-            (images,) = publish_products([subtraction_out], cfg, store, publisher)
+            images = publish_subtraction(subtraction_out, subtraction.record, result.candidates, result.cutouts,
+                                         subtraction.science.header, subtraction.reference, cfg, store, publisher)
             unacknowledged = publisher.flush() if cfg.kafka.bootstrap_servers else 0
         timings["alerts"] = round(clock() - t0, 3)
         record["alerts"] = {"built": images.alerts, "spooled": images.spooled,

@@ -1,117 +1,36 @@
-"""The subtraction stage at the file edge: read a solved science image and a reference,
-subtract, write the products.
+"""The subtraction stage at the file edge: a solved science image and a reference in, the
+products folder (:mod:`pipeline.subtraction.products`) out.
 
-Products in OUTDIR (each written atomically; ``qa.json`` last, so its presence means the
-rest is complete):
+:func:`subtract_quadrant` takes the science image in memory (the quadrant runner hands over
+the astrometry stage's solved image and extraction); :func:`run_subtraction` and
+:func:`subtract_files` read it from a file first (``skydiff subtract``).
 
-``diff.fits``
-    ZOGY's proper difference D (unit background variance) on the science grid with the
-    science WCS; ``FD`` (flux scaling of D: a point source of flux f in the reference's
-    ADU has total f * FD in D), ``MAGZPREF`` (the common zero point), ``REFID``; extension
-    ``PSFD`` (D's PSF at the image centre) and ``FLAGGED`` (pixels near bad ones).
-``scorr.fits``
-    The corrected score image (S/N of a point source at every pixel), same WCS.
-``candidates.ecsv``
-    One row per candidate (:func:`pipeline.subtraction.candidates.find_candidates` columns, ``rb``,
-    ``rbversion``).
-``cutouts.fits``
-    ``SCIENCE``, ``REFERENCE``, ``DIFFERENCE``: (N, 63, 63) cubes, row i = candidate i.
-``qa.json``
-    Zero points, limits, counts, timings (:meth:`SubtractionResult.qa`).
+Exit status: 0 done, 3 bad input (the log names the file and problem), 4 the image is not
+usable (astrometry flagged it, or the subtraction failed on its content).
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from astropy.io import fits
-
 from pipeline.core.config import Config
-from pipeline.core.image import QuadrantImage, read_quadrant, write_fits_atomic
+from pipeline.core.image import QuadrantImage, read_quadrant
 from pipeline.core.exits import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNUSABLE
 from pipeline.subtraction.difference import SubtractionConfig, SubtractionError, SubtractionResult, subtract_images
-from pipeline.core.exits import BadInputError
+from pipeline.subtraction.products import write_subtraction
 
-__all__ = ["run_subtraction", "subtract_files", "SubtractionRun", "write_subtraction", "load_gaia_for_image",
-           "read_qa_record", "SubtractionOutputError"]
+__all__ = ["run_subtraction", "subtract_files", "subtract_quadrant", "SubtractionRun"]
 
-log = logging.getLogger(__name__)
-
-
-class SubtractionOutputError(BadInputError):
-    """A subtraction output folder without a readable ``qa.json``; names the file."""
-
-
-def read_qa_record(outdir: str | os.PathLike) -> dict:
-    """The ``qa.json`` of a subtraction output folder (written last: its presence means the
-    folder is complete)."""
-    qa = Path(outdir) / "qa.json"
-    if not qa.is_file():
-        raise SubtractionOutputError(f"{outdir}: no qa.json (not a complete `skydiff subtract` output folder)")
-    try:
-        return json.loads(qa.read_text())
-    except (OSError, ValueError) as exc:
-        raise SubtractionOutputError(f"{qa}: unreadable QA record ({exc})") from None
-
-
-def load_gaia_for_image(refcat: str | os.PathLike, image, margin_deg: float):
-    """Gaia stars over an image's footprint, propagated to its mid-exposure epoch."""
-    from catalogs import catalog_for_footprint, propagate_to_epoch
-    from pipeline.astrometry.solve import footprint_corners
-
-    gaia = catalog_for_footprint(refcat, footprint_corners(image.wcs, image.shape), margin_deg)
-    return propagate_to_epoch(gaia, image.meta.obstime)
-
-
-def _image_hdu(data: np.ndarray, header: fits.Header, cards: list[tuple]) -> fits.PrimaryHDU:
-    hdu = fits.PrimaryHDU(np.asarray(data, dtype=np.float32), header=header.copy())
-    for key, value, comment in cards:
-        hdu.header[key] = (value, comment)
-    return hdu
-
-
-def write_subtraction(result: SubtractionResult, header: fits.Header, out: str | os.PathLike,
-                      refid: int | None = None, extra_qa: dict | None = None) -> dict:
-    """Write every product of :func:`pipeline.subtraction.difference.subtract_images` under ``out``."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    zogy = result.zogy
-    centre = zogy.tile_at((zogy.diff.shape[1] - 1) / 2, (zogy.diff.shape[0] - 1) / 2)
-    cards = [("MAGZPREF", result.zp_ref, "common zero point (reference), mag for 1 ADU"),
-             ("MAGZPSCI", result.zp_science, "science zero point"),
-             ("FD", float(centre.f_d), "flux scaling of D at the image centre"),
-             ("DIFMGLIM", result.diffmaglim, "5-sigma limiting mag of the difference")]
-    if refid is not None:
-        cards.append(("REFID", int(refid), "reference image id"))
-    diff = fits.HDUList([_image_hdu(zogy.diff, header, cards + [("BUNIT", "sigma", "D, unit noise")]),
-                         fits.ImageHDU(np.asarray(zogy.psf_d, dtype=np.float32), name="PSFD"),
-                         fits.ImageHDU(zogy.flagged.astype(np.uint8), name="FLAGGED")])
-    write_fits_atomic(diff, out / "diff.fits")
-    write_fits_atomic(fits.HDUList([_image_hdu(zogy.scorr, header, cards + [("BUNIT", "sigma", "Scorr")])]),
-                      out / "scorr.fits")
-    table = result.candidates.copy()
-    tmp = out / ".candidates.ecsv.tmp"
-    table.write(tmp, format="ascii.ecsv", overwrite=True)
-    os.replace(tmp, out / "candidates.ecsv")
-    cubes = [fits.PrimaryHDU()] + [fits.ImageHDU(np.asarray(result.cutouts[k], dtype=np.float32), name=k.upper())
-                                   for k in ("science", "reference", "difference")]
-    write_fits_atomic(fits.HDUList(cubes), out / "cutouts.fits")
-    record = {**result.qa(), **(extra_qa or {})}
-    tmp = out / ".qa.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, out / "qa.json")
-    return record
+log = logging.getLogger("skydiff.subtraction")
 
 
 @dataclass(frozen=True)
 class SubtractionRun:
-    """What :func:`subtract_files` did: exit status, QA record (None unless done) and, when
-    done, the in-memory result, the science image read and the reference (for the later
+    """What :func:`subtract_quadrant` did: exit status, QA record (None unless done) and,
+    when done, the in-memory result, the science image and the reference (for the later
     stages of the same quadrant: alerts, matchfile epoch)."""
 
     status: int
@@ -140,17 +59,38 @@ def run_subtraction(science_path: str | os.PathLike, reference_path: str | os.Pa
 
 def subtract_files(science_path: str | os.PathLike, reference_path: str | os.PathLike,
                    out: str | os.PathLike, cfg: Config, refcat: str | os.PathLike | None = None,
-                   config: SubtractionConfig = SubtractionConfig(), extraction=None) -> SubtractionRun:
-    """:func:`run_subtraction`, also handing over what it computed (:class:`SubtractionRun`).
+                   config: SubtractionConfig = SubtractionConfig()) -> SubtractionRun:
+    """:func:`run_subtraction`, also handing over what it computed (:class:`SubtractionRun`)."""
+    return subtract_quadrant(read_quadrant(science_path), reference_path, out, cfg, refcat, config)
 
-    ``extraction``: the astrometry stage's extraction of these very pixels
-    (:attr:`pipeline.astrometry.solve.AstrometryResult.extraction`), reused instead of extracting again.
+
+def subtract_quadrant(science: QuadrantImage, reference_path: str | os.PathLike, out: str | os.PathLike,
+                      cfg: Config, refcat: str | os.PathLike | None = None,
+                      config: SubtractionConfig = SubtractionConfig(), extraction=None) -> SubtractionRun:
+    """Subtract the reference from a solved science image held in memory; write the products.
+
+    Parameters
+    ----------
+    science : QuadrantImage
+        The solved science image (``science.path`` is recorded in ``qa.json`` as the
+        image the products belong to).
+    reference_path : path-like
+        The reference image file.
+    out : path-like
+        The products folder.
+    cfg : Config
+    refcat : path-like, optional
+        The Gaia store or table for the photometric calibration.
+    extraction : ExtractionResult, optional
+        The astrometry stage's extraction of these very pixels
+        (:attr:`pipeline.astrometry.solve.AstrometryResult.extraction`), reused instead of
+        extracting again.
     """
-    from catalogs import CatalogError
-    from pipeline.reference.build import ReferenceError, read_reference
+    from catalogs import CatalogError, catalog_for_image
+    from pipeline.reference.files import ReferenceError, read_reference
 
     t0 = time.perf_counter()
-    science = read_quadrant(science_path)
+    science_path = science.path
     if science.wcs is None:
         log.error("bad input: %s has no WCS (run `skydiff astrometry` first)", science_path)
         return SubtractionRun(EXIT_BAD_INPUT, None)
@@ -165,7 +105,7 @@ def subtract_files(science_path: str | os.PathLike, reference_path: str | os.Pat
     gaia = None
     if refcat is not None:
         try:
-            gaia = load_gaia_for_image(refcat, science, cfg.astrometry.catalog_margin_deg)
+            gaia = catalog_for_image(refcat, science, cfg.astrometry.catalog_margin_deg)
         except (CatalogError, ValueError) as exc:
             log.error("bad input: %s", exc)
             return SubtractionRun(EXIT_BAD_INPUT, None)

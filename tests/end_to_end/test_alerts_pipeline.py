@@ -35,7 +35,7 @@ from pipeline.core.config import load_config
 from pipeline.core.image import write_quadrant
 from pipeline.simulate.realbogus_training import subtract_pair
 from pipeline.reference.build import build_reference, write_reference
-from pipeline.subtraction.files import write_subtraction
+from pipeline.subtraction.products import write_subtraction
 from pipeline.simulate.pairs import PairOptions, pair_sky, simulate_reference_frames, simulate_science
 
 from kafka_broker import KafkaBroker
