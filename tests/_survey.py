@@ -17,7 +17,8 @@ from pipeline.cli import main
 from pipeline.core.config import Config, load_config
 from pipeline.formats.exposure import write_exposure_mef
 from pipeline.core.image import read_quadrant
-from pipeline.reference.build import build_reference, reference_filename, write_reference
+from pipeline.reference.build import build_reference, reference_filename
+from pipeline.reference.files import write_reference
 from pipeline.simulate.plan import Field
 from pipeline.simulate.run import simulate_run
 

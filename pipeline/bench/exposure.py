@@ -53,7 +53,8 @@ def _init_reference_worker(cfg: Config, gaia_path: str) -> None:
 def _build_one_reference(task: tuple[int, list[tuple[str, str]]]) -> tuple[int, str, float]:
     from astropy.io import fits
     from pipeline.core.image import read_quadrant
-    from pipeline.reference.build import build_reference, reference_filename, write_reference
+    from pipeline.reference.build import build_reference, reference_filename
+    from pipeline.reference.files import write_reference
     from pipeline.simulate.pairs import with_true_wcs
 
     rcid, paths = task

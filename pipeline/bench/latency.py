@@ -26,7 +26,8 @@ __all__ = ["bench_latency"]
 
 def _world(cfg: Config, root: Path, rcid: int):
     from catalogs import field_region, prefetch_from_table
-    from pipeline.reference.build import build_reference, reference_filename, write_reference
+    from pipeline.reference.build import build_reference, reference_filename
+    from pipeline.reference.files import write_reference
     from pipeline.simulate.pairs import PairOptions, pair_sky, simulate_reference_frames
 
     options = PairOptions(rcid=rcid)

@@ -56,7 +56,8 @@ def _root(args) -> Path:
 def run_seed(args) -> int:
     from pipeline.matchfile.store import MatchfileError
     from pipeline.matchfile.epochs import BAD_INPUT_ERRORS, seed_matchfile_from_reference
-    from pipeline.reference.files import ReferenceError, read_reference
+    from pipeline.reference.files import read_reference
+    from pipeline.reference.model import ReferenceError
 
     status = EXIT_OK
     for path in args.references:

@@ -27,8 +27,9 @@ from pathlib import Path
 
 from pipeline.core.config import Config
 from pipeline.core.image import ImageContractError, QuadrantImage, footprint_corners, quadrant_image, read_quadrant
-from pipeline.reference.build import (ReferenceConfig, ReferenceError, build_reference, read_reference,
-                         reference_filename, write_reference)
+from pipeline.reference.build import ReferenceConfig, build_reference, reference_filename
+from pipeline.reference.files import read_reference, write_reference
+from pipeline.reference.model import ReferenceError
 from pipeline.core.exits import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNUSABLE
 
 __all__ = ["register", "collect_images", "read_groups", "build_references", "bench_reference"]

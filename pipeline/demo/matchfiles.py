@@ -141,7 +141,8 @@ def fill_demo_matchfiles(cfg: Config, references: list[dict], subtractions: list
         ``epochs_appended``, ``failed`` (source and reason), ``characterize_s`` and
         ``append_s`` (mean seconds per image), ``lightcurve`` (see :func:`pick_variable_lightcurve`).
     """
-    from pipeline.reference.files import ReferenceError, read_reference
+    from pipeline.reference.files import read_reference
+    from pipeline.reference.model import ReferenceError
 
     root = Path(root)
     failed, seeded = [], set()

@@ -45,7 +45,9 @@ def _filter_of(path: Path) -> str:
 def _reference_task(task: tuple[list[str], str, str]) -> dict:
     from catalogs import read_gaia_table
     from pipeline.core.image import read_quadrant
-    from pipeline.reference.build import ReferenceError, build_reference, reference_filename, write_reference
+    from pipeline.reference.build import build_reference, reference_filename
+    from pipeline.reference.files import write_reference
+    from pipeline.reference.model import ReferenceError
 
     paths, gaia_path, out_dir = task
     frames = [read_quadrant(p) for p in paths]

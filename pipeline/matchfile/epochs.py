@@ -328,7 +328,8 @@ def append_from_files(root: str | os.PathLike, source: str | os.PathLike, cfg: C
     The matchfile is seeded first from ``reference_path`` (default: the reference a
     subtraction folder's ``qa.json`` names) when one is known; without one it must exist.
     """
-    from pipeline.reference.files import ReferenceError, read_reference
+    from pipeline.reference.files import read_reference
+    from pipeline.reference.model import ReferenceError
 
     reference = None
     if reference_path is None and Path(source).is_dir():

@@ -64,15 +64,14 @@ from pipeline.measure.extract import ExtractionError, extract_sources
 from pipeline.core.image import FILTER_IDS, MASK_BITS, QuadrantImage, header_wcs, rcid_of
 from pipeline.measure.calibration import PhotCalError, calibrate_zeropoint
 from pipeline.measure.photometry import flux_to_mag
-from pipeline.reference.files import (CATALOG_COLUMNS, ReferenceError, ReferenceImage, primary_header, read_reference,
-                           write_reference)
+from pipeline.reference.files import primary_header
+from pipeline.reference.model import ReferenceError, ReferenceImage
 from pipeline.reference.stack import StackConfig, StackResult, stack_frames
 from pipeline.measure.registration import RegistrationConfig, RegistrationError, register_image
 from pipeline.formats.scamp_head import is_wcs_keyword
 
-__all__ = ["ReferenceError", "ReferenceConfig", "StackResult", "ReferenceImage", "stack_frames",
-           "select_frames", "build_reference", "make_refid", "write_reference", "read_reference",
-           "reference_filename", "reference_grid", "CATALOG_COLUMNS"]
+__all__ = ["ReferenceConfig", "select_frames", "build_reference", "make_refid", "reference_filename",
+           "reference_grid"]
 
 _CRPIX = re.compile(r"CRPIX([12])[A-Z]?")
 

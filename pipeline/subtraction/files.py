@@ -87,7 +87,8 @@ def subtract_quadrant(science: QuadrantImage, reference_path: str | os.PathLike,
         extracting again.
     """
     from catalogs import CatalogError, catalog_for_image
-    from pipeline.reference.files import ReferenceError, read_reference
+    from pipeline.reference.files import read_reference
+    from pipeline.reference.model import ReferenceError
 
     t0 = time.perf_counter()
     science_path = science.path

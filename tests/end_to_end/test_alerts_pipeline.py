@@ -34,7 +34,8 @@ from pipeline.cli import main
 from pipeline.core.config import load_config
 from pipeline.core.image import write_quadrant
 from pipeline.simulate.realbogus_training import subtract_pair
-from pipeline.reference.build import build_reference, write_reference
+from pipeline.reference.build import build_reference
+from pipeline.reference.files import write_reference
 from pipeline.subtraction.products import write_subtraction
 from pipeline.simulate.pairs import PairOptions, pair_sky, simulate_reference_frames, simulate_science
 

@@ -26,7 +26,8 @@ from pipeline.matchfile.store import combine, pending_shards
 from pipeline.matchfile.layout import read_table
 from pipeline.matchfile.epochs import (MatchfileRunError, PHOTOMETRY_QA_BITS, append_science_epoch, calibration_of,
                                     science_epoch, seed_matchfile_from_reference)
-from pipeline.reference.build import build_reference, write_reference
+from pipeline.reference.build import build_reference
+from pipeline.reference.files import write_reference
 from pipeline.simulate.pairs import PairOptions, pair_sky, simulate_reference_frames, simulate_science
 
 BAND = "ZTF_r"

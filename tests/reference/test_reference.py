@@ -24,9 +24,10 @@ from scipy.spatial import cKDTree
 from _phot_scene import isolated_stars
 from pipeline.core.config import load_config
 from pipeline.core.image import MASK_BITS, quadrant_image, read_quadrant, write_quadrant
-from pipeline.reference.build import (ReferenceConfig, ReferenceError, build_reference, make_refid,
-                                read_reference, reference_grid, select_frames, stack_frames,
-                                write_reference)
+from pipeline.reference.build import ReferenceConfig, build_reference, make_refid, reference_grid, select_frames
+from pipeline.reference.stack import stack_frames
+from pipeline.reference.files import read_reference, write_reference
+from pipeline.reference.model import ReferenceError
 from pipeline.simulate.plan import Field, exposure_at_airmass
 from pipeline.simulate.run import simulate_quadrant
 from pipeline.simulate.sky import make_sky
