@@ -26,6 +26,7 @@ import os
 import tempfile
 import warnings
 from contextlib import contextmanager
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -183,8 +184,15 @@ def write_tile(store_dir: str | os.PathLike, nside: int, pixel: int, rows: Table
                      file=str(path.relative_to(store_dir)))
 
 
+#: Tiles this process has read, by (path, mtime, size): a quadrant looks up the same tiles
+#: for its astrometry and again for its photometric calibration.  A rewritten tile has a new
+#: mtime or size and is read again.
+_TILE_CACHE: "OrderedDict[tuple[str, int, int], Table]" = OrderedDict()
+_TILE_CACHE_SIZE = 64
+
+
 def read_tile(path: str | os.PathLike) -> Table:
-    """Read one tile file.
+    """Read one tile file (a copy of this process's cached table when read before).
 
     Raises
     ------
@@ -193,8 +201,24 @@ def read_tile(path: str | os.PathLike) -> Table:
         names the file.
     """
     path = Path(path)
-    if not path.is_file():
+    try:
+        stat = path.stat()
+    except OSError:
+        stat = None
+    if stat is None or not path.is_file():
         raise CatalogError(f"{path}: tile file missing (store damaged; rerun the prefetch)")
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    if key in _TILE_CACHE:
+        _TILE_CACHE.move_to_end(key)
+        return _TILE_CACHE[key].copy()
+    table = _read_tile_file(path)
+    _TILE_CACHE[key] = table
+    while len(_TILE_CACHE) > _TILE_CACHE_SIZE:
+        _TILE_CACHE.popitem(last=False)
+    return table.copy()
+
+
+def _read_tile_file(path: Path) -> Table:
     try:
         with warnings.catch_warnings():
             # astropy only warns about a truncated file or a bad header: treat as corrupt

@@ -180,65 +180,72 @@ def run_quadrant(exposure: str | os.PathLike, rcid: int, cfg: Config, force: boo
                 f": {reason}" if reason else "", timings["total"])
         return code, record
 
-    record["stage"] = "astrometry"
-    _write_status(folder, record)
-    t0 = clock()
-    # A quadrant of a multi-extension exposure is named as a single-quadrant file would be.
-    name = path.name if hdu is None else f"ztf_{meta.expid}_c{meta.ccdid:02d}_q{meta.qid}.fits"
-    astrometry = solve_quadrant(image, name, cfg.paths.resolve("catalogs"), _prior_path(cfg),
-                                folder / "astrometry", cfg)
-    timings["astrometry"] = round(clock() - t0, 3)
-    qa = astrometry.record
-    record["astrometry"] = None if qa is None else {
-        k: qa.get(k) for k in ("usable", "reasons", "rms_ra_mas", "rms_dec_mas", "n_matched")}
-    if astrometry.status != EXIT_OK:
-        reasons = "; ".join((qa or {}).get("reasons", [])) or f"exit status {astrometry.status}"
-        return finish(astrometry.status, "astrometry", reasons)
-
-    record["stage"] = "subtraction"
-    _write_status(folder, record)
-    reference = cfg.paths.resolve("references") / reference_filename(meta.fieldid, meta.ccdid, meta.qid,
-                                                                      meta.filter)
-    if not reference.exists():
-        return finish(EXIT_UNUSABLE, "subtraction", f"no reference {reference.name} in {reference.parent}")
-    t0 = clock()
-    subtraction_out = folder / "subtraction"
-    # Same pixels, same extraction settings: the astrometry stage's extraction is reused.
-    subtraction = subtract_quadrant(astrometry.solved, reference, subtraction_out, cfg,
-                                    refcat=cfg.paths.resolve("catalogs"), extraction=astrometry.result.extraction)
-    timings["subtraction"] = round(clock() - t0, 3)
-    if subtraction.status != EXIT_OK:
-        return finish(subtraction.status, "subtraction", f"exit status {subtraction.status} (see the log)")
-    record["subtraction"] = {k: subtraction.record.get(k) for k in ("n_candidates", "n_rb_above_half",
-                                                                    "diffmaglim", "zp_science", "zp_source")}
-
-    if publish:
-        record["stage"] = "alerts"
+    # The publisher (and its Kafka producer) starts now: the producer connects and obtains
+    # its idempotent-producer id in its own threads while the image is processed, instead
+    # of holding up the alerts by that handshake (0.5-1 s on a fresh connection).
+    publisher = AlertPublisher(cfg.kafka, Spool(cfg.paths.resolve("spool"))) if publish else None
+    try:
+        record["stage"] = "astrometry"
         _write_status(folder, record)
         t0 = clock()
-        spool = Spool(cfg.paths.resolve("spool"))
-        history_path = cfg.paths.resolve("history")
-        history_path.parent.mkdir(parents=True, exist_ok=True)
-        result = subtraction.result
-        with SQLiteHistoryStore(history_path, survey=cfg.kafka.survey) as store, \
-                AlertPublisher(cfg.kafka, spool) as publisher:
-            images = publish_subtraction(subtraction_out, subtraction.record, result.candidates, result.cutouts,
-                                         subtraction.science.header, subtraction.reference, cfg, store, publisher)
-            unacknowledged = publisher.flush() if cfg.kafka.bootstrap_servers else 0
-        timings["alerts"] = round(clock() - t0, 3)
-        record["alerts"] = {"built": images.alerts, "spooled": images.spooled,
-                            "already_delivered": images.already_delivered, "topic": images.topic,
-                            "unacknowledged": unacknowledged}
-        if unacknowledged:
-            return finish(EXIT_RETRY, "alerts", f"{unacknowledged} alert(s) not acknowledged by the broker; "
-                                                 "they wait in the spool (skydiff alerts replay)")
+        # A quadrant of a multi-extension exposure is named as a single-quadrant file would be.
+        name = path.name if hdu is None else f"ztf_{meta.expid}_c{meta.ccdid:02d}_q{meta.qid}.fits"
+        astrometry = solve_quadrant(image, name, cfg.paths.resolve("catalogs"), _prior_path(cfg),
+                                    folder / "astrometry", cfg)
+        timings["astrometry"] = round(clock() - t0, 3)
+        qa = astrometry.record
+        record["astrometry"] = None if qa is None else {
+            k: qa.get(k) for k in ("usable", "reasons", "rms_ra_mas", "rms_dec_mas", "n_matched")}
+        if astrometry.status != EXIT_OK:
+            reasons = "; ".join((qa or {}).get("reasons", [])) or f"exit status {astrometry.status}"
+            return finish(astrometry.status, "astrometry", reasons)
 
-    record["stage"] = "matchfile"
-    _write_status(folder, record)
-    t0 = clock()
-    record["matchfile"] = _matchfile_epoch(cfg, subtraction)
-    timings["matchfile"] = round(clock() - t0, 3)
-    return finish(EXIT_OK, "done")
+        record["stage"] = "subtraction"
+        _write_status(folder, record)
+        reference = cfg.paths.resolve("references") / reference_filename(meta.fieldid, meta.ccdid, meta.qid,
+                                                                          meta.filter)
+        if not reference.exists():
+            return finish(EXIT_UNUSABLE, "subtraction", f"no reference {reference.name} in {reference.parent}")
+        t0 = clock()
+        subtraction_out = folder / "subtraction"
+        # Same pixels, same extraction settings: the astrometry stage's extraction is reused.
+        subtraction = subtract_quadrant(astrometry.solved, reference, subtraction_out, cfg,
+                                        refcat=cfg.paths.resolve("catalogs"), extraction=astrometry.result.extraction)
+        timings["subtraction"] = round(clock() - t0, 3)
+        if subtraction.status != EXIT_OK:
+            return finish(subtraction.status, "subtraction", f"exit status {subtraction.status} (see the log)")
+        record["subtraction"] = {k: subtraction.record.get(k) for k in ("n_candidates", "n_rb_above_half",
+                                                                        "diffmaglim", "zp_science", "zp_source")}
+
+        if publish:
+            record["stage"] = "alerts"
+            _write_status(folder, record)
+            t0 = clock()
+            history_path = cfg.paths.resolve("history")
+            history_path.parent.mkdir(parents=True, exist_ok=True)
+            result = subtraction.result
+            with SQLiteHistoryStore(history_path, survey=cfg.kafka.survey) as store:
+                images = publish_subtraction(subtraction_out, subtraction.record, result.candidates, result.cutouts,
+                                             subtraction.science.header, subtraction.reference, cfg, store, publisher)
+                unacknowledged = publisher.flush() if cfg.kafka.bootstrap_servers else 0
+            publisher.close()
+            timings["alerts"] = round(clock() - t0, 3)
+            record["alerts"] = {"built": images.alerts, "spooled": images.spooled,
+                                "already_delivered": images.already_delivered, "topic": images.topic,
+                                "unacknowledged": unacknowledged}
+            if unacknowledged:
+                return finish(EXIT_RETRY, "alerts", f"{unacknowledged} alert(s) not acknowledged by the broker; "
+                                                     "they wait in the spool (skydiff alerts replay)")
+
+        record["stage"] = "matchfile"
+        _write_status(folder, record)
+        t0 = clock()
+        record["matchfile"] = _matchfile_epoch(cfg, subtraction)
+        timings["matchfile"] = round(clock() - t0, 3)
+        return finish(EXIT_OK, "done")
+    finally:
+        if publisher is not None:
+            publisher.close()
 
 
 def failure_record(exposure, rcid: int, cfg: Config, code: int, reason: str) -> None:
