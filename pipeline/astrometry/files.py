@@ -28,7 +28,7 @@ from pipeline.astrometry.solve import (AstrometricPrior, AstrometryResult, astro
                                        prior_from_image_header, solve_astrometry)
 from pipeline.core.config import Config
 from pipeline.core.image import QuadrantImage, footprint_corners, read_quadrant, write_quadrant_image
-from pipeline.core.exits import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_RETRY, EXIT_UNUSABLE
+from pipeline.core.exits import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_RETRY, EXIT_UNUSABLE, BadInputError
 from pipeline.formats.scamp_head import apply_wcs_header
 
 __all__ = ["run_astrometry", "solve_quadrant_file", "solve_quadrant", "AstrometryRun", "load_prior"]
@@ -123,8 +123,7 @@ def solve_quadrant(image: QuadrantImage, name: str, refcat: str | os.PathLike, p
         Its ``solved_image`` is the written solved image exactly as a reader would see it,
         for the later stages of the same quadrant.
     """
-    from catalogs import CatalogError, catalog_for_footprint
-    from priors.model import PriorError
+    from catalogs import catalog_for_footprint
     from pipeline.astrometry.scamp import ScampError
 
     t0 = time.perf_counter() - read_s
@@ -133,7 +132,7 @@ def solve_quadrant(image: QuadrantImage, name: str, refcat: str | os.PathLike, p
         prior = load_prior(prior_path, image, cfg)
         corners = footprint_corners(prior.wcs(image.shape), image.shape)
         gaia = catalog_for_footprint(refcat, corners, cfg.astrometry.catalog_margin_deg)
-    except (PriorError, CatalogError, ValueError) as exc:
+    except (BadInputError, ValueError) as exc:     # a bad prior or catalogue (named in the message)
         log.error("bad input: %s", exc)
         return AstrometryRun(EXIT_BAD_INPUT, None)
     lookup_s = time.perf_counter() - t0 - read_s

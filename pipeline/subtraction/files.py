@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.core.config import Config
-from pipeline.core.image import QuadrantImage, read_quadrant
-from pipeline.core.exits import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNUSABLE
-from pipeline.subtraction.difference import SubtractionConfig, SubtractionError, SubtractionResult, subtract_images
+from pipeline.core.image import ImageContractError, QuadrantImage, read_quadrant
+from pipeline.core.exits import EXIT_OK, BadInputError, UnusableImageError, describe, exit_status_of
+from pipeline.subtraction.difference import SubtractionConfig, SubtractionResult, subtract_images
 from pipeline.subtraction.products import write_subtraction
 
 __all__ = ["run_subtraction", "subtract_files", "subtract_quadrant", "SubtractionRun"]
@@ -38,6 +38,34 @@ class SubtractionRun:
     result: SubtractionResult | None = None
     science: QuadrantImage | None = None
     reference: object | None = None          # pipeline.reference.files.ReferenceImage
+
+
+def _subtraction_inputs(science: QuadrantImage, reference_path: str | os.PathLike, cfg: Config,
+                        refcat: str | os.PathLike | None):
+    """The reference, the Gaia calibrators (or None) and the filter of a science image.
+
+    Raises
+    ------
+    BadInputError
+        No WCS, an unreadable reference or catalogue, a filter not configured.
+    UnusableImageError
+        Astrometry marked the image unusable (``ASTRUSE = F``).
+    """
+    from catalogs import catalog_for_image
+    from pipeline.reference.files import read_reference
+
+    if science.wcs is None:
+        raise ImageContractError(science.path, "no WCS (run `skydiff astrometry` first)")
+    if "ASTRUSE" in science.header and not bool(science.header["ASTRUSE"]):
+        raise UnusableImageError(f"{science.path}: astrometry marked the image unusable (ASTRUSE = F); "
+                                 "not subtracted")
+    reference = read_reference(reference_path)
+    gaia = None if refcat is None else catalog_for_image(refcat, science, cfg.astrometry.catalog_margin_deg)
+    try:
+        band = cfg.instrument.filters[science.meta.filter]
+    except KeyError:
+        raise ImageContractError(science.path, f"filter {science.meta.filter} is not configured") from None
+    return reference, gaia, band
 
 
 def run_subtraction(science_path: str | os.PathLike, reference_path: str | os.PathLike,
@@ -86,46 +114,20 @@ def subtract_quadrant(science: QuadrantImage, reference_path: str | os.PathLike,
         (:attr:`pipeline.astrometry.solve.AstrometryResult.extraction`), reused instead of
         extracting again.
     """
-    from catalogs import CatalogError, catalog_for_image
-    from pipeline.reference.files import read_reference
-    from pipeline.reference.model import ReferenceError
-
     t0 = time.perf_counter()
     science_path = science.path
-    if science.wcs is None:
-        log.error("bad input: %s has no WCS (run `skydiff astrometry` first)", science_path)
-        return SubtractionRun(EXIT_BAD_INPUT, None)
-    if "ASTRUSE" in science.header and not bool(science.header["ASTRUSE"]):
-        log.error("%s: astrometry marked the image unusable (ASTRUSE = F); not subtracted", science_path)
-        return SubtractionRun(EXIT_UNUSABLE, None)
     try:
-        reference = read_reference(reference_path)
-    except ReferenceError as exc:
-        log.error("bad input: %s", exc)
-        return SubtractionRun(EXIT_BAD_INPUT, None)
-    gaia = None
-    if refcat is not None:
-        try:
-            gaia = catalog_for_image(refcat, science, cfg.astrometry.catalog_margin_deg)
-        except (CatalogError, ValueError) as exc:
-            log.error("bad input: %s", exc)
-            return SubtractionRun(EXIT_BAD_INPUT, None)
-    read_s = time.perf_counter() - t0
-    inst = cfg.instrument
-    meta = science.meta
-    try:
-        band = inst.filters[meta.filter]
-    except KeyError:
-        log.error("bad input: %s: filter %s is not configured", science_path, meta.filter)
-        return SubtractionRun(EXIT_BAD_INPUT, None)
-    try:
+        reference, gaia, band = _subtraction_inputs(science, reference_path, cfg, refcat)
+        read_s = time.perf_counter() - t0
+        meta = science.meta
         result = subtract_images(science.data, science.mask, science.header, science.wcs, reference, band,
                                  gain=meta.gain, saturate=meta.saturate,
-                                 pixel_scale_arcsec=inst.pixel_scale_arcsec, gaia=gaia, extraction=extraction,
-                                 read_noise=meta.readnoi, config=config)
-    except SubtractionError as exc:
-        log.error("%s: subtraction failed: %s", science_path, exc)
-        return SubtractionRun(EXIT_UNUSABLE, None)
+                                 pixel_scale_arcsec=cfg.instrument.pixel_scale_arcsec, gaia=gaia,
+                                 extraction=extraction, read_noise=meta.readnoi, config=config)
+    except (BadInputError, UnusableImageError) as exc:
+        # SubtractionError is an UnusableImageError: the image's content defeated the method.
+        log.error("%s", describe(exc))
+        return SubtractionRun(exit_status_of(exc), None)
     t_write = time.perf_counter()
     extra = {"science": str(science_path), "reference": str(reference_path),
              "expid": meta.expid, "rcid": meta.rcid, "refid": reference.refid}
