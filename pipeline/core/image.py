@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +21,12 @@ from astropy.io import fits
 from astropy.time import Time
 from astropy.wcs import WCS, FITSFixedWarning
 from pipeline.core.exits import BadInputError
+from pipeline.formats.atomic import write_fits_atomic
 
 __all__ = [
     "REQUIRED_KEYWORDS", "OPTIONAL_KEYWORDS", "FILTER_IDS", "MASK_BITS",
     "ImageContractError", "QuadrantMeta", "QuadrantImage",
-    "validate_header", "read_quadrant", "quadrant_image", "write_quadrant", "write_fits_atomic", "rcid_of",
+    "validate_header", "read_quadrant", "quadrant_image", "write_quadrant", "rcid_of",
 ]
 
 FILTER_IDS = {"ZTF_g": 1, "ZTF_r": 2, "ZTF_i": 3}
@@ -286,33 +286,6 @@ def _pick_image_hdu(hdul: fits.HDUList, hdu: int | str | None, source: str):
     if not np.issubdtype(chosen.data.dtype, np.number):
         raise ImageContractError(source, "image data are not numeric")
     return chosen
-
-
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
-
-
-def write_fits_atomic(hdul: fits.HDUList, path: str | os.PathLike, finalize=None) -> Path:
-    """Write an HDU list to a temporary file in the target folder, then rename it into place.
-
-    ``finalize(tmp_path)``, when given, may patch the written file before the rename.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        hdul.writeto(tmp, overwrite=True)
-        if finalize is not None:
-            finalize(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_umask())      # mkstemp makes 0600; products are shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_quadrant(path: str | os.PathLike, data: np.ndarray, header: fits.Header,

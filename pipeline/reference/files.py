@@ -37,7 +37,8 @@ from astropy.stats import sigma_clipped_stats
 from astropy.table import Table
 from astropy.wcs import WCS
 
-from pipeline.core.image import FILTER_IDS, MASK_BITS, QuadrantImage, header_wcs, rcid_of, write_fits_atomic
+from pipeline.core.image import FILTER_IDS, MASK_BITS, QuadrantImage, header_wcs, rcid_of
+from pipeline.formats.atomic import write_fits_atomic
 from pipeline.measure.psf import PSFError, PSFModel
 from pipeline.formats.scamp_head import is_wcs_keyword
 from pipeline.core.exits import BadInputError

@@ -32,7 +32,8 @@ import numpy as np
 from astropy.io import fits
 
 from pipeline.core.config import Config
-from pipeline.core.image import QuadrantImage, read_quadrant, write_fits_atomic
+from pipeline.core.image import QuadrantImage, read_quadrant
+from pipeline.formats.atomic import write_fits_atomic, write_json_atomic, write_table_atomic
 from pipeline.core.exits import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNUSABLE
 from pipeline.subtraction.difference import SubtractionConfig, SubtractionError, SubtractionResult, subtract_images
 from pipeline.core.exits import BadInputError
@@ -94,17 +95,12 @@ def write_subtraction(result: SubtractionResult, header: fits.Header, out: str |
     write_fits_atomic(diff, out / "diff.fits")
     write_fits_atomic(fits.HDUList([_image_hdu(zogy.scorr, header, cards + [("BUNIT", "sigma", "Scorr")])]),
                       out / "scorr.fits")
-    table = result.candidates.copy()
-    tmp = out / ".candidates.ecsv.tmp"
-    table.write(tmp, format="ascii.ecsv", overwrite=True)
-    os.replace(tmp, out / "candidates.ecsv")
+    write_table_atomic(result.candidates.copy(), out / "candidates.ecsv")
     cubes = [fits.PrimaryHDU()] + [fits.ImageHDU(np.asarray(result.cutouts[k], dtype=np.float32), name=k.upper())
                                    for k in ("science", "reference", "difference")]
     write_fits_atomic(fits.HDUList(cubes), out / "cutouts.fits")
     record = {**result.qa(), **(extra_qa or {})}
-    tmp = out / ".qa.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, out / "qa.json")
+    write_json_atomic(record, out / "qa.json")
     return record
 
 
