@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import logging
 
-from pipeline.subtraction.realbogus import RealBogusError, RealBogusModel, load_default_model, model_summary
-from pipeline.core.exits import EXIT_BAD_INPUT, EXIT_OK
+from pipeline.subtraction.realbogus import RealBogusModel, load_default_model, model_summary
+from pipeline.core.exits import EXIT_OK
 from pipeline.formats.atomic import write_text_atomic
 
 log = logging.getLogger("skydiff.realbogus")
@@ -42,10 +42,6 @@ def run_train(args) -> int:
 
 
 def run_show(args) -> int:
-    try:
-        model = RealBogusModel.read(args.model) if args.model else load_default_model()
-    except RealBogusError as exc:
-        log.error("bad input: %s", exc)
-        return EXIT_BAD_INPUT
+    model = RealBogusModel.read(args.model) if args.model else load_default_model()
     print(model_summary(model))
     return EXIT_OK
