@@ -46,10 +46,6 @@ class SubmitResult:
     quadrants: tuple[int, ...]
     workdir: Path
 
-    def task_ids(self) -> list[str]:
-        """The array tasks as Slurm names them (``JOB_RCID``)."""
-        return [f"{self.array_job_id}_{rcid}" for rcid in self.quadrants]
-
 
 def exposure_key(exposure: str | os.PathLike) -> str:
     """A job-name-safe key for an exposure: its name and a hash of its absolute path.

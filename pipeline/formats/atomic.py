@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-__all__ = ["atomic_path", "write_bytes_atomic", "write_text_atomic", "write_json_atomic",
+__all__ = ["atomic_path", "write_text_atomic", "write_json_atomic",
            "write_fits_atomic", "write_table_atomic", "fsync_file", "fsync_directory", "TEMPORARY_MARK"]
 
 #: What every temporary name holds after the target's name: ``.<name>.tmp-<random>``.
@@ -90,14 +90,6 @@ def atomic_path(path: str | os.PathLike, *, durable: bool = False, mode: int | N
         raise
     if durable:
         fsync_directory(path.parent)
-
-
-def write_bytes_atomic(data: bytes, path: str | os.PathLike, *, durable: bool = False,
-                       mode: int | None = None) -> Path:
-    """Write ``data`` to ``path`` atomically (see :func:`atomic_path`)."""
-    with atomic_path(path, durable=durable, mode=mode) as temporary:
-        temporary.write_bytes(data)
-    return Path(path)
 
 
 def write_text_atomic(text: str, path: str | os.PathLike, *, encoding: str = "utf-8", durable: bool = False,

@@ -11,8 +11,8 @@ from astropy.io import fits
 from astropy.table import Table
 
 from pipeline.formats import atomic
-from pipeline.formats.atomic import (TEMPORARY_MARK, atomic_path, write_bytes_atomic, write_fits_atomic,
-                                     write_json_atomic, write_table_atomic, write_text_atomic)
+from pipeline.formats.atomic import (TEMPORARY_MARK, atomic_path, write_fits_atomic, write_json_atomic,
+                                     write_table_atomic, write_text_atomic)
 
 
 def test_temporary_is_hidden_beside_the_target_and_renamed(tmp_path):
@@ -26,7 +26,7 @@ def test_temporary_is_hidden_beside_the_target_and_renamed(tmp_path):
 
 
 def test_failure_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
-    target = write_bytes_atomic(b"old", tmp_path / "keep.txt")
+    target = write_text_atomic("old", tmp_path / "keep.txt")
     with pytest.raises(RuntimeError):
         with atomic_path(target) as temporary:
             temporary.write_bytes(b"half")
