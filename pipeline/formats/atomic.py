@@ -17,13 +17,14 @@ spool makes groups of packets durable itself, with :func:`fsync_directory`).
 
 Files get the permissions of an ordinary new file (``0o666`` less the umask), products
 being shared; ``mode`` sets others (``0o600`` for a file holding a password: the file is
-private from its creation on).
+private from its creation on).  The mode is given when the temporary file is created, so
+the process umask is never changed (changing it would race with other threads).
 """
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -35,10 +36,15 @@ __all__ = ["atomic_path", "write_text_atomic", "write_json_atomic",
 TEMPORARY_MARK = ".tmp-"
 
 
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
+def _create_temporary(path: Path, mode: int) -> Path:
+    """A new empty file ``.<name>.tmp-<random>`` beside ``path``, created with ``mode`` (less the umask)."""
+    while True:
+        temporary = path.with_name(f".{path.name}{TEMPORARY_MARK}{secrets.token_hex(6)}")
+        try:
+            os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode))
+            return temporary
+        except FileExistsError:
+            continue
 
 
 def fsync_file(path: str | os.PathLike) -> None:
@@ -56,7 +62,7 @@ def fsync_directory(directory: str | os.PathLike) -> None:
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike, *, durable: bool = False, mode: int | None = None) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, *, durable: bool = False, mode: int = 0o666) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; once the block ends, rename it to ``path``.
 
     The block writes the whole content to the yielded path (any writer that takes a file
@@ -69,19 +75,15 @@ def atomic_path(path: str | os.PathLike, *, durable: bool = False, mode: int | N
         The file to write.
     durable : bool
         Sync the file before the rename and the folder after it.
-    mode : int, optional
-        Permission bits of the file (default: ``0o666`` less the umask).
+    mode : int
+        Permission bits of the new file, less the umask (writers truncate the file they are
+        given, which keeps its bits).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # mkstemp creates the file private (0600): a secret is never readable by others, and
-    # the mode below is applied before the file takes its name.
-    descriptor, name = tempfile.mkstemp(prefix=f".{path.name}{TEMPORARY_MARK}", dir=path.parent)
-    os.close(descriptor)
-    temporary = Path(name)
+    temporary = _create_temporary(path, mode)
     try:
         yield temporary
-        os.chmod(temporary, (0o666 & ~_umask()) if mode is None else mode)
         if durable:
             fsync_file(temporary)
         os.replace(temporary, path)
@@ -93,7 +95,7 @@ def atomic_path(path: str | os.PathLike, *, durable: bool = False, mode: int | N
 
 
 def write_text_atomic(text: str, path: str | os.PathLike, *, encoding: str = "utf-8", durable: bool = False,
-                      mode: int | None = None) -> Path:
+                      mode: int = 0o666) -> Path:
     """Write ``text`` to ``path`` atomically, with ``\\n`` line ends on every platform."""
     with atomic_path(path, durable=durable, mode=mode) as temporary:
         with open(temporary, "w", encoding=encoding, newline="\n") as stream:

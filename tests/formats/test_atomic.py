@@ -36,13 +36,15 @@ def test_failure_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
 
 
 def test_permissions_follow_the_umask_unless_given(tmp_path):
+    table = Table({"x": [1, 2]})
     umask = os.umask(0o022)
     try:
-        shared = write_text_atomic("x", tmp_path / "shared.txt")
+        shared = [write_text_atomic("x", tmp_path / "shared.txt"),
+                  write_table_atomic(table, tmp_path / "t.ecsv"), write_table_atomic(table, tmp_path / "t.fits")]
         private = write_text_atomic("secret", tmp_path / "private.toml", mode=0o600)
     finally:
         os.umask(umask)
-    assert stat.S_IMODE(shared.stat().st_mode) == 0o644
+    assert [stat.S_IMODE(path.stat().st_mode) for path in shared] == [0o644] * 3
     assert stat.S_IMODE(private.stat().st_mode) == 0o600
 
 
