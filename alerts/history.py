@@ -50,8 +50,9 @@ from astropy_healpix import HEALPix
 
 from alerts.ids import object_id
 from alerts.schema import EncodedRecord, encode_prv_candidate
+from pipeline.core.exits import PipelineError
 
-__all__ = ["ImageRecord", "CandidateHistory", "HistoryStore", "SQLiteHistoryStore",
+__all__ = ["ImageRecord", "CandidateHistory", "HistoryStore", "SQLiteHistoryStore", "HistoryError",
            "MATCH_RADIUS_ARCSEC", "HISTORY_DAYS"]
 
 MATCH_RADIUS_ARCSEC = 1.5
@@ -59,6 +60,10 @@ HISTORY_DAYS = 30.0
 _OBJECT_NSIDE = 16384
 _IMAGE_NSIDE = 64
 _ARCSEC = math.pi / (180.0 * 3600.0)
+
+
+class HistoryError(PipelineError, RuntimeError):
+    """The object history database cannot be opened (exit 1; the message names the file)."""
 
 
 @dataclass(frozen=True)
@@ -195,7 +200,7 @@ class SQLiteHistoryStore(HistoryStore):
                     self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
             self._db.execute("COMMIT")
         except sqlite3.DatabaseError as exc:
-            raise RuntimeError(f"{self.path}: cannot open the history database: {exc}") from None
+            raise HistoryError(f"{self.path}: cannot open the history database: {exc}") from None
         self._objects_hp = HEALPix(_OBJECT_NSIDE, order="nested")
         self._images_hp = HEALPix(_IMAGE_NSIDE, order="nested")
 

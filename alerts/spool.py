@@ -42,6 +42,8 @@ import threading
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
+from pipeline.formats.atomic import fsync_directory
+
 __all__ = ["Spool", "SpoolEntry", "DeliveryRecord", "PENDING", "DELIVERED", "OVERSIZE", "DAMAGED"]
 
 PENDING, DELIVERED, OVERSIZE, DAMAGED = "pending", "delivered", "oversize", "damaged"
@@ -126,6 +128,8 @@ class Spool:
         """
         if os.path.exists(self._file(topic, candid, DELIVERED, make=False)):
             return None
+        # Written here rather than with pipeline.formats.atomic: the descriptor stays open for
+        # sync(), which makes a whole group durable with one flush per packet and per folder.
         folder = self._folder(topic, PENDING)
         final = f"{folder}/{int(candid)}.avro"
         temporary = f"{folder}/.{int(candid)}.{os.getpid()}.{threading.get_ident()}.tmp"
@@ -172,11 +176,7 @@ class Spool:
             if folder not in folders:
                 folders.append(folder)
         for folder in folders:
-            descriptor = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(descriptor)
-            finally:
-                os.close(descriptor)
+            fsync_directory(folder)
 
     def _move(self, topic: str, candid: int, source: str, target: str) -> bool:
         try:

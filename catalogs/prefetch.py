@@ -15,7 +15,6 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from astropy.table import Table, vstack
@@ -23,7 +22,7 @@ from astropy.table import Table, vstack
 from catalogs.schema import GAIA_COLUMNS, CatalogError, as_gaia_table, empty_gaia_table, read_gaia_table
 from catalogs.sky import pixel_cone, pixels_of, tiles_for_regions
 from catalogs.store import DEFAULT_NSIDE, TileEntry, read_store_info, is_store, update_index, write_tile
-from catalogs.tap import GAIA_TAP_URL, TapError, tap_sync_query
+from catalogs.tap import TapError, tap_sync_query
 
 __all__ = ["GAIA_DR3_TABLE", "PrefetchResult", "prefetch_from_table", "prefetch_from_tap", "tile_adql"]
 

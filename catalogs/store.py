@@ -23,7 +23,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import tempfile
 import warnings
 from contextlib import contextmanager
 from collections import OrderedDict
@@ -36,6 +35,7 @@ import numpy as np
 from astropy.table import Table, vstack
 from astropy.utils.exceptions import AstropyUserWarning
 
+from pipeline.formats.atomic import write_json_atomic
 from pipeline.formats.ldac import LDACError, read_ldac, write_ldac
 
 from catalogs.schema import GAIA_COLUMNS, CatalogError, as_gaia_table, empty_gaia_table
@@ -116,18 +116,6 @@ def read_store_info(store_dir: str | os.PathLike) -> StoreInfo:
         raise CatalogError(f"{index}: malformed store index ({exc!r})") from None
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as stream:
-            json.dump(data, stream, indent=1)
-            stream.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 @contextmanager
 def _index_lock(store_dir: Path) -> Iterator[None]:
     store_dir.mkdir(parents=True, exist_ok=True)
@@ -157,11 +145,11 @@ def update_index(store_dir: str | os.PathLike, nside: int, entries: Iterable[Til
         else:
             tiles = {}
         tiles.update({entry.tile: entry for entry in entries})
-        _write_json_atomic(store_dir / _INDEX, {
+        write_json_atomic({
             "format": STORE_FORMAT, "version": _STORE_VERSION, "nside": nside, "order": "nested",
             "frame": "icrs", "columns": list(GAIA_COLUMNS),
             "tiles": [asdict(tiles[key]) for key in sorted(tiles)],
-        })
+        }, store_dir / _INDEX, indent=1)
     return StoreInfo(store_dir, nside, "nested", tiles)
 
 

@@ -54,20 +54,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    setup_logging(logging.DEBUG if getattr(args, "verbose", False) else logging.INFO)
+def run_command(args: argparse.Namespace) -> int:
+    """Run a parsed command and return its exit status.
+
+    The configuration is loaded from ``--config`` unless ``args.cfg`` is already set.  This
+    is the one place a recognised failure becomes an exit status: commands let any
+    :class:`~pipeline.core.exits.PipelineError` propagate, and it ends here as one log line
+    (:func:`~pipeline.core.exits.describe`) and its status
+    (:func:`~pipeline.core.exits.exit_status_of`).
+    """
     try:
-        args.cfg = load_config(getattr(args, "config", None))
+        if getattr(args, "cfg", None) is None:
+            args.cfg = load_config(getattr(args, "config", None))
         return int(args.func(args) or 0)
     except PipelineError as exc:
-        # The one place a recognised failure becomes an exit status (pipeline.core.exits).
         log.error("%s", describe(exc))
         return exit_status_of(exc)
     except KeyboardInterrupt:
         log.error("interrupted")
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(logging.DEBUG if getattr(args, "verbose", False) else logging.INFO)
+    return run_command(args)
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ from priors.model import (PLACEMENT_FITTED, PLACEMENT_LAYOUT, Prior, PriorError,
 __all__ = ["PriorFitSettings", "FocalPlanePolynomial", "fit_prior", "quadrant_prior", "exposure_frames",
            "camera_tangent_coordinates"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("skydiff.priors")
 
 # Global pixel coordinates are divided by this before taking powers, to keep the
 # least-squares problems well conditioned (the focal plane spans about +-14000 pixels).

@@ -23,7 +23,7 @@ import numpy as np
 from astropy.io import fits
 from astropy.table import Table
 
-from pipeline.core.image import write_fits_atomic
+from pipeline.formats.atomic import write_fits_atomic
 from pipeline.formats.tpv import tpv_indices
 
 from priors.model import Prior, PriorError, PriorProvenance, QuadrantPrior

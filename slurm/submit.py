@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from pipeline.core.config import Config, config_to_toml
+from pipeline.formats.atomic import write_text_atomic
 
 from slurm.jobs import SlurmError, run_slurm
 
@@ -44,10 +45,6 @@ class SubmitResult:
     summary_job_id: int
     quadrants: tuple[int, ...]
     workdir: Path
-
-    def task_ids(self) -> list[str]:
-        """The array tasks as Slurm names them (``JOB_RCID``)."""
-        return [f"{self.array_job_id}_{rcid}" for rcid in self.quadrants]
 
 
 def exposure_key(exposure: str | os.PathLike) -> str:
@@ -105,13 +102,8 @@ def _write_task_config(cfg: Config, workdir: Path) -> Path:
     """The effective configuration for the tasks, with absolute paths, written atomically."""
     root = Path(cfg.paths.root).resolve()
     text = config_to_toml(cfg.replace(paths__root=str(root)), hide_secrets=False)
-    path = workdir / "config.toml"
-    tmp = workdir / ".config.toml.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)   # may hold the Kafka password
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-    return path
+    # Private from its creation on: the file may hold the Kafka password.
+    return write_text_atomic(text, workdir / "config.toml", mode=0o600)
 
 
 def _sbatch(options: list[str], template: str, command: Sequence[str]) -> int:

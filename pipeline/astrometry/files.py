@@ -15,7 +15,6 @@ timed out or crashed (a retry may help), 1 anything else.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -29,6 +28,7 @@ from pipeline.astrometry.solve import (AstrometricPrior, AstrometryResult, astro
 from pipeline.core.config import Config
 from pipeline.core.image import QuadrantImage, footprint_corners, read_quadrant, write_quadrant_image
 from pipeline.core.exits import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_RETRY, EXIT_UNUSABLE, BadInputError
+from pipeline.formats.atomic import write_json_atomic
 from pipeline.formats.scamp_head import apply_wcs_header
 
 __all__ = ["run_astrometry", "solve_quadrant_file", "solve_quadrant", "AstrometryRun", "load_prior"]
@@ -173,7 +173,7 @@ def solve_quadrant(image: QuadrantImage, name: str, refcat: str | os.PathLike, p
     record["timings_s"].update(read=round(read_s, 4), catalog_lookup=round(lookup_s, 4),
                                write=round(time.perf_counter() - t_write, 4))
     record["seconds"] = round(time.perf_counter() - t0, 4)
-    _write_json_atomic(out / "qa.json", record)
+    write_json_atomic(record, out / "qa.json")
 
     if result.usable:
         log.info("%s: usable; RMS %.1f/%.1f mas, %d matched, max scale change %.3f %%, %.2f s", name,
@@ -184,9 +184,3 @@ def solve_quadrant(image: QuadrantImage, name: str, refcat: str | os.PathLike, p
     if any(word in reason for reason in result.reasons for word in _TRANSIENT_FAILURES):
         return AstrometryRun(EXIT_RETRY, record, result, solved)
     return AstrometryRun(EXIT_UNUSABLE, record, result, solved)
-
-
-def _write_json_atomic(path: Path, record: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)

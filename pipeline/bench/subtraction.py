@@ -6,7 +6,6 @@ the least busy core (the pipeline runs one quadrant per core).
 from __future__ import annotations
 
 import math
-import os
 import time
 
 import numpy as np
@@ -15,7 +14,7 @@ from astropy.table import Table
 from pipeline.subtraction.candidates import cutout_stamps, find_candidates
 from pipeline.measure.registration import register_image
 from pipeline.subtraction.zogy import zogy_subtract_tiled
-from pipeline.bench.zogy import least_busy_cpu
+from pipeline.bench.cpu import pinned_to_one_core
 
 __all__ = ["bench_candidates", "bench_registration", "bench_subtraction"]
 
@@ -72,10 +71,8 @@ def bench_candidates(shape: tuple[int, int] = (3080, 3072), n_transients: int = 
                                sigma_new, sigma_ref, 0.8, 1.0, gain_ref=4.0,
                                astrometric_sigma=(0.05, 0.05))
     report: dict = {"shape": tuple(shape), "zogy": time.perf_counter() - t0}
-    original = os.sched_getaffinity(0)
-    report["cpu"] = least_busy_cpu(original)
-    os.sched_setaffinity(0, {report["cpu"]})
-    try:
+    with pinned_to_one_core() as cpu:
+        report["cpu"] = cpu
         runs = [find_candidates(zogy, wcs, 25.0, reference_catalog=catalog) for _ in range(repeats + 1)]
         best = min(runs[1:], key=lambda table: table.meta["timings"]["total"])
         report.update(n_candidates=len(best), find_candidates=best.meta["timings"]["total"],
@@ -87,8 +84,6 @@ def bench_candidates(shape: tuple[int, int] = (3080, 3072), n_transients: int = 
             cutout_stamps(stamps, best["xpos"], best["ypos"])
             cut.append(time.perf_counter() - t0)
         report["cutout_stamps"] = min(cut)
-    finally:
-        os.sched_setaffinity(0, original)
     return report
 
 
@@ -126,13 +121,9 @@ def bench_subtraction(cfg=None, repeats: int = 3, n_reference_frames: int = 5) -
     reference = build_reference(pair.reference_frames, pair.sky.gaia_catalogue(), band)
     report: dict = {"reference_build_s": round(time.perf_counter() - t0, 2),
                     "reference_frames": len(pair.reference_frames)}
-    original = os.sched_getaffinity(0)
-    report["cpu"] = least_busy_cpu(original)
-    os.sched_setaffinity(0, {report["cpu"]})
-    try:
+    with pinned_to_one_core() as cpu:
+        report["cpu"] = cpu
         runs = [subtract_pair(pair, reference) for _ in range(repeats)]
-    finally:
-        os.sched_setaffinity(0, original)
     best = min(runs, key=lambda r: r.timings["total"])
     stages = {k: round(v, 3) for k, v in best.timings.items() if k != "total"}
     report["stages_s"] = stages

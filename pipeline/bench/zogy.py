@@ -8,6 +8,7 @@ import time
 import numpy as np
 import scipy.fft as sfft
 
+from pipeline.bench.cpu import pinned_to_one_core
 from pipeline.subtraction.zogy import ZogyConfig, zogy_subtract, zogy_subtract_tiled
 
 __all__ = ["bench_zogy"]
@@ -62,11 +63,8 @@ def bench_zogy(shape: tuple[int, int] = (3080, 3072), repeats: int = 3, seed: in
     new, ref, sigma_new, sigma_ref = _synthetic_pair(shape, psf_new, psf_ref, seed)
     args = dict(sigma_new=sigma_new, sigma_ref=sigma_ref, fz_new=0.8, fz_ref=1.0,
                 astrometric_sigma=(0.05, 0.05), gain_new=1.0, gain_ref=4.0, config=config)
-    original = os.sched_getaffinity(0)
-    cpu = least_busy_cpu(original)
-    report: dict = {"shape": tuple(shape), "cpu": cpu, "loadavg_before": os.getloadavg()}
-    os.sched_setaffinity(0, {cpu})
-    try:
+    with pinned_to_one_core() as cpu:
+        report: dict = {"shape": tuple(shape), "cpu": cpu, "loadavg_before": os.getloadavg()}
         fft_shape = tuple(sfft.next_fast_len(n + 2 * config.overlap, real=True)
                           for n in shape)
         report["fft_floor"] = _fft_floor(np.resize(new, fft_shape), repeats)
@@ -85,32 +83,7 @@ def bench_zogy(shape: tuple[int, int] = (3080, 3072), repeats: int = 3, seed: in
             report[label] = best
             if label == "tiled":
                 report["tiles"] = len(result.tiles)
-    finally:
-        os.sched_setaffinity(0, original)
     return report
-
-
-def least_busy_cpu(allowed: set[int], interval: float = 0.5) -> int:
-    """The allowed CPU with the most idle time over ``interval`` (from /proc/stat):
-    the machine is shared, and a pinned benchmark should not queue behind a busy job."""
-    def idle_times() -> dict[int, int]:
-        idle = {}
-        try:
-            with open("/proc/stat") as stat:
-                for line in stat:
-                    name, *fields = line.split()
-                    if name.startswith("cpu") and name[3:].isdigit():
-                        idle[int(name[3:])] = int(fields[3]) + int(fields[4])
-        except OSError:
-            pass
-        return idle
-    before = idle_times()
-    time.sleep(interval)
-    after = idle_times()
-    candidates = [c for c in sorted(allowed) if c in before and c in after]
-    if not candidates:
-        return min(allowed)
-    return max(candidates, key=lambda c: after[c] - before[c])
 
 
 def _fft_floor(image: np.ndarray, repeats: int) -> float:

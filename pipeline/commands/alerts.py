@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import uuid
 
+from pipeline.core.exits import EXIT_BAD_INPUT, EXIT_OK, EXIT_RETRY, EXIT_USAGE
+
 log = logging.getLogger("skydiff.alerts")
 
 
@@ -49,27 +51,19 @@ def run_publish(args) -> int:
     packets still await the broker (``alerts replay`` sends them), 3 bad products."""
     import dataclasses
 
-    from alerts.from_subtraction import AlertProductsError, publish_products
+    from alerts.from_subtraction import publish_products
     from alerts.history import SQLiteHistoryStore
-    from alerts.packet import AlertInputError
-    from alerts.publish import AlertPublisher, PublishError
+    from alerts.publish import AlertPublisher
     from alerts.spool import PENDING, Spool
-    from pipeline.core.exits import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_RETRY
     cfg = args.cfg
     kafka = cfg.kafka if not args.bootstrap else dataclasses.replace(cfg.kafka, bootstrap_servers=args.bootstrap)
     spool = Spool(args.spool or cfg.paths.resolve("spool"))
-    try:
-        with SQLiteHistoryStore(args.history or cfg.paths.resolve("history"), survey=kafka.survey) as store, \
-                AlertPublisher(kafka, spool) as publisher:
-            images = publish_products(args.outdirs, cfg, store, publisher)
-            publisher.flush()
-            report = publisher.report
-    except (AlertProductsError, AlertInputError) as exc:
-        log.error("bad input: %s", exc)
-        return EXIT_BAD_INPUT
-    except (PublishError, RuntimeError) as exc:
-        log.error("%s", exc)
-        return EXIT_FAILED
+    # Bad products (3) and a producer that cannot be used (1) end in pipeline.cli.run_command.
+    with SQLiteHistoryStore(args.history or cfg.paths.resolve("history"), survey=kafka.survey) as store, \
+            AlertPublisher(kafka, spool) as publisher:
+        images = publish_products(args.outdirs, cfg, store, publisher)
+        publisher.flush()
+        report = publisher.report
     for image in images:
         print(f"{image.outdir}: expid {image.expid} rcid {image.rcid} -> {image.topic}: {image.alerts} alert(s), "
               f"{image.spooled} spooled, {image.already_delivered} already delivered "
@@ -78,7 +72,7 @@ def run_publish(args) -> int:
     target = kafka.bootstrap_servers or "no broker configured: packets stay in the spool"
     print(f"alerts: {sum(i.alerts for i in images)} built from {len(images)} image(s); {report}; "
           f"spool {spool.root} pending {pending} ({target})")
-    return EXIT_RETRY if kafka.bootstrap_servers and pending else 0
+    return EXIT_RETRY if kafka.bootstrap_servers and pending else EXIT_OK
 
 
 def run_show(args) -> int:
@@ -90,10 +84,10 @@ def run_show(args) -> int:
         if args.png:
             print(f"cutouts    written to {plot_triplet(alert, args.png)}")
     except (AlertFormatError, ValueError, KeyError) as exc:
-        from pipeline.core.exits import EXIT_BAD_INPUT
+        # Also fastavro's and the plot's own errors on a packet that is not one of ours.
         log.error("%s: %s", args.file, exc)
         return EXIT_BAD_INPUT
-    return 0
+    return EXIT_OK
 
 
 def run_tail(args) -> int:
@@ -102,20 +96,20 @@ def run_tail(args) -> int:
     bootstrap = args.bootstrap or args.cfg.kafka.bootstrap_servers
     if not bootstrap:
         log.error("no broker: give --bootstrap or set kafka.bootstrap_servers")
-        return 2
+        return EXIT_USAGE
     conf = consumer_config(bootstrap, args.group or f"skydiff-tail-{uuid.uuid4().hex[:8]}", args.cfg.kafka)
     count = 0
     for _, alert in consume_alerts(conf, args.topic, max_messages=args.max, timeout_s=args.timeout):
         print(alert_line(alert), flush=True)
         count += 1
     log.info("%d alert(s) read from %s", count, ", ".join(args.topic))
-    return 0
+    return EXIT_OK
 
 
 def run_replay(args) -> int:
     import dataclasses
 
-    from alerts.publish import AlertPublisher, PublishError, replay
+    from alerts.publish import AlertPublisher, replay
     from alerts.spool import DELIVERED, OVERSIZE, PENDING, Spool
     kafka = args.cfg.kafka
     if args.bootstrap:
@@ -124,14 +118,10 @@ def run_replay(args) -> int:
     if not kafka.bootstrap_servers:
         log.error("no broker: give --bootstrap or set kafka.bootstrap_servers; %d packet(s) stay pending",
                   spool.count(PENDING))
-        return 2
-    try:
-        with AlertPublisher(kafka, spool) as publisher:
-            report = replay(spool, publisher)
-    except PublishError as exc:
-        log.error("%s", exc)
-        return 1
+        return EXIT_USAGE
+    with AlertPublisher(kafka, spool) as publisher:
+        report = replay(spool, publisher)
     print(f"replay: {report}")
     print(f"spool {spool.root}: pending {spool.count(PENDING)}, delivered {spool.count(DELIVERED)}, "
           f"oversize {spool.count(OVERSIZE)}")
-    return 0 if spool.count(PENDING) == 0 else 75
+    return EXIT_OK if spool.count(PENDING) == 0 else EXIT_RETRY

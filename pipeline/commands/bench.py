@@ -1,7 +1,7 @@
 """``skydiff bench``: benchmarks that print their figures (speed targets live here, not in tests).
 
-Every benchmark pins itself to one CPU core (``sched_setaffinity``) so that its figures
-are those of "one core of this machine", whatever else runs.
+Every benchmark runs pinned to one CPU core (:func:`pipeline.bench.cpu.pinned_to_one_core`)
+so that its figures are those of "one core of this machine", whatever else runs.
 """
 from __future__ import annotations
 
@@ -189,15 +189,6 @@ def register(subparsers, common) -> None:
     p.set_defaults(func=run)
 
 
-def _pin_one_core() -> str:
-    try:
-        cpu = min(os.sched_getaffinity(0))
-        os.sched_setaffinity(0, {cpu})
-        return f"pinned to CPU {cpu}"
-    except (AttributeError, OSError):
-        return "not pinned (sched_setaffinity unavailable)"
-
-
 def _best(name: str, values: list):
     """Seconds: the smallest; rates (``*_per_s``): the largest; anything else: the first run's."""
     if not isinstance(values[0], float):
@@ -212,10 +203,12 @@ def _unit(name: str) -> str:
 def run(args) -> int:
     help_text, runner, targets, one_core = BENCHMARKS[args.name]
     if one_core:
-        pinned, repeat = _pin_one_core(), max(1, args.repeat)
+        from pipeline.bench.cpu import pinned_to_one_core
+        with pinned_to_one_core() as cpu:
+            runs = [runner(args) for _ in range(max(1, args.repeat))]
+        pinned = "not pinned (sched_setaffinity unavailable)" if cpu is None else f"pinned to CPU {cpu}"
     else:
-        pinned, repeat = "not pinned (measures the whole machine)", 1
-    runs = [runner(args) for _ in range(repeat)]
+        pinned, runs = "not pinned (measures the whole machine)", [runner(args)]
     best = {k: _best(k, [r[k] for r in runs]) for k in runs[0]}
     if args.json:
         print(json.dumps({"benchmark": args.name, "runs": runs, "best": best}, indent=2))

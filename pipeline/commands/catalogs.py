@@ -4,11 +4,10 @@ from __future__ import annotations
 import argparse
 import logging
 
-from catalogs import (DEFAULT_NSIDE, GAIA_DR3_TABLE, GAIA_TAP_URL, CatalogError, SkyBox, TapError,
-                      cone_region, field_region, prefetch_from_table, prefetch_from_tap,
-                      read_store_info)
+from catalogs import (DEFAULT_NSIDE, GAIA_DR3_TABLE, GAIA_TAP_URL, SkyBox, cone_region, field_region,
+                      prefetch_from_table, prefetch_from_tap, read_store_info)
 
-from pipeline.core.exits import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from pipeline.core.exits import EXIT_OK, EXIT_USAGE
 
 log = logging.getLogger("skydiff.catalogs")
 
@@ -71,26 +70,20 @@ def _regions(args) -> list:
 
 
 def run_prefetch(args: argparse.Namespace) -> int:
+    """0 done, 2 no region; a bad table or store (3) and an archive failure (1) propagate."""
     store = _store_dir(args)
-    try:
-        regions = _regions(args)
-        if not regions:
-            log.error("catalogs prefetch: give a region, --field RA DEC (repeatable) or --box")
-            return EXIT_USAGE
-        if args.from_table:
-            result = prefetch_from_table(args.from_table, store, regions, nside=args.nside,
-                                         mag_limit=args.mag_limit)
-        else:
-            result = prefetch_from_tap(args.tap_url, store, regions, mag_limit=args.mag_limit,
-                                       timeout_s=args.timeout, nside=args.nside,
-                                       gaia_table=args.gaia_table, max_rows=args.max_rows,
-                                       overwrite=args.overwrite)
-    except TapError as exc:
-        log.error("catalogs prefetch: %s", exc)
-        return EXIT_FAILED
-    except CatalogError as exc:
-        log.error("catalogs prefetch: %s", exc)
-        return EXIT_BAD_INPUT
+    regions = _regions(args)
+    if not regions:
+        log.error("catalogs prefetch: give a region, --field RA DEC (repeatable) or --box")
+        return EXIT_USAGE
+    if args.from_table:
+        result = prefetch_from_table(args.from_table, store, regions, nside=args.nside,
+                                     mag_limit=args.mag_limit)
+    else:
+        result = prefetch_from_tap(args.tap_url, store, regions, mag_limit=args.mag_limit,
+                                   timeout_s=args.timeout, nside=args.nside,
+                                   gaia_table=args.gaia_table, max_rows=args.max_rows,
+                                   overwrite=args.overwrite)
     log.info("store %s: %d tile(s) written, %d already present, %d rows, %d TAP queries, %.1f s",
              result.store_dir, len(result.written), len(result.skipped), result.rows,
              result.queries, result.seconds)
@@ -98,11 +91,7 @@ def run_prefetch(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    try:
-        info = read_store_info(_store_dir(args))
-    except CatalogError as exc:
-        log.error("catalogs info: %s", exc)
-        return EXIT_BAD_INPUT
+    info = read_store_info(_store_dir(args))
     print(f"store   {info.path}")
     print(f"nside   {info.nside} ({info.order})")
     print(f"tiles   {len(info.tiles)}")

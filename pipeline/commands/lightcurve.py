@@ -4,6 +4,8 @@ from __future__ import annotations
 import logging
 import sys
 
+from pipeline.core.exits import EXIT_FAILED, EXIT_OK, EXIT_USAGE, PipelineError
+
 log = logging.getLogger("skydiff.lightcurve")
 
 
@@ -37,13 +39,14 @@ def _root(args):
 
 def run_lightcurve(args) -> int:
     from pipeline.matchfile.lightcurves import lightcurve, plot_lightcurve, serialise
-    from pipeline.matchfile.layout import LayoutError
 
     try:
         table = lightcurve(args.ra, args.dec, args.radius, _root(args))
-    except (ValueError, LayoutError) as exc:
+    except PipelineError:
+        raise                  # a matchfile that breaks the layout: bad input (3)
+    except ValueError as exc:  # a position or radius out of range
         log.error("%s", exc)
-        return 2 if not isinstance(exc, LayoutError) else 3
+        return EXIT_USAGE
     body, _ = serialise(table, args.format)
     sys.stdout.buffer.write(body)
     sys.stdout.flush()
@@ -51,7 +54,7 @@ def run_lightcurve(args) -> int:
         plot_lightcurve(table, args.plot, title=f"{args.ra:.5f} {args.dec:+.5f} r={args.radius:g}\"")
         log.info("plot written to %s", args.plot)
     log.info("%d points of %d object(s)", len(table), len(set(table["oid"])) if len(table) else 0)
-    return 0
+    return EXIT_OK
 
 
 def run_serve(args) -> int:
@@ -63,5 +66,5 @@ def run_serve(args) -> int:
         serve(_root(args), args.host, args.port)
     except OSError as exc:
         log.error("cannot serve on %s:%d: %s", args.host, args.port, exc.strerror or exc)
-        return 1
-    return 0
+        return EXIT_FAILED
+    return EXIT_OK

@@ -7,14 +7,12 @@ from dataclasses import replace
 from priors.ahead import prior_wcs_header, write_ahead
 from priors.fit import PriorFitSettings, fit_prior
 from priors.matches import read_matches
-from priors.model import PriorError
 from priors.store import read_prior, write_prior
 
+from pipeline.core.exits import EXIT_OK
 from pipeline.core.image import read_quadrant
 
 log = logging.getLogger("skydiff.priors")
-
-from pipeline.core.exits import EXIT_BAD_INPUT
 
 
 def register(subparsers, common) -> None:
@@ -43,31 +41,23 @@ def register(subparsers, common) -> None:
 
 
 def run_build(args) -> int:
-    try:
-        matches = read_matches(args.matches)
-        settings = replace(PriorFitSettings(), max_airmass=args.max_airmass, degree=args.degree)
-        prior = fit_prior(matches, args.cfg, settings, source=", ".join(args.matches))
-    except PriorError as exc:
-        log.error("bad input: %s", exc)
-        return EXIT_BAD_INPUT
+    matches = read_matches(args.matches)
+    settings = replace(PriorFitSettings(), max_airmass=args.max_airmass, degree=args.degree)
+    prior = fit_prior(matches, args.cfg, settings, source=", ".join(args.matches))
     write_prior(args.out, prior)
     p = prior.provenance
     log.info("wrote %s: %d exposures (airmass %.2f-%.2f), %d stars, rms %.3f arcsec per axis",
              args.out, p.n_exposures, p.airmass_min, p.airmass_max, p.n_stars, p.rms_arcsec)
-    return 0
+    return EXIT_OK
 
 
 def run_ahead(args) -> int:
     image = read_quadrant(args.image)
     meta = image.meta
-    try:
-        prior = read_prior(args.prior)
-        header = prior_wcs_header(prior, meta.rcid, meta.telra, meta.teldec, meta.obsmjd, image.shape,
-                                  pressure_hpa=meta.pressure, temperature_c=meta.temperature,
-                                  wavelength_um=args.cfg.instrument.filters[meta.filter].wavelength_um)
-    except PriorError as exc:
-        log.error("bad input: %s", exc)
-        return EXIT_BAD_INPUT
+    prior = read_prior(args.prior)
+    header = prior_wcs_header(prior, meta.rcid, meta.telra, meta.teldec, meta.obsmjd, image.shape,
+                              pressure_hpa=meta.pressure, temperature_c=meta.temperature,
+                              wavelength_um=args.cfg.instrument.filters[meta.filter].wavelength_um)
     write_ahead(args.out, header)
     log.info("wrote %s (rcid %d, prior %s)", args.out, meta.rcid, args.prior)
-    return 0
+    return EXIT_OK

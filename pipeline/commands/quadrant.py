@@ -10,7 +10,6 @@ import json
 import logging
 
 from pipeline.run.exposure import exposure_summary, format_exposure_summary, quadrant_task, run_exposure
-from pipeline.run.quadrant import QuadrantInputError
 from pipeline.core.exits import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
 
 log = logging.getLogger("skydiff.quadrant")
@@ -64,21 +63,13 @@ def run_all(args) -> int:
     except ValueError as exc:
         log.error("bad input: %s", exc)
         return EXIT_BAD_INPUT
-    try:
-        summary = run_exposure(args.exposure, args.cfg, jobs=args.jobs, quadrants=quadrants, force=args.force)
-    except QuadrantInputError as exc:
-        log.error("bad input: %s", exc)
-        return EXIT_BAD_INPUT
+    summary = run_exposure(args.exposure, args.cfg, jobs=args.jobs, quadrants=quadrants, force=args.force)
     _print(summary, args.json)
     # Unusable quadrants are a verdict, not a failure; anything left to reprocess is.
     return EXIT_OK if not summary["reprocess"] else EXIT_FAILED
 
 
 def run_summary(args) -> int:
-    try:
-        summary = exposure_summary(args.exposure, args.cfg)
-    except QuadrantInputError as exc:
-        log.error("bad input: %s", exc)
-        return EXIT_BAD_INPUT
+    summary = exposure_summary(args.exposure, args.cfg)
     _print(summary, args.json)
     return EXIT_OK

@@ -6,11 +6,10 @@ The model shipped in the package (``pipeline/subtraction/data/rb_model.json``) w
 from __future__ import annotations
 
 import logging
-import os
-from pathlib import Path
 
-from pipeline.subtraction.realbogus import RealBogusError, RealBogusModel, load_default_model, model_summary
-from pipeline.core.exits import EXIT_BAD_INPUT, EXIT_OK
+from pipeline.subtraction.realbogus import RealBogusModel, load_default_model, model_summary
+from pipeline.core.exits import EXIT_OK
+from pipeline.formats.atomic import write_text_atomic
 
 log = logging.getLogger("skydiff.realbogus")
 
@@ -37,20 +36,12 @@ def run_train(args) -> int:
     from pipeline.simulate.realbogus_training import train_model
 
     model = train_model(args.cfg, args.version)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(model.to_json())
-    os.replace(tmp, out)
+    write_text_atomic(model.to_json(), args.out)
     print(model_summary(model))
     return EXIT_OK
 
 
 def run_show(args) -> int:
-    try:
-        model = RealBogusModel.read(args.model) if args.model else load_default_model()
-    except RealBogusError as exc:
-        log.error("bad input: %s", exc)
-        return EXIT_BAD_INPUT
+    model = RealBogusModel.read(args.model) if args.model else load_default_model()
     print(model_summary(model))
     return EXIT_OK

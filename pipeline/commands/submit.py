@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 
+from pipeline.core.exits import EXIT_BAD_INPUT, EXIT_OK
+
 log = logging.getLogger("skydiff.submit")
 
 
@@ -19,19 +21,15 @@ def register(subparsers, common) -> None:
 
 
 def run(args) -> int:
-    from slurm.jobs import SlurmError
     from slurm.submit import submit_exposure
     from pipeline.core.focalplane import parse_quadrants
-    from pipeline.core.exits import EXIT_BAD_INPUT, EXIT_FAILED
     try:
         quadrants = parse_quadrants(args.quadrants, args.cfg.instrument.n_quadrants) if args.quadrants else None
         result = submit_exposure(args.exposure, args.cfg, quadrants)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError) as exc:   # a bad quadrant list, a missing or unreadable exposure
         log.error("%s", exc)
         return EXIT_BAD_INPUT
-    except SlurmError as exc:
-        log.error("%s", exc)
-        return EXIT_FAILED
+    # SlurmError (sbatch failed, 1) ends in pipeline.cli.run_command.
     print(f"array job {result.array_job_id} ({len(result.quadrants)} quadrants), "
           f"summary job {result.summary_job_id}; logs in {result.workdir / 'logs'}")
-    return 0
+    return EXIT_OK

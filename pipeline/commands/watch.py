@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 
+from pipeline.core.exits import EXIT_BAD_INPUT, EXIT_OK, EXIT_USAGE
+
 log = logging.getLogger("skydiff.watch")
 
 
@@ -30,9 +32,7 @@ def register(subparsers, common) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from slurm.jobs import SlurmError
     from slurm.watch import ExposureWatcher, SubmissionLedger, WatcherBusyError, WatchSettings
-    from pipeline.core.exits import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_USAGE
     from pipeline.core.focalplane import parse_quadrants
     try:
         quadrants = tuple(parse_quadrants(args.quadrants, args.cfg.instrument.n_quadrants)) if args.quadrants else None
@@ -49,8 +49,6 @@ def run(args) -> int:
     except (WatcherBusyError, NotADirectoryError) as exc:
         log.error("%s", exc)
         return EXIT_BAD_INPUT
-    except SlurmError as exc:
-        log.error("%s", exc)
-        return EXIT_FAILED
+    # SlurmError (sbatch failed, 1) ends in pipeline.cli.run_command.
     print(f"watch: {submitted} exposure(s) submitted")
-    return 0
+    return EXIT_OK

@@ -48,10 +48,6 @@ class QuadrantGeometry:
         """Quadrant pixel (1-based) to global focal-plane pixels."""
         return np.asarray(x) + self.x0 - 0.5, np.asarray(y) + self.y0 - 0.5
 
-    def to_quadrant(self, X, Y):
-        """Global focal-plane pixels to quadrant pixel (1-based)."""
-        return np.asarray(X) - self.x0 + 0.5, np.asarray(Y) - self.y0 + 0.5
-
 
 def ccd_qid_of_rcid(rcid: int) -> tuple[int, int]:
     """(ccdid, qid) of a readout-channel id 0-63."""

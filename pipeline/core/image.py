@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,12 +21,13 @@ from astropy.io import fits
 from astropy.time import Time
 from astropy.wcs import WCS, FITSFixedWarning
 from pipeline.core.exits import BadInputError
+from pipeline.formats.atomic import write_fits_atomic
 
 __all__ = [
     "REQUIRED_KEYWORDS", "OPTIONAL_KEYWORDS", "FILTER_IDS", "MASK_BITS",
     "ImageContractError", "QuadrantMeta", "QuadrantImage",
     "validate_header", "read_quadrant", "quadrant_image", "write_quadrant", "write_quadrant_image",
-    "write_fits_atomic", "rcid_of", "footprint_corners",
+    "rcid_of", "footprint_corners",
 ]
 
 FILTER_IDS = {"ZTF_g": 1, "ZTF_r": 2, "ZTF_i": 3}
@@ -289,37 +289,10 @@ def _pick_image_hdu(hdul: fits.HDUList, hdu: int | str | None, source: str):
     return chosen
 
 
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
-
-
-def write_fits_atomic(hdul: fits.HDUList, path: str | os.PathLike, finalize=None) -> Path:
-    """Write an HDU list to a temporary file in the target folder, then rename it into place.
-
-    ``finalize(tmp_path)``, when given, may patch the written file before the rename.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        hdul.writeto(tmp, overwrite=True)
-        if finalize is not None:
-            finalize(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_umask())      # mkstemp makes 0600; products are shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_quadrant(path: str | os.PathLike, data: np.ndarray, header: fits.Header,
                    mask: np.ndarray | None = None) -> Path:
-    """Write a quadrant image (and its mask) atomically."""
-    write_quadrant_image(path, data, header, mask)
+    """Write a quadrant image (and its mask) atomically, as given (no validation)."""
+    _write_quadrant_hdus(path, data, header, mask)
     return Path(path)
 
 
@@ -329,16 +302,21 @@ def write_quadrant_image(path: str | os.PathLike, data: np.ndarray, header: fits
     read it back (the header as its written cards parse, float32 pixels, int32 mask), without
     reading the file: a later stage of the same process works on what it wrote, bit for bit.
     """
+    primary = _write_quadrant_hdus(path, data, header, mask)
+    # Writing normalised the primary header in place (SIMPLE, BITPIX, NAXISn, EXTEND); its
+    # text is what the file holds, so parsing it gives the values a reader sees (a float
+    # formatted into a 20-character card is not always the float that was set).
+    written = fits.Header.fromstring(primary.header.tostring())
+    written_mask = None if mask is None else np.asarray(np.asarray(mask, dtype=np.int16), dtype=np.int32)
+    return quadrant_image(primary.data, written, written_mask, str(path))
+
+
+def _write_quadrant_hdus(path, data, header, mask) -> fits.PrimaryHDU:
     hdus = [fits.PrimaryHDU(np.asarray(data, dtype=np.float32), header=header)]
     if mask is not None:
         hdus.append(fits.ImageHDU(np.asarray(mask, dtype=np.int16), name="MASK"))
     write_fits_atomic(fits.HDUList(hdus), path)
-    # Writing normalised the primary header in place (SIMPLE, BITPIX, NAXISn, EXTEND); its
-    # text is what the file holds, so parsing it gives the values a reader sees (a float
-    # formatted into a 20-character card is not always the float that was set).
-    written = fits.Header.fromstring(hdus[0].header.tostring())
-    written_mask = None if mask is None else np.asarray(np.asarray(mask, dtype=np.int16), dtype=np.int32)
-    return quadrant_image(hdus[0].data, written, written_mask, str(path))
+    return hdus[0]
 
 
 def footprint_corners(wcs: WCS, shape: tuple[int, int]) -> np.ndarray:

@@ -14,7 +14,8 @@ from typing import Iterable
 
 from astropy.io import fits
 
-from pipeline.core.image import read_quadrant, write_fits_atomic
+from pipeline.core.image import read_quadrant
+from pipeline.formats.atomic import write_fits_atomic
 
 __all__ = ["write_exposure_mef", "exposure_rcids", "EXPOSURE_KEYWORDS"]
 

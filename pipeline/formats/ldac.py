@@ -20,7 +20,7 @@ from astropy.table import Table
 from astropy.io.fits.verify import VerifyWarning
 from astropy.utils.exceptions import AstropyUserWarning
 
-from pipeline.core.image import write_fits_atomic
+from pipeline.formats.atomic import write_fits_atomic
 from pipeline.core.exits import BadInputError
 
 __all__ = ["LDACError", "header_card_block", "ldac_hdulist", "write_ldac", "read_ldac"]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import numpy as np
 from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
 from pipeline.core.exits import BadInputError
+from pipeline.formats.atomic import write_text_atomic
 
 __all__ = ["WcsHeaderError", "is_wcs_keyword", "strip_wcs_keywords", "strip_structure",
            "parse_head_text",
@@ -195,15 +195,4 @@ def ahead_text(wcs_or_header: WCS | fits.Header) -> str:
 
 def write_ahead(path: str | os.PathLike, wcs_or_header: WCS | fits.Header) -> Path:
     """Write an ``.ahead`` file for SCAMP atomically (temporary file, then rename)."""
-    path = Path(path)
-    text = ahead_text(wcs_or_header)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="ascii", newline="\n") as stream:
-            stream.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomic(ahead_text(wcs_or_header), path, encoding="ascii")

@@ -62,8 +62,6 @@ ASTROMETRY_QA_BITS = {"UNUSABLE": 1, "NOT_CHECKED": 2}
 PHOTOMETRY_QA_BITS = {"ZP_NOT_FITTED": 1, "ZP_UNCERTAIN": 2}
 MAX_ZP_UNCERTAINTY_MAG = 0.05
 
-_PHOTOMETRY_COLUMNS = ("ra", "dec", "flux", "fluxerr", "mag", "magerr", "flags")
-
 
 class MatchfileRunError(BadInputError):
     """Products that cannot fill a matchfile; the message names the source and the problem."""

@@ -25,7 +25,8 @@ import h5py
 import numpy as np
 
 from pipeline.matchfile.hjd import field_centre
-from pipeline.matchfile.layout import LayoutError, fsync_dir
+from pipeline.formats.atomic import write_text_atomic
+from pipeline.matchfile.layout import LayoutError
 
 __all__ = ["Footprint", "footprint_of", "register_footprint", "FootprintIndex", "rebuild_index",
            "INDEX_NAME"]
@@ -78,13 +79,8 @@ def _index_lock(root: Path):
 
 
 def _write_entries(root: Path, entries: dict) -> None:
-    path = root / INDEX_NAME
-    tmp = root / f".{INDEX_NAME}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps({"version": 1, "files": entries}, indent=1, sort_keys=True))
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(root)
+    write_text_atomic(json.dumps({"version": 1, "files": entries}, indent=1, sort_keys=True), root / INDEX_NAME,
+                      durable=True)
 
 
 def _read_entries(root: Path) -> dict:

@@ -1,4 +1,4 @@
-"""The HDF5 matchfile layout (version 1): tables, names, object ids and atomic file writes.
+"""The HDF5 matchfile layout (version 1): tables, names, object ids and the file writer.
 
 One matchfile per (field, CCD, quadrant, filter), seeded from the reference image's PSF
 catalogue, at ``<root>/<field:06d>/ztf_<field:06d>_<filtercode>_c<ccdid:02d>_q<qid>_match.h5``
@@ -30,7 +30,6 @@ concatenation field, rcid (2 digits), fid (1 digit), reference id (8 digits):
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
@@ -38,11 +37,11 @@ from typing import Callable, Mapping
 import h5py
 import numpy as np
 from pipeline.core.exits import BadInputError
+from pipeline.formats.atomic import atomic_path
 
 __all__ = ["LAYOUT_VERSION", "TABLES", "ColumnSpec", "FILTERCODES", "filtercode_of", "fid_of_band",
            "make_oid", "split_oid", "matchfile_path", "shard_dir", "write_table",
-           "read_table", "table_length", "coerce_columns", "empty_columns", "write_h5_atomic",
-           "fsync_dir", "LayoutError", "layout_markdown", "ID_DIGITS"]
+           "read_table", "coerce_columns", "empty_columns", "write_h5_atomic", "LayoutError", "ID_DIGITS"]
 
 LAYOUT_VERSION = 1
 ID_DIGITS = 8
@@ -195,10 +194,6 @@ def write_table(h5: h5py.File, table: str, columns: Mapping[str, np.ndarray]) ->
         ds.attrs["description"] = spec.description
 
 
-def table_length(h5: h5py.File, table: str) -> int:
-    return int(h5[table][TABLES[table][1][0].name].shape[0])
-
-
 def read_table(h5: h5py.File, table: str, names=None, rows=slice(None)) -> dict[str, np.ndarray]:
     """Columns of ``/table`` (all, or ``names``), optionally a row slice."""
     names = [c.name for c in TABLES[table][1]] if names is None else names
@@ -206,42 +201,13 @@ def read_table(h5: h5py.File, table: str, names=None, rows=slice(None)) -> dict[
     return {name: group[name][rows] for name in names}
 
 
-def fsync_dir(directory: str | Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_h5_atomic(path: str | Path, fill: Callable[[h5py.File], None]) -> Path:
-    """Write an HDF5 file through a temporary name, fsync it, rename it into place, fsync the directory.
+    """Write an HDF5 file durably and atomically: ``fill(h5)`` writes a temporary file, which is
+    fsynced, renamed into place, and its folder fsynced (:func:`pipeline.formats.atomic.atomic_path`).
 
     A reader (or a process killed half-way) sees either no file or the complete one.
     """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with h5py.File(tmp, "w", libver=("earliest", "v110"), locking=False) as h5:
+    with atomic_path(path, durable=True) as temporary:
+        with h5py.File(temporary, "w", libver=("earliest", "v110"), locking=False) as h5:
             fill(h5)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-    return path
-
-
-def layout_markdown() -> str:
-    """The tables as Markdown (the README's matchfile section is generated from this)."""
-    lines = []
-    for table, (_, specs) in TABLES.items():
-        lines += [f"`/{table}`", "", "| column | type | unit | meaning |", "|---|---|---|---|"]
-        lines += [f"| {s.name} | {s.dtype} | {s.unit} | {s.description} |" for s in specs]
-        lines.append("")
-    return "\n".join(lines)
+    return Path(path)

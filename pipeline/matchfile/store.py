@@ -66,9 +66,10 @@ from pipeline import __version__
 from pipeline.matchfile.hjd import exact_light_travel_time, heliocentric_julian_date, SECONDS_PER_DAY
 from pipeline.matchfile.index import footprint_of, register_footprint
 from pipeline.matchfile.layout import (ID_DIGITS, LAYOUT_VERSION, LayoutError, coerce_columns, empty_columns, filtercode_of,
-                               fsync_dir, matchfile_path, read_table, shard_dir, write_h5_atomic,
+                               matchfile_path, read_table, shard_dir, write_h5_atomic,
                                write_table)
 from pipeline.core.exits import PipelineError, RetryableError
+from pipeline.formats.atomic import TEMPORARY_MARK, fsync_directory
 
 __all__ = ["MatchfileConfig", "ReferenceMeta", "EpochMeta", "MatchfileError", "MatchfileLockTimeout",
            "EpochMatch", "AppendResult", "match_epoch", "epoch_tables", "create_matchfile", "append_epoch",
@@ -164,9 +165,9 @@ def matchfile_lock(path: str | Path, timeout_s: float):
 
 def _remove_stale_temporaries(path: Path) -> None:
     """Temporary files left by killed writers (only called under the lock: none is live)."""
-    stale = list(path.parent.glob(f".{path.name}.tmp-*"))
+    stale = list(path.parent.glob(f".{path.name}{TEMPORARY_MARK}*"))
     if shard_dir(path).is_dir():
-        stale += shard_dir(path).glob(".*.tmp-*")
+        stale += shard_dir(path).glob(f".*{TEMPORARY_MARK}*")
     for leftover in stale:
         leftover.unlink(missing_ok=True)
 
@@ -392,7 +393,7 @@ def _fold_locked(path: Path) -> int:
         write_h5_atomic(path, fill)
     for shard in shard_paths:
         shard.unlink()
-    fsync_dir(shard_dir(path))
+    fsync_directory(shard_dir(path))
     log.debug("%s: folded %d epoch shard(s)", path, len(shard_paths))
     return len(shard_paths)
 

@@ -79,15 +79,6 @@ class PhotCalResult:
     zp_source: str
     colour_fitted: bool
 
-    def header_cards(self) -> list[tuple[str, object, str]]:
-        """FITS cards (key, value, comment) for the science image's header."""
-        return [("MAGZP", self.magzpsci, "zero point, mag for 1 ADU at BP-RP=0"),
-                ("MAGZPUNC", self.magzpsciunc, "zero point uncertainty, mag"),
-                ("MAGZPRMS", self.magzpscirms, "rms of calibrators about the fit, mag"),
-                ("CLRCOEFF", self.clrcoeff, "colour coefficient on Gaia BP-RP"),
-                ("CLRCOUNC", self.clrcounc, "colour coefficient uncertainty"),
-                ("ZPNSTARS", self.n_used, "calibration stars used")]
-
 
 def calibrate_zeropoint(photometry: Table, wcs, gaia: Table, band: FilterConfig,
                         header=None, config: PhotCalConfig = PhotCalConfig()) -> PhotCalResult:

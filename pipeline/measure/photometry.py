@@ -43,7 +43,7 @@ import sep
 from astropy.table import Table
 
 from pipeline.core.image import MASK_BITS
-from pipeline.measure.psf import PSFModel
+from pipeline.measure.psf import PSFModel, pixel_values
 
 __all__ = ["PHOT_FLAGS", "PhotometryConfig", "PhotometryError", "psf_photometry",
            "forced_photometry", "estimate_background", "flux_to_mag"]
@@ -217,18 +217,12 @@ class _ImageView:
             m = self.mask[rows_c, cols_c]
             bits |= np.where((m & MASK_BITS["SATURATED"]) != 0, PHOT_FLAGS["SATURATED"], 0)
             bits |= np.where((m & ~MASK_BITS["SATURATED"]) != 0, PHOT_FLAGS["MASKED"], 0)
-        values -= _gather(self.background, rows_c, cols_c)
-        variance = _gather(self.variance, rows_c, cols_c)
+        values -= pixel_values(self.background, rows_c, cols_c)
+        variance = pixel_values(self.variance, rows_c, cols_c)
         bits |= np.where(np.isfinite(variance) & (variance > 0), 0, PHOT_FLAGS["MASKED"])
         values[bits != 0] = 0.0
         variance[bits != 0] = 1.0
         return values, variance, bits
-
-
-def _gather(values, rows, cols) -> np.ndarray:
-    if np.ndim(values) == 0:
-        return np.full(rows.shape, float(values))
-    return np.asarray(values)[rows, cols].astype(np.float64)
 
 
 def _solve(basis: list[np.ndarray], d: np.ndarray, w: np.ndarray):

@@ -44,7 +44,7 @@ from astropy.table import Table
 from scipy import ndimage, optimize
 from scipy.spatial import cKDTree
 
-__all__ = ["PSFConfig", "PSFModel", "PSFError", "build_psf", "select_psf_stars", "fwhm_of_stamp"]
+__all__ = ["PSFConfig", "PSFModel", "PSFError", "build_psf", "select_psf_stars", "fwhm_of_stamp", "pixel_values"]
 
 _SHIFT_MARGIN = 6
 
@@ -444,8 +444,8 @@ def build_psf(data: np.ndarray, catalog: Table, background, background_rms, gain
     col_c, row_c = np.rint(x - 1).astype(np.int64), np.rint(y - 1).astype(np.int64)
     rr = row_c[:, None, None] + offsets[None, :, None]
     cc = col_c[:, None, None] + offsets[None, None, :]
-    stamps = data[rr, cc].astype(np.float64) - _gather(background, rr, cc)
-    sky_var = _gather(background_rms, rr, cc) ** 2
+    stamps = data[rr, cc].astype(np.float64) - pixel_values(background, rr, cc)
+    sky_var = pixel_values(background_rms, rr, cc) ** 2
     bad = ~np.isfinite(stamps)
     if mask is not None:
         bad |= mask[rr, cc] != 0
@@ -516,7 +516,8 @@ def build_psf(data: np.ndarray, catalog: Table, background, background_rms, gain
     return replace(model, fwhm=centre_fwhm)
 
 
-def _gather(values, rows, cols) -> np.ndarray:
+def pixel_values(values, rows, cols) -> np.ndarray:
+    """``values`` (a scalar, or an image such as a background map) at pixels ``(rows, cols)``, as float64."""
     if np.ndim(values) == 0:
         return np.full(rows.shape, float(values))
     return np.asarray(values)[rows, cols].astype(np.float64)

@@ -35,7 +35,8 @@ from astropy.io import fits
 from astropy.stats import sigma_clipped_stats
 from astropy.table import Table
 
-from pipeline.core.image import FILTER_IDS, MASK_BITS, QuadrantImage, header_wcs, write_fits_atomic
+from pipeline.core.image import FILTER_IDS, MASK_BITS, QuadrantImage, header_wcs
+from pipeline.formats.atomic import write_fits_atomic
 from pipeline.measure.psf import PSFError, PSFModel
 from pipeline.formats.scamp_head import is_wcs_keyword
 from pipeline.reference.model import CATALOG_COLUMNS, ReferenceError, ReferenceImage

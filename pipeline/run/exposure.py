@@ -8,7 +8,6 @@ quadrants to reprocess: failed, never finished, or retryable.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -21,6 +20,7 @@ from pipeline.core.image import ImageContractError
 from pipeline.run.quadrant import (QuadrantInputError, failure_record, locate_quadrant, quadrant_dir, quadrant_expid,
                        read_status, run_quadrant)
 from pipeline.core.exits import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_RETRY
+from pipeline.formats.atomic import write_json_atomic
 
 __all__ = ["run_exposure", "exposure_summary", "format_exposure_summary", "exposure_expid"]
 
@@ -110,11 +110,7 @@ def exposure_summary(exposure: str | os.PathLike, cfg: Config, rcids: list[int] 
                "reprocess": reprocess,
                "candidates": sum(q["candidates"] or 0 for q in quadrants),
                "alerts": sum(q["alerts"] or 0 for q in quadrants)}
-    out = cfg.paths.resolve("outputs") / str(expid)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, out / "summary.json")
+    write_json_atomic(summary, cfg.paths.resolve("outputs") / str(expid) / "summary.json")
     return summary
 
 

@@ -42,6 +42,7 @@ from pipeline.core.config import Config
 from pipeline.core.image import ImageContractError, read_quadrant
 from pipeline.core.exits import EXIT_OK, EXIT_RETRY, EXIT_UNUSABLE
 from pipeline.core.exits import BadInputError
+from pipeline.formats.atomic import write_json_atomic
 
 __all__ = ["quadrant_dir", "read_status", "locate_quadrant", "quadrant_expid", "run_quadrant", "failure_record",
            "QuadrantInputError"]
@@ -73,10 +74,7 @@ def read_status(folder: Path) -> dict | None:
 
 
 def _write_status(folder: Path, record: dict) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / ".status.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, folder / "status.json")
+    write_json_atomic(record, folder / "status.json")
 
 
 def locate_quadrant(exposure: str | os.PathLike, rcid: int) -> tuple[Path, int | str | None]:

@@ -17,7 +17,7 @@ from pipeline.core.config import Config
 from pipeline.core.refraction import airmass_at
 from pipeline.simulate.exposure import ExposureSpec
 
-__all__ = ["Field", "time_at_hour_angle", "time_at_airmass", "plan_night", "plan_survey",
+__all__ = ["Field", "time_at_hour_angle", "time_at_airmass", "plan_night",
            "exposure_at_airmass", "DEFAULT_FIELDS"]
 
 _SIDEREAL_PER_SOLAR = 1.00273790935
@@ -130,17 +130,6 @@ def plan_night(cfg: Config, fields, night: str, filters=("ZTF_g", "ZTF_r"), epoc
             specs.append(_spec(field, filt, time, _expid(night, sequence), cfg, rng, seed, progrmid))
             sequence += 1
     return sorted(specs, key=lambda s: s.obsmjd)
-
-
-def plan_survey(cfg: Config, fields, start_night: str, n_nights: int, cadence_days: float = 1.0,
-                **night_options) -> list[ExposureSpec]:
-    """Several nights of :func:`plan_night`, ``cadence_days`` apart."""
-    start = Time(start_night, scale="utc")
-    specs: list[ExposureSpec] = []
-    for n in range(n_nights):
-        night = (start + n * cadence_days * u.day).strftime("%Y-%m-%d")
-        specs.extend(plan_night(cfg, fields, night, **night_options))
-    return specs
 
 
 def exposure_at_airmass(cfg: Config, field: Field, airmass: float, night: str = "2026-03-15",

@@ -28,7 +28,7 @@ from pipeline.simulate.pairs import (PairOptions, SimulatedPair, pair_sky, real_
 __all__ = ["TrainingPlan", "DEFAULT_PLAN", "label_candidates", "subtract_pair", "training_candidates",
            "train_model"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("skydiff.simulate")
 
 
 @dataclass(frozen=True)

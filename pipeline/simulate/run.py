@@ -18,7 +18,6 @@ given the seed, so a rerun reproduces the same bytes of data.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import tempfile
@@ -34,7 +33,8 @@ from astropy.table import Table
 from pipeline import __version__
 from pipeline.core.config import Config, config_to_toml
 from pipeline.core.focalplane import ccd_qid_of_rcid, parse_quadrants, quadrant_geometry
-from pipeline.core.image import write_fits_atomic, write_quadrant
+from pipeline.core.image import write_quadrant
+from pipeline.formats.atomic import write_fits_atomic, write_json_atomic, write_table_atomic
 from pipeline.simulate.exposure import ExposureSpec
 from pipeline.simulate.optics import true_boresight, true_quadrant_solution
 from pipeline.simulate.plan import Field, plan_night
@@ -104,32 +104,6 @@ def transients_table(sky: SkyModel, specs: Sequence[ExposureSpec]) -> Table:
         table[f"mag_{spec.expid}"] = sky.transient_mag(spec.filter, mjd_mid)
         table[f"mag_{spec.expid}"].description = f"{spec.filter} at MJD {mjd_mid:.5f}"
     return table
-
-
-def _write_text_atomic(text: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        # mkstemp makes the file private (0600); products are ordinary files (umask applies).
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_table_atomic(table: Table, path: Path) -> None:
-    if path.suffix == ".ecsv":
-        import io
-        buffer = io.StringIO()
-        table.write(buffer, format="ascii.ecsv")
-        _write_text_atomic(buffer.getvalue(), path)
-    else:
-        write_fits_atomic(fits.HDUList([fits.PrimaryHDU(), fits.table_to_hdu(table)]), path)
 
 
 # Worker-process state: the sky is sent once per worker, not once per quadrant.
@@ -207,10 +181,10 @@ def simulate_run(cfg: Config, outdir: str | os.PathLike, fields: Sequence[Field 
                    mjd_range=(min(mjds) - 0.5, max(mjds) + 0.5))
     log.info("sky: %d stars, %d galaxies, %d transients", len(sky.stars), len(sky.galaxies), len(sky.transients))
 
-    _write_table_atomic(sky.gaia_catalogue(), outdir / "gaia" / "gaia_catalog.fits")
-    _write_table_atomic(sky.stars, outdir / "truth" / "stars.fits")
-    _write_table_atomic(transients_table(sky, specs), outdir / "truth" / "transients.ecsv")
-    _write_table_atomic(exposures_table(specs, cfg), outdir / "truth" / "exposures.ecsv")
+    write_table_atomic(sky.gaia_catalogue(), outdir / "gaia" / "gaia_catalog.fits")
+    write_table_atomic(sky.stars, outdir / "truth" / "stars.fits")
+    write_table_atomic(transients_table(sky, specs), outdir / "truth" / "transients.ecsv")
+    write_table_atomic(exposures_table(specs, cfg), outdir / "truth" / "exposures.ecsv")
 
     tasks = [(spec, rcid) for spec in specs for rcid in rcids]
     stage_totals: dict[str, float] = {}
@@ -241,7 +215,7 @@ def simulate_run(cfg: Config, outdir: str | os.PathLike, fields: Sequence[Field 
         "timings_s": {"total": time.perf_counter() - t_start, "rendering_wall": time.perf_counter() - t_render,
                       **{f"sum_{k}": v for k, v in stage_totals.items()}},
     }
-    _write_text_atomic(json.dumps(summary, indent=2) + "\n", outdir / "simulation.json")
+    write_json_atomic(summary, outdir / "simulation.json")
     return summary
 
 

@@ -32,7 +32,7 @@ import numpy as np
 from astropy.io import fits
 
 from pipeline.core.exits import BadInputError
-from pipeline.core.image import write_fits_atomic
+from pipeline.formats.atomic import write_fits_atomic, write_json_atomic, write_table_atomic
 from pipeline.subtraction.difference import SubtractionResult
 
 __all__ = ["PRODUCT_FILES", "SubtractionOutputError", "read_qa_record", "write_subtraction"]
@@ -83,17 +83,12 @@ def write_subtraction(result: SubtractionResult, header: fits.Header, out: str |
     write_fits_atomic(diff, out / "diff.fits")
     write_fits_atomic(fits.HDUList([_image_hdu(zogy.scorr, header, cards + [("BUNIT", "sigma", "Scorr")])]),
                       out / "scorr.fits")
-    table = result.candidates.copy()
-    tmp = out / ".candidates.ecsv.tmp"
-    table.write(tmp, format="ascii.ecsv", overwrite=True)
-    os.replace(tmp, out / "candidates.ecsv")
+    write_table_atomic(result.candidates, out / "candidates.ecsv")
     cubes = [fits.PrimaryHDU()] + [fits.ImageHDU(np.asarray(result.cutouts[k], dtype=np.float32), name=k.upper())
                                    for k in ("science", "reference", "difference")]
     write_fits_atomic(fits.HDUList(cubes), out / "cutouts.fits")
     record = {**result.qa(), **(extra_qa or {})}
-    tmp = out / ".qa.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, out / "qa.json")
+    write_json_atomic(record, out / "qa.json")
     return record
 
 

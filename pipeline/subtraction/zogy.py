@@ -217,17 +217,6 @@ def _tile_sigma(name: str, sigma, y0: int, y1: int, x0: int, x1: int) -> float:
                            float(np.nanmedian(sigma[y0:y1, x0:x1])))
 
 
-def _window(image: np.ndarray, y_lo: int, x_lo: int, shape: tuple[int, int]) -> np.ndarray:
-    """``shape`` pixels of ``image`` from (y_lo, x_lo), zero (background) outside it."""
-    out = np.zeros(shape, dtype=np.float32)
-    ny, nx = image.shape
-    ys, xs = max(y_lo, 0), max(x_lo, 0)
-    ye, xe = min(y_lo + shape[0], ny), min(x_lo + shape[1], nx)
-    if ye > ys and xe > xs:
-        out[ys - y_lo: ye - y_lo, xs - x_lo: xe - x_lo] = image[ys:ye, xs:xe]
-    return out
-
-
 def _splits(size: int, tile: int) -> list[tuple[int, int]]:
     count = max(1, round(size / tile))
     edges = np.linspace(0, size, count + 1).round().astype(int)

@@ -18,6 +18,7 @@ from catalogs import (CatalogError, SkyBox, catalog_for_footprint, cone_region, 
                       footprint_region, prefetch_from_table, propagate_to_epoch, read_store_info,
                       scamp_reference_table, write_scamp_reference)
 from catalogs.store import tile_path
+from pipeline import cli
 from pipeline.commands import catalogs as catalogs_command
 from pipeline.core.config import load_config
 from pipeline.formats.ldac import read_ldac
@@ -264,7 +265,7 @@ def run_command(argv: list[str]) -> int:
     catalogs_command.register(parser.add_subparsers(dest="command"), common)
     args = parser.parse_args(argv)
     args.cfg = load_config(args.config)
-    return args.func(args)
+    return cli.run_command(args)    # as skydiff runs it: a propagated failure becomes its status
 
 
 def test_command_prefetch_from_table_and_info(tmp_path, ra0_catalogue, capsys, caplog):

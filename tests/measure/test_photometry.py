@@ -120,14 +120,15 @@ def test_bad_inputs_are_clear_errors():
 
 def bench_psf_photometry(n: int = 4000):
     """Print PSF photometry times on one core for n sources (fixed and fitted positions)."""
-    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+    from pipeline.bench.cpu import pinned_to_one_core
     s = scene()
     rng = np.random.default_rng(1)
     x, y = rng.uniform(1, s.data.shape[1], n), rng.uniform(1, s.data.shape[0], n)
-    for fit in (False, True):
-        start = time.perf_counter()
-        _photometry(s, x, y, fit_positions=fit)
-        print(f"psf_photometry n={n} fit_positions={fit}: {time.perf_counter() - start:.3f} s")
+    with pinned_to_one_core():
+        for fit in (False, True):
+            start = time.perf_counter()
+            _photometry(s, x, y, fit_positions=fit)
+            print(f"psf_photometry n={n} fit_positions={fit}: {time.perf_counter() - start:.3f} s")
 
 
 if __name__ == "__main__":

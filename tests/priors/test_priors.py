@@ -8,6 +8,7 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 
+from pipeline import cli
 from pipeline.core.focalplane import all_quadrants, quadrant_geometry, scale_check_grid
 from pipeline.simulate.optics import true_quadrant_solution
 from pipeline.simulate.plan import DEFAULT_FIELDS, exposure_at_airmass
@@ -154,7 +155,7 @@ def _run_command(cfg, argv):
     command.register(parser.add_subparsers(dest="command"), common)
     args = parser.parse_args(argv)
     args.cfg = cfg
-    return args.func(args)
+    return cli.run_command(args)    # as skydiff runs it: a propagated failure becomes its status
 
 
 def test_priors_command_builds_and_writes_ahead(cfg, training, tmp_path):

@@ -22,6 +22,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from _phot_scene import isolated_stars
+from pipeline import cli
 from pipeline.core.config import load_config
 from pipeline.core.image import MASK_BITS, quadrant_image, read_quadrant, write_quadrant
 from pipeline.reference.build import ReferenceConfig, build_reference, make_refid, reference_grid, select_frames
@@ -389,7 +390,7 @@ def _command(argv, cfg):
     command.register(parser.add_subparsers(dest="command"), common)
     args = parser.parse_args(argv)
     args.cfg = cfg
-    return args.func(args)
+    return cli.run_command(args)    # as skydiff runs it: a propagated failure becomes its status
 
 
 def test_command_builds_shows_and_fails_cleanly(tmp_path, capsys):
