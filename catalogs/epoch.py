@@ -1,7 +1,7 @@
 """Epoch propagation of Gaia positions and the SCAMP reference catalogue built from them.
 
-SCAMP 2.10 does not apply proper motions to a FILE reference catalogue (``notes/scamp.md``),
-so positions are moved to the exposure epoch here.
+SCAMP 2.10 (Debian 12's 2.10.0) does not apply proper motions to a FILE reference
+catalogue, so positions are moved to the exposure epoch here.
 
 The motion model is Gaia's for a source without parallax or radial velocity: the direction
 moves linearly in space, ``u(t) = normalise(u0 + (t - t0) * (pmra * e + pmdec * n))`` with
@@ -151,8 +151,8 @@ def write_scamp_reference(path: str | os.PathLike, table: Table) -> Path:
     Raises
     ------
     CatalogError
-        The table lacks a SCAMP column or has no rows: SCAMP spins forever on a reference
-        catalogue without stars in the field (``notes/scamp.md``, pitfall 3).
+        The table lacks a SCAMP column or has no rows: SCAMP 2.10 spins at 100 % CPU until
+        killed on a reference catalogue without stars in the field.
     """
     needed = ("X_WORLD", "Y_WORLD", "ERRA_WORLD", "ERRB_WORLD", "MAG")
     missing = [name for name in needed if name not in table.colnames]

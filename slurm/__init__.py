@@ -1,2 +1,2 @@
-"""Batch execution: Slurm job arrays per exposure and the local executor."""
+"""Batch execution on Slurm: a job array per exposure, its summary job, and the folder watcher."""
 import pipeline  # noqa: F401  (process hygiene before any astropy import)

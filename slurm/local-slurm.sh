@@ -5,8 +5,13 @@
 #   local-slurm.sh status            exit 0 when the node is up (prints its state and config)
 # Run as root.  It writes /etc/slurm/slurm.conf afresh at every start (the hostname must
 # match), so it refuses to start over a slurm.conf it did not write (no marker line) unless
-# --force is given: never run it on a real cluster's host.  Facts behind every setting:
-# ../shared/notes/slurm-local.md (measured on these machines).
+# --force is given: never run it on a real cluster's host.  Why the settings (each seen with
+# Slurm 22.05 on a 2-core machine): a slurm.conf naming another host fails ("This host not a
+# valid controller"), hence the rewrite at every start; RequeueExit=75 is the only way Slurm
+# retries a task that failed, without a limit (quadrant.sbatch caps it); without slurmdbd there
+# is no sacct, so finished tasks are read from the jobcomp/filetxt file (and scontrol, kept
+# MinJobAge s); the SchedulerParameters start array tasks within seconds instead of at
+# Slurm's default intervals; ports 6817/6818 are fixed, so one instance per machine.
 # Environment: SKYDIFF_SLURM_CPUS (CPUs declared on the node, default 64: 64 instant array
 # tasks then schedule in ~2 s instead of ~23 s on 2 real cores), SKYDIFF_SLURM_STATE
 # (state, spool, logs and the job completion file; default /var/lib/skydiff-slurm),

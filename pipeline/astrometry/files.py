@@ -120,7 +120,7 @@ def solve_quadrant(image: QuadrantImage, name: str, refcat: str | os.PathLike, p
     Returns
     -------
     AstrometryRun
-        Its ``solved_image`` is the written solved image exactly as a reader would see it,
+        Its ``solved`` is the written solved image exactly as a reader would see it,
         for the later stages of the same quadrant.
     """
     from catalogs import catalog_for_footprint

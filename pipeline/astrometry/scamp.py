@@ -1,7 +1,8 @@
 """The project's SCAMP runner: two-pass astrometric solution of one quadrant catalogue.
 
 ``astromatic-wrapper`` is unmaintained and shells out with ``shell=True``, so this small
-runner takes its place (``DESIGN.md``).  It follows ``notes/scamp.md``:
+runner takes its place.  It follows what was measured with SCAMP 2.10 on simulated
+ZTF-like quadrants:
 
 - pass 1 pattern-matches with little freedom (``STABILITY_TYPE PRE-DISTORTED``,
   ``FOCDISTORT_DEGREE 2``); pass 2 starts from pass 1's ``.head`` as its ``.ahead`` and fits
@@ -72,7 +73,8 @@ class ScampInputError(ScampError, ValueError):
 
 @dataclass(frozen=True)
 class ScampSettings:
-    """How SCAMP is run and how its solution is judged (defaults: ``notes/scamp.md``).
+    """How SCAMP is run and how its solution is judged (defaults: the settings that solved
+    simulated ZTF-like quadrants with SCAMP 2.10, as ZTF runs it: two passes).
 
     ``timeout_s`` applies to each pass.  Angles follow SCAMP's own units:
     ``position_maxerr_arcmin`` in arcmin, cross-id radii and ``match_resol_arcsec`` in arcsec
@@ -102,7 +104,7 @@ class ScampSettings:
     # SCAMP adds this floor (pixels) in quadrature to every detection's position error.  Its
     # default, 0.01 px, is twice the windowed error of a bright star here, so it flattened the
     # weights and left 30-50 mas at the quadrant corners; the extraction's errors match the
-    # measured scatter (tests/test_extract.py), so no floor is needed (on real data the
+    # measured scatter (tests/measure/test_extract.py), so no floor is needed (on real data the
     # atmosphere may justify one).
     astr_accuracy_px: float = 0.0
     # Detections with any of these FLAGS bits stay out of the fit.  SCAMP's default (0x00f0)
@@ -116,7 +118,8 @@ class ScampSettings:
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0 (0 = SCAMP's automatic), got {self.threads}")
         if self.focdistort_degree < 2:
-            # Degree 1 makes SCAMP delete every PV term of the prior (notes/scamp.md).
+            # Degree 1 makes SCAMP 2.10 delete every PV term of the prior, the distortion
+            # included (seen: a degenerate CD of ~1e-8, no matches).
             raise ValueError("focdistort_degree must be >= 2: degree 1 wipes the prior's PV terms")
         if self.min_detections < 1 or self.min_matched < 1:
             raise ValueError("min_detections and min_matched must be >= 1")

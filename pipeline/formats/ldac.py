@@ -4,9 +4,10 @@ An LDAC file is a FITS file whose extensions come in pairs: ``LDAC_IMHEAD``, a b
 table with one row whose ``Field Header Card`` column holds an image header as one
 string of 80-character cards, followed by ``LDAC_OBJECTS``, the catalogue itself.
 
-Two SCAMP traps are handled here (``notes/scamp.md``): astropy pads strings with NUL
-bytes, on which SCAMP never finds ``END`` and crashes, so the header block is padded with
-blanks to a whole number of 2880-byte records; and the header must carry NAXIS1/NAXIS2.
+Two SCAMP traps (seen with SCAMP 2.10) are handled here: astropy pads strings with NUL
+bytes, on which SCAMP never finds ``END`` and crashes (signal 11), so the header block is
+padded with blanks to a whole number of 2880-byte records; and the header must carry
+NAXIS1/NAXIS2, else SCAMP stops on an "incoherent FITS header".
 """
 from __future__ import annotations
 

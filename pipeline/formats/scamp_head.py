@@ -1,13 +1,14 @@
 """SCAMP header files: reading a ``.head``, applying it to an image, writing an ``.ahead``.
 
 SCAMP writes its solution as a ``.head`` text file (80-character cards, one per line, no
-NAXIS) and reads its prior from an ``.ahead`` file of the same form.  Three traps from
-``notes/scamp.md`` are handled here:
+NAXIS) and reads its prior from an ``.ahead`` file of the same form.  Three traps, each
+seen with SCAMP 2.10, are handled here:
 
 - a ``.head`` holds non-ASCII characters in a COMMENT, on which
   ``fits.Header.fromtextfile`` fails: they are dropped before parsing;
 - a ``.head`` only overrides or adds keys, so stale WCS keys left in an image header (PV,
-  PC/CDELT, SIP) silently change the solution: every WCS keyword is stripped first;
+  PC/CDELT, SIP) silently change the solution (a stale PC/CDELT beat a new CD and moved
+  positions by ~5e5 arcsec): every WCS keyword is stripped first;
 - SCAMP reads a value without a decimal point as an integer (``5E-05`` becomes 5, seen
   here with SCAMP 2.10), so floats in an ``.ahead`` are always written with one.
 """

@@ -13,6 +13,7 @@ import os
 import pickle
 import sqlite3
 import zlib
+from pathlib import Path
 
 import fastavro
 import fastavro.validation
@@ -34,7 +35,8 @@ from pipeline.simulate.alerts import synthetic_candidates, synthetic_context, sy
 from pipeline.commands import alerts as alerts_command
 from pipeline.core.config import KafkaConfig, load_config
 
-SAMPLES = sorted(glob.glob("/work/shared/samples/ztf-alerts/*.avro"))
+# Real ZTF packets, one per schema variant from 2016 to 2021 (tests/data/ztf-alerts/README.md).
+SAMPLES = sorted(glob.glob(str(Path(__file__).resolve().parents[1] / "data" / "ztf-alerts" / "*.avro")))
 PUBLISHER = "ZTF (skydiff)"
 
 

@@ -1,6 +1,6 @@
 """Candidate detection and features against truth, on ZOGY subtractions of synthetic pairs.
 
-The quadrant-like pair comes from tests/test_zogy.py (stars in both images, point
+The quadrant-like pair comes from tests/subtraction/test_zogy.py (stars in both images, point
 transients of known S/N in the new image only); the small scenes here put single
 objects where a feature must show: a fading source, a cosmic ray, a dipole, a mask.
 """
