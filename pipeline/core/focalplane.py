@@ -14,6 +14,7 @@ from typing import Iterable
 import numpy as np
 
 from pipeline.core.config import InstrumentConfig
+from pipeline.core.image import rcid_of
 
 __all__ = ["parse_quadrants", "QuadrantGeometry", "quadrant_geometry", "all_quadrants", "nominal_cd",
            "ccd_qid_of_rcid", "scale_check_grid"]
@@ -32,7 +33,7 @@ class QuadrantGeometry:
 
     @property
     def rcid(self) -> int:
-        return 4 * (self.ccdid - 1) + self.qid - 1
+        return rcid_of(self.ccdid, self.qid)
 
     @property
     def boresight_pixel(self) -> tuple[float, float]:

@@ -62,6 +62,7 @@ from astropy.table import Table
 from astropy.time import Time
 
 from pipeline.core.config import MatchfileConfig
+from pipeline.core.image import rcid_of
 from pipeline import __version__
 from pipeline.matchfile.hjd import exact_light_travel_time, heliocentric_julian_date, SECONDS_PER_DAY
 from pipeline.matchfile.index import footprint_of, register_footprint
@@ -99,7 +100,7 @@ class ReferenceMeta:
 
     @property
     def rcid(self) -> int:
-        return 4 * (self.ccdid - 1) + self.qid - 1
+        return rcid_of(self.ccdid, self.qid)
 
 
 @dataclass(frozen=True)
