@@ -6,7 +6,8 @@ an earlier season (two nights, two epochs each, within airmass 1.3) and one scie
 exposure, every quadrant simulated; the science exposure written as one multi-extension
 file.  The reference frames carry their true WCS — the references are this benchmark's
 input, not what it measures — and each quadrant's reference is coadded from them in a
-process pool, after which the raw season is deleted (tens of GB otherwise).
+process pool (:func:`pipeline.simulate.survey.true_wcs_references`), after which the raw
+season is deleted (tens of GB otherwise).
 
 Runs, each with its own outputs, spool, alert history and matchfiles (catalogues and
 references shared):
@@ -22,15 +23,12 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from pipeline.core.config import Config
-from pipeline.core.image import rcid_of
 
 __all__ = ["prepare_exposure_survey", "bench_exposure", "EXECUTORS"]
 
@@ -42,41 +40,12 @@ SCIENCE_NIGHT = "2026-03-15"
 REFERENCE_NIGHTS = ("2025-11-18", "2025-11-21")
 SURVEY_FILE = "survey.json"
 
-_worker: dict = {}
-
-
-def _init_reference_worker(cfg: Config, gaia_path: str) -> None:
-    from catalogs import read_gaia_table
-    _worker.update(cfg=cfg, gaia=read_gaia_table(gaia_path))
-
-
-def _build_one_reference(task: tuple[int, list[tuple[str, str]]]) -> tuple[int, str, float]:
-    from astropy.io import fits
-    from pipeline.core.image import read_quadrant
-    from pipeline.reference.build import build_reference, reference_filename
-    from pipeline.reference.files import write_reference
-    from pipeline.simulate.pairs import with_true_wcs
-
-    rcid, paths = task
-    cfg = _worker["cfg"]
-    start = time.perf_counter()
-    frames = []
-    for image_path, truth_path in paths:
-        raw = read_quadrant(image_path)
-        frames.append(with_true_wcs(raw.data, raw.header, raw.mask, fits.getheader(truth_path, 0)))
-    meta = frames[0].meta
-    reference = build_reference(frames, _worker["gaia"], cfg.instrument.filters[meta.filter])
-    path = cfg.paths.resolve("references") / reference_filename(meta.fieldid, meta.ccdid, meta.qid, meta.filter)
-    write_reference(path, reference)
-    return rcid, str(path), time.perf_counter() - start
-
 
 def prepare_exposure_survey(cfg: Config, root: Path, rcids: list[int], jobs: int) -> dict:
     """The survey of the benchmark under ``root`` (built once, then reused): its record."""
-    from catalogs import field_region, prefetch_from_table
     from pipeline.formats.exposure import write_exposure_mef
     from pipeline.simulate.plan import Field
-    from pipeline.simulate.run import simulate_run
+    from pipeline.simulate.survey import simulate_survey, true_wcs_references
 
     record_path = root / SURVEY_FILE
     if record_path.is_file():
@@ -86,37 +55,27 @@ def prepare_exposure_survey(cfg: Config, root: Path, rcids: list[int], jobs: int
             return record
         raise ValueError(f"{root} holds a survey of quadrants {record['rcids']}, not {rcids}: use another --out")
     start = time.perf_counter()
-    sim = root / "sim"
-    field = Field(*FIELD)
-    summary = simulate_run(cfg, sim, [field], [SCIENCE_NIGHT], filters=("ZTF_r",), epochs_per_night=1,
-                           quadrants=rcids, jobs=jobs, reference_nights=list(REFERENCE_NIGHTS))
-    gaia = sim / "gaia" / "gaia_catalog.fits"
-    prefetch_from_table(gaia, cfg.paths.resolve("catalogs"), field_region(field.ra, field.dec))
-    reference_expids = set(summary["reference_expids"])
-    science_expid = next(e for e in summary["expids"] if e not in reference_expids)
+    survey = simulate_survey(cfg.replace(paths__root=str(root)), [Field(*FIELD)], [SCIENCE_NIGHT],
+                             reference_nights=REFERENCE_NIGHTS, filters=("ZTF_r",), epochs_per_night=1,
+                             quadrants=rcids, jobs=jobs)
+    (science_expid,) = survey.science_expids
     simulated = time.perf_counter() - start
 
-    frames: dict[int, list[tuple[str, str]]] = {}
-    for expid in sorted(reference_expids):
-        for image in sorted(sim.glob(f"exposures/*/{expid}/*.fits")):
-            ccdid, qid = re.search(r"_c(\d+)_q(\d)$", image.stem).groups()
-            truth = sim / "truth" / str(expid) / f"{image.stem}_truth.fits"
-            frames.setdefault(rcid_of(int(ccdid), int(qid)), []).append((str(image), str(truth)))
     start = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=jobs, initializer=_init_reference_worker,
-                             initargs=(cfg, str(gaia))) as pool:
-        built = list(pool.map(_build_one_reference, sorted(frames.items())))
+    built = true_wcs_references(survey, jobs)
     referenced = time.perf_counter() - start
+    missing = [f"{r['rcid']}: {r['error']}" for r in built if not r["path"]]
+    if missing:
+        raise RuntimeError(f"references not built for rcid {'; '.join(missing)}")
 
-    science = sorted(sim.glob(f"exposures/*/{science_expid}/*.fits"))
+    science = sorted(survey.exposures[science_expid].glob("*.fits"))
     exposure = write_exposure_mef(science, root / "exposure" / f"ztf_{science_expid}.fits")
-    for expid in summary["expids"]:      # the raw frames are in the references and the MEF now
-        for folder in sim.glob(f"exposures/*/{expid}"):
-            shutil.rmtree(folder)
+    for folder in survey.exposures.values():      # the raw frames are in the references and the MEF now
+        shutil.rmtree(folder)
     record = {"exposure": str(exposure), "expid": science_expid, "rcids": rcids,
-              "reference_frames": {str(r): len(p) for r, p in sorted(frames.items())},
+              "reference_frames": {str(r["rcid"]): r["frames"] for r in built},
               "simulate_s": round(simulated, 1), "references_s": round(referenced, 1),
-              "reference_median_s": round(statistics.median(s for _, _, s in built), 1)}
+              "reference_median_s": round(statistics.median(r["seconds"] for r in built), 1)}
     record_path.write_text(json.dumps(record, indent=2) + "\n")
     return record
 

@@ -25,20 +25,15 @@ __all__ = ["bench_latency"]
 
 def _world(cfg: Config, root: Path, rcid: int):
     from catalogs import field_region, prefetch_from_table
-    from pipeline.reference.build import build_reference, reference_filename
-    from pipeline.reference.files import write_reference
-    from pipeline.simulate.pairs import PairOptions, pair_sky, simulate_reference_frames
+    from pipeline.reference.files import write_reference_into
+    from pipeline.simulate.pairs import PairOptions, pair_sky, simulated_reference
 
     options = PairOptions(rcid=rcid)
     sky = pair_sky(cfg, options)
     gaia_path = root / "gaia.fits"
     sky.gaia_catalogue().write(gaia_path)
     prefetch_from_table(gaia_path, cfg.paths.resolve("catalogs"), field_region(options.field.ra, options.field.dec))
-    frames = simulate_reference_frames(cfg, options, sky)
-    meta = frames[0].meta
-    reference = build_reference(frames, sky.gaia_catalogue(), cfg.instrument.filters[meta.filter])
-    write_reference(cfg.paths.resolve("references") / reference_filename(meta.fieldid, meta.ccdid, meta.qid,
-                                                                         meta.filter), reference)
+    write_reference_into(cfg.paths.resolve("references"), simulated_reference(cfg, options, sky))
     return options, sky
 
 

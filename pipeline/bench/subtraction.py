@@ -110,15 +110,14 @@ def bench_subtraction(cfg=None, repeats: int = 3, n_reference_frames: int = 5) -
     extraction, for a subtraction run on its own.
     """
     from pipeline.core.config import load_config
-    from pipeline.reference.build import build_reference
     from pipeline.simulate.realbogus_training import subtract_pair
-    from pipeline.simulate.pairs import PairOptions, simulated_pair
+    from pipeline.simulate.pairs import PairOptions, simulated_pair, simulated_reference
 
     cfg = load_config() if cfg is None else cfg
-    pair = simulated_pair(cfg, PairOptions(reference_seeing=PairOptions().reference_seeing[:n_reference_frames]))
-    band = cfg.instrument.filters[pair.science.meta.filter]
+    options = PairOptions(reference_seeing=PairOptions().reference_seeing[:n_reference_frames])
+    pair = simulated_pair(cfg, options)
     t0 = time.perf_counter()
-    reference = build_reference(pair.reference_frames, pair.sky.gaia_catalogue(), band)
+    reference = simulated_reference(cfg, options, pair.sky, pair.reference_frames)
     report: dict = {"reference_build_s": round(time.perf_counter() - t0, 2),
                     "reference_frames": len(pair.reference_frames)}
     with pinned_to_one_core() as cpu:

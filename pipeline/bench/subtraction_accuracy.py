@@ -63,8 +63,7 @@ def _figures(pair, reference, result) -> dict:
 def validate_subtraction(cfg: Config | None = None, quadrants=QUADRANTS, cases=None) -> dict:
     """Figures per quadrant and case (see the module docstring)."""
     from pipeline.simulate.realbogus_training import subtract_pair
-    from pipeline.reference.build import build_reference
-    from pipeline.simulate.pairs import PairOptions, pair_sky, simulate_reference_frames, simulate_science
+    from pipeline.simulate.pairs import PairOptions, pair_sky, simulate_science, simulated_reference
 
     cfg = load_config() if cfg is None else cfg
     cases = CASES if cases is None else cases
@@ -72,8 +71,7 @@ def validate_subtraction(cfg: Config | None = None, quadrants=QUADRANTS, cases=N
     for rcid, seed in quadrants:
         base = PairOptions(rcid=rcid, seed=seed, n_inject=150, snr_range=(3.0, 60.0))
         sky = pair_sky(cfg, base)
-        frames = simulate_reference_frames(cfg, base, sky)
-        reference = build_reference(frames, sky.gaia_catalogue(), cfg.instrument.filters[frames[0].meta.filter])
+        reference = simulated_reference(cfg, base, sky)
         for name, options in cases.items():
             pair = simulate_science(cfg, replace(base, **options), sky)
             report[f"rcid{rcid}_{name}"] = _figures(pair, reference, subtract_pair(pair, reference))

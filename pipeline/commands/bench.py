@@ -31,7 +31,8 @@ def _bench_astrometry(args) -> dict:
 
 
 @benchmark("astrometry-night", "a simulated night (8 epochs, airmass up to 2.5) of six inner and corner "
-           "quadrants solved and compared with the true WCS (use --repeat 1; writes --out)")
+           "quadrants run through the exposure executor, their astrometry compared with the true WCS "
+           "(use --repeat 1; writes --out)")
 def _bench_astrometry_night(args) -> dict:
     import tempfile
     from pipeline.bench.astrometry import validate_astrometry_night

@@ -4,7 +4,7 @@
 (files, or directories whose ``*.fits`` / ``*.fits.fz`` are read; tables such as the
 astrometry stage's ``*_matches.fits`` and reference files there are skipped), groups them by
 (field, CCD, quadrant, filter), builds one reference per group
-(:func:`pipeline.reference.build.build_reference`) and writes
+(:func:`pipeline.reference.files.build_references`) and writes
 ``OUTDIR/ref_f<field>_c<ccd>_q<qid>_<filter>.fits``, printing per group the frames used and
 rejected (with reasons) and the timings; ``--grid-margin`` sets how far the coadd's grid
 extends beyond the best-seeing frame's.  ``reference show REF.fits`` prints a reference's
@@ -21,22 +21,17 @@ import math
 import os
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
-
 from pipeline.core.config import Config
-from pipeline.core.image import ImageContractError, QuadrantImage, footprint_corners, quadrant_image, read_quadrant
-from pipeline.reference.build import ReferenceConfig, build_reference, reference_filename
-from pipeline.reference.files import read_reference, write_reference
-from pipeline.reference.model import ReferenceError
-from pipeline.core.exits import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNUSABLE
+from pipeline.core.image import quadrant_image
+from pipeline.reference.build import ReferenceConfig, build_reference
+from pipeline.reference.files import build_references, collect_images, read_groups, read_reference, write_reference
+from pipeline.core.exits import EXIT_BAD_INPUT, EXIT_OK
 
-__all__ = ["register", "collect_images", "read_groups", "build_references", "bench_reference"]
+__all__ = ["register", "bench_reference"]
 
 log = logging.getLogger("skydiff.reference")
-
-_IMAGE_SUFFIXES = (".fits", ".fits.fz", ".fit")
 
 
 def register(subparsers, common) -> None:
@@ -62,87 +57,6 @@ def register(subparsers, common) -> None:
                           description="Print the metadata, frame table and catalogue summary of a reference.")
     show.add_argument("reference", metavar="REF.fits")
     show.set_defaults(func=run_show)
-
-
-def collect_images(paths) -> list[Path]:
-    """The image files named by ``paths`` (files as given, directories' FITS files sorted).
-
-    Raises
-    ------
-    ImageContractError
-        A path that does not exist.
-    """
-    files: list[Path] = []
-    for name in paths:
-        path = Path(name)
-        if path.is_dir():
-            files.extend(sorted(p for p in path.iterdir()
-                                if p.is_file() and p.name.endswith(_IMAGE_SUFFIXES)))
-        elif path.exists():
-            files.append(path)
-        else:
-            raise ImageContractError(path, "file not found")
-    return files
-
-
-def read_groups(files, explicit=()) -> dict[tuple, list[QuadrantImage]]:
-    """Read quadrant images and group them by (fieldid, ccdid, qid, filter).
-
-    Files found in directories that hold no image (tables) or are references are skipped;
-    any other unreadable file raises :class:`ImageContractError`.
-    """
-    explicit = {Path(p) for p in explicit}
-    groups: dict[tuple, list[QuadrantImage]] = defaultdict(list)
-    for path in files:
-        try:
-            image = read_quadrant(path)
-        except ImageContractError as exc:
-            if path not in explicit and "no image data" in exc.problem:
-                log.info("skipping %s: %s", path, exc.problem)
-                continue
-            raise
-        if str(image.header.get("IMAGETYP", "")).strip().upper() == "REFERENCE":
-            log.info("skipping %s: a reference image", path)
-            continue
-        m = image.meta
-        groups[(m.fieldid, m.ccdid, m.qid, m.filter)].append(image)
-    return dict(groups)
-
-
-def build_references(groups: dict, refcat, out, cfg: Config,
-                     config: ReferenceConfig = ReferenceConfig()) -> tuple[int, list[dict]]:
-    """Build and write one reference per group; returns (exit status, one summary per group).
-
-    Raises
-    ------
-    catalogs.CatalogError
-        The Gaia catalogue cannot be read or does not cover a group.
-    """
-    from catalogs import catalog_for_footprint
-
-    status, summaries = EXIT_OK, []
-    for key, frames in sorted(groups.items()):
-        fieldid, ccdid, qid, filt = key
-        summary = {"group": key, "path": None, "error": None}
-        with_wcs = [f for f in frames if f.wcs is not None]
-        try:
-            if not with_wcs:
-                raise ReferenceError(f"f{fieldid} c{ccdid} q{qid} {filt}", "no frame has a WCS")
-            gaia = catalog_for_footprint(refcat, footprint_corners(with_wcs[0].wcs, with_wcs[0].shape),
-                                         config.gaia_margin_deg)
-            ref = build_reference(frames, gaia, cfg.instrument.filters[filt], config)
-        except ReferenceError as exc:
-            log.error("%s", exc)
-            summary["error"] = str(exc)
-            status = EXIT_UNUSABLE
-            summaries.append(summary)
-            continue
-        t0 = time.perf_counter()
-        path = write_reference(Path(out) / reference_filename(fieldid, ccdid, qid, filt), ref)
-        ref.timings["write"] = time.perf_counter() - t0
-        summary.update(path=str(path), reference=ref)
-        summaries.append(summary)
-    return status, summaries
 
 
 def _print_summary(summary: dict) -> None:

@@ -1,51 +1,57 @@
-"""The demo: a small simulated survey run through every stage that exists.
+"""The demo: a small simulated survey run through the production quadrant runner.
 
 ``skydiff demo`` simulates one field over two nights in two filters (an inner and a corner
-quadrant of each exposure) plus three nights of an earlier season for the references, then,
-as the survey's offline and real-time steps would:
+quadrant of each exposure) plus three nights of an earlier season for the references, and
+takes it through the pipeline as the survey would, every quadrant through
+:func:`pipeline.run.exposure.run_exposure` (astrometry, subtraction, alerts, matchfile
+epoch, with a status record per quadrant):
 
-1. prefetches the simulated Gaia catalogue into the offline tile store (``catalogs/``);
-2. fits a focal-plane distortion prior from simulated low-airmass exposures (``priors/``);
-3. solves every quadrant's astrometry with SCAMP from that prior and judges it;
-4. writes the scale-versus-airmass QA plot;
-5. coadds a reference per quadrant and filter from the earlier season;
-6. subtracts each science image from its reference (ZOGY) and finds the candidates;
-7. builds every science image's alert packets in time order (object history under the work
-   directory, so later alerts carry earlier detections) and publishes them: to the spool
-   (``<workdir>/alerts/spool``) by default, to the broker when ``kafka.bootstrap_servers``
-   is set;
-8. seeds a matchfile per quadrant and filter from its reference and appends every subtracted
-   image's PSF photometry in exposure order, naming a variable star's light curve
-   (``skydiff lightcurve RA DEC --root ...``),
+1. writes its configuration, every data root inside the work directory, to
+   ``<workdir>/skydiff.toml``: ``skydiff quadrant/exposure --config <workdir>/skydiff.toml``
+   work on the demo's data afterwards;
+2. simulates the survey (``<workdir>/sim``) and prefetches its Gaia catalogue into the tile
+   store (``catalogs/``);
+3. fits a focal-plane distortion prior from simulated low-airmass exposures and puts it
+   where the runner reads it (``priors/prior.fits``);
+4. runs the earlier season's exposures: each quadrant is solved, then recorded unusable
+   for want of a reference;
+5. coadds a reference per quadrant and filter from the season's solved images
+   (``references/``, as ``skydiff reference build`` does);
+6. runs the science exposures in time order: subtraction against the references, alerts
+   (later alerts carry earlier detections; to the spool, and to the broker when
+   ``kafka.bootstrap_servers`` is set) and the matchfiles, seeded from the references;
+7. reads the runner's status and QA records back for the summary: the astrometric RMS and
+   verdict per quadrant, the scale-versus-airmass QA plot, the references, the candidates
+   against the simulated transients, the alerts, the matchfiles with a light curve to look
+   at, and the timings.
 
-and prints a summary with the astrometric RMS and verdict per quadrant, the candidates
-against the simulated transients, the alerts built, spooled and delivered, the matchfiles
-and the timings.
 It is the first of the README's two commands: embedded defaults, no network.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.core.config import Config
-from pipeline.demo.matchfiles import fill_demo_matchfiles
-from pipeline.demo.subtraction import build_demo_references, publish_demo_alerts, subtract_demo_images
+from pipeline.core.config import Config, PathsConfig, config_to_toml
+from pipeline.demo import records
 from pipeline.simulate.plan import DEFAULT_FIELDS
-from pipeline.simulate.run import simulate_run
+from pipeline.simulate.survey import build_season_references, simulate_survey, solve_reference_season
 
 log = logging.getLogger("skydiff.demo")
 
-__all__ = ["DemoOptions", "DemoSummary", "run_demo", "format_summary"]
+__all__ = ["DemoOptions", "DemoSummary", "demo_config", "run_demo", "format_summary"]
+
+#: The configuration the demo writes into its work directory.
+CONFIG_FILE = "skydiff.toml"
 
 
 @dataclass(frozen=True)
 class DemoOptions:
-    """What the demo simulates."""
+    """What the demo simulates, and how many quadrants run at once."""
 
     nights: tuple[str, ...] = ("2026-03-15", "2026-03-16")
     filters: tuple[str, ...] = ("ZTF_g", "ZTF_r")
@@ -58,9 +64,13 @@ class DemoOptions:
 
 @dataclass
 class DemoSummary:
+    """What :func:`run_demo` did (see :mod:`pipeline.demo.records` for the records)."""
+
     workdir: Path
+    config: Path
     simulation: dict
     stages: dict[str, float] = field(default_factory=dict)
+    runner_stages: dict[str, float] = field(default_factory=dict)
     astrometry: list[dict] = field(default_factory=list)
     references: list[dict] = field(default_factory=list)
     subtractions: list[dict] = field(default_factory=list)
@@ -69,28 +79,32 @@ class DemoSummary:
     products: dict[str, str] = field(default_factory=dict)
 
 
-_worker_cfg: Config | None = None
+def demo_config(cfg: Config, workdir: str | Path) -> Config:
+    """``cfg`` with every data root (catalogues, prior, references, outputs, matchfiles,
+    spool, alert history) inside ``workdir``."""
+    return cfg.replace(paths=PathsConfig(root=str(Path(workdir).resolve())))
 
 
-def _init_worker(cfg: Config) -> None:
-    global _worker_cfg
-    _worker_cfg = cfg
-
-
-def _astrometry_task(task: tuple[str, str, str, str]) -> tuple[int, dict | None, str]:
-    from pipeline.astrometry.files import run_astrometry
-    image, refcat, prior, out = task
-    status, record = run_astrometry(image, refcat, prior, out, _worker_cfg, plots=True)
-    return status, record, image
+def _preload_stage_modules() -> None:
+    """Import the stages' modules once here: the executor's worker processes are forked
+    from this one for every exposure and inherit them instead of importing them again."""
+    for name in ("alerts.from_subtraction", "alerts.history", "alerts.publish", "alerts.spool",
+                 "pipeline.astrometry.files", "pipeline.subtraction.files", "pipeline.matchfile.epochs"):
+        importlib.import_module(name)
 
 
 def run_demo(cfg: Config, workdir: str | Path, options: DemoOptions = DemoOptions()) -> DemoSummary:
-    """Simulate the demo survey under ``workdir`` and run the stages on it."""
-    from catalogs import field_region, prefetch_from_table
+    """Simulate the demo survey under ``workdir`` and run it through the quadrant runner."""
+    from pipeline.run.exposure import run_exposure
     from pipeline.simulate.priors import build_prior_from_simulation
     from priors.store import write_prior
 
-    workdir = Path(workdir)
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg = demo_config(cfg, workdir)
+    config_path = workdir / CONFIG_FILE
+    # Secrets are masked: the demo's defaults hold none, and a file in a work directory should not.
+    config_path.write_text(config_to_toml(cfg))
     the_field = next(f for f in DEFAULT_FIELDS if f.fieldid == options.fieldid)
     clock = time.perf_counter()
 
@@ -102,83 +116,120 @@ def run_demo(cfg: Config, workdir: str | Path, options: DemoOptions = DemoOption
 
     log.info("demo: simulating %d night(s) x %d epoch(s), quadrants %s, into %s", len(options.nights),
              options.epochs_per_night, ",".join(map(str, options.quadrants)), workdir / "sim")
-    simulation = simulate_run(cfg, workdir / "sim", [the_field], list(options.nights), filters=options.filters,
-                              epochs_per_night=options.epochs_per_night, quadrants=list(options.quadrants),
-                              jobs=options.jobs, reference_nights=list(options.reference_nights))
-    summary = DemoSummary(workdir=workdir, simulation=simulation)
-    lap("simulate")
+    survey = simulate_survey(cfg, [the_field], options.nights, reference_nights=options.reference_nights,
+                             filters=options.filters, epochs_per_night=options.epochs_per_night,
+                             quadrants=options.quadrants, jobs=options.jobs)
+    summary = DemoSummary(workdir=workdir, config=config_path, simulation=survey.simulation)
+    summary.products.update({"configuration": str(config_path), "simulation": str(survey.sim),
+                             "catalogue store": str(cfg.paths.resolve("catalogs"))})
+    lap("simulate + Gaia store")
 
-    store = workdir / "catalogs"
-    prefetch_from_table(workdir / "sim" / "gaia" / "gaia_catalog.fits", store,
-                        field_region(the_field.ra, the_field.dec))
-    summary.products["catalogue store"] = str(store)
-    lap("catalogue store")
-
-    prior_path = workdir / "priors" / "prior.fits"
+    # The runner reads the prior from <paths.priors>/prior.fits.
+    prior_path = cfg.paths.resolve("priors") / "prior.fits"
     write_prior(prior_path, build_prior_from_simulation(cfg, [the_field], n_exposures=12,
                                                         rcids=list(options.quadrants)))
     summary.products["distortion prior"] = str(prior_path)
     lap("distortion prior")
 
-    images = sorted((workdir / "sim" / "exposures").glob("*/*/*.fits"))
-    out_root = workdir / "outputs" / "astrometry"
-    tasks = [(str(p), str(store), str(prior_path), str(out_root / p.parent.name / p.stem)) for p in images]
-    log.info("demo: astrometry of %d quadrant images with %d worker(s)", len(tasks), options.jobs)
-    with ProcessPoolExecutor(max_workers=options.jobs, initializer=_init_worker, initargs=(cfg,)) as pool:
-        for status, record, image in pool.map(_astrometry_task, tasks):
-            if record is None:
-                record = {"image": image, "usable": False, "reasons": [f"exit status {status}"]}
-            summary.astrometry.append(record)
-    lap("astrometry")
-
-    _scale_plot(cfg, summary, workdir / "qa" / "scale_vs_airmass.png")
-    (workdir / "qa" / "astrometry.json").write_text(json.dumps(summary.astrometry, indent=1))
-    summary.products["scale vs airmass plot"] = str(workdir / "qa" / "scale_vs_airmass.png")
-    summary.products["astrometry outputs"] = str(out_root)
-    lap("qa plots")
-
-    reference_expids = set(simulation.get("reference_expids", []))
-    summary.references = build_demo_references(cfg, summary.astrometry, reference_expids, out_root,
-                                                workdir / "sim" / "gaia" / "gaia_catalog.fits",
-                                                workdir / "outputs" / "references", options.jobs)
-    summary.products["references"] = str(workdir / "outputs" / "references")
+    _preload_stage_modules()
+    log.info("demo: the earlier season, %d exposure(s), through the runner", len(survey.reference_expids))
+    solve_reference_season(survey, options.jobs)
+    lap("reference season")
+    summary.references = build_season_references(survey, options.jobs)
+    summary.products["references"] = str(cfg.paths.resolve("references"))
     lap("references")
-    summary.subtractions = subtract_demo_images(cfg, summary.astrometry, reference_expids, summary.references,
-                                                out_root, store, workdir / "sim" / "truth",
-                                                workdir / "outputs" / "subtraction", options.jobs)
-    (workdir / "qa" / "subtraction.json").write_text(json.dumps(summary.subtractions, indent=1))
-    summary.products["subtraction outputs"] = str(workdir / "outputs" / "subtraction")
-    lap("subtraction")
-    summary.alerts = publish_demo_alerts(cfg, summary.subtractions, workdir / "alerts")
-    (workdir / "qa" / "alerts.json").write_text(json.dumps(summary.alerts, indent=1))
-    summary.products["alert spool"] = summary.alerts["spool"]
-    lap("alerts")
-    summary.matchfiles = fill_demo_matchfiles(cfg, summary.references, summary.subtractions, workdir / "matchfiles",
-                                              truth_root=workdir / "sim" / "truth", jobs=options.jobs)
-    (workdir / "qa" / "matchfiles.json").write_text(json.dumps(summary.matchfiles, indent=1))
-    summary.products["matchfiles"] = summary.matchfiles["root"]
-    lap("matchfiles")
+
+    log.info("demo: %d science exposure(s) through the runner, in time order", len(survey.science_expids))
+    for expid in survey.science_expids:
+        result = run_exposure(survey.exposures[expid], cfg, jobs=options.jobs, progress=None)
+        log.info("demo: exposure %d: %s; %d candidates, %d alerts", expid,
+                 ", ".join(f"{n} {state}" for state, n in sorted(result["counts"].items())),
+                 result["candidates"], result["alerts"])
+    lap("science exposures")
+
+    qa = workdir / "qa"
+    qa.mkdir(exist_ok=True)
+    summary.astrometry = records.astrometry_records(survey)
+    summary.subtractions = records.subtraction_records(survey)
+    summary.alerts = records.alerts_summary(cfg, summary.subtractions)
+    summary.matchfiles = records.matchfiles_summary(survey, summary.subtractions)
+    summary.runner_stages = records.stage_seconds(survey)
+    for name in ("astrometry", "references", "subtractions", "alerts", "matchfiles"):
+        (qa / f"{name}.json").write_text(json.dumps(getattr(summary, name), indent=1))
+    summary.products.update({
+        "quadrant outputs": f"{cfg.paths.resolve('outputs')}/<expid>/<rcid>/ (status.json, astrometry/, "
+                            "subtraction/)",
+        "scale vs airmass plot": str(records.plot_scale_vs_airmass(cfg, summary.astrometry,
+                                                                   qa / "scale_vs_airmass.png")),
+        "QA records": str(qa), "alert spool": summary.alerts["spool"], "matchfiles": summary.matchfiles["root"]})
+    lap("summary")
     return summary
 
 
-def _scale_plot(cfg: Config, summary: DemoSummary, path: Path) -> None:
-    """Each quadrant's solved pixel scale against its own lowest-airmass solution, with the model."""
-    from pipeline.astrometry.plots import plot_scale_vs_airmass
-    from pipeline.core.refraction import RefractionModel
-    usable = [r for r in summary.astrometry if r.get("usable") and r.get("pixel_scale_arcsec")]
-    points, lowest = [], 1.0
-    for rcid in sorted({r["rcid"] for r in usable}):
-        rows = [r for r in usable if r["rcid"] == rcid]
-        base = min(rows, key=lambda r: r["airmass_quadrant"])
-        lowest = min(lowest if points else base["airmass_quadrant"], base["airmass_quadrant"])
-        points += [{"airmass_quadrant": r["airmass_quadrant"], "usable": True,
-                    "scale_diff_pct_mean": 100 * (r["pixel_scale_arcsec"] / base["pixel_scale_arcsec"] - 1)}
-                   for r in rows]
-    model = RefractionModel(cfg.site.pressure_hpa, cfg.site.temperature_c, cfg.site.relative_humidity,
-                            cfg.instrument.filters["ZTF_r"].wavelength_um)
-    plot_scale_vs_airmass(points, model, lowest, path,
-                          title="Demo: solved pixel scale vs airmass",
-                          ylabel="pixel scale change vs the quadrant's lowest-airmass solution (%)")
+def _astrometry_lines(astrometry: list[dict]) -> list[str]:
+    usable = sum(1 for r in astrometry if r.get("usable"))
+    lines = [f"  astrometry          {usable}/{len(astrometry)} quadrants usable",
+             "    expid      rcid airmass usable  RMS ra/dec (mas, S/N>=10)  high-S/N/floor  matched  "
+             "scale diff %  seconds"]
+    for r in sorted(astrometry, key=lambda r: (r.get("expid", 0), r.get("rcid", 0))):
+        if r.get("rms_ra_mas") is None:
+            lines.append(f"    {r.get('expid', '?'):<10} {r.get('rcid', '?'):>4}  unusable: "
+                         f"{'; '.join(r.get('reasons', []))}")
+            continue
+        ratio = max(r["rms_ra_highsn_mas"], r["rms_dec_highsn_mas"]) / r["floor_highsn_mas"]
+        lines.append(f"    {r['expid']:<10} {r['rcid']:>4}  {r['airmass_quadrant']:6.2f}  "
+                     f"{'yes' if r['usable'] else 'NO ':<5}  {r['rms_ra_mas']:7.1f} / {r['rms_dec_mas']:<7.1f}"
+                     f"          {ratio:5.2f}        {r['n_matched']:6d}  {r['scale_diff_pct_max']:8.3f}"
+                     f"      {r['seconds']:6.1f}")
+        for reason in r.get("reasons", []):
+            lines.append(f"        reason: {reason}")
+    return lines
+
+
+def _subtraction_lines(subtractions: list[dict]) -> list[str]:
+    done = [r for r in subtractions if r["subtracted"]]
+    detectable = sum(r["transients_detectable"] for r in done)
+    found = sum(r["transients_found"] for r in done)
+    found_rb = sum(r["transients_found_rb"] for r in done)
+    lines = [f"  subtraction         {len(done)}/{len(subtractions)} science images subtracted; "
+             f"simulated transients above the limit: {detectable}, found {found} ({found_rb} with rb >= 0.5)",
+             "    expid      rcid  candidates  rb>=0.5  diffmaglim  transients (detectable/found)  seconds"]
+    for r in done:
+        lines.append(f"    {r['expid']:<10} {r['rcid']:>4}  {r['n_candidates']:10d}  {r['n_rb_above_half']:7d}  "
+                     f"{r['diffmaglim']:10.2f}  {r['transients_detectable']:>14d} / {r['transients_found']:<12d}"
+                     f"{r['seconds']:7.1f}")
+    for r in subtractions:
+        if not r["subtracted"]:
+            lines.append(f"    {r['expid']:<10} {r['rcid']:>4}  not subtracted: {r['state']} at {r['stage']}: "
+                         f"{r['reason']}")
+    return lines
+
+
+def _alert_lines(a: dict) -> list[str]:
+    where = f"broker {a['broker']}" if a["broker"] else "no broker configured: kept in the spool"
+    lines = [f"  alerts              {a['built']} built, {a['spooled']} spooled, {a['delivered']} delivered, "
+             f"{a['pending']} pending ({where}); topics {', '.join(a['topics']) or '-'}",
+             "    expid      rcid  alerts  with earlier detections  seconds"]
+    for r in a["images"]:
+        lines.append(f"    {r['expid']:<10} {r['rcid']:>4}  {r['alerts']:6d}  {r['with_history']:23d}  "
+                     f"{r['seconds']:7.2f}")
+    return lines
+
+
+def _matchfile_lines(m: dict) -> list[str]:
+    lines = [f"  matchfiles          {len(m['matchfiles'])} file(s), {m['epochs_appended']} epochs appended "
+             f"({m['append_s']:.2f} s per image)"]
+    for f in m["matchfiles"]:
+        lines.append(f"    {f['path']}: {f['epochs']} epochs, {f['photometry_rows']} photometry rows, "
+                     f"{f['unmatched_rows']} unmatched detections")
+    for f in m["failed"]:
+        lines.append(f"    {f['source']}: not appended: {f['reason']}")
+    lc = m["lightcurve"]
+    if lc:
+        what = "simulated variable star" if lc["simulated_variable"] else "most variable object"
+        lines.append(f"  light curve to see  {what} oid {lc['oid']}, {lc['epochs']} epochs "
+                     f"({', '.join(lc['filters'])}), mag {lc['mag_min']:.2f}-{lc['mag_max']:.2f}: {lc['command']}")
+    return lines
 
 
 def format_summary(summary: DemoSummary) -> str:
@@ -187,73 +238,28 @@ def format_summary(summary: DemoSummary) -> str:
     lines = [
         "skydiff demo summary",
         f"  work directory      {summary.workdir}",
+        f"  configuration       {summary.config} (skydiff quadrant/exposure --config {summary.config} ...)",
         f"  simulated           {sim['n_exposures']} exposures x {len(sim['quadrants'])} quadrants = "
         f"{sim['n_quadrant_images']} images; {sim['n_stars']} stars, {sim['n_galaxies']} galaxies, "
         f"{sim['n_transients']} transients in the field",
     ]
     if summary.astrometry:
-        usable = sum(1 for r in summary.astrometry if r.get("usable"))
-        lines.append(f"  astrometry          {usable}/{len(summary.astrometry)} quadrants usable")
-        lines.append("    expid      rcid airmass usable  RMS ra/dec (mas, S/N>=10)  high-S/N/floor  matched  "
-                     "scale diff %  seconds")
-        for r in sorted(summary.astrometry, key=lambda r: (r.get("expid", 0), r.get("rcid", 0))):
-            if r.get("rms_ra_mas") is None:
-                lines.append(f"    {r.get('expid', '?'):<10} {r.get('rcid', '?'):>4}  unusable: "
-                             f"{'; '.join(r.get('reasons', []))}")
-                continue
-            ratio = max(r["rms_ra_highsn_mas"], r["rms_dec_highsn_mas"]) / r["floor_highsn_mas"]
-            lines.append(f"    {r['expid']:<10} {r['rcid']:>4}  {r['airmass_quadrant']:6.2f}  "
-                         f"{'yes' if r['usable'] else 'NO ':<5}  {r['rms_ra_mas']:7.1f} / {r['rms_dec_mas']:<7.1f}"
-                         f"          {ratio:5.2f}        {r['n_matched']:6d}  {r['scale_diff_pct_max']:8.3f}"
-                         f"      {r['seconds']:6.1f}")
-            for reason in r.get("reasons", []):
-                lines.append(f"        reason: {reason}")
+        lines += _astrometry_lines(summary.astrometry)
     for r in summary.references:
         if r.get("path"):
-            lines.append(f"  reference           rcid {r['rcid']:>2} {r['filter']}: {r['nframes']} frames, "
-                         f"FWHM {r['fwhm_arcsec']:.2f}\", {r['seconds']:.0f} s")
+            lines.append(f"  reference           rcid {r['rcid']:>2} {r['filter']}: {r['nframes']} of {r['frames']} "
+                         f"frames, FWHM {r['fwhm_arcsec']:.2f}\", {r['seconds']:.0f} s")
         else:
             lines.append(f"  reference           rcid {r['rcid']:>2} {r['filter']}: not built: {r['error']}")
     if summary.subtractions:
-        done = [r for r in summary.subtractions if r.get("status") == 0]
-        detectable = sum(r["transients_detectable"] for r in done)
-        found = sum(r["transients_found"] for r in done)
-        found_rb = sum(r["transients_found_rb"] for r in done)
-        lines.append(f"  subtraction         {len(done)}/{len(summary.subtractions)} science images subtracted; "
-                     f"simulated transients above the limit: {detectable}, found {found} "
-                     f"({found_rb} with rb >= 0.5)")
-        lines.append("    expid      rcid  candidates  rb>=0.5  diffmaglim  transients (detectable/found)  seconds")
-        for r in sorted(done, key=lambda r: (r["expid"], r["rcid"])):
-            lines.append(f"    {r['expid']:<10} {r['rcid']:>4}  {r['n_candidates']:10d}  {r['n_rb_above_half']:7d}  "
-                         f"{r['diffmaglim']:10.2f}  {r['transients_detectable']:>14d} / {r['transients_found']:<12d}"
-                         f"{r['timings_s']['total']:7.1f}")
-        for r in summary.subtractions:
-            if r.get("status") != 0:
-                lines.append(f"    {r.get('science')}: not subtracted (exit status {r.get('status')})")
+        lines += _subtraction_lines(summary.subtractions)
     if summary.alerts:
-        a = summary.alerts
-        where = f"broker {a['broker']}" if a["broker"] else "no broker configured: kept in the spool"
-        lines.append(f"  alerts              {a['built']} built, {a['spooled']} spooled, {a['delivered']} delivered, "
-                     f"{a['pending']} pending ({where}); topics {', '.join(a['topics']) or '-'}")
-        lines.append("    expid      rcid  alerts  with earlier detections  build s  publish s")
-        for r in a["images"]:
-            lines.append(f"    {r['expid']:<10} {r['rcid']:>4}  {r['alerts']:6d}  {r['with_history']:23d}  "
-                         f"{r['build_s']:7.2f}  {r['publish_s']:9.2f}")
+        lines += _alert_lines(summary.alerts)
     if summary.matchfiles:
-        m = summary.matchfiles
-        lines.append(f"  matchfiles          {len(m['matchfiles'])} file(s), {m['epochs_appended']} epochs appended "
-                     f"(characterise {m['characterize_s']:.1f} s, append {m['append_s']:.2f} s per image)")
-        for f in m["matchfiles"]:
-            lines.append(f"    {f['path']}: {f['epochs']} epochs, {f['photometry_rows']} photometry rows, "
-                         f"{f['unmatched_rows']} unmatched detections")
-        for f in m["failed"]:
-            lines.append(f"    {f['source']}: not appended: {f['reason']}")
-        lc = m["lightcurve"]
-        if lc:
-            what = "simulated variable star" if lc["simulated_variable"] else "most variable object"
-            lines.append(f"  light curve to see  {what} oid {lc['oid']}, {lc['epochs']} epochs "
-                         f"({', '.join(lc['filters'])}), mag {lc['mag_min']:.2f}-{lc['mag_max']:.2f}: {lc['command']}")
+        lines += _matchfile_lines(summary.matchfiles)
     for name, path in summary.products.items():
         lines.append(f"  {name:<24}{path}")
     lines.append("  stage timings (s)   " + ", ".join(f"{k} {v:.1f}" for k, v in summary.stages.items()))
+    lines.append("  runner stages (s, summed over quadrants)  "
+                 + ", ".join(f"{k} {v:.1f}" for k, v in summary.runner_stages.items()))
     return "\n".join(lines)

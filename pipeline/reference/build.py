@@ -3,8 +3,8 @@ field, CCD, quadrant and filter, with the coadd's PSF and PSF-fit catalogue.
 
 :func:`build_reference` is pure (frames and Gaia in, :class:`ReferenceImage` out).  The
 per-pixel combination is :mod:`pipeline.reference.stack`'s (:func:`stack_frames`), the
-file format :mod:`pipeline.reference.files`'s (:func:`write_reference`,
-:func:`read_reference`); both are re-exported here.
+in-memory model :mod:`pipeline.reference.model`'s, the file format (:func:`write_reference`,
+:func:`read_reference`, :func:`reference_filename`) :mod:`pipeline.reference.files`'s.
 
 Method
 ------
@@ -70,8 +70,7 @@ from pipeline.reference.stack import StackConfig, StackResult, stack_frames
 from pipeline.measure.registration import RegistrationConfig, RegistrationError, register_image
 from pipeline.formats.scamp_head import is_wcs_keyword
 
-__all__ = ["ReferenceConfig", "select_frames", "build_reference", "make_refid", "reference_filename",
-           "reference_grid"]
+__all__ = ["ReferenceConfig", "select_frames", "build_reference", "make_refid", "reference_grid"]
 
 _CRPIX = re.compile(r"CRPIX([12])[A-Z]?")
 
@@ -148,11 +147,6 @@ def make_refid(fieldid: int, rcid: int, filterid: int, expids) -> int:
     text = ",".join(str(int(e)) for e in sorted(int(e) for e in expids)).encode()
     digest = int.from_bytes(hashlib.blake2b(text, digest_size=4).digest(), "big")
     return (fieldid << 40) | (rcid << 34) | (filterid << 32) | digest
-
-
-def reference_filename(fieldid: int, ccdid: int, qid: int, filt: str) -> str:
-    """``ref_f<field>_c<ccd>_q<qid>_<filter>.fits`` (field 6 digits, CCD 2)."""
-    return f"ref_f{fieldid:06d}_c{ccdid:02d}_q{qid}_{filt}.fits"
 
 
 def _pixel_scale_arcsec(wcs: WCS) -> float:

@@ -1,4 +1,5 @@
-"""The reference image's file format: :func:`write_reference` and :func:`read_reference`.
+"""The reference image's file format (:func:`write_reference`, :func:`read_reference`), and
+references built from solved image files (the file edge of the reference stage).
 
 One FITS file, written atomically by :func:`write_reference` and validated by
 :func:`read_reference`:
@@ -22,12 +23,21 @@ One FITS file, written atomically by :func:`write_reference` and validated by
 
 Every part but the primary image is optional: a plain image with a WCS and ``MAGZP`` reads
 as a reference without noise map, PSF or catalogue.
+
+A reference of field F, CCD C, quadrant Q and filter B is named :func:`reference_filename`
+``ref_f<F>_c<C>_q<Q>_<B>.fits``: the quadrant runner looks for it under that name in
+``paths.references``.  :func:`build_references` builds and writes one per group of solved
+images (:func:`read_groups`); ``skydiff reference build`` and the simulated surveys of the
+demo and the tests use it.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
-from collections import Counter
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -35,13 +45,20 @@ from astropy.io import fits
 from astropy.stats import sigma_clipped_stats
 from astropy.table import Table
 
-from pipeline.core.image import FILTER_IDS, MASK_BITS, QuadrantImage, header_wcs
+from pipeline.core.exits import EXIT_OK, EXIT_UNUSABLE
+from pipeline.core.image import (FILTER_IDS, MASK_BITS, ImageContractError, QuadrantImage, footprint_corners,
+                                 header_wcs, read_quadrant)
 from pipeline.formats.atomic import write_fits_atomic
 from pipeline.measure.psf import PSFError, PSFModel
 from pipeline.formats.scamp_head import is_wcs_keyword
 from pipeline.reference.model import CATALOG_COLUMNS, ReferenceError, ReferenceImage
 
-__all__ = ["primary_header", "write_reference", "read_reference"]
+__all__ = ["primary_header", "write_reference", "read_reference", "reference_filename", "write_reference_into",
+           "collect_images", "read_groups", "build_references"]
+
+log = logging.getLogger("skydiff.reference")
+
+_IMAGE_SUFFIXES = (".fits", ".fits.fz", ".fit")
 
 def primary_header(ref: ReferenceImage, used: Sequence[QuadrantImage], grid_header: fits.Header,
                    read_noise_adu: float, zp_check: float, clrcoeff: float,
@@ -202,3 +219,118 @@ def _header_number(header: fits.Header, key: str, source: str, required: bool = 
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (required and not math.isfinite(value)):
         raise ReferenceError(source, f"keyword {key} must be a finite number, got {value!r}")
     return float(value)
+
+
+def reference_filename(fieldid: int, ccdid: int, qid: int, filt: str) -> str:
+    """``ref_f<field>_c<ccd>_q<qid>_<filter>.fits`` (field 6 digits, CCD 2)."""
+    return f"ref_f{fieldid:06d}_c{ccdid:02d}_q{qid}_{filt}.fits"
+
+
+def write_reference_into(folder: str | os.PathLike, ref: ReferenceImage) -> Path:
+    """Write ``ref`` into ``folder`` under its :func:`reference_filename` (the name the
+    quadrant runner looks for in ``paths.references``); returns the path written."""
+    return Path(write_reference(Path(folder) / reference_filename(ref.fieldid, ref.ccdid, ref.qid, ref.filter),
+                                ref))
+
+
+def collect_images(paths) -> list[Path]:
+    """The image files named by ``paths`` (files as given, directories' FITS files sorted).
+
+    Raises
+    ------
+    ImageContractError
+        A path that does not exist.
+    """
+    files: list[Path] = []
+    for name in paths:
+        path = Path(name)
+        if path.is_dir():
+            files.extend(sorted(p for p in path.iterdir()
+                                if p.is_file() and p.name.endswith(_IMAGE_SUFFIXES)))
+        elif path.exists():
+            files.append(path)
+        else:
+            raise ImageContractError(path, "file not found")
+    return files
+
+
+def read_groups(files, explicit=()) -> dict[tuple, list[QuadrantImage]]:
+    """Read quadrant images and group them by (fieldid, ccdid, qid, filter).
+
+    Files found in directories that hold no image (tables) or are references are skipped;
+    any other unreadable file raises :class:`ImageContractError`.
+    """
+    explicit = {Path(p) for p in explicit}
+    groups: dict[tuple, list[QuadrantImage]] = defaultdict(list)
+    for path in files:
+        try:
+            image = read_quadrant(path)
+        except ImageContractError as exc:
+            if path not in explicit and "no image data" in exc.problem:
+                log.info("skipping %s: %s", path, exc.problem)
+                continue
+            raise
+        if str(image.header.get("IMAGETYP", "")).strip().upper() == "REFERENCE":
+            log.info("skipping %s: a reference image", path)
+            continue
+        m = image.meta
+        groups[(m.fieldid, m.ccdid, m.qid, m.filter)].append(image)
+    return dict(groups)
+
+
+def build_references(groups: dict, refcat, out, cfg, config=None) -> tuple[int, list[dict]]:
+    """Build and write one reference per group; returns (exit status, one summary per group).
+
+    Parameters
+    ----------
+    groups : dict
+        (fieldid, ccdid, qid, filter) -> solved frames (:func:`read_groups`).
+    refcat : path-like
+        Gaia tile store directory, or a FITS table in the Gaia archive's column names.
+    out : path-like
+        Folder of the references (written under :func:`reference_filename`).
+    cfg : Config
+        Its ``instrument.filters`` give each group's band.
+    config : ReferenceConfig, optional
+        Build settings (default: :class:`pipeline.reference.build.ReferenceConfig`'s).
+
+    Returns
+    -------
+    status : int
+        0 every group built, 4 some group could not be built (its ``error`` says why).
+    summaries : list of dict
+        ``group``, ``path`` (None when not built), ``error`` and ``reference`` (the
+        :class:`ReferenceImage`, when built).
+
+    Raises
+    ------
+    catalogs.CatalogError
+        The Gaia catalogue cannot be read or does not cover a group.
+    """
+    from catalogs import catalog_for_footprint
+    from pipeline.reference.build import ReferenceConfig, build_reference   # build.py imports this module
+
+    config = ReferenceConfig() if config is None else config
+    status, summaries = EXIT_OK, []
+    for key, frames in sorted(groups.items()):
+        fieldid, ccdid, qid, filt = key
+        summary = {"group": key, "path": None, "error": None}
+        with_wcs = [f for f in frames if f.wcs is not None]
+        try:
+            if not with_wcs:
+                raise ReferenceError(f"f{fieldid} c{ccdid} q{qid} {filt}", "no frame has a WCS")
+            gaia = catalog_for_footprint(refcat, footprint_corners(with_wcs[0].wcs, with_wcs[0].shape),
+                                         config.gaia_margin_deg)
+            ref = build_reference(frames, gaia, cfg.instrument.filters[filt], config)
+        except ReferenceError as exc:
+            log.error("%s", exc)
+            summary["error"] = str(exc)
+            status = EXIT_UNUSABLE
+            summaries.append(summary)
+            continue
+        t0 = time.perf_counter()
+        path = write_reference(Path(out) / reference_filename(fieldid, ccdid, qid, filt), ref)
+        ref.timings["write"] = time.perf_counter() - t0
+        summary.update(path=str(path), reference=ref)
+        summaries.append(summary)
+    return status, summaries

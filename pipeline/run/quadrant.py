@@ -144,7 +144,7 @@ def run_quadrant(exposure: str | os.PathLike, rcid: int, cfg: Config, force: boo
     from alerts.publish import AlertPublisher
     from alerts.spool import Spool
     from pipeline.astrometry.files import solve_quadrant
-    from pipeline.reference.build import reference_filename
+    from pipeline.reference.files import reference_filename
     from pipeline.subtraction.files import subtract_quadrant
 
     clock = time.perf_counter

@@ -23,14 +23,16 @@ from astropy.wcs import WCS
 from catalogs import propagate_to_epoch
 from pipeline.core.config import Config
 from pipeline.core.image import QuadrantImage, quadrant_image
+from pipeline.reference.files import ReferenceImage
 from pipeline.simulate.inject import inject_point_sources, true_psf_field
 from pipeline.simulate.plan import DEFAULT_FIELDS, Field, exposure_at_airmass
 from pipeline.simulate.render import image_zeropoint, sky_electrons_per_pixel, true_psf_stamp
 from pipeline.simulate.run import simulate_quadrant
 from pipeline.simulate.sky import SkyModel, make_sky
 
-__all__ = ["PairOptions", "SimulatedPair", "pair_sky", "simulate_reference_frames", "simulate_science",
-           "simulated_pair", "real_positions", "with_true_wcs"]
+__all__ = ["PairOptions", "SimulatedPair", "pair_sky", "simulate_reference_frames", "simulated_reference",
+           "simulate_science", "simulated_pair", "real_positions", "with_true_wcs", "read_with_true_wcs"]
+
 
 @dataclass(frozen=True)
 class PairOptions:
@@ -98,6 +100,16 @@ def with_true_wcs(data: np.ndarray, header, mask: np.ndarray | None, truth_heade
     return quadrant_image(data, header, mask, source="<simulated>")
 
 
+def read_with_true_wcs(image_path, truth_path) -> QuadrantImage:
+    """A simulated quadrant file (:func:`pipeline.simulate.run.simulate_run`'s) with the true WCS
+    of its truth file, as if the astrometry stage had solved it."""
+    from astropy.io import fits
+    from pipeline.core.image import read_quadrant
+
+    raw = read_quadrant(image_path)
+    return with_true_wcs(raw.data, raw.header, raw.mask, fits.getheader(truth_path, 0))
+
+
 def pair_sky(cfg: Config, options: PairOptions) -> SkyModel:
     mjd = Time(options.science_night).mjd
     f = options.field
@@ -118,6 +130,17 @@ def simulate_reference_frames(cfg: Config, options: PairOptions, sky: SkyModel |
         quadrant, _ = simulate_quadrant(spec, options.rcid, sky, cfg)
         frames.append(_solved(quadrant))
     return frames
+
+
+def simulated_reference(cfg: Config, options: PairOptions, sky: SkyModel | None = None,
+                        frames: list[QuadrantImage] | None = None) -> ReferenceImage:
+    """The pair's reference: ``frames`` (default: :func:`simulate_reference_frames`) coadded
+    against the sky's Gaia catalogue in their filter."""
+    from pipeline.reference.build import build_reference
+
+    sky = pair_sky(cfg, options) if sky is None else sky
+    frames = simulate_reference_frames(cfg, options, sky) if frames is None else frames
+    return build_reference(frames, sky.gaia_catalogue(), cfg.instrument.filters[frames[0].meta.filter])
 
 
 def _snr_flux_adu(spec, cfg: Config, rcid: int, x, y) -> np.ndarray:

@@ -22,8 +22,8 @@ from astropy.table import Table, vstack
 from pipeline.core.config import Config
 from pipeline.subtraction.realbogus import RB_FEATURES, RealBogusModel, feature_matrix, fit_model
 from pipeline.subtraction.difference import SubtractionResult, subtract_images
-from pipeline.simulate.pairs import (PairOptions, SimulatedPair, pair_sky, real_positions, simulate_reference_frames,
-                           simulate_science)
+from pipeline.simulate.pairs import (PairOptions, SimulatedPair, pair_sky, real_positions, simulate_science,
+                                     simulated_reference)
 
 __all__ = ["TrainingPlan", "DEFAULT_PLAN", "label_candidates", "subtract_pair", "training_candidates",
            "train_model"]
@@ -81,16 +81,12 @@ def subtract_pair(pair: SimulatedPair, reference, score_realbogus: bool = True, 
 def training_candidates(cfg: Config, plan: TrainingPlan = DEFAULT_PLAN) -> Table:
     """Every candidate of the plan's simulated pairs, with ``label`` (1 real), ``psf_fwhm``
     (the science image's) and ``image`` (running number)."""
-    from pipeline.reference.build import build_reference
-
     tables = []
     for rcid, seed in plan.quadrants:
         base = PairOptions(rcid=rcid, seed=seed, n_inject=plan.n_inject, snr_range=plan.snr_range)
         t0 = time.perf_counter()
         sky = pair_sky(cfg, base)
-        frames = simulate_reference_frames(cfg, base, sky)
-        band = cfg.instrument.filters[frames[0].meta.filter]
-        reference = build_reference(frames, sky.gaia_catalogue(), band)
+        reference = simulated_reference(cfg, base, sky)
         log.info("training: reference of rcid %d (seed %d) in %.1f s", rcid, seed, time.perf_counter() - t0)
         for k, (seeing, shift, hot) in enumerate(plan.science):
             options = replace(base, science_seeing=seeing, misregister_px=(shift, -0.5 * shift),

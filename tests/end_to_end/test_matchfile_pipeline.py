@@ -7,7 +7,6 @@ science exposures on 8 nights (airmass 1.1-1.6, seeing 1.6-2.5"), each character
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,7 +18,6 @@ from scipy.spatial import cKDTree
 
 from pipeline.measure.characterize import characterize_image
 from pipeline.core.config import Config, load_config
-from pipeline.demo.matchfiles import fill_demo_matchfiles
 from pipeline.core.image import write_quadrant
 from pipeline.matchfile.lightcurves import lightcurve
 from pipeline.matchfile.store import combine, pending_shards
@@ -269,38 +267,19 @@ def test_command_appends_a_solved_image(run, tmp_path, capsys):
     assert bad.func(bad) == 3
 
 
-def test_demo_hook_fills_matchfiles_from_subtraction_folders(run, tmp_path):
-    """Two subtraction output folders (qa.json naming the solved image and the reference)."""
-    from astropy.io import fits
+def test_demo_names_a_light_curve_to_look_at(run):
+    """The demo's pick: the simulated variable star with the most unflagged epochs; without
+    truth, the most variable object."""
+    from pipeline.demo.records import pick_variable_lightcurve
 
-    reference = tmp_path / "ref.fits"
-    write_reference(reference, run.reference)
-    subtractions = []
-    for image, epoch in ((run.previous, run.epochs[-2]), (run.last[0], run.epochs[-1])):
-        stem = f"science_{image.meta.expid}"
-        science = tmp_path / "astrometry" / "night" / stem / f"{stem}.fits"
-        science.parent.mkdir(parents=True)
-        write_quadrant(science, image.data, image.header, image.mask)
-        truth = tmp_path / "truth" / "night" / f"{stem}_truth.fits"
-        truth.parent.mkdir(parents=True, exist_ok=True)
-        fits.HDUList([fits.PrimaryHDU(), fits.BinTableHDU(epoch["truth"], name="TRUTH")]).writeto(truth)
-        outdir = tmp_path / "subtraction" / stem
-        outdir.mkdir(parents=True)
-        (outdir / "qa.json").write_text(json.dumps({"science": str(science), "reference": str(reference),
-                                                    "zp_science": epoch["zeropoint"], "magzpsciunc": 0.001,
-                                                    "zp_source": "gaia"}))
-        subtractions.append({"status": 0, "outdir": str(outdir), "science": str(science)})
-    subtractions.append({"status": 4, "science": "unusable.fits"})
-    summary = fill_demo_matchfiles(run.cfg, [{"path": str(reference)}], subtractions[::-1], tmp_path / "mf",
-                                   truth_root=tmp_path / "truth", jobs=1)
-    print(f"\ndemo hook: {summary}")
-    assert summary["epochs_appended"] == 2 and not summary["failed"]
-    [matchfile] = summary["matchfiles"]
-    assert matchfile["epochs"] == 2 and matchfile["photometry_rows"] > 2000
-    named = summary["lightcurve"]
-    assert named["simulated_variable"] and named["epochs"] == 2
+    combine(run.matchfile, run.cfg.matchfile)
+    stars, _ = _truth_rows(run)
+    variables = stars[np.asarray(stars["variable"], bool)]["id", "ra", "dec"]
+    named = pick_variable_lightcurve(run.root, [run.matchfile], variables)
+    print(f"\ndemo light curve: {named}")
+    assert named["simulated_variable"] and named["epochs"] == len(run.epochs)
     assert named["command"].startswith(f"skydiff lightcurve {named['ra']:.6f} ")
-    stars, row_of = _truth_rows(run)
-    variables = stars[np.asarray(stars["variable"], bool)]
     chord, _ = cKDTree(_unit(variables["ra"], variables["dec"])).query(_unit([named["ra"]], [named["dec"]]))
     assert _arcsec(chord[0]) < 1.0
+    anyone = pick_variable_lightcurve(run.root, [run.matchfile], None)
+    assert not anyone["simulated_variable"] and anyone["epochs"] >= 3
