@@ -28,9 +28,11 @@ from pipeline.formats.tpv import tpv_indices
 
 from priors.model import Prior, PriorError, PriorProvenance, QuadrantPrior
 
-__all__ = ["PRIOR_FORMAT_VERSION", "write_prior", "read_prior"]
+__all__ = ["PRIOR_FORMAT_VERSION", "PRIOR_FILENAME", "write_prior", "read_prior"]
 
 PRIOR_FORMAT_VERSION = 1
+#: The survey's prior inside ``paths.priors``: the quadrant runner solves every quadrant from it.
+PRIOR_FILENAME = "prior.fits"
 
 # provenance field -> (keyword, comment)
 _PROVENANCE_KEYS = {

@@ -97,7 +97,7 @@ def run_demo(cfg: Config, workdir: str | Path, options: DemoOptions = DemoOption
     """Simulate the demo survey under ``workdir`` and run it through the quadrant runner."""
     from pipeline.run.exposure import run_exposure
     from pipeline.simulate.priors import build_prior_from_simulation
-    from priors.store import write_prior
+    from priors.store import PRIOR_FILENAME, write_prior
 
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -124,8 +124,8 @@ def run_demo(cfg: Config, workdir: str | Path, options: DemoOptions = DemoOption
                              "catalogue store": str(cfg.paths.resolve("catalogs"))})
     lap("simulate + Gaia store")
 
-    # The runner reads the prior from <paths.priors>/prior.fits.
-    prior_path = cfg.paths.resolve("priors") / "prior.fits"
+    # The runner solves from the survey's prior in paths.priors.
+    prior_path = cfg.paths.resolve("priors") / PRIOR_FILENAME
     write_prior(prior_path, build_prior_from_simulation(cfg, [the_field], n_exposures=12,
                                                         rcids=list(options.quadrants)))
     summary.products["distortion prior"] = str(prior_path)

@@ -116,7 +116,8 @@ def quadrant_expid(path: Path, hdu: int | str | None) -> int:
 
 
 def _prior_path(cfg: Config) -> str | None:
-    candidate = cfg.paths.resolve("priors") / "prior.fits"
+    from priors.store import PRIOR_FILENAME
+    candidate = cfg.paths.resolve("priors") / PRIOR_FILENAME
     return str(candidate) if candidate.exists() else None
 
 
