@@ -62,7 +62,8 @@ def bench_astrometry_quadrant(cfg: Config, rcid: int = 60, airmass: float = 1.5,
     airmass_at(field.ra, field.dec, image.meta.obstime, cfg.site)
     first_use = time.perf_counter() - t0
     with tempfile.TemporaryDirectory(prefix="skydiff-bench-astrometry-") as tmp:
-        result = solve_astrometry(image, gaia, prior, cfg, tmp)
+        result = solve_astrometry(image, gaia, prior, tmp, cfg.astrometry, cfg.extraction, cfg.site,
+                                  cfg.instrument.filters[image.meta.filter])
     figures = {k: float(v) for k, v in result.timings.items()}
     figures["total"] = sum(figures.values())
     figures["process_first_use"] = first_use
@@ -96,7 +97,8 @@ def validate_astrometry_night(cfg: Config, outdir: str | Path, rcids=(0, 3, 21, 
             prior = prior_from_image_header(image)
             rows = _gaia_around(gaia, prior, image.shape, cfg.astrometry.catalog_margin_deg)
             with tempfile.TemporaryDirectory(prefix="skydiff-night-") as tmp:
-                result = solve_astrometry(image, rows, prior, cfg, tmp)
+                result = solve_astrometry(image, rows, prior, tmp, cfg.astrometry, cfg.extraction, cfg.site,
+                                          cfg.instrument.filters[image.meta.filter])
             record = result.summary()
             record.update(expid=spec.expid, rcid=rcid, airmass_boresight=spec.airmass, filter=spec.filter)
             if result.wcs is not None:
