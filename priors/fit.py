@@ -54,7 +54,7 @@ from datetime import datetime, timezone
 import numpy as np
 from astropy.table import Table
 
-from pipeline.core.config import Config
+from pipeline.core.config import Config, PriorFitSettings
 from pipeline.core.focalplane import QuadrantGeometry, all_quadrants
 from pipeline.formats.tpv import fit_tpv_wcs, tangent_to_sky
 
@@ -71,19 +71,6 @@ log = logging.getLogger("skydiff.priors")
 # Global pixel coordinates are divided by this before taking powers, to keep the
 # least-squares problems well conditioned (the focal plane spans about +-14000 pixels).
 _PIXEL_NORM = 1.0e4
-
-
-@dataclass(frozen=True)
-class PriorFitSettings:
-    """Settings of :func:`fit_prior`."""
-
-    max_airmass: float = 1.3
-    degree: int = 3
-    min_stars_per_quadrant: int = 20
-    clip_sigma: float = 5.0
-    passes: int = 3
-    grid: int = 9                  # samples per axis when turning the model into TPV terms
-    default_filter: str = "ZTF_r"  # for matches without a filter column
 
 
 @dataclass(frozen=True)
@@ -268,7 +255,7 @@ def _select(matches: Table, settings: PriorFitSettings, source: str):
     return used, sparse
 
 
-def fit_prior(matches: Table, cfg: Config, settings: PriorFitSettings = PriorFitSettings(),
+def fit_prior(matches: Table, cfg: Config, settings: PriorFitSettings | None = None,
               source: str = "<matches>") -> Prior:
     """Fit the distortion prior (see the module docstring for the model).
 
@@ -278,7 +265,8 @@ def fit_prior(matches: Table, cfg: Config, settings: PriorFitSettings = PriorFit
         Matched stars (:mod:`priors.matches`), any airmass: rows above ``max_airmass`` are dropped.
     cfg : Config
         The camera layout, the site and the filters' wavelengths.
-    settings : PriorFitSettings
+    settings : PriorFitSettings, optional
+        Default: ``cfg.priors`` (the ``[priors]`` section).
     source : str
         Named in error messages.
 
@@ -287,6 +275,7 @@ def fit_prior(matches: Table, cfg: Config, settings: PriorFitSettings = PriorFit
     PriorError
         No usable star, exposure or quadrant, or too few stars for the parameters.
     """
+    settings = cfg.priors if settings is None else settings
     table, _ = _select(matches, settings, source)
     frames = exposure_frames(table, cfg, settings.default_filter)
     geoms_by_rcid = {g.rcid: g for g in all_quadrants(cfg.instrument)}

@@ -140,7 +140,8 @@ def solve_quadrant(image: QuadrantImage, name: str, refcat: str | os.PathLike, p
     out.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix=".work-", dir=out))
     try:
-        result = solve_astrometry(image, gaia, prior, cfg, workdir)
+        result = solve_astrometry(image, gaia, prior, workdir, cfg.astrometry, cfg.extraction, cfg.site,
+                                  cfg.instrument.filters[image.meta.filter])
     except ScampError as exc:
         log.error("SCAMP could not be run: %s", exc)
         return AstrometryRun(EXIT_FAILED, None)

@@ -19,7 +19,6 @@ ZTF-like quadrants:
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import shutil
@@ -41,7 +40,7 @@ from pipeline.formats.scamp_head import (WcsHeaderError, read_head, strip_wcs_ke
                        write_ahead)
 from pipeline.core.exits import PipelineError
 
-__all__ = ["ScampError", "ScampNotFoundError", "ScampInputError", "ScampSettings",
+__all__ = ["ScampError", "ScampNotFoundError", "ScampInputError", "scamp_parameters",
            "ScampInputs", "ScampQA", "ScampPassResult", "ScampResult", "load_inputs",
            "run_scamp_pass", "solve_with_scamp", "parse_scamp_xml"]
 
@@ -71,113 +70,41 @@ class ScampInputError(ScampError, ValueError):
     """A catalogue, prior or working directory SCAMP cannot be given."""
 
 
-@dataclass(frozen=True)
-class ScampSettings:
-    """How SCAMP is run and how its solution is judged (defaults: the settings that solved
-    simulated ZTF-like quadrants with SCAMP 2.10, as ZTF runs it: two passes).
-
-    ``timeout_s`` applies to each pass.  Angles follow SCAMP's own units:
-    ``position_maxerr_arcmin`` in arcmin, cross-id radii and ``match_resol_arcsec`` in arcsec
-    (0 lets SCAMP choose), ``posangle_maxerr_deg`` in degrees; ``pixscale_maxerr`` is a
-    factor.
-    """
-
-    binary: str = "scamp"
-    timeout_s: float = 60.0
-    threads: int = 1
-    min_detections: int = 30
-    min_matched: int = 30
-    min_xy_contrast: float = 5.0
-    max_sigma_arcsec: float = 0.3
-    position_maxerr_arcmin: float = 1.5
-    posangle_maxerr_deg: float = 0.5
-    pixscale_maxerr: float = 1.02
-    focdistort_degree: int = 2
-    pass1_crossid_radius_arcsec: float = 3.0
-    match_resol_arcsec: float = 0.0
-    # Pattern matching uses the brightest N detections (0 = SCAMP decides).  500 halved
-    # pass 1 on a 4000-source quadrant with an identical solution.
-    match_nmax: int = 0
-    distort_degree: int = 4
-    pass2_crossid_radius_arcsec: float = 1.5
-    sn_thresholds: tuple[float, float] = (10.0, 100.0)
-    # SCAMP adds this floor (pixels) in quadrature to every detection's position error.  Its
-    # default, 0.01 px, is twice the windowed error of a bright star here, so it flattened the
-    # weights and left 30-50 mas at the quadrant corners; the extraction's errors match the
-    # measured scatter (tests/measure/test_extract.py), so no floor is needed (on real data the
-    # atmosphere may justify one).
-    astr_accuracy_px: float = 0.0
-    # Detections with any of these FLAGS bits stay out of the fit.  SCAMP's default (0x00f0)
-    # lets saturated and blended stars in, whose centroids are off by far more than their
-    # errors say; every bit the extraction sets marks such a detection.
-    flags_mask: int = 0x1FF
-
-    def __post_init__(self):
-        if not self.timeout_s > 0:
-            raise ValueError(f"timeout_s must be positive, got {self.timeout_s}")
-        if self.threads < 0:
-            raise ValueError(f"threads must be >= 0 (0 = SCAMP's automatic), got {self.threads}")
-        if self.focdistort_degree < 2:
-            # Degree 1 makes SCAMP 2.10 delete every PV term of the prior, the distortion
-            # included (seen: a degenerate CD of ~1e-8, no matches).
-            raise ValueError("focdistort_degree must be >= 2: degree 1 wipes the prior's PV terms")
-        if self.min_detections < 1 or self.min_matched < 1:
-            raise ValueError("min_detections and min_matched must be >= 1")
-
-    @classmethod
-    def from_config(cls, astrometry: AstrometryConfig, **overrides) -> "ScampSettings":
-        """Settings from the project's ``[astrometry]`` section, plus explicit overrides.
-
-        ``scamp_binary``, ``scamp_timeout_s`` and ``scamp_threads`` map to ``binary``,
-        ``timeout_s`` and ``threads``; every other field the two dataclasses share by name
-        (thresholds, ``position_maxerr_arcmin``, ``match_resol_arcsec``, ...) is taken over.
-        """
-        renamed = {"scamp_binary": "binary", "scamp_timeout_s": "timeout_s",
-                   "scamp_threads": "threads"}
-        own = {f.name for f in dataclasses.fields(cls)}
-        values = {}
-        for f in dataclasses.fields(astrometry):
-            name = renamed.get(f.name, f.name)
-            if name in own:
-                values[name] = getattr(astrometry, f.name)
-        values.update(overrides)
-        return cls(**values)
-
-    def parameters(self, pass_number: int) -> dict[str, str]:
-        """The SCAMP configuration of pass 1 (matching) or pass 2 (full distortion)."""
-        common = {
-            "ASTREF_CATALOG": "FILE", "ASTREFCAT_NAME": REFERENCE_NAME,
-            "PROJECTION_TYPE": "TPV", "MOSAIC_TYPE": "UNCHANGED", "SOLVE_PHOTOM": "N",
-            "CHECKPLOT_TYPE": "NONE", "CHECKPLOT_DEV": "NULL", "CHECKIMAGE_TYPE": "NONE",
-            "MERGEDOUTCAT_TYPE": "NONE", "FULLOUTCAT_TYPE": "NONE", "SAVE_REFCATALOG": "N",
-            "WRITE_XML": "Y", "XML_NAME": XML_NAME,
-            "SN_THRESHOLDS": ",".join(f"{v:g}" for v in self.sn_thresholds),
-            "AHEADER_GLOBAL": ABSENT_GLOBAL_AHEAD, "AHEADER_SUFFIX": ".ahead",
-            "HEADER_SUFFIX": ".head", "HEADER_TYPE": "NORMAL",
-            "VERBOSE_TYPE": "NORMAL", "NTHREADS": str(self.threads),
-            "ASTRACCURACY_TYPE": "SIGMA-PIXEL", "ASTR_ACCURACY": f"{self.astr_accuracy_px:g}",
-            "FLAGS_MASK": f"0x{self.flags_mask:04x}",
+def scamp_parameters(settings: AstrometryConfig, pass_number: int) -> dict[str, str]:
+    """The SCAMP configuration of pass 1 (matching) or pass 2 (full distortion)."""
+    common = {
+        "ASTREF_CATALOG": "FILE", "ASTREFCAT_NAME": REFERENCE_NAME,
+        "PROJECTION_TYPE": "TPV", "MOSAIC_TYPE": "UNCHANGED", "SOLVE_PHOTOM": "N",
+        "CHECKPLOT_TYPE": "NONE", "CHECKPLOT_DEV": "NULL", "CHECKIMAGE_TYPE": "NONE",
+        "MERGEDOUTCAT_TYPE": "NONE", "FULLOUTCAT_TYPE": "NONE", "SAVE_REFCATALOG": "N",
+        "WRITE_XML": "Y", "XML_NAME": XML_NAME,
+        "SN_THRESHOLDS": ",".join(f"{v:g}" for v in settings.sn_thresholds),
+        "AHEADER_GLOBAL": ABSENT_GLOBAL_AHEAD, "AHEADER_SUFFIX": ".ahead",
+        "HEADER_SUFFIX": ".head", "HEADER_TYPE": "NORMAL",
+        "VERBOSE_TYPE": "NORMAL", "NTHREADS": str(settings.scamp_threads),
+        "ASTRACCURACY_TYPE": "SIGMA-PIXEL", "ASTR_ACCURACY": f"{settings.astr_accuracy_px:g}",
+        "FLAGS_MASK": f"0x{settings.flags_mask:04x}",
+    }
+    if pass_number == 1:
+        specific = {
+            "MATCH": "Y", "STABILITY_TYPE": "PRE-DISTORTED",
+            "FOCDISTORT_DEGREE": str(settings.focdistort_degree),
+            "POSITION_MAXERR": f"{settings.position_maxerr_arcmin:g}",
+            "POSANGLE_MAXERR": f"{settings.posangle_maxerr_deg:g}",
+            "PIXSCALE_MAXERR": f"{settings.pixscale_maxerr:g}",
+            "CROSSID_RADIUS": f"{settings.pass1_crossid_radius_arcsec:g}",
+            "MATCH_RESOL": f"{settings.match_resol_arcsec:g}",
+            "MATCH_NMAX": str(settings.match_nmax),
         }
-        if pass_number == 1:
-            specific = {
-                "MATCH": "Y", "STABILITY_TYPE": "PRE-DISTORTED",
-                "FOCDISTORT_DEGREE": str(self.focdistort_degree),
-                "POSITION_MAXERR": f"{self.position_maxerr_arcmin:g}",
-                "POSANGLE_MAXERR": f"{self.posangle_maxerr_deg:g}",
-                "PIXSCALE_MAXERR": f"{self.pixscale_maxerr:g}",
-                "CROSSID_RADIUS": f"{self.pass1_crossid_radius_arcsec:g}",
-                "MATCH_RESOL": f"{self.match_resol_arcsec:g}",
-                "MATCH_NMAX": str(self.match_nmax),
-            }
-        elif pass_number == 2:
-            specific = {
-                "MATCH": "N", "STABILITY_TYPE": "INSTRUMENT",
-                "DISTORT_DEGREES": str(self.distort_degree),
-                "CROSSID_RADIUS": f"{self.pass2_crossid_radius_arcsec:g}",
-            }
-        else:
-            raise ValueError(f"SCAMP pass must be 1 or 2, got {pass_number}")
-        return {**common, **specific}
+    elif pass_number == 2:
+        specific = {
+            "MATCH": "N", "STABILITY_TYPE": "INSTRUMENT",
+            "DISTORT_DEGREES": str(settings.distort_degree),
+            "CROSSID_RADIUS": f"{settings.pass2_crossid_radius_arcsec:g}",
+        }
+    else:
+        raise ValueError(f"SCAMP pass must be 1 or 2, got {pass_number}")
+    return {**common, **specific}
 
 
 @dataclass(frozen=True)
@@ -284,7 +211,7 @@ def _count_in_field(reference: Table, ahead: fits.Header, shape, margin_arcmin: 
 
 
 def load_inputs(detections_ldac: str | os.PathLike, reference_ldac: str | os.PathLike,
-                ahead: fits.Header, settings: ScampSettings,
+                ahead: fits.Header, settings: AstrometryConfig,
                 image_shape: tuple[int, int] | None = None) -> ScampInputs:
     """Read and check both catalogues against the prior before SCAMP is run.
 
@@ -449,7 +376,7 @@ def parse_scamp_xml(path: str | os.PathLike, log_path: str | os.PathLike | None 
     )
 
 
-def _verdict(qa: ScampQA, pass_number: int, settings: ScampSettings) -> str | None:
+def _verdict(qa: ScampQA, pass_number: int, settings: AstrometryConfig) -> str | None:
     """Why the solution of this pass is unusable, or None if it passes every threshold."""
     if pass_number == 1 and not (qa.xy_contrast or 0.0) >= settings.min_xy_contrast:
         contrast = "absent" if qa.xy_contrast is None else f"{qa.xy_contrast:.3g}"
@@ -466,14 +393,14 @@ def _verdict(qa: ScampQA, pass_number: int, settings: ScampSettings) -> str | No
 
 
 def _run_pass(inputs: ScampInputs, ahead: fits.Header, pass_number: int,
-              settings: ScampSettings, binary: str, workdir: Path) -> ScampPassResult:
+              settings: AstrometryConfig, binary: str, workdir: Path) -> ScampPassResult:
     run_dir = _fresh_run_dir(workdir, pass_number)
     write_ldac(run_dir / CATALOG_NAME, inputs.detections, inputs.image_header)
     _link_or_copy(inputs.reference_path, run_dir / REFERENCE_NAME)
     write_ahead(run_dir / Path(CATALOG_NAME).with_suffix(".ahead").name, ahead)
-    _write_config(run_dir / CONFIG_NAME, settings.parameters(pass_number))
+    _write_config(run_dir / CONFIG_NAME, scamp_parameters(settings, pass_number))
 
-    returncode, seconds = _execute(binary, run_dir, settings.timeout_s)
+    returncode, seconds = _execute(binary, run_dir, settings.scamp_timeout_s)
     tail = _log_tail(run_dir / LOG_NAME)
 
     def outcome(reason, head=None, qa=None):
@@ -482,7 +409,7 @@ def _run_pass(inputs: ScampInputs, ahead: fits.Header, pass_number: int,
 
     if returncode is None:
         return outcome(f"pass {pass_number}: timeout, SCAMP killed after "
-                       f"{settings.timeout_s:g} s")
+                       f"{settings.scamp_timeout_s:g} s")
     if returncode < 0:
         name = signal.Signals(-returncode).name if -returncode in signal.valid_signals() else ""
         return outcome(f"pass {pass_number}: SCAMP crashed (killed by signal "
@@ -506,14 +433,14 @@ def _run_pass(inputs: ScampInputs, ahead: fits.Header, pass_number: int,
 
 def run_scamp_pass(pass_number: int, detections_ldac: str | os.PathLike,
                    reference_ldac: str | os.PathLike, ahead: fits.Header,
-                   settings: ScampSettings, workdir: str | os.PathLike,
+                   settings: AstrometryConfig, workdir: str | os.PathLike,
                    image_shape: tuple[int, int] | None = None) -> ScampPassResult:
     """Run one SCAMP pass (1: pattern matching, 2: full distortion) from prior ``ahead``.
 
     The pass runs in ``workdir/scamp_pass<N>`` (replaced if present).  Input checks that
     fail give a result that is not ok, without running SCAMP.
     """
-    binary = _resolve_binary(settings.binary)
+    binary = _resolve_binary(settings.scamp_binary)
     inputs = load_inputs(detections_ldac, reference_ldac, ahead, settings, image_shape)
     if inputs.reason is not None:
         return ScampPassResult(pass_number, False, inputs.reason, None, None, None, None, "",
@@ -523,7 +450,7 @@ def run_scamp_pass(pass_number: int, detections_ldac: str | os.PathLike,
 
 def solve_with_scamp(detections_ldac: str | os.PathLike, reference_ldac: str | os.PathLike,
                      ahead: fits.Header, image_shape: tuple[int, int],
-                     settings: ScampSettings, workdir: str | os.PathLike) -> ScampResult:
+                     settings: AstrometryConfig, workdir: str | os.PathLike) -> ScampResult:
     """Solve a quadrant's astrometry with SCAMP in two passes.
 
     Parameters
@@ -539,7 +466,8 @@ def solve_with_scamp(detections_ldac: str | os.PathLike, reference_ldac: str | o
         The prior WCS (TPV), written as pass 1's ``.ahead``.
     image_shape : (ny, nx)
         Numpy shape of the quadrant image; must match the catalogue's NAXIS2/NAXIS1.
-    settings : ScampSettings
+    settings : AstrometryConfig
+        The ``[astrometry]`` section: how SCAMP is run and the thresholds of its verdict.
     workdir : path
         Folder for the per-pass run directories ``scamp_pass1`` and ``scamp_pass2``.
 
@@ -556,7 +484,7 @@ def solve_with_scamp(detections_ldac: str | os.PathLike, reference_ldac: str | o
     ScampInputError
         Unreadable catalogues, missing columns, a bad prior or an unusable workdir.
     """
-    binary = _resolve_binary(settings.binary)
+    binary = _resolve_binary(settings.scamp_binary)
     inputs = load_inputs(detections_ldac, reference_ldac, ahead, settings, image_shape)
     base = dict(n_detections=inputs.n_detections, n_reference_in_field=inputs.n_reference_in_field)
     if inputs.reason is not None:

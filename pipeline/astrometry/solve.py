@@ -29,11 +29,11 @@ from astropy.table import Table
 from astropy.wcs import WCS
 
 from pipeline.astrometry.qa import AstrometricQA, astrometric_outliers, astrometric_qa
-from pipeline.core.config import Config
-from pipeline.measure.extract import FLAG_BITS, ExtractionConfig, ExtractionResult, extract_sources, to_scamp_ldac
+from pipeline.core.config import AstrometryConfig, ExtractionConfig, FilterConfig, SiteConfig
+from pipeline.measure.extract import FLAG_BITS, ExtractionResult, extract_sources, to_scamp_ldac
 from pipeline.core.image import QuadrantImage
 from pipeline.astrometry.scale_check import ScaleCheck, scale_check
-from pipeline.astrometry.scamp import ScampResult, ScampSettings, run_scamp_pass, solve_with_scamp
+from pipeline.astrometry.scamp import ScampResult, run_scamp_pass, solve_with_scamp
 from pipeline.formats.scamp_head import strip_wcs_keywords, wcs_from_header
 
 __all__ = ["AstrometricPrior", "AstrometryResult", "prior_from_image_header",
@@ -153,9 +153,9 @@ class _Clock:
         self.t = now
 
 
-def solve_astrometry(image: QuadrantImage, gaia: Table, prior: AstrometricPrior, cfg: Config,
-                     workdir: str | Path, extraction_config: ExtractionConfig = ExtractionConfig(),
-                     scamp_settings: ScampSettings | None = None) -> AstrometryResult:
+def solve_astrometry(image: QuadrantImage, gaia: Table, prior: AstrometricPrior, workdir: str | Path,
+                     config: AstrometryConfig, extraction_config: ExtractionConfig, site: SiteConfig,
+                     band: FilterConfig) -> AstrometryResult:
     """Solve and judge the astrometry of one quadrant image.
 
     Parameters
@@ -166,19 +166,22 @@ def solve_astrometry(image: QuadrantImage, gaia: Table, prior: AstrometricPrior,
         they are propagated to the exposure here.
     prior : AstrometricPrior
         The starting WCS (a distortion prior's ``.ahead`` or the image header's WCS).
-    cfg : Config
     workdir : path
         Where SCAMP's catalogues and run directories go.
-    extraction_config, scamp_settings : optional
-        Defaults from ``cfg.astrometry``.
+    config : AstrometryConfig
+        The ``[astrometry]`` section: SCAMP's settings and the verdict's thresholds.
+    extraction_config : ExtractionConfig
+        The ``[extraction]`` section.
+    site : SiteConfig
+        The observatory, for the refraction expected in the scale check.
+    band : FilterConfig
+        The image's filter (its effective wavelength, for the same).
 
     Returns
     -------
     AstrometryResult
     """
     from catalogs import scamp_reference_table, write_scamp_reference
-    acfg = cfg.astrometry
-    settings = scamp_settings or ScampSettings.from_config(acfg)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -193,8 +196,8 @@ def solve_astrometry(image: QuadrantImage, gaia: Table, prior: AstrometricPrior,
     partial = dict(prior=prior, extraction=extraction, reference=reference, timings=timings)
 
     reasons: list[str] = []
-    if len(extraction.catalog) < acfg.min_detections:
-        reasons.append(f"only {len(extraction.catalog)} detections (at least {acfg.min_detections} needed)")
+    if len(extraction.catalog) < config.min_detections:
+        reasons.append(f"only {len(extraction.catalog)} detections (at least {config.min_detections} needed)")
     if reference is None or len(reference) == 0:
         reasons.append("no Gaia reference stars around the footprint")
     if reasons:
@@ -204,7 +207,7 @@ def solve_astrometry(image: QuadrantImage, gaia: Table, prior: AstrometricPrior,
     det_path = to_scamp_ldac(extraction, strip_wcs_keywords(image.header), workdir / "quadrant.ldac")
     ref_path = write_scamp_reference(workdir / "refcat.ldac", reference)
     clock.lap("write_catalogs")
-    scamp = solve_with_scamp(det_path, ref_path, prior.header, shape, settings, workdir)
+    scamp = solve_with_scamp(det_path, ref_path, prior.header, shape, config, workdir)
     timings["scamp_pass1"] = scamp.seconds_pass1 or 0.0
     timings["scamp_pass2"] = scamp.seconds_pass2 or 0.0
     clock.lap("scamp_overhead")
@@ -213,26 +216,25 @@ def solve_astrometry(image: QuadrantImage, gaia: Table, prior: AstrometricPrior,
         return AstrometryResult(False, (f"SCAMP: {scamp.reason}",), None, None, scamp=scamp, qa=None,
                                 scale=None, matches=None, **partial)
 
-    scamp, n_outliers = _refit_without_outliers(scamp, extraction, image, reference, ref_path, settings,
-                                                workdir, acfg.match_radius_arcsec)
+    scamp, n_outliers = _refit_without_outliers(scamp, extraction, image, reference, ref_path, config,
+                                                workdir, config.match_radius_arcsec)
     clock.lap("outlier_refit")
     solved = wcs_from_header(scamp.wcs_header, shape)
-    qa, matches = astrometric_qa(extraction.catalog, solved, reference, radius_arcsec=acfg.match_radius_arcsec)
+    qa, matches = astrometric_qa(extraction.catalog, solved, reference, radius_arcsec=config.match_radius_arcsec)
     clock.lap("qa")
-    check = scale_check(solved, prior.wcs(shape), meta.obstime, cfg.site,
-                        cfg.instrument.filters[meta.filter].wavelength_um, prior.airmass,
+    check = scale_check(solved, prior.wcs(shape), meta.obstime, site, band.wavelength_um, prior.airmass,
                         pressure_hpa=meta.pressure, temperature_c=meta.temperature,
-                        max_diff_pct=acfg.max_scale_diff_pct, shape=shape)
+                        max_diff_pct=config.max_scale_diff_pct, shape=shape)
     clock.lap("scale_check")
 
-    if qa.n_matched < acfg.min_matched:
-        reasons.append(f"only {qa.n_matched} Gaia matches (at least {acfg.min_matched} needed)")
+    if qa.n_matched < config.min_matched:
+        reasons.append(f"only {qa.n_matched} Gaia matches (at least {config.min_matched} needed)")
     worst = max(qa.rms_ra_mas, qa.rms_dec_mas) if qa.n_matched else float("inf")
-    if not worst <= acfg.max_rms_mas:
-        reasons.append(f"Gaia-match RMS {worst:.0f} mas per axis exceeds {acfg.max_rms_mas:.0f} mas")
-    if qa.max_cell_offset_mas > acfg.max_cell_offset_mas and qa.max_cell_significance > acfg.max_cell_significance:
+    if not worst <= config.max_rms_mas:
+        reasons.append(f"Gaia-match RMS {worst:.0f} mas per axis exceeds {config.max_rms_mas:.0f} mas")
+    if qa.max_cell_offset_mas > config.max_cell_offset_mas and qa.max_cell_significance > config.max_cell_significance:
         reasons.append(f"residuals off by {qa.max_cell_offset_mas:.0f} mas ({qa.max_cell_significance:.1f} sigma) "
-                       f"in one region of the quadrant (limit {acfg.max_cell_offset_mas:.0f} mas)")
+                       f"in one region of the quadrant (limit {config.max_cell_offset_mas:.0f} mas)")
     if not check.usable:
         reasons.append(check.reason)
     return AstrometryResult(not reasons, tuple(reasons), solved, scamp.wcs_header, scamp=scamp, qa=qa,
@@ -240,7 +242,7 @@ def solve_astrometry(image: QuadrantImage, gaia: Table, prior: AstrometricPrior,
 
 
 def _refit_without_outliers(scamp: ScampResult, extraction: ExtractionResult, image: QuadrantImage,
-                            reference: Table, ref_path: Path, settings: ScampSettings, workdir: Path,
+                            reference: Table, ref_path: Path, settings: AstrometryConfig, workdir: Path,
                             radius_arcsec: float) -> tuple[ScampResult, int]:
     """Rerun pass 2 with the astrometric outliers of the first solution flagged out.
 

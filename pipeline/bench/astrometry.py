@@ -64,7 +64,8 @@ def bench_astrometry_quadrant(cfg: Config, rcid: int = 60, airmass: float = 1.5,
     airmass_at(field.ra, field.dec, image.meta.obstime, cfg.site)
     first_use = time.perf_counter() - t0
     with tempfile.TemporaryDirectory(prefix="skydiff-bench-astrometry-") as tmp:
-        result = solve_astrometry(image, gaia, prior, cfg, tmp)
+        result = solve_astrometry(image, gaia, prior, tmp, cfg.astrometry, cfg.extraction, cfg.site,
+                                  cfg.instrument.filters[image.meta.filter])
     figures = {k: float(v) for k, v in result.timings.items()}
     figures["total"] = sum(figures.values())
     figures["process_first_use"] = first_use

@@ -26,10 +26,12 @@ def register(subparsers, common) -> None:
                                        "expid rcid x y ra dec telra teldec obsmjd airmass).")
     build.add_argument("matches", nargs="+", metavar="MATCHES", help="matched star tables")
     build.add_argument("--out", required=True, metavar="PRIOR.fits", help="prior file to write")
-    build.add_argument("--max-airmass", type=float, default=PriorFitSettings.max_airmass,
-                       help="drop exposures above this airmass (default %(default)s)")
-    build.add_argument("--degree", type=int, default=PriorFitSettings.degree,
-                       help="degree of the focal-plane polynomial (default %(default)s)")
+    build.add_argument("--max-airmass", type=float,
+                       help="drop exposures above this airmass (default: [priors] max_airmass, "
+                            f"{PriorFitSettings.max_airmass})")
+    build.add_argument("--degree", type=int,
+                       help="degree of the focal-plane polynomial (default: [priors] degree, "
+                            f"{PriorFitSettings.degree})")
     build.set_defaults(func=run_build)
 
     ahead = sub.add_parser("ahead", parents=[common], help="write the .ahead of a quadrant image",
@@ -42,7 +44,11 @@ def register(subparsers, common) -> None:
 
 def run_build(args) -> int:
     matches = read_matches(args.matches)
-    settings = replace(PriorFitSettings(), max_airmass=args.max_airmass, degree=args.degree)
+    settings = args.cfg.priors
+    if args.max_airmass is not None:
+        settings = replace(settings, max_airmass=args.max_airmass)
+    if args.degree is not None:
+        settings = replace(settings, degree=args.degree)
     prior = fit_prior(matches, args.cfg, settings, source=", ".join(args.matches))
     write_prior(args.out, prior)
     p = prior.provenance

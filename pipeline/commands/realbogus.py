@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 
-from pipeline.subtraction.realbogus import RealBogusModel, load_default_model, model_summary
+from pipeline.subtraction.realbogus import RealBogusModel, load_model, model_summary
 from pipeline.core.exits import EXIT_OK
 from pipeline.formats.atomic import write_text_atomic
 
@@ -28,7 +28,8 @@ def register(subparsers, common) -> None:
     train.add_argument("--version", default="skydiff-rb-1", help="version string stored in every candidate")
     train.set_defaults(func=run_train)
     show = sub.add_parser("show", parents=[common], help="print a model's coefficients and training record")
-    show.add_argument("model", nargs="?", metavar="FILE", help="model file (default: the shipped model)")
+    show.add_argument("model", nargs="?", metavar="FILE",
+                      help="model file (default: the one [realbogus] model names, else the shipped model)")
     show.set_defaults(func=run_show)
 
 
@@ -42,6 +43,6 @@ def run_train(args) -> int:
 
 
 def run_show(args) -> int:
-    model = RealBogusModel.read(args.model) if args.model else load_default_model()
+    model = RealBogusModel.read(args.model) if args.model else load_model(args.cfg.realbogus)
     print(model_summary(model))
     return EXIT_OK

@@ -21,6 +21,7 @@ import math
 import os
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from pipeline.core.config import Config
@@ -47,11 +48,13 @@ def register(subparsers, common) -> None:
     build.add_argument("--refcat", required=True, metavar="GAIA",
                        help="Gaia tile store directory, or a FITS table with the Gaia archive's column names")
     build.add_argument("--out", required=True, metavar="OUTDIR", help="output folder")
-    build.add_argument("--max-frames", type=int, default=ReferenceConfig.max_frames,
-                       help="coadd at most this many (the deepest) frames (default %(default)s)")
-    build.add_argument("--grid-margin", type=int, default=ReferenceConfig.grid_margin_px, metavar="PX",
+    build.add_argument("--max-frames", type=int, metavar="N",
+                       help="coadd at most this many (the deepest) frames (default: [reference] max_frames, "
+                            f"{ReferenceConfig.max_frames})")
+    build.add_argument("--grid-margin", type=int, metavar="PX",
                        help="grow the coadd's grid by this many pixels on every side, so that science "
-                            "images pointed off the grid frame stay covered (default %(default)s)")
+                            "images pointed off the grid frame stay covered (default: [reference] "
+                            f"grid_margin_px, {ReferenceConfig.grid_margin_px})")
     build.set_defaults(func=run_build)
     show = sub.add_parser("show", parents=[common], help="print a reference's metadata",
                           description="Print the metadata, frame table and catalogue summary of a reference.")
@@ -79,15 +82,17 @@ def _print_summary(summary: dict) -> None:
 
 def run_build(args) -> int:
     """0 built, 4 a group could not be built; unreadable images or catalogue (3) propagate."""
-    if args.max_frames < 1:
-        log.error("--max-frames must be at least 1, got %d", args.max_frames)
+    config = args.cfg.reference
+    max_frames = config.max_frames if args.max_frames is None else args.max_frames
+    grid_margin = config.grid_margin_px if args.grid_margin is None else args.grid_margin
+    if max_frames < 1:
+        log.error("--max-frames must be at least 1, got %d", max_frames)
         return EXIT_BAD_INPUT
-    if args.grid_margin < 0:
-        log.error("--grid-margin must be at least 0, got %d", args.grid_margin)
+    if grid_margin < 0:
+        log.error("--grid-margin must be at least 0, got %d", grid_margin)
         return EXIT_BAD_INPUT
-    config = ReferenceConfig(max_frames=args.max_frames,
-                             min_frames=min(ReferenceConfig.min_frames, args.max_frames),
-                             grid_margin_px=args.grid_margin)
+    config = replace(config, max_frames=max_frames, min_frames=min(config.min_frames, max_frames),
+                     grid_margin_px=grid_margin)
     files = collect_images(args.images)
     groups = read_groups(files, explicit=[p for p in args.images if not Path(p).is_dir()])
     if not groups:
@@ -147,7 +152,7 @@ def bench_reference(n_frames: int = 20, cfg: Config | None = None, rcid: int = 2
         frames.append(quadrant_image(quadrant.data, header, quadrant.mask, f"sim{k}"))
     simulate_s = time.perf_counter() - t0
     band = cfg.instrument.filters[frames[0].meta.filter]
-    ref = build_reference(frames, sky.gaia_catalogue(), band)
+    ref = build_reference(frames, sky.gaia_catalogue(), band, cfg.reference)
     with tempfile.TemporaryDirectory() as tmp:
         t1 = time.perf_counter()
         write_reference(os.path.join(tmp, "ref.fits"), ref)

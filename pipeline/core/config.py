@@ -1,17 +1,28 @@
-"""Configuration: frozen dataclasses with embedded ZTF-like defaults, loaded from TOML.
+"""Configuration: one tree of frozen dataclasses with embedded ZTF-like defaults, loaded from TOML.
 
 Every command takes ``--config FILE``; a TOML file only needs the values it changes:
-anything unset falls back to the defaults below.  Unknown sections or keys are an
-error naming them, so a typo never silently falls back to a default.
+anything unset falls back to the defaults below.  Unknown sections or keys, mistyped values
+and values out of their range are an error naming them, so a typo never silently falls back
+to a default.
 
-The sections mirror the dataclasses: ``[instrument]``, ``[site]``, ``[paths]``,
-``[simulation]``, ``[astrometry]``, ``[matchfile]``, ``[kafka]``, ``[slurm]``.  Filters are a table of
-tables, ``[instrument.filters.ZTF_g]`` and so on.
+The sections mirror the dataclasses: ``[instrument]`` (filters are a table of tables,
+``[instrument.filters.ZTF_g]`` and so on), ``[site]``, ``[paths]``, ``[simulation]``, then one
+per stage: ``[extraction]``, ``[characterize]`` (with ``[characterize.psf]``,
+``[characterize.photometry]``, ``[characterize.photcal]``), ``[registration]``,
+``[astrometry]``, ``[reference]``, ``[subtraction]`` (with ``[subtraction.zogy]``,
+``[subtraction.candidates]``), ``[realbogus]``, ``[matchfile]``, ``[priors]``, and the
+delivery: ``[kafka]``, ``[slurm]``.  Each setting has exactly one default, the value
+production uses; a stage receives its own section (``cfg.subtraction``, ``cfg.extraction``),
+never the whole tree.  Extraction, characterisation and registration are shared: the
+astrometry stage, the characterisation of every image, the reference build and the
+subtraction measure with the one ``[extraction]``, ``[characterize]`` and
+``[registration]`` (see :class:`Config`).
 """
 from __future__ import annotations
 
 import dataclasses
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +34,10 @@ from pipeline.core.exits import UsageError
 
 __all__ = [
     "FilterConfig", "InstrumentConfig", "SiteConfig", "PathsConfig", "SimulationConfig",
-    "AstrometryConfig", "MatchfileConfig", "KafkaConfig", "SlurmConfig", "Config", "ConfigError",
+    "ExtractionConfig", "PSFConfig", "PhotometryConfig", "PhotCalConfig", "CharacterizeConfig",
+    "RegistrationConfig", "REGISTRATION_ORDERS", "AstrometryConfig", "StackConfig", "ReferenceConfig",
+    "ZogyConfig", "CandidateConfig", "SubtractionConfig", "RealBogusConfig", "PriorFitSettings",
+    "MatchfileConfig", "KafkaConfig", "SlurmConfig", "Config", "ConfigError", "ConfigValueError",
     "load_config", "config_to_toml", "DEFAULT_CONFIG",
 ]
 
@@ -147,27 +161,435 @@ class SimulationConfig:
     first_guess_wcs_error_arcsec: float = 20.0
 
 
+# -- stage sections ---------------------------------------------------------------------------
+# Every stage's settings, one default each: the value production uses.  A stage module
+# re-exports its section's class (``pipeline.measure.extract.ExtractionConfig`` is this
+# module's), and the stage receives its section, never the whole Config.
+
+
+class ConfigValueError(ConfigError, ValueError):
+    """A stage setting outside its allowed range (also a ValueError, for code that builds a
+    section directly)."""
+
+
+def _shared(section: str, factory):
+    """A field of a stage section that, inside :class:`Config`, is the top-level section
+    ``section`` (several stages measure with one extraction, one characterisation, one
+    registration); it is set in that section, never in the stage's own table."""
+    return field(default_factory=factory, metadata={"section": section})
+
+
+@dataclass(frozen=True)
+class ExtractionConfig:
+    """``[extraction]``: settings of :func:`pipeline.measure.extract.extract_sources`
+    (pixels unless stated), shared by the astrometry stage and every characterisation.
+
+    Detection, deblending and AUTO photometry follow SExtractor's defaults
+    (``default.sex``); the background mesh is coarser, as ZTF-like quadrants are flat.
+    """
+
+    detect_thresh: float = 1.5          # sigma of the background RMS map, per pixel
+    minarea: int = 5
+    deblend_nthresh: int = 32
+    deblend_cont: float = 0.005
+    clean: bool = True
+    background_mesh: int = 128
+    background_filter: int = 3
+    aperture_radii: tuple[float, ...] = (2.0, 3.0, 4.0, 6.0, 10.0)
+    kron_factor: float = 2.5            # PHOT_AUTOPARAMS: k and the minimum k * r_Kron,
+    kron_min_scale: float = 3.5         # both in units of A and B
+    auto_min_radius: float = 1.75       # circular AUTO aperture when the ellipse is smaller
+    max_window_drift: float = 2.0       # windowed vs isophotal position, beyond: dropped
+    min_window_sigma: float = 1.4       # floor of the centroid window's sigma (undersampled PSFs)
+    shape_min_snr: float = 20.0         # shapes judged (NOT_POINTLIKE) from this S/N up
+    sharp_fwhm_ratio: float = 0.6       # FWHM below this times the seeing: cosmic ray, hot pixel
+    broad_fwhm_ratio: float = 1.5       # FWHM above this times the seeing: blend or galaxy
+    max_pointlike_elongation: float = 1.5
+    min_separation: float = 1.0         # closer pairs: the fainter is dropped
+    edge_margin: float = 3.0
+    mask_flag_radius: float = 3.0
+    max_window_halfsize: int = 24       # largest stamp half-size for windowed moments
+    seeing_min_snr: float = 50.0
+    seeing_max_elongation: float = 1.3
+    pixstack: int = 3_000_000           # sep's pixel buffer; bright stars need room
+    sub_object_limit: int = 4096
+
+    def __post_init__(self):
+        if self.detect_thresh <= 0 or self.minarea < 1:
+            raise ConfigValueError("detect_thresh must be > 0 and minarea >= 1")
+        if not self.aperture_radii or min(self.aperture_radii) <= 0:
+            raise ConfigValueError("aperture_radii must be a non-empty tuple of positive radii")
+        if self.background_mesh < 8 or self.background_filter < 1:
+            raise ConfigValueError("background_mesh must be >= 8 and background_filter >= 1")
+
+
+@dataclass(frozen=True)
+class PSFConfig:
+    """``[characterize.psf]``: settings of :func:`pipeline.measure.psf.build_psf` (pixels
+    unless stated)."""
+
+    degree: int = 2                     # polynomial degree of the spatial variation
+    min_stars: int = 10                 # fewer usable stars: PSFError
+    stars_per_term: int = 10            # degree lowered until n_stars >= this * n_terms
+    max_stars: int = 400                # the brightest usable stars are stacked
+    min_snr: float = 50.0               # SNR_WIN of a PSF star
+    max_elongation: float = 1.4
+    fwhm_tolerance: float = 0.2         # |FWHM_IMAGE / median - 1| of a PSF star
+    radius_fwhm: float = 6.0            # stamp half-size in FWHMs (light beyond: < 0.1 %)
+    min_halfsize: int = 8
+    max_halfsize: int = 32
+    core_radius_fwhm: float = 3.0       # no other source, no masked pixel within
+    residual_radius_fwhm: float = 3.0   # empirical residual table: full inside, tapered
+                                        # to 0 over the next 1.5 FWHM (Moffat wings beyond)
+    neighbour_flux_ratio: float = 0.01  # brighter neighbours within the stamp exclude a star
+    clip_sigma: float = 5.0
+    model_tolerance: float = 0.05       # relative model error allowed in the outlier test
+    max_star_snr: float = 500.0         # weights stop growing beyond (systematics dominate)
+
+    def __post_init__(self):
+        if not 0 <= self.degree <= 3:
+            raise ConfigValueError("degree must be 0-3")
+        if self.min_stars < 3 or self.min_halfsize < 3 or self.max_halfsize < self.min_halfsize:
+            raise ConfigValueError("min_stars >= 3 and 3 <= min_halfsize <= max_halfsize required")
+
+
+@dataclass(frozen=True)
+class PhotometryConfig:
+    """``[characterize.photometry]``: settings of
+    :func:`pipeline.measure.photometry.psf_photometry`."""
+
+    fit_radius_fwhm: float = 2.0        # half-size of the fit box in FWHMs of the PSF
+    min_fit_halfsize: int = 3
+    min_good_fraction: float = 0.3      # of the fit box's PSF weight, else NO_FIT
+    fit_background: bool = False        # fit a local constant sky with the flux
+    position_iterations: int = 3
+    max_position_shift: float = 1.5     # px from the input position, else POSITION_RESET
+
+    def __post_init__(self):
+        if self.fit_radius_fwhm <= 0 or self.min_fit_halfsize < 1:
+            raise ConfigValueError("fit_radius_fwhm must be > 0 and min_fit_halfsize >= 1")
+        if not 0 < self.min_good_fraction <= 1:
+            raise ConfigValueError("min_good_fraction must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class PhotCalConfig:
+    """``[characterize.photcal]``: settings of
+    :func:`pipeline.measure.calibration.calibrate_zeropoint`."""
+
+    match_radius_arcsec: float = 1.5
+    isolation_arcsec: float = 6.0       # no other Gaia star within (blends)
+    min_snr: float = 10.0
+    max_mag_error: float = 0.1
+    colour_range: tuple[float, float] = (-0.5, 4.0)   # BP - RP of usable stars
+    min_stars: int = 5
+    min_colour_spread: float = 0.2      # std of BP - RP needed to fit the colour term
+    min_stars_colour: int = 20
+    error_floor_mag: float = 0.005      # added in quadrature to each star's error
+    clip_sigma: float = 3.0
+    max_iterations: int = 10
+
+
+@dataclass(frozen=True)
+class CharacterizeConfig:
+    """``[characterize]``: settings of every stage
+    :func:`pipeline.measure.characterize.characterize_image` runs, shared by the subtraction
+    (the science image), the reference build (its frames and the coadd) and the matchfile
+    epochs; its extraction is ``[extraction]``."""
+
+    extraction: ExtractionConfig = _shared("extraction", ExtractionConfig)
+    psf: PSFConfig = field(default_factory=PSFConfig)
+    photometry: PhotometryConfig = field(default_factory=PhotometryConfig)
+    photcal: PhotCalConfig = field(default_factory=PhotCalConfig)
+    limit_nsigma: float = 5.0           # significance of the limiting magnitude
+
+
+#: Interpolation orders :func:`pipeline.measure.registration.register_image` implements.
+REGISTRATION_ORDERS = (1, 3)
+
+
+@dataclass(frozen=True)
+class RegistrationConfig:
+    """``[registration]``: settings of :func:`pipeline.measure.registration.register_image`,
+    shared by the subtraction and the reference build.
+
+    Attributes
+    ----------
+    grid_step : int
+        Spacing (output pixels) of the grid on which the exact WCS mapping is evaluated.
+    order : int
+        Interpolation order: 3 (cubic B-spline, the default) or 1 (bilinear).
+    mask_radius : int
+        Half-width (px) of the input footprint whose flags an output pixel inherits; 2 is
+        the cubic spline's support.
+    max_mapping_error_px : float
+        Largest tolerated error of the coarse-grid mapping (px); above it the WCSs vary
+        too fast for the grid and :class:`pipeline.measure.registration.RegistrationError` is raised.
+    """
+
+    grid_step: int = 32
+    order: int = 3
+    mask_radius: int = 2
+    max_mapping_error_px: float = 0.01
+
+    def __post_init__(self):
+        if self.grid_step < 2:
+            raise ConfigValueError(f"grid_step must be at least 2, got {self.grid_step}")
+        if self.order not in REGISTRATION_ORDERS:
+            raise ConfigValueError(f"order must be one of {list(REGISTRATION_ORDERS)}, got {self.order}")
+        if self.mask_radius < 0:
+            raise ConfigValueError(f"mask_radius must be >= 0, got {self.mask_radius}")
+        if not self.max_mapping_error_px > 0:
+            raise ConfigValueError(f"max_mapping_error_px must be > 0, got {self.max_mapping_error_px}")
+
+
 @dataclass(frozen=True)
 class AstrometryConfig:
-    """Astrometric calibration settings (SCAMP and the verdict)."""
+    """``[astrometry]``: how SCAMP is run (:mod:`pipeline.astrometry.scamp`) and how the
+    solution is judged (:func:`pipeline.astrometry.solve.solve_astrometry`).
+
+    The SCAMP settings are those that solved simulated ZTF-like quadrants with SCAMP 2.10,
+    as ZTF runs it: two passes.  ``scamp_timeout_s`` applies to each pass.  Angles follow
+    SCAMP's own units: ``position_maxerr_arcmin`` in arcmin, cross-id radii and
+    ``match_resol_arcsec`` in arcsec (0 lets SCAMP choose), ``posangle_maxerr_deg`` in
+    degrees; ``pixscale_maxerr`` is a factor.
+    """
 
     scamp_binary: str = "scamp"
     scamp_timeout_s: float = 60.0
-    scamp_threads: int = 1
-    min_detections: int = 30
-    min_matched: int = 30
-    min_xy_contrast: float = 5.0
+    scamp_threads: int = 1                 # SCAMP's NTHREADS (0: SCAMP's automatic)
+    min_detections: int = 30               # detections SCAMP is given at least
+    min_matched: int = 30                  # SCAMP's reference matches and the Gaia-match QA's
+    min_xy_contrast: float = 5.0           # SCAMP pass 1 pattern-matching contrast
     max_sigma_arcsec: float = 0.3          # SCAMP's residual sigma per axis (pass verdicts)
     max_rms_mas: float = 150.0             # Gaia-match RMS per axis of the final solution
     max_cell_offset_mas: float = 25.0      # mean residual allowed in one 4 x 4 region ...
     max_cell_significance: float = 5.0     # ... when it is this many standard errors significant
     match_radius_arcsec: float = 1.5       # QA matching of detections to Gaia
-    position_maxerr_arcmin: float = 1.5    # SCAMP pass 1 search radius around the prior
-    match_resol_arcsec: float = 2.0        # SCAMP pass 1 pattern-matching resolution
-    match_nmax: int = 500                  # SCAMP pass 1 matches with the brightest N detections
-    astr_accuracy_px: float = 0.0          # SCAMP's error floor added to the centroid errors
-    max_scale_diff_pct: float = 1.0
-    catalog_margin_deg: float = 0.1
+    max_scale_diff_pct: float = 1.0        # pixel-scale change against the prior
+    catalog_margin_deg: float = 0.1        # Gaia looked up this far around the footprint
+    # SCAMP pass 1: pattern matching around the prior.
+    position_maxerr_arcmin: float = 1.5    # search radius around the prior
+    posangle_maxerr_deg: float = 0.5
+    pixscale_maxerr: float = 1.02
+    focdistort_degree: int = 2
+    pass1_crossid_radius_arcsec: float = 3.0
+    match_resol_arcsec: float = 2.0        # pattern-matching resolution (0: SCAMP decides)
+    # Pattern matching uses the brightest N detections (0 = SCAMP decides).  500 halved
+    # pass 1 on a 4000-source quadrant with an identical solution.
+    match_nmax: int = 500
+    # SCAMP pass 2: the full distortion, no matching.
+    distort_degree: int = 4
+    pass2_crossid_radius_arcsec: float = 1.5
+    sn_thresholds: tuple[float, float] = (10.0, 100.0)
+    # SCAMP adds this floor (pixels) in quadrature to every detection's position error.  Its
+    # default, 0.01 px, is twice the windowed error of a bright star here, so it flattened the
+    # weights and left 30-50 mas at the quadrant corners; the extraction's errors match the
+    # measured scatter (tests/measure/test_extract.py), so no floor is needed (on real data the
+    # atmosphere may justify one).
+    astr_accuracy_px: float = 0.0
+    # Detections with any of these FLAGS bits stay out of the fit.  SCAMP's default (0x00f0)
+    # lets saturated and blended stars in, whose centroids are off by far more than their
+    # errors say; every bit the extraction sets marks such a detection.
+    flags_mask: int = 0x1FF
+
+    def __post_init__(self):
+        if not self.scamp_timeout_s > 0:
+            raise ConfigValueError(f"scamp_timeout_s must be positive, got {self.scamp_timeout_s}")
+        if self.scamp_threads < 0:
+            raise ConfigValueError(f"scamp_threads must be >= 0 (0 = SCAMP's automatic), got {self.scamp_threads}")
+        if self.focdistort_degree < 2:
+            # Degree 1 makes SCAMP 2.10 delete every PV term of the prior, the distortion
+            # included (seen: a degenerate CD of ~1e-8, no matches).
+            raise ConfigValueError("focdistort_degree must be >= 2: degree 1 wipes the prior's PV terms")
+        if self.min_detections < 1 or self.min_matched < 1:
+            raise ConfigValueError("min_detections and min_matched must be >= 1")
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    """The rejection settings of :func:`pipeline.reference.stack.stack_frames` (see that
+    module's docstring); :class:`ReferenceConfig` extends it."""
+
+    clip_sigma: float = 5.0
+    clip_flux_fraction: float = 0.05
+    clip_psf_factor: float = 1.5
+    clip_grow: int = 1
+    block_rows: int = 512               # rows per block of the median (bounds memory)
+
+    def __post_init__(self):
+        if self.clip_sigma <= 0 or self.clip_grow < 0 or self.block_rows < 1:
+            raise ConfigValueError("clip_sigma > 0, clip_grow >= 0 and block_rows >= 1 required")
+
+
+@dataclass(frozen=True)
+class ReferenceConfig(StackConfig):
+    """``[reference]``: settings of :func:`pipeline.reference.build.build_reference` (see
+    that module's docstring for their meaning); the rejection's (``clip_*``,
+    ``block_rows``) are :class:`StackConfig`'s.  Its characterisation and registration are
+    ``[characterize]`` and ``[registration]``."""
+
+    max_frames: int = 40
+    min_frames: int = 3
+    max_seeing_ratio: float = 1.6       # FWHM / best frame's FWHM
+    max_fwhm_arcsec: float = 4.0
+    max_depth_loss_mag: float = 0.5     # limiting mag below the median: dropped
+    zeropoint: float = 27.0             # common zero point of the coadd, mag for 1 ADU
+    grid_margin_px: int = 64            # the grid extends this far beyond the grid frame
+    gaia_margin_deg: float = 0.05       # Gaia looked up this far around the footprint
+    characterize: CharacterizeConfig = _shared("characterize", CharacterizeConfig)
+    registration: RegistrationConfig = _shared("registration", RegistrationConfig)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 1 <= self.min_frames <= self.max_frames:
+            raise ConfigValueError("1 <= min_frames <= max_frames required")
+        if self.max_seeing_ratio < 1 or self.max_fwhm_arcsec <= 0 or self.max_depth_loss_mag < 0:
+            raise ConfigValueError("max_seeing_ratio >= 1, max_fwhm_arcsec > 0, max_depth_loss_mag >= 0 required")
+        if self.grid_margin_px < 0:
+            raise ConfigValueError("grid_margin_px >= 0 required")
+
+
+@dataclass(frozen=True)
+class ZogyConfig:
+    """``[subtraction.zogy]``: settings of the ZOGY subtraction
+    (:func:`pipeline.subtraction.zogy.zogy_subtract_tiled`).
+
+    Attributes
+    ----------
+    tile : int
+        Target inner size of a tile (pixels); the image is cut into ``round(size / tile)``
+        equal tiles per axis.
+    overlap : int
+        Margin (pixels) of image around each tile's inner part, and of background
+        padding beyond the image: it must exceed the kernels' reach, about the sum of
+        the two PSFs' half-widths, so PSF stamps may be at most ``overlap + 1`` wide.
+        The real-space kernels are computed on a ``2 * overlap`` grid.
+    mask_grow : int or None
+        Radius (pixels) flagged around bad pixels; None (unset in the TOML file): the PSF
+        stamp's half-width, which :func:`pipeline.subtraction.difference.subtract_images`
+        replaces by ``mask_grow_fwhm`` FWHMs.
+    workers : int
+        Threads given to scipy.fft (the pipeline runs one quadrant per core).
+    psf_error : float
+        Fractional error of the PSF models.  Not in the ZOGY paper: a PSF model wrong by
+        a fraction e leaves a residual of about e times each star's matched-filter
+        response in S, so ``(e * S_r)**2`` (S_r the reference's part of S) is added to
+        S's variance; 0 is pure ZOGY.  It lowers Scorr only on top of reference sources.
+        The default, 2 %: our empirical PSFs reproduce bright stars to about that, and
+        without it every bright star leaves a residual candidate.
+    """
+
+    tile: int = 1024
+    overlap: int = 64
+    mask_grow: int | None = None
+    workers: int = 1
+    psf_error: float = 0.02
+
+    def __post_init__(self):
+        if not 0.0 <= self.psf_error < 1.0:
+            raise ConfigValueError(f"psf_error ({self.psf_error}) must be in [0, 1)")
+        if self.tile < 16 or self.overlap < 8:
+            raise ConfigValueError(f"tile ({self.tile}) must be >= 16 and overlap ({self.overlap}) >= 8")
+
+
+@dataclass(frozen=True)
+class CandidateConfig:
+    """``[subtraction.candidates]``: settings of
+    :func:`pipeline.subtraction.candidates.find_candidates` (pixels unless stated).
+
+    Attributes
+    ----------
+    threshold : float
+        ``|Scorr|`` a peak must reach.
+    min_separation_px : float
+        Same-sign peaks closer than this: only the higher ``|Scorr|`` is kept.
+    max_candidates : int
+        Beyond this many peaks the highest ``|Scorr|`` are kept and ``meta["truncated"]``
+        is True (with ``n_peaks_total`` and a logged warning: a bogus flood shows).
+    box : int
+        Side of the odd box of ``nneg``, ``nbad``, ``sumrat`` (ZTF: 5).
+    aperture_radius_px : float
+        Radius of ``magap`` (ZTF: 14 px diameter).
+    nearest_radius_arcsec : float
+        Search radius of the nearest reference-catalogue source.
+    cutout_size : int
+        Side of the stamps the pipeline asks
+        :func:`pipeline.subtraction.candidates.cutout_stamps` for (odd; ZTF: 63).
+    edge_margin_px : int
+        Peaks on pixels closer than this to the image edge are dropped: the 3 x 3
+        position fit needs the neighbours (>= 1); the default keeps the box on the image.
+    """
+
+    threshold: float = 5.0
+    min_separation_px: float = 4.0
+    max_candidates: int = 2000
+    box: int = 5
+    aperture_radius_px: float = 7.0
+    nearest_radius_arcsec: float = 30.0
+    cutout_size: int = 63
+    edge_margin_px: int = 2
+
+    def __post_init__(self):
+        problems = []
+        if not self.threshold > 0:
+            problems.append(f"threshold must be > 0, got {self.threshold}")
+        if not self.min_separation_px >= 0:
+            problems.append(f"min_separation_px must be >= 0, got {self.min_separation_px}")
+        if self.max_candidates < 1:
+            problems.append(f"max_candidates must be >= 1, got {self.max_candidates}")
+        for name in ("box", "cutout_size"):
+            value = getattr(self, name)
+            if value < 1 or value % 2 == 0:
+                problems.append(f"{name} must be odd and >= 1, got {value}")
+        if not self.aperture_radius_px > 0 or not self.nearest_radius_arcsec > 0:
+            problems.append("aperture_radius_px and nearest_radius_arcsec must be > 0")
+        if self.edge_margin_px < 1:
+            problems.append(f"edge_margin_px must be >= 1, got {self.edge_margin_px}")
+        if problems:
+            raise ConfigValueError("; ".join(problems))
+
+
+@dataclass(frozen=True)
+class SubtractionConfig:
+    """``[subtraction]``: settings of every step of
+    :func:`pipeline.subtraction.difference.subtract_images`; ``[subtraction.zogy]`` and
+    ``[subtraction.candidates]`` are its own, its characterisation of the science image
+    and its registration of the reference are ``[characterize]`` and ``[registration]``."""
+
+    characterize: CharacterizeConfig = _shared("characterize", CharacterizeConfig)
+    registration: RegistrationConfig = _shared("registration", RegistrationConfig)
+    zogy: ZogyConfig = field(default_factory=ZogyConfig)
+    candidates: CandidateConfig = field(default_factory=CandidateConfig)
+    # Registration noise floor: what the Gaia-match statistics cannot show (PSF-centroid
+    # systematics between the epochs, the reference's own WCS); 0.01 px = 10 mas.
+    astrometric_sigma_floor_px: float = 0.01
+    # Scorr is zeroed this many FWHMs around bad pixels (ZOGY's default, the PSF stamp's
+    # half-width, flagged 12 % of a quadrant around bad columns and saturated stars; within
+    # 2 FWHM a masked pixel's influence on S is below the noise).
+    mask_grow_fwhm: float = 2.0
+    min_relative_zp_stars: int = 10
+
+
+@dataclass(frozen=True)
+class RealBogusConfig:
+    """``[realbogus]``: the model that scores the candidates
+    (:func:`pipeline.subtraction.realbogus.load_model`)."""
+
+    model: str = ""                     # a model file (``skydiff realbogus train``); "": the shipped model
+
+
+@dataclass(frozen=True)
+class PriorFitSettings:
+    """``[priors]``: settings of :func:`priors.fit.fit_prior` (``skydiff priors build``)."""
+
+    max_airmass: float = 1.3
+    degree: int = 3
+    min_stars_per_quadrant: int = 20
+    clip_sigma: float = 5.0
+    passes: int = 3
+    grid: int = 9                  # samples per axis when turning the model into TPV terms
+    default_filter: str = "ZTF_r"  # for matches without a filter column
 
 
 @dataclass(frozen=True)
@@ -207,14 +629,37 @@ class SlurmConfig:
 
 @dataclass(frozen=True)
 class Config:
+    """The whole configuration tree: one section per concern, each setting with one default.
+
+    A stage section's field marked shared (``subtraction.characterize``,
+    ``reference.registration``, ``characterize.extraction``, ...) is, in a Config, the
+    top-level section of that name: it is set there, and :meth:`replace` or a TOML file
+    changing that section changes it for every stage that measures with it.  Sections
+    another one shares are declared before it.
+    """
+
     instrument: InstrumentConfig = field(default_factory=InstrumentConfig)
     site: SiteConfig = field(default_factory=SiteConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    extraction: ExtractionConfig = field(default_factory=ExtractionConfig)
+    characterize: CharacterizeConfig = field(default_factory=CharacterizeConfig)
+    registration: RegistrationConfig = field(default_factory=RegistrationConfig)
     astrometry: AstrometryConfig = field(default_factory=AstrometryConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    subtraction: SubtractionConfig = field(default_factory=SubtractionConfig)
+    realbogus: RealBogusConfig = field(default_factory=RealBogusConfig)
     matchfile: MatchfileConfig = field(default_factory=MatchfileConfig)
+    priors: PriorFitSettings = field(default_factory=PriorFitSettings)
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            wired = _wire_shared(section, self)
+            if wired is not section:
+                object.__setattr__(self, f.name, wired)
 
     def replace(self, **sections: Any) -> "Config":
         """A copy with whole sections or ``section__key=value`` entries replaced."""
@@ -229,23 +674,63 @@ class Config:
         return dataclasses.replace(self, **updates)
 
 
+def _shared_section(f: dataclasses.Field) -> str | None:
+    return f.metadata.get("section")
+
+
+def _wire_shared(section: Any, config: Config) -> Any:
+    """``section`` with every shared field (at any depth) set to ``config``'s section."""
+    if not dataclasses.is_dataclass(section):
+        return section
+    changes = {}
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        name = _shared_section(f)
+        target = getattr(config, name) if name is not None else _wire_shared(value, config)
+        if target is not value:
+            changes[f.name] = target
+    return dataclasses.replace(section, **changes) if changes else section
+
+
 DEFAULT_CONFIG = Config()
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
-    """Check a TOML value against a dataclass field type, converting ints to floats."""
+    """Check a TOML value against a dataclass field type, converting ints to floats and
+    arrays to tuples."""
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if annotation in (int, float, str, bool):
         if type(value) is not annotation:
             raise ConfigError(f"{where}: expected {annotation.__name__}, got {value!r}")
         return value
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected an array, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            kinds = (args[0],) * len(value)
+        elif len(value) != len(args):
+            raise ConfigError(f"{where}: expected an array of {len(args)} values, got {value!r}")
+        else:
+            kinds = args
+        return tuple(_coerce(item, kind, f"{where}[{i}]") for i, (item, kind) in enumerate(zip(value, kinds)))
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        # Optional settings: None is their default and is written by leaving the key out.
+        (kind,) = [a for a in args if a is not type(None)]
+        return _coerce(value, kind, where)
     raise ConfigError(f"{where}: unsupported setting type {annotation!r}")
 
 
 def _merge(default: Any, overrides: Mapping[str, Any], where: str) -> Any:
     hints = typing.get_type_hints(type(default))
-    known = {f.name for f in dataclasses.fields(default)}
+    fields = dataclasses.fields(default)
+    shared = {f.name: _shared_section(f) for f in fields if _shared_section(f) is not None}
+    known = {f.name for f in fields} - set(shared)
+    wrongly_placed = sorted(set(overrides) & set(shared))
+    if wrongly_placed:
+        names = ", ".join(f"{where}.{key} (set in [{shared[key]}])" for key in wrongly_placed)
+        raise ConfigError(f"shared section(s) set in the wrong place: {names}")
     unknown = sorted(set(overrides) - known)
     if unknown:
         names = ", ".join(f"{where}.{key}" if where else key for key in unknown)
@@ -262,7 +747,10 @@ def _merge(default: Any, overrides: Mapping[str, Any], where: str) -> Any:
             changes[name] = _merge_filters(current, value, here)
         else:
             changes[name] = _coerce(value, hints[name], here)
-    return dataclasses.replace(default, **changes)
+    try:
+        return dataclasses.replace(default, **changes)
+    except ConfigValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def _merge_filters(current: Mapping[str, FilterConfig], value: Any, where: str):
@@ -293,7 +781,8 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
     Raises
     ------
     ConfigError
-        The file cannot be read or parsed, or holds an unknown key or a mistyped value.
+        The file cannot be read or parsed, or holds an unknown key, a mistyped value, a
+        value out of its range or a shared section set inside a stage's table.
     """
     data: dict[str, Any] = {}
     if path is not None:
@@ -311,10 +800,19 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
 
 
 def _to_plain(obj: Any) -> Any:
+    """Nested dicts and lists for TOML: shared fields are left to their own section, and
+    unset optional settings (None, which TOML cannot hold) are left out."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        plain = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if _shared_section(f) is None and value is not None:
+                plain[f.name] = _to_plain(value)
+        return plain
     if isinstance(obj, Mapping):
         return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return [_to_plain(v) for v in obj]
     return obj
 
 

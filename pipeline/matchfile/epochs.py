@@ -277,7 +277,7 @@ def characterize_solved(image: QuadrantImage, cfg: Config, gaia: Table | None = 
         raise MatchfileRunError(f"{image.path}: filter {meta.filter} is not configured") from None
     try:
         return characterize_image(image.data, image.mask, image.wcs, meta.gain, meta.saturate, band, gaia=gaia,
-                                  header=image.header, read_noise=meta.readnoi)
+                                  header=image.header, read_noise=meta.readnoi, config=cfg.characterize)
     except CharacterizeError as exc:
         raise MatchfileRunError(f"{image.path}: {exc}") from None
 

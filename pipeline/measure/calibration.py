@@ -25,30 +25,13 @@ from astropy import units as u
 from astropy.coordinates import SkyCoord
 from astropy.table import Table
 
-from pipeline.core.config import FilterConfig
+from pipeline.core.config import FilterConfig, PhotCalConfig
 
 __all__ = ["PhotCalConfig", "PhotCalResult", "PhotCalError", "calibrate_zeropoint"]
 
 
 class PhotCalError(ValueError):
     """Too few usable calibration stars, or inputs missing columns."""
-
-
-@dataclass(frozen=True)
-class PhotCalConfig:
-    """Settings of :func:`calibrate_zeropoint`."""
-
-    match_radius_arcsec: float = 1.5
-    isolation_arcsec: float = 6.0       # no other Gaia star within (blends)
-    min_snr: float = 10.0
-    max_mag_error: float = 0.1
-    colour_range: tuple[float, float] = (-0.5, 4.0)   # BP - RP of usable stars
-    min_stars: int = 5
-    min_colour_spread: float = 0.2      # std of BP - RP needed to fit the colour term
-    min_stars_colour: int = 20
-    error_floor_mag: float = 0.005      # added in quadrature to each star's error
-    clip_sigma: float = 3.0
-    max_iterations: int = 10
 
 
 @dataclass(frozen=True)

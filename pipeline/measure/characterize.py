@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 import numpy as np
 from astropy.table import Table
 
-from pipeline.core.config import FilterConfig
-from pipeline.measure.extract import ExtractionConfig, ExtractionError, ExtractionResult, extract_sources
-from pipeline.measure.calibration import PhotCalConfig, PhotCalError, PhotCalResult, calibrate_zeropoint
-from pipeline.measure.photometry import PhotometryConfig, PhotometryError, psf_photometry
-from pipeline.measure.psf import PSFConfig, PSFError, PSFModel, build_psf
+from pipeline.core.config import CharacterizeConfig, FilterConfig
+from pipeline.measure.extract import ExtractionError, ExtractionResult, extract_sources
+from pipeline.measure.calibration import PhotCalError, PhotCalResult, calibrate_zeropoint
+from pipeline.measure.photometry import PhotometryError, psf_photometry
+from pipeline.measure.psf import PSFError, PSFModel, build_psf
 
 __all__ = ["CharacterizeConfig", "Characterization", "CharacterizeError", "characterize_image",
            "point_source_limit"]
@@ -32,17 +32,6 @@ __all__ = ["CharacterizeConfig", "Characterization", "CharacterizeError", "chara
 
 class CharacterizeError(ValueError):
     """The image cannot be characterised (no sources, no PSF, bad inputs); says why."""
-
-
-@dataclass(frozen=True)
-class CharacterizeConfig:
-    """Settings of every stage :func:`characterize_image` runs."""
-
-    extraction: ExtractionConfig = field(default_factory=ExtractionConfig)
-    psf: PSFConfig = field(default_factory=PSFConfig)
-    photometry: PhotometryConfig = field(default_factory=PhotometryConfig)
-    photcal: PhotCalConfig = field(default_factory=PhotCalConfig)
-    limit_nsigma: float = 5.0           # significance of the limiting magnitude
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,7 @@ from astropy.stats import sigma_clipped_stats
 from astropy.table import Table
 from scipy.spatial import cKDTree
 
+from pipeline.core.config import ExtractionConfig
 from pipeline.core.image import MASK_BITS
 from pipeline.formats.ldac import write_ldac
 
@@ -91,49 +92,6 @@ _MAG_NONE = 99.0
 
 class ExtractionError(ValueError):
     """Input that extraction cannot work on (wrong shapes, bad gain, sep failures)."""
-
-
-@dataclass(frozen=True)
-class ExtractionConfig:
-    """Settings of :func:`extract_sources` (pixels unless stated).
-
-    Detection, deblending and AUTO photometry follow SExtractor's defaults
-    (``default.sex``); the background mesh is coarser, as ZTF-like quadrants are flat.
-    """
-
-    detect_thresh: float = 1.5          # sigma of the background RMS map, per pixel
-    minarea: int = 5
-    deblend_nthresh: int = 32
-    deblend_cont: float = 0.005
-    clean: bool = True
-    background_mesh: int = 128
-    background_filter: int = 3
-    aperture_radii: tuple[float, ...] = (2.0, 3.0, 4.0, 6.0, 10.0)
-    kron_factor: float = 2.5            # PHOT_AUTOPARAMS: k and the minimum k * r_Kron,
-    kron_min_scale: float = 3.5         # both in units of A and B
-    auto_min_radius: float = 1.75       # circular AUTO aperture when the ellipse is smaller
-    max_window_drift: float = 2.0       # windowed vs isophotal position, beyond: dropped
-    min_window_sigma: float = 1.4       # floor of the centroid window's sigma (undersampled PSFs)
-    shape_min_snr: float = 20.0         # shapes judged (NOT_POINTLIKE) from this S/N up
-    sharp_fwhm_ratio: float = 0.6       # FWHM below this times the seeing: cosmic ray, hot pixel
-    broad_fwhm_ratio: float = 1.5       # FWHM above this times the seeing: blend or galaxy
-    max_pointlike_elongation: float = 1.5
-    min_separation: float = 1.0         # closer pairs: the fainter is dropped
-    edge_margin: float = 3.0
-    mask_flag_radius: float = 3.0
-    max_window_halfsize: int = 24       # largest stamp half-size for windowed moments
-    seeing_min_snr: float = 50.0
-    seeing_max_elongation: float = 1.3
-    pixstack: int = 3_000_000           # sep's pixel buffer; bright stars need room
-    sub_object_limit: int = 4096
-
-    def __post_init__(self):
-        if self.detect_thresh <= 0 or self.minarea < 1:
-            raise ValueError("detect_thresh must be > 0 and minarea >= 1")
-        if not self.aperture_radii or min(self.aperture_radii) <= 0:
-            raise ValueError("aperture_radii must be a non-empty tuple of positive radii")
-        if self.background_mesh < 8 or self.background_filter < 1:
-            raise ValueError("background_mesh must be >= 8 and background_filter >= 1")
 
 
 @dataclass(frozen=True)

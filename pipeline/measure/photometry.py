@@ -36,12 +36,12 @@ Position refinement (``fit_positions``) fits :math:`a P + b_x \partial_x P + b_y
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import sep
 from astropy.table import Table
 
+from pipeline.core.config import PhotometryConfig
 from pipeline.core.image import MASK_BITS
 from pipeline.measure.psf import PSFModel, pixel_values
 
@@ -64,24 +64,6 @@ _CHUNK = 2048  # sources per batch: bounds the memory of the (N, S, S) stamp arr
 
 class PhotometryError(ValueError):
     """Inputs photometry cannot work on (shapes, units, missing noise)."""
-
-
-@dataclass(frozen=True)
-class PhotometryConfig:
-    """Settings of :func:`psf_photometry`."""
-
-    fit_radius_fwhm: float = 2.0        # half-size of the fit box in FWHMs of the PSF
-    min_fit_halfsize: int = 3
-    min_good_fraction: float = 0.3      # of the fit box's PSF weight, else NO_FIT
-    fit_background: bool = False        # fit a local constant sky with the flux
-    position_iterations: int = 3
-    max_position_shift: float = 1.5     # px from the input position, else POSITION_RESET
-
-    def __post_init__(self):
-        if self.fit_radius_fwhm <= 0 or self.min_fit_halfsize < 1:
-            raise ValueError("fit_radius_fwhm must be > 0 and min_fit_halfsize >= 1")
-        if not 0 < self.min_good_fraction <= 1:
-            raise ValueError("min_good_fraction must be in (0, 1]")
 
 
 def estimate_background(data: np.ndarray, mask: np.ndarray | None = None, mesh: int = 128,

@@ -44,6 +44,8 @@ from astropy.table import Table
 from scipy import ndimage, optimize
 from scipy.spatial import cKDTree
 
+from pipeline.core.config import PSFConfig
+
 __all__ = ["PSFConfig", "PSFModel", "PSFError", "build_psf", "select_psf_stars", "fwhm_of_stamp", "pixel_values"]
 
 _SHIFT_MARGIN = 6
@@ -51,35 +53,6 @@ _SHIFT_MARGIN = 6
 
 class PSFError(ValueError):
     """No PSF can be built (too few usable stars, bad input shapes) or read."""
-
-
-@dataclass(frozen=True)
-class PSFConfig:
-    """Settings of :func:`build_psf` (pixels unless stated)."""
-
-    degree: int = 2                     # polynomial degree of the spatial variation
-    min_stars: int = 10                 # fewer usable stars: PSFError
-    stars_per_term: int = 10            # degree lowered until n_stars >= this * n_terms
-    max_stars: int = 400                # the brightest usable stars are stacked
-    min_snr: float = 50.0               # SNR_WIN of a PSF star
-    max_elongation: float = 1.4
-    fwhm_tolerance: float = 0.2         # |FWHM_IMAGE / median - 1| of a PSF star
-    radius_fwhm: float = 6.0            # stamp half-size in FWHMs (light beyond: < 0.1 %)
-    min_halfsize: int = 8
-    max_halfsize: int = 32
-    core_radius_fwhm: float = 3.0       # no other source, no masked pixel within
-    residual_radius_fwhm: float = 3.0   # empirical residual table: full inside, tapered
-                                        # to 0 over the next 1.5 FWHM (Moffat wings beyond)
-    neighbour_flux_ratio: float = 0.01  # brighter neighbours within the stamp exclude a star
-    clip_sigma: float = 5.0
-    model_tolerance: float = 0.05       # relative model error allowed in the outlier test
-    max_star_snr: float = 500.0         # weights stop growing beyond (systematics dominate)
-
-    def __post_init__(self):
-        if not 0 <= self.degree <= 3:
-            raise ValueError("degree must be 0-3")
-        if self.min_stars < 3 or self.min_halfsize < 3 or self.max_halfsize < self.min_halfsize:
-            raise ValueError("min_stars >= 3 and 3 <= min_halfsize <= max_halfsize required")
 
 
 def _n_terms(degree: int) -> int:

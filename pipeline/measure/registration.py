@@ -30,6 +30,7 @@ from astropy.wcs.utils import pixel_to_pixel
 from scipy import ndimage
 from scipy.interpolate import BSpline, NdBSpline
 
+from pipeline.core.config import RegistrationConfig
 from pipeline.core.image import MASK_BITS
 
 __all__ = ["RegistrationConfig", "RegisteredImage", "RegistrationError", "register_image"]
@@ -46,40 +47,6 @@ _STRIP_ROWS = 32
 
 class RegistrationError(ValueError):
     """The images or WCSs cannot be registered; the message names the problem."""
-
-
-@dataclass(frozen=True)
-class RegistrationConfig:
-    """Settings of :func:`register_image`.
-
-    Attributes
-    ----------
-    grid_step : int
-        Spacing (output pixels) of the grid on which the exact WCS mapping is evaluated.
-    order : int
-        Interpolation order: 3 (cubic B-spline, the default) or 1 (bilinear).
-    mask_radius : int
-        Half-width (px) of the input footprint whose flags an output pixel inherits; 2 is
-        the cubic spline's support.
-    max_mapping_error_px : float
-        Largest tolerated error of the coarse-grid mapping (px); above it the WCSs vary
-        too fast for the grid and :class:`RegistrationError` is raised.
-    """
-
-    grid_step: int = 32
-    order: int = 3
-    mask_radius: int = 2
-    max_mapping_error_px: float = 0.01
-
-    def __post_init__(self):
-        if self.grid_step < 2:
-            raise ValueError(f"grid_step must be at least 2, got {self.grid_step}")
-        if self.order not in _TAPS:
-            raise ValueError(f"order must be one of {sorted(_TAPS)}, got {self.order}")
-        if self.mask_radius < 0:
-            raise ValueError(f"mask_radius must be >= 0, got {self.mask_radius}")
-        if not self.max_mapping_error_px > 0:
-            raise ValueError(f"max_mapping_error_px must be > 0, got {self.max_mapping_error_px}")
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ import math
 import re
 import time
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Sequence
 
 import numpy as np
@@ -58,47 +58,21 @@ from astropy.time import Time
 from astropy.wcs import WCS
 
 from catalogs import propagate_to_epoch
-from pipeline.measure.characterize import CharacterizeConfig, characterize_image
-from pipeline.core.config import FilterConfig
+from pipeline.measure.characterize import characterize_image
+from pipeline.core.config import FilterConfig, ReferenceConfig
 from pipeline.measure.extract import ExtractionError, extract_sources
 from pipeline.core.image import FILTER_IDS, MASK_BITS, QuadrantImage, header_wcs, rcid_of
 from pipeline.measure.calibration import PhotCalError, calibrate_zeropoint
 from pipeline.measure.photometry import flux_to_mag
 from pipeline.reference.files import primary_header
 from pipeline.reference.model import ReferenceError, ReferenceImage
-from pipeline.reference.stack import StackConfig, StackResult, stack_frames
-from pipeline.measure.registration import RegistrationConfig, RegistrationError, register_image
+from pipeline.reference.stack import StackResult, stack_frames
+from pipeline.measure.registration import RegistrationError, register_image
 from pipeline.formats.scamp_head import is_wcs_keyword
 
 __all__ = ["ReferenceConfig", "select_frames", "build_reference", "make_refid", "reference_grid"]
 
 _CRPIX = re.compile(r"CRPIX([12])[A-Z]?")
-
-
-@dataclass(frozen=True)
-class ReferenceConfig(StackConfig):
-    """Settings of :func:`build_reference` (see the module docstring for their meaning);
-    the rejection's (``clip_*``, ``block_rows``) are :class:`pipeline.reference.stack.StackConfig`'s."""
-
-    max_frames: int = 40
-    min_frames: int = 3
-    max_seeing_ratio: float = 1.6       # FWHM / best frame's FWHM
-    max_fwhm_arcsec: float = 4.0
-    max_depth_loss_mag: float = 0.5     # limiting mag below the median: dropped
-    zeropoint: float = 27.0             # common zero point of the coadd, mag for 1 ADU
-    grid_margin_px: int = 64            # the grid extends this far beyond the grid frame
-    gaia_margin_deg: float = 0.05       # Gaia looked up this far around the footprint
-    characterize: CharacterizeConfig = field(default_factory=CharacterizeConfig)
-    registration: RegistrationConfig = field(default_factory=RegistrationConfig)
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not 1 <= self.min_frames <= self.max_frames:
-            raise ValueError("1 <= min_frames <= max_frames required")
-        if self.max_seeing_ratio < 1 or self.max_fwhm_arcsec <= 0 or self.max_depth_loss_mag < 0:
-            raise ValueError("max_seeing_ratio >= 1, max_fwhm_arcsec > 0, max_depth_loss_mag >= 0 required")
-        if self.grid_margin_px < 0:
-            raise ValueError("grid_margin_px >= 0 required")
 
 
 def select_frames(frames: Table, config: ReferenceConfig = ReferenceConfig()) -> Table:

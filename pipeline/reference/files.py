@@ -292,7 +292,7 @@ def build_references(groups: dict, refcat, out, cfg, config=None) -> tuple[int, 
     cfg : Config
         Its ``instrument.filters`` give each group's band.
     config : ReferenceConfig, optional
-        Build settings (default: :class:`pipeline.reference.build.ReferenceConfig`'s).
+        Build settings (default: ``cfg.reference``).
 
     Returns
     -------
@@ -308,9 +308,9 @@ def build_references(groups: dict, refcat, out, cfg, config=None) -> tuple[int, 
         The Gaia catalogue cannot be read or does not cover a group.
     """
     from catalogs import catalog_for_footprint
-    from pipeline.reference.build import ReferenceConfig, build_reference   # build.py imports this module
+    from pipeline.reference.build import build_reference   # build.py imports this module
 
-    config = ReferenceConfig() if config is None else config
+    config = cfg.reference if config is None else config
     status, summaries = EXIT_OK, []
     for key, frames in sorted(groups.items()):
         fieldid, ccdid, qid, filt = key

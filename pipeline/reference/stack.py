@@ -37,28 +37,13 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
+from pipeline.core.config import StackConfig
 from pipeline.core.image import MASK_BITS
 
 __all__ = ["StackConfig", "StackResult", "stack_frames"]
 
 _SIGMA_PER_FWHM = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 _SATURATED = MASK_BITS["SATURATED"] | MASK_BITS["BLEED"]
-
-
-@dataclass(frozen=True)
-class StackConfig:
-    """Settings of :func:`stack_frames`' rejection (see the module docstring);
-    :class:`pipeline.reference.build.ReferenceConfig` extends it."""
-
-    clip_sigma: float = 5.0
-    clip_flux_fraction: float = 0.05
-    clip_psf_factor: float = 1.5
-    clip_grow: int = 1
-    block_rows: int = 512               # rows per block of the median (bounds memory)
-
-    def __post_init__(self):
-        if self.clip_sigma <= 0 or self.clip_grow < 0 or self.block_rows < 1:
-            raise ValueError("clip_sigma > 0, clip_grow >= 0 and block_rows >= 1 required")
 
 
 @dataclass(frozen=True)

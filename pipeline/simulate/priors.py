@@ -88,7 +88,7 @@ def low_airmass_exposures(cfg: Config, fields: Sequence[Field] = DEFAULT_FIELDS,
 def build_prior_from_simulation(cfg: Config, fields: Sequence[Field] = DEFAULT_FIELDS, n_exposures: int = 16,
                                 seed: int | None = None, rcids: Sequence[int] | None = None,
                                 stars_per_quadrant: int = 40,
-                                settings: PriorFitSettings = PriorFitSettings()) -> Prior:
+                                settings: PriorFitSettings | None = None) -> Prior:
     """A distortion prior for the simulated camera, fitted from truth-matched star lists.
 
     This is how the demo and the tests obtain a prior without running SCAMP on every
@@ -97,6 +97,7 @@ def build_prior_from_simulation(cfg: Config, fields: Sequence[Field] = DEFAULT_F
     :func:`priors.fit.fit_prior` exactly as production matches would be.
     """
     seed = cfg.simulation.seed if seed is None else seed
+    settings = cfg.priors if settings is None else settings
     specs = low_airmass_exposures(cfg, fields, n_exposures, max_airmass=settings.max_airmass, seed=seed)
     matches = simulated_matches(cfg, specs, rcids=rcids, stars_per_quadrant=stars_per_quadrant, seed=seed)
     return fit_prior(matches, cfg, settings, source="<simulated matches>")

@@ -64,7 +64,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
@@ -75,6 +74,7 @@ from scipy.spatial import cKDTree
 from pipeline.subtraction.features import (_FWHM_PER_SIGMA, _REFERENCE_COLUMNS, CandidateError, _aperture,
                                  _box_features, _gather_stamps, _nearest_reference, _per_candidate,
                                  _psf_fit, _shape, _tile_index, _tile_optics)
+from pipeline.core.config import CandidateConfig
 from pipeline.core.image import MASK_BITS
 from pipeline.measure.photometry import flux_to_mag
 from pipeline.subtraction.zogy import ZogyResult, measure_flux
@@ -100,62 +100,6 @@ _QUADRATIC_PINV = np.linalg.pinv(np.stack([np.ones(9), _GRID_X, _GRID_Y, _GRID_X
                                            _GRID_X * _GRID_Y, _GRID_Y**2], axis=1))
 
 
-@dataclass(frozen=True)
-class CandidateConfig:
-    """Settings of :func:`find_candidates` (pixels unless stated).
-
-    Attributes
-    ----------
-    threshold : float
-        ``|Scorr|`` a peak must reach.
-    min_separation_px : float
-        Same-sign peaks closer than this: only the higher ``|Scorr|`` is kept.
-    max_candidates : int
-        Beyond this many peaks the highest ``|Scorr|`` are kept and ``meta["truncated"]``
-        is True (with ``n_peaks_total`` and a logged warning: a bogus flood shows).
-    box : int
-        Side of the odd box of ``nneg``, ``nbad``, ``sumrat`` (ZTF: 5).
-    aperture_radius_px : float
-        Radius of ``magap`` (ZTF: 14 px diameter).
-    nearest_radius_arcsec : float
-        Search radius of the nearest reference-catalogue source.
-    cutout_size : int
-        Side of the stamps the pipeline asks :func:`cutout_stamps` for (odd; ZTF: 63).
-    edge_margin_px : int
-        Peaks on pixels closer than this to the image edge are dropped: the 3 x 3
-        position fit needs the neighbours (>= 1); the default keeps the box on the image.
-    """
-
-    threshold: float = 5.0
-    min_separation_px: float = 4.0
-    max_candidates: int = 2000
-    box: int = 5
-    aperture_radius_px: float = 7.0
-    nearest_radius_arcsec: float = 30.0
-    cutout_size: int = 63
-    edge_margin_px: int = 2
-
-    def __post_init__(self):
-        problems = []
-        if not self.threshold > 0:
-            problems.append(f"threshold must be > 0, got {self.threshold}")
-        if not self.min_separation_px >= 0:
-            problems.append(f"min_separation_px must be >= 0, got {self.min_separation_px}")
-        if self.max_candidates < 1:
-            problems.append(f"max_candidates must be >= 1, got {self.max_candidates}")
-        for name in ("box", "cutout_size"):
-            value = getattr(self, name)
-            if value < 1 or value % 2 == 0:
-                problems.append(f"{name} must be odd and >= 1, got {value}")
-        if not self.aperture_radius_px > 0 or not self.nearest_radius_arcsec > 0:
-            problems.append("aperture_radius_px and nearest_radius_arcsec must be > 0")
-        if self.edge_margin_px < 1:
-            problems.append(f"edge_margin_px must be >= 1, got {self.edge_margin_px}")
-        if problems:
-            raise CandidateError("CandidateConfig: " + "; ".join(problems))
-
-
-#: Columns of the candidates table: name -> (dtype, unit).
 _COLUMNS = {
     "cand_index": (np.int64, None), "xpos": (np.float64, u.pix), "ypos": (np.float64, u.pix),
     "ra": (np.float64, u.deg), "dec": (np.float64, u.deg), "isdiffpos": (bool, None),

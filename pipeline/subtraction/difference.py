@@ -36,13 +36,13 @@ from astropy.table import Table
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from pipeline.subtraction.candidates import CandidateConfig, cutout_stamps, diffmaglim, find_candidates
-from pipeline.measure.characterize import Characterization, CharacterizeConfig, CharacterizeError, characterize_image
-from pipeline.core.config import FilterConfig
+from pipeline.subtraction.candidates import cutout_stamps, diffmaglim, find_candidates
+from pipeline.measure.characterize import Characterization, CharacterizeError, characterize_image
+from pipeline.core.config import FilterConfig, SubtractionConfig
 from pipeline.measure.psf import PSFModel
 from pipeline.subtraction.realbogus import RealBogusModel, load_default_model
-from pipeline.measure.registration import RegisteredImage, RegistrationConfig, RegistrationError, register_image
-from pipeline.subtraction.zogy import ZogyConfig, ZogyInputError, ZogyResult, zogy_subtract_tiled
+from pipeline.measure.registration import RegisteredImage, RegistrationError, register_image
+from pipeline.subtraction.zogy import ZogyInputError, ZogyResult, zogy_subtract_tiled
 from pipeline.core.exits import UnusableImageError
 
 __all__ = ["SubtractionConfig", "SubtractionResult", "SubtractionError", "subtract_images",
@@ -55,27 +55,6 @@ _PSF_MARGIN = 3         # px of the reference PSF stamp beyond the registered st
 
 class SubtractionError(UnusableImageError, ValueError):
     """The subtraction cannot be made; the message names the stage and the problem."""
-
-
-@dataclass(frozen=True)
-class SubtractionConfig:
-    """Settings of every step of :func:`subtract_images`."""
-
-    characterize: CharacterizeConfig = field(default_factory=CharacterizeConfig)
-    registration: RegistrationConfig = field(default_factory=RegistrationConfig)
-    # A 2 % PSF-model error term in Scorr's variance (see ZogyConfig.psf_error): our
-    # empirical PSFs reproduce bright stars to about that, and without it every bright
-    # star leaves a residual candidate.
-    zogy: ZogyConfig = field(default_factory=lambda: ZogyConfig(psf_error=0.02))
-    candidates: CandidateConfig = field(default_factory=CandidateConfig)
-    # Registration noise floor: what the Gaia-match statistics cannot show (PSF-centroid
-    # systematics between the epochs, the reference's own WCS); 0.01 px = 10 mas.
-    astrometric_sigma_floor_px: float = 0.01
-    # Scorr is zeroed this many FWHMs around bad pixels (ZOGY's default, the PSF stamp's
-    # half-width, flagged 12 % of a quadrant around bad columns and saturated stars; within
-    # 2 FWHM a masked pixel's influence on S is below the noise).
-    mask_grow_fwhm: float = 2.0
-    min_relative_zp_stars: int = 10
 
 
 @dataclass(frozen=True)
@@ -335,10 +314,13 @@ def subtract_images(data: np.ndarray, mask: np.ndarray, header, wcs, reference, 
         The astrometry stage's extraction of this image, reused.
     read_noise : float, optional
     rb_model : RealBogusModel, optional
-        Default: the model shipped with the package.
+        Default: the model shipped with the package (the file edge passes the one
+        ``[realbogus]`` names).
     score_realbogus : bool
         False leaves ``rb`` NaN (for training a model on the features).
     config : SubtractionConfig
+        The ``[subtraction]`` section (its characterisation and registration are the shared
+        ``[characterize]`` and ``[registration]``).
 
     Returns
     -------

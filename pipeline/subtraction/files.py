@@ -19,7 +19,8 @@ from pathlib import Path
 from pipeline.core.config import Config
 from pipeline.core.image import ImageContractError, QuadrantImage, read_quadrant
 from pipeline.core.exits import EXIT_OK, BadInputError, UnusableImageError, describe, exit_status_of
-from pipeline.subtraction.difference import SubtractionConfig, SubtractionResult, subtract_images
+from pipeline.subtraction.difference import SubtractionResult, subtract_images
+from pipeline.subtraction.realbogus import load_model
 from pipeline.subtraction.products import write_subtraction
 
 __all__ = ["run_subtraction", "subtract_files", "subtract_quadrant", "SubtractionRun"]
@@ -69,8 +70,8 @@ def _subtraction_inputs(science: QuadrantImage, reference_path: str | os.PathLik
 
 
 def run_subtraction(science_path: str | os.PathLike, reference_path: str | os.PathLike,
-                    out: str | os.PathLike, cfg: Config, refcat: str | os.PathLike | None = None,
-                    config: SubtractionConfig = SubtractionConfig()) -> tuple[int, dict | None]:
+                    out: str | os.PathLike, cfg: Config,
+                    refcat: str | os.PathLike | None = None) -> tuple[int, dict | None]:
     """Subtract ``reference_path`` from ``science_path`` and write the products under ``out``.
 
     Returns
@@ -81,20 +82,19 @@ def run_subtraction(science_path: str | os.PathLike, reference_path: str | os.Pa
     record : dict or None
         The QA record written to ``qa.json``.
     """
-    run = subtract_files(science_path, reference_path, out, cfg, refcat, config)
+    run = subtract_files(science_path, reference_path, out, cfg, refcat)
     return run.status, run.record
 
 
 def subtract_files(science_path: str | os.PathLike, reference_path: str | os.PathLike,
-                   out: str | os.PathLike, cfg: Config, refcat: str | os.PathLike | None = None,
-                   config: SubtractionConfig = SubtractionConfig()) -> SubtractionRun:
+                   out: str | os.PathLike, cfg: Config,
+                   refcat: str | os.PathLike | None = None) -> SubtractionRun:
     """:func:`run_subtraction`, also handing over what it computed (:class:`SubtractionRun`)."""
-    return subtract_quadrant(read_quadrant(science_path), reference_path, out, cfg, refcat, config)
+    return subtract_quadrant(read_quadrant(science_path), reference_path, out, cfg, refcat)
 
 
 def subtract_quadrant(science: QuadrantImage, reference_path: str | os.PathLike, out: str | os.PathLike,
-                      cfg: Config, refcat: str | os.PathLike | None = None,
-                      config: SubtractionConfig = SubtractionConfig(), extraction=None) -> SubtractionRun:
+                      cfg: Config, refcat: str | os.PathLike | None = None, extraction=None) -> SubtractionRun:
     """Subtract the reference from a solved science image held in memory; write the products.
 
     Parameters
@@ -107,6 +107,8 @@ def subtract_quadrant(science: QuadrantImage, reference_path: str | os.PathLike,
     out : path-like
         The products folder.
     cfg : Config
+        Its ``[subtraction]`` (with the shared ``[characterize]`` and ``[registration]``)
+        and ``[realbogus]`` sections are the stage's.
     refcat : path-like, optional
         The Gaia store or table for the photometric calibration.
     extraction : ExtractionResult, optional
@@ -123,7 +125,8 @@ def subtract_quadrant(science: QuadrantImage, reference_path: str | os.PathLike,
         result = subtract_images(science.data, science.mask, science.header, science.wcs, reference, band,
                                  gain=meta.gain, saturate=meta.saturate,
                                  pixel_scale_arcsec=cfg.instrument.pixel_scale_arcsec, gaia=gaia,
-                                 extraction=extraction, read_noise=meta.readnoi, config=config)
+                                 extraction=extraction, read_noise=meta.readnoi,
+                                 rb_model=load_model(cfg.realbogus), config=cfg.subtraction)
     except (BadInputError, UnusableImageError) as exc:
         # SubtractionError is an UnusableImageError: the image's content defeated the method.
         log.error("%s", describe(exc))

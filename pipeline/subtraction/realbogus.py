@@ -22,10 +22,11 @@ from pathlib import Path
 
 import numpy as np
 from astropy.table import Table
+from pipeline.core.config import RealBogusConfig
 from pipeline.core.exits import BadInputError
 
-__all__ = ["RB_FEATURES", "RealBogusModel", "RealBogusError", "feature_matrix", "fit_model",
-           "load_default_model", "model_summary", "DEFAULT_MODEL_RESOURCE"]
+__all__ = ["RB_FEATURES", "RealBogusConfig", "RealBogusModel", "RealBogusError", "feature_matrix", "fit_model",
+           "load_default_model", "load_model", "model_summary", "DEFAULT_MODEL_RESOURCE"]
 
 DEFAULT_MODEL_RESOURCE = "data/rb_model.json"
 
@@ -226,6 +227,18 @@ def load_default_model() -> RealBogusModel:
         raise RealBogusError(f"the shipped real-bogus model {DEFAULT_MODEL_RESOURCE} is missing from "
                              "the installation; train one with `skydiff realbogus train`") from None
     return RealBogusModel.from_json(text, DEFAULT_MODEL_RESOURCE)
+
+
+def load_model(config: RealBogusConfig) -> RealBogusModel:
+    """The model the ``[realbogus]`` section names: its ``model`` file, or the shipped model
+    when that is empty.
+
+    Raises
+    ------
+    RealBogusError
+        The file cannot be read or holds no usable model.
+    """
+    return RealBogusModel.read(config.model) if config.model else load_default_model()
 
 
 def model_summary(model: RealBogusModel) -> str:

@@ -42,6 +42,7 @@ import numpy as np
 import scipy.fft as sfft
 from scipy import ndimage
 
+from pipeline.core.config import ZogyConfig
 from pipeline.subtraction.zogy_tile import ZogyKernels, subtract_tile, zogy_kernels
 
 __all__ = [
@@ -54,45 +55,6 @@ PsfAt = Callable[[float, float], np.ndarray]
 
 class ZogyInputError(ValueError):
     """Inputs ZOGY cannot work with; the message names the argument and the problem."""
-
-
-@dataclass(frozen=True)
-class ZogyConfig:
-    """Settings of the subtraction.
-
-    Attributes
-    ----------
-    tile : int
-        Target inner size of a tile (pixels) in :func:`zogy_subtract_tiled`; the image
-        is cut into ``round(size / tile)`` equal tiles per axis.
-    overlap : int
-        Margin (pixels) of image around each tile's inner part, and of background
-        padding beyond the image: it must exceed the kernels' reach, about the sum of
-        the two PSFs' half-widths, so PSF stamps may be at most ``overlap + 1`` wide.
-        The real-space kernels are computed on a ``2 * overlap`` grid.
-    mask_grow : int or None
-        Radius (pixels) flagged around bad pixels; None: the PSF stamp's half-width.
-    workers : int
-        Threads given to scipy.fft (the pipeline runs one quadrant per core).
-    psf_error : float
-        Fractional error of the PSF models.  Not in the ZOGY paper: a PSF model wrong by
-        a fraction e leaves a residual of about e times each star's matched-filter
-        response in S, so ``(e * S_r)**2`` (S_r the reference's part of S) is added to
-        S's variance; 0 is pure ZOGY.  It lowers Scorr only on top of reference sources.
-    """
-
-    tile: int = 1024
-    overlap: int = 64
-    mask_grow: int | None = None
-    workers: int = 1
-    psf_error: float = 0.0
-
-    def __post_init__(self):
-        if not 0.0 <= self.psf_error < 1.0:
-            raise ZogyInputError(f"ZogyConfig: psf_error ({self.psf_error}) must be in [0, 1)")
-        if self.tile < 16 or self.overlap < 8:
-            raise ZogyInputError(f"ZogyConfig: tile ({self.tile}) must be >= 16 and "
-                                 f"overlap ({self.overlap}) >= 8")
 
 
 @dataclass(frozen=True)

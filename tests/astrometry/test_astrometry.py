@@ -17,7 +17,6 @@ from pipeline.astrometry.solve import (AstrometricPrior, prior_from_image_header
 from pipeline.astrometry.qa import wcs_difference_mas
 from pipeline.core.focalplane import ccd_qid_of_rcid, quadrant_geometry, scale_check_grid
 from pipeline.core.image import footprint_corners, quadrant_image
-from pipeline.astrometry.scamp import ScampSettings
 from pipeline.simulate.optics import true_quadrant_solution
 from pipeline.simulate.plan import DEFAULT_FIELDS, exposure_at_airmass
 from pipeline.simulate.render import render_quadrant
@@ -54,13 +53,14 @@ def wcs_error_mas(solved, true):
     return wcs_difference_mas(solved, true, x, y)
 
 
-def solve(cfg, image, gaia, tmp_path, prior=None, **kwargs):
+def solve(cfg, image, gaia, tmp_path, prior=None):
     prior = prior or prior_from_image_header(image)
     from catalogs import footprint_region
     corners = footprint_corners(prior.wcs(image.shape), image.shape)
     region = footprint_region(corners, cfg.astrometry.catalog_margin_deg)
     rows = gaia[region.contains(np.asarray(gaia["ra"]), np.asarray(gaia["dec"]))] if len(gaia) else gaia
-    return solve_astrometry(image, rows, prior, cfg, tmp_path, **kwargs)
+    return solve_astrometry(image, rows, prior, tmp_path, cfg.astrometry, cfg.extraction, cfg.site,
+                            cfg.instrument.filters[image.meta.filter])
 
 
 @pytest.mark.parametrize("rcid, airmass", [(21, 1.05), (60, 2.5), (3, 1.8)])
@@ -149,7 +149,6 @@ def test_runaway_corner_distortion_is_unusable(cfg, sky, gaia, tmp_path):
 def test_scamp_killed_by_its_timeout_is_unusable(cfg, sky, gaia, tmp_path):
     spec = exposure_at_airmass(cfg, FIELD, 1.2)
     image, _ = render(cfg, sky, spec, 21)
-    settings = ScampSettings.from_config(cfg.astrometry, timeout_s=0.05)
-    result = solve(cfg, image, gaia, tmp_path, scamp_settings=settings)
+    result = solve(cfg.replace(astrometry__scamp_timeout_s=0.05), image, gaia, tmp_path)
     assert not result.usable
     assert "time" in result.reasons[0].lower(), result.reasons

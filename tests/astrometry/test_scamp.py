@@ -20,8 +20,8 @@ from astropy.wcs import WCS
 
 from pipeline.core.config import AstrometryConfig
 from pipeline.core.focalplane import scale_check_grid
-from pipeline.astrometry.scamp import (ScampError, ScampInputError, ScampNotFoundError, ScampSettings,
-                            run_scamp_pass, solve_with_scamp)
+from pipeline.astrometry.scamp import (ScampError, ScampInputError, ScampNotFoundError, run_scamp_pass,
+                            scamp_parameters, solve_with_scamp)
 from pipeline.formats.scamp_head import (WcsHeaderError, ahead_text, apply_wcs_header, is_wcs_keyword,
                                parse_head_text, read_head, strip_wcs_keywords,
                                wcs_from_header, write_ahead)
@@ -31,10 +31,10 @@ from _scamp_fixtures import make_quadrant, shifted_prior, write_catalogues
 SCAMP = "/usr/bin/scamp"
 pytestmark = pytest.mark.skipif(not Path(SCAMP).exists(), reason="SCAMP not installed")
 
-# Pattern matching at 2 arcsec resolution: the same solutions in a fraction of the time (pass 1
-# 1.5 s instead of 3.2 s on a simulated quadrant, SCAMP 2.10), which keeps this file inside
-# its time budget on two shared cores.
-FAST = ScampSettings(binary=SCAMP, threads=2, match_resol_arcsec=2.0, timeout_s=120.0)
+# The production settings (pattern matching at 2 arcsec resolution with the brightest 500
+# detections: pass 1 in a fraction of SCAMP's own defaults' time), two threads and a generous
+# timeout, which keeps this file inside its time budget on two shared cores.
+FAST = AstrometryConfig(scamp_binary=SCAMP, scamp_threads=2, scamp_timeout_s=120.0)
 
 
 def wcs_error_mas(solved_header: fits.Header, quadrant) -> tuple[float, float]:
@@ -138,12 +138,12 @@ def test_write_ahead_is_scamp_readable_ascii(tmp_path, outer):
 # ------------------------------------------------------------------------- settings
 
 def test_settings_carry_the_two_pass_recipe():
-    settings = ScampSettings.from_config(AstrometryConfig(), position_maxerr_arcmin=4.0)
-    first, second = settings.parameters(1), settings.parameters(2)
+    settings = AstrometryConfig(position_maxerr_arcmin=4.0)
+    first, second = scamp_parameters(settings, 1), scamp_parameters(settings, 2)
     assert first["MATCH"] == "Y" and first["STABILITY_TYPE"] == "PRE-DISTORTED"
     assert first["FOCDISTORT_DEGREE"] == "2" and first["POSITION_MAXERR"] == "4"
     assert first["POSANGLE_MAXERR"] == "0.5" and first["PIXSCALE_MAXERR"] == "1.02"
-    assert first["CROSSID_RADIUS"] == "3"
+    assert first["CROSSID_RADIUS"] == "3" and first["MATCH_RESOL"] == "2" and first["MATCH_NMAX"] == "500"
     assert second["MATCH"] == "N" and second["STABILITY_TYPE"] == "INSTRUMENT"
     assert second["DISTORT_DEGREES"] == "4" and second["CROSSID_RADIUS"] == "1.5"
     for common in (first, second):
@@ -151,7 +151,7 @@ def test_settings_carry_the_two_pass_recipe():
         assert common["SOLVE_PHOTOM"] == "N" and common["CHECKPLOT_DEV"] == "NULL"
         assert common["SN_THRESHOLDS"] == "10,100" and common["WRITE_XML"] == "Y"
     with pytest.raises(ValueError, match="degree 1"):
-        ScampSettings(focdistort_degree=1)
+        AstrometryConfig(focdistort_degree=1)
 
 
 # ------------------------------------------------------------------- real solutions
@@ -259,7 +259,7 @@ def test_bad_inputs_raise_clear_errors(inner, tmp_path):
     quadrant, detections, reference = inner
     with pytest.raises(ScampNotFoundError, match="no-such-scamp"):
         solve_with_scamp(detections, reference, quadrant.ahead, quadrant.shape,
-                         ScampSettings(binary="no-such-scamp"), tmp_path)
+                         AstrometryConfig(scamp_binary="no-such-scamp"), tmp_path)
     with pytest.raises(ScampInputError, match="differs from the image shape"):
         solve_with_scamp(detections, reference, quadrant.ahead, (3072, 3080), FAST, tmp_path)
     no_mag = quadrant.reference.copy()
@@ -283,14 +283,14 @@ def test_unstartable_binary_raises(inner, tmp_path):
     not_executable.chmod(0o644)
     with pytest.raises(ScampError, match="not found|cannot start"):
         solve_with_scamp(detections, reference, quadrant.ahead, quadrant.shape,
-                         ScampSettings(binary=str(not_executable)), tmp_path)
+                         AstrometryConfig(scamp_binary=str(not_executable)), tmp_path)
 
 
 # -------------------------------------------------------------- timeouts and crashes
 
 def test_timeout_kills_scamp(inner, tmp_path):
     quadrant, detections, reference = inner
-    settings = replace(FAST, timeout_s=0.05)
+    settings = replace(FAST, scamp_timeout_s=0.05)
     start = time.perf_counter()
     result = solve_with_scamp(detections, reference, quadrant.ahead, quadrant.shape,
                               settings, tmp_path)
@@ -309,7 +309,7 @@ def _fake_binary(folder: Path, body: str) -> str:
 def test_timeout_kills_the_whole_process_group(inner, tmp_path):
     quadrant, detections, reference = inner
     binary = _fake_binary(tmp_path, "sleep 60 &\necho $! > child.pid\nwait")
-    settings = ScampSettings(binary=binary, timeout_s=1.0)
+    settings = AstrometryConfig(scamp_binary=binary, scamp_timeout_s=1.0)
     result = run_scamp_pass(1, detections, reference, quadrant.ahead, settings, tmp_path)
     assert not result.ok and "timeout" in result.reason
     child = int((result.run_dir / "child.pid").read_text())
@@ -330,7 +330,7 @@ def test_timeout_kills_the_whole_process_group(inner, tmp_path):
 ])
 def test_crash_is_reported(inner, tmp_path, body, expected):
     quadrant, detections, reference = inner
-    settings = ScampSettings(binary=_fake_binary(tmp_path, body), timeout_s=10.0)
+    settings = AstrometryConfig(scamp_binary=_fake_binary(tmp_path, body), scamp_timeout_s=10.0)
     result = solve_with_scamp(detections, reference, quadrant.ahead, quadrant.shape,
                               settings, tmp_path)
     assert not result.ok and expected in result.reason
@@ -345,8 +345,7 @@ def test_benchmark_pass_timings(outer, tmp_path):
     """Prints SCAMP's per-pass wall time with the project's configured settings, 1 and 2 threads."""
     quadrant, detections, reference = outer
     for threads in (1, 2):
-        settings = ScampSettings.from_config(AstrometryConfig(), binary=SCAMP, threads=threads,
-                                             timeout_s=120.0)
+        settings = AstrometryConfig(scamp_binary=SCAMP, scamp_threads=threads, scamp_timeout_s=120.0)
         result = solve_with_scamp(detections, reference, quadrant.ahead, quadrant.shape,
                                   settings, tmp_path / f"t{threads}")
         assert result.ok, result.reason

@@ -1,9 +1,15 @@
 """Configuration: embedded defaults, TOML overrides, errors that name the key."""
 from __future__ import annotations
 
+import dataclasses
+import re
+from tomllib import loads as tomllib_loads
+
 import pytest
 
-from pipeline.core.config import ConfigError, config_to_toml, load_config
+from pipeline.core.config import (CharacterizeConfig, Config, ConfigError, ExtractionConfig, PriorFitSettings,
+                                  ReferenceConfig, RegistrationConfig, SubtractionConfig, ZogyConfig,
+                                  config_to_toml, load_config)
 
 
 def test_defaults_describe_a_ztf_like_camera(cfg):
@@ -55,3 +61,68 @@ def test_effective_config_round_trips(tmp_path, cfg):
 def test_password_never_printed():
     cfg = load_config(overrides={"kafka": {"sasl_password": "s3cret"}})
     assert "s3cret" not in config_to_toml(cfg)
+
+
+def test_every_stage_section_is_in_the_tree_and_printed(cfg):
+    printed = tomllib_loads(config_to_toml(cfg))
+    assert set(printed) == {f.name for f in dataclasses.fields(Config)}
+    for section in ("extraction", "characterize", "registration", "astrometry", "reference",
+                    "subtraction", "realbogus", "priors"):
+        assert section in printed
+    assert {"psf", "photometry", "photcal"} <= set(printed["characterize"])
+    assert {"zogy", "candidates"} <= set(printed["subtraction"])
+    # Shared sections are printed once, in their own place.
+    assert "extraction" not in printed["characterize"]
+    assert "characterize" not in printed["subtraction"] and "registration" not in printed["reference"]
+
+
+def test_section_defaults_are_the_stages_defaults(cfg):
+    """One default per setting: the tree's sections equal the stage classes' own defaults,
+    the values production used before the tree held them."""
+    assert cfg.extraction == ExtractionConfig() and cfg.characterize == CharacterizeConfig()
+    assert cfg.registration == RegistrationConfig() and cfg.reference == ReferenceConfig()
+    assert cfg.subtraction == SubtractionConfig() and cfg.priors == PriorFitSettings()
+    assert cfg.subtraction.zogy.psf_error == 0.02 == ZogyConfig().psf_error
+    # SCAMP as the quadrant runner ran it: the [astrometry] values, SCAMP's own defaults beside.
+    acfg = cfg.astrometry
+    assert (acfg.match_nmax, acfg.match_resol_arcsec, acfg.position_maxerr_arcmin) == (500, 2.0, 1.5)
+    assert (acfg.posangle_maxerr_deg, acfg.pixscale_maxerr, acfg.distort_degree, acfg.flags_mask) == \
+        (0.5, 1.02, 4, 0x1FF)
+    assert cfg.realbogus.model == ""
+
+
+def test_shared_sections_reach_every_stage(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[extraction]\ndetect_thresh = 3\naperture_radii = [2, 5]\n"
+                    "[characterize.psf]\nmax_stars = 100\n[registration]\norder = 1\n"
+                    "[subtraction.zogy]\nmask_grow = 6\n[subtraction.candidates]\nthreshold = 6.5\n")
+    cfg = load_config(path)
+    assert cfg.extraction.aperture_radii == (2.0, 5.0)
+    for characterize in (cfg.characterize, cfg.subtraction.characterize, cfg.reference.characterize):
+        assert characterize.extraction.detect_thresh == 3.0 and characterize.psf.max_stars == 100
+    assert cfg.subtraction.registration.order == 1 == cfg.reference.registration.order
+    assert cfg.subtraction.zogy.mask_grow == 6 and cfg.subtraction.candidates.threshold == 6.5
+    assert load_config(overrides=tomllib_loads(config_to_toml(cfg))) == cfg
+    changed = cfg.replace(extraction__detect_thresh=4.0)
+    assert changed.subtraction.characterize.extraction.detect_thresh == 4.0
+    assert changed.reference.characterize.extraction.detect_thresh == 4.0
+
+
+@pytest.mark.parametrize("text, words", [
+    ("[subtraction.candidates]\nbox = 4\n", "subtraction.candidates: box must be odd"),
+    ("[subtraction.zogy]\npsf_error = 1.5\n", "subtraction.zogy: psf_error"),
+    ("[reference]\nmin_frames = 50\n", "reference: 1 <= min_frames <= max_frames"),
+    ("[astrometry]\nfocdistort_degree = 1\n", "astrometry: focdistort_degree"),
+    ("[extraction]\naperture_radii = 3.0\n", "extraction.aperture_radii: expected an array"),
+    ("[extraction]\naperture_radii = [2, 'x']\n", "extraction.aperture_radii[1]: expected float"),
+    ("[astrometry]\nsn_thresholds = [10]\n", "astrometry.sn_thresholds: expected an array of 2"),
+    ("[subtraction.zogy]\nmask_grow = 2.5\n", "subtraction.zogy.mask_grow: expected int"),
+    ("[subtraction.characterize.psf]\nmax_stars = 5\n", "subtraction.characterize (set in [characterize])"),
+    ("[characterize.extraction]\nminarea = 3\n", "characterize.extraction (set in [extraction])"),
+    ("[subtraction]\ntreshold = 5\n", "subtraction.treshold"),
+])
+def test_bad_stage_settings_name_the_key(tmp_path, text, words):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        load_config(path)

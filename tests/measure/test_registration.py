@@ -192,3 +192,9 @@ def test_bad_inputs_raise_clear_errors():
         register_image(image_a, wcs_a, flipped, (NPIX, NPIX))
     with pytest.raises(ValueError, match="order"):
         RegistrationConfig(order=2)
+
+
+def test_the_configuration_offers_exactly_the_implemented_orders():
+    from pipeline.core.config import REGISTRATION_ORDERS
+    from pipeline.measure.registration import _TAPS
+    assert set(REGISTRATION_ORDERS) == set(_TAPS)
