@@ -1,14 +1,13 @@
 """The distortion prior: fitted from simulated low-airmass exposures, checked against the simulator's truth."""
 from __future__ import annotations
 
-import argparse
 
 import numpy as np
 import pytest
+from _cli import run_skydiff
 from astropy.io import fits
 from astropy.table import Table
 
-from pipeline import cli
 from pipeline.core.focalplane import all_quadrants, quadrant_geometry, scale_check_grid
 from pipeline.simulate.optics import true_quadrant_solution
 from pipeline.simulate.plan import DEFAULT_FIELDS, exposure_at_airmass
@@ -149,13 +148,7 @@ def test_bad_input_is_named(cfg, training, caplog):
 
 
 def _run_command(cfg, argv):
-    from pipeline.commands import priors as command
-    parser = argparse.ArgumentParser()
-    common = argparse.ArgumentParser(add_help=False)
-    command.register(parser.add_subparsers(dest="command"), common)
-    args = parser.parse_args(argv)
-    args.cfg = cfg
-    return cli.run_command(args)    # as skydiff runs it: a propagated failure becomes its status
+    return run_skydiff(argv, cfg)
 
 
 def test_priors_command_builds_and_writes_ahead(cfg, training, tmp_path):

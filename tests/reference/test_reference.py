@@ -8,13 +8,13 @@ solved one.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import math
 from dataclasses import replace
 
 import numpy as np
 import pytest
+from _cli import run_skydiff
 from astropy.io import fits
 from astropy.stats import sigma_clipped_stats
 from astropy.table import Table
@@ -22,7 +22,6 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from _phot_scene import isolated_stars
-from pipeline import cli
 from pipeline.core.config import load_config
 from pipeline.core.image import MASK_BITS, quadrant_image, read_quadrant, write_quadrant
 from pipeline.reference.build import ReferenceConfig, build_reference, make_refid, reference_grid, select_frames
@@ -384,13 +383,7 @@ def test_refid_is_deterministic_and_decodable():
 
 
 def _command(argv, cfg):
-    from pipeline.commands import reference as command
-    parser = argparse.ArgumentParser()
-    common = argparse.ArgumentParser(add_help=False)
-    command.register(parser.add_subparsers(dest="command"), common)
-    args = parser.parse_args(argv)
-    args.cfg = cfg
-    return cli.run_command(args)    # as skydiff runs it: a propagated failure becomes its status
+    return run_skydiff(argv, cfg)
 
 
 def test_command_builds_shows_and_fails_cleanly(tmp_path, capsys):
