@@ -241,6 +241,10 @@ class LightcurveReader:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        # A root that does not exist is a mistyped path, not a sky without objects: an empty
+        # answer would look like a valid "nothing there".
+        if not self.root.is_dir():
+            raise LayoutError(f"matchfile root {self.root}: no such directory")
         self.index = FootprintIndex(self.root)
         self.opened: list[Path] = []
         self._snapshots: dict[Path, MatchfileSnapshot] = {}

@@ -44,6 +44,14 @@ _KNOWN = {"ID", "POS", "BANDNAME", "MAG", "TIME", "BAD_CATFLAGS_MASK", "NOBS_MIN
 HELP_TEXT = (__doc__ or "").split("\n\n", 1)[1]
 
 
+#: catflags and nobs are 32-bit signed integers in the matchfiles: larger masks or counts
+#: cannot mean anything (and overflowed NumPy's bitwise and).
+_INT32_MAX = 2**31 - 1
+#: Seconds a client may take to send its request line and headers (and to read the answer):
+#: a half-sent request must not hold a server thread forever.
+REQUEST_TIMEOUT_S = 30.0
+
+
 class QueryError(BadInputError):
     """A request the service rejects with 400 (the message is sent to the client)."""
 
@@ -92,16 +100,20 @@ def _range(params, name: str) -> tuple[float, float] | None:
     return low, high
 
 
-def _non_negative_int(params, name: str) -> int:
+def _non_negative_int(params, name: str, maximum: int = _INT32_MAX) -> int:
     text = _single(params, name)
     if text is None:
         return 0
+    if len(text) > 20:      # int() of a huge digit string is slow and never a valid value
+        raise QueryError(f"{name}: {text[:20]!r}... is longer than any allowed value")
     try:
         value = int(text)
     except ValueError:
         raise QueryError(f"{name}: {text!r} is not an integer") from None
     if value < 0:
         raise QueryError(f"{name} must not be negative")
+    if value > maximum:
+        raise QueryError(f"{name}: {value} exceeds the maximum {maximum}")
     return value
 
 
@@ -173,6 +185,7 @@ def run_query(reader: LightcurveReader, query: LightcurveQuery) -> Table:
 class _Handler(BaseHTTPRequestHandler):
     server_version = "skydiff-lightcurves/1"
     reader: LightcurveReader     # set on the subclass made by make_server
+    timeout = REQUEST_TIMEOUT_S  # socket timeout (StreamRequestHandler): half-sent requests end
 
     def log_message(self, format, *args):   # route the access log through logging
         log.debug("%s " + format, self.address_string(), *args)
@@ -218,9 +231,19 @@ class _Handler(BaseHTTPRequestHandler):
     do_HEAD = do_GET
 
 
-def make_server(root: str | Path, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
-    """A threading HTTP server over the matchfiles under ``root`` (port 0 picks a free one)."""
-    handler = type("LightcurveHandler", (_Handler,), {"reader": LightcurveReader(root)})
+def make_server(root: str | Path, host: str = "127.0.0.1", port: int = 0,
+                request_timeout_s: float = REQUEST_TIMEOUT_S) -> ThreadingHTTPServer:
+    """A threading HTTP server over the matchfiles under ``root`` (port 0 picks a free one).
+
+    ``request_timeout_s``: a connection that sends nothing for that long is closed.
+
+    Raises
+    ------
+    pipeline.matchfile.layout.LayoutError
+        ``root`` is not a directory.
+    """
+    handler = type("LightcurveHandler", (_Handler,), {"reader": LightcurveReader(root),
+                                                      "timeout": float(request_timeout_s)})
     # socketserver's default listen backlog of 5 drops connections under bursts (1 s SYN retries).
     server_class = type("LightcurveServer", (ThreadingHTTPServer,), {"request_queue_size": 128})
     server = server_class((host, port), handler)

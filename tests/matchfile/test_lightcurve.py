@@ -120,3 +120,13 @@ def test_command_prints_and_plots(root, tmp_path, capsysbinary, cfg):
     args = parser.parse_args(["lightcurve", "400", "0", "--root", str(root)])
     args.cfg = cfg
     assert args.func(args) == 2
+
+
+def test_commands_on_a_missing_root_exit_3_naming_it(tmp_path, cfg, caplog):
+    """A mistyped --root is bad input (3), not an empty table or an empty service (exit 0)."""
+    from _cli import run_skydiff
+
+    missing = tmp_path / "no-such-root"
+    assert run_skydiff(["lightcurve", "150", "30", "--root", str(missing)], cfg) == 3
+    assert run_skydiff(["serve-lightcurves", "--port", "0", "--root", str(missing)], cfg) == 3
+    assert str(missing) in caplog.text and "no such directory" in caplog.text

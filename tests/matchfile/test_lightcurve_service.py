@@ -87,6 +87,9 @@ def test_irsa_queries_in_every_format(service):
     ("ID=1&NOBS_MIN=-2", "negative"),
     ("ID=1&FOO=2", "unknown parameter"),
     ("ID=1&FORMAT=CSV&FORMAT=JSON", "once"),
+    ("ID=1&BAD_CATFLAGS_MASK=99999999999999999999999", "longer than any allowed value"),
+    ("ID=1&BAD_CATFLAGS_MASK=4294967296", "exceeds the maximum"),
+    ("ID=1&NOBS_MIN=" + "9" * 5000, "longer than any allowed value"),
 ])
 def test_bad_input_is_a_400_with_a_message(service, query, message):
     base, _ = service
@@ -100,6 +103,32 @@ def test_help_and_unknown_paths(service):
     status, _, body = get(base, path="/")
     assert status == 200 and b"POS=CIRCLE" in body
     assert get(base, path="/nothing")[0] == 404
+
+
+def test_a_half_sent_request_does_not_hold_a_thread(tmp_path):
+    """A client that sends part of a request line and stops is cut off after the timeout."""
+    import socket
+    import time
+
+    server = make_server(tmp_path, "127.0.0.1", 0, request_timeout_s=0.5)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with socket.create_connection(server.server_address[:2], timeout=10) as sock:
+            sock.sendall(b"GET /cgi-bin/ZTF/nph_light_curves?ID=1 HTTP/1.1\r\nHost: x")
+            t0 = time.monotonic()
+            assert sock.recv(1024) == b""            # the server closed the connection
+            assert time.monotonic() - t0 < 5.0
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_missing_root_is_an_error_naming_it(tmp_path):
+    from pipeline.matchfile.layout import LayoutError
+
+    with pytest.raises(LayoutError, match="nowhere: no such directory"):
+        make_server(tmp_path / "nowhere", "127.0.0.1", 0)
 
 
 def test_parse_query_defaults():
