@@ -11,8 +11,13 @@ from typing import Any, Iterator
 from confluent_kafka import Consumer, KafkaError, KafkaException
 
 from alerts.schema import deserialize_alert
+from pipeline.core.exits import RetryableError
 
-__all__ = ["consumer_config", "consume_alerts"]
+__all__ = ["consumer_config", "consume_alerts", "BrokerUnreachableError"]
+
+
+class BrokerUnreachableError(RetryableError):
+    """No broker answered within the time allowed (exit 75: try again later)."""
 
 
 def consumer_config(bootstrap: str, group: str, kafka=None, session_timeout_ms: int = 6000) -> dict[str, Any]:
@@ -52,6 +57,13 @@ def consume_alerts(conf: dict[str, Any], topics: list[str], max_messages: int | 
     """
     consumer = Consumer(conf)
     try:
+        # A consumer polls a dead broker silently forever; without this check "no broker"
+        # and "no alerts yet" would both end as an empty, successful read.
+        try:
+            consumer.list_topics(timeout=min(10.0, max(timeout_s, 1.0)))
+        except KafkaException as exc:
+            raise BrokerUnreachableError(f"broker {conf.get('bootstrap.servers')} did not answer: "
+                                         f"{exc.args[0].str() if exc.args else exc}") from None
         consumer.subscribe(topics)
         deadline = time.monotonic() + timeout_s
         last = None

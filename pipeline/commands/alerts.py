@@ -55,8 +55,10 @@ def run_publish(args) -> int:
     from alerts.history import SQLiteHistoryStore
     from alerts.publish import AlertPublisher
     from alerts.spool import PENDING, Spool
+    from pipeline.core.config import check_bootstrap_servers
     cfg = args.cfg
-    kafka = cfg.kafka if not args.bootstrap else dataclasses.replace(cfg.kafka, bootstrap_servers=args.bootstrap)
+    kafka = cfg.kafka if not args.bootstrap else dataclasses.replace(
+        cfg.kafka, bootstrap_servers=check_bootstrap_servers(args.bootstrap, "--bootstrap"))
     spool = Spool(args.spool or cfg.paths.resolve("spool"))
     # Bad products (3) and a producer that cannot be used (1) end in pipeline.cli.run_command.
     with SQLiteHistoryStore(args.history or cfg.paths.resolve("history"), survey=kafka.survey) as store, \
@@ -93,7 +95,8 @@ def run_show(args) -> int:
 def run_tail(args) -> int:
     from alerts.consume import consume_alerts, consumer_config
     from alerts.inspect import alert_line
-    bootstrap = args.bootstrap or args.cfg.kafka.bootstrap_servers
+    from pipeline.core.config import check_bootstrap_servers
+    bootstrap = check_bootstrap_servers(args.bootstrap or args.cfg.kafka.bootstrap_servers, "--bootstrap")
     if not bootstrap:
         log.error("no broker: give --bootstrap or set kafka.bootstrap_servers")
         return EXIT_USAGE
@@ -111,9 +114,10 @@ def run_replay(args) -> int:
 
     from alerts.publish import AlertPublisher, replay
     from alerts.spool import DELIVERED, OVERSIZE, PENDING, Spool
+    from pipeline.core.config import check_bootstrap_servers
     kafka = args.cfg.kafka
     if args.bootstrap:
-        kafka = dataclasses.replace(kafka, bootstrap_servers=args.bootstrap)
+        kafka = dataclasses.replace(kafka, bootstrap_servers=check_bootstrap_servers(args.bootstrap, "--bootstrap"))
     spool = Spool(args.spool or args.cfg.paths.resolve("spool"))
     if not kafka.bootstrap_servers:
         log.error("no broker: give --bootstrap or set kafka.bootstrap_servers; %d packet(s) stay pending",

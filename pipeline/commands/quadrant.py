@@ -10,7 +10,7 @@ import json
 import logging
 
 from pipeline.run.exposure import exposure_summary, format_exposure_summary, quadrant_task, run_exposure
-from pipeline.core.exits import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
+from pipeline.core.exits import EXIT_FAILED, EXIT_OK
 
 log = logging.getLogger("skydiff.quadrant")
 
@@ -58,11 +58,8 @@ def _print(summary: dict, as_json: bool) -> None:
 
 
 def run_all(args) -> int:
-    try:
-        quadrants = _quadrants(args.quadrants, args.cfg.instrument.n_quadrants)
-    except ValueError as exc:
-        log.error("bad input: %s", exc)
-        return EXIT_BAD_INPUT
+    # A bad --quadrants list is a usage error (2), raised to pipeline.cli.run_command.
+    quadrants = _quadrants(args.quadrants, args.cfg.instrument.n_quadrants)
     summary = run_exposure(args.exposure, args.cfg, jobs=args.jobs, quadrants=quadrants, force=args.force)
     _print(summary, args.json)
     # Unusable quadrants are a verdict, not a failure; anything left to reprocess is.

@@ -23,10 +23,11 @@ def register(subparsers, common) -> None:
 def run(args) -> int:
     from slurm.submit import submit_exposure
     from pipeline.core.focalplane import parse_quadrants
+    # A bad --quadrants list is a usage error (2), raised to pipeline.cli.run_command.
+    quadrants = parse_quadrants(args.quadrants, args.cfg.instrument.n_quadrants) if args.quadrants else None
     try:
-        quadrants = parse_quadrants(args.quadrants, args.cfg.instrument.n_quadrants) if args.quadrants else None
         result = submit_exposure(args.exposure, args.cfg, quadrants)
-    except (ValueError, OSError) as exc:   # a bad quadrant list, a missing or unreadable exposure
+    except (ValueError, OSError) as exc:   # a missing or unreadable exposure
         log.error("%s", exc)
         return EXIT_BAD_INPUT
     # SlurmError (sbatch failed, 1) ends in pipeline.cli.run_command.

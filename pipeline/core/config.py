@@ -21,6 +21,7 @@ subtraction measure with the one ``[extraction]``, ``[characterize]`` and
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import tomllib
 import types
 import typing
@@ -38,7 +39,7 @@ __all__ = [
     "RegistrationConfig", "REGISTRATION_ORDERS", "AstrometryConfig", "StackConfig", "ReferenceConfig",
     "ZogyConfig", "CandidateConfig", "SubtractionConfig", "RealBogusConfig", "PriorFitSettings",
     "MatchfileConfig", "KafkaConfig", "SlurmConfig", "Config", "ConfigError", "ConfigValueError",
-    "load_config", "config_to_toml", "DEFAULT_CONFIG",
+    "load_config", "config_to_toml", "DEFAULT_CONFIG", "check_bootstrap_servers",
 ]
 
 
@@ -404,6 +405,16 @@ class AstrometryConfig:
             raise ConfigValueError("focdistort_degree must be >= 2: degree 1 wipes the prior's PV terms")
         if self.min_detections < 1 or self.min_matched < 1:
             raise ConfigValueError("min_detections and min_matched must be >= 1")
+        for name in ("max_sigma_arcsec", "max_rms_mas", "max_cell_offset_mas", "max_cell_significance",
+                     "match_radius_arcsec", "max_scale_diff_pct", "position_maxerr_arcmin", "posangle_maxerr_deg",
+                     "pass1_crossid_radius_arcsec", "pass2_crossid_radius_arcsec"):
+            # A limit of 0 or less would reject every solution (or, for SCAMP, mean "any").
+            if not getattr(self, name) > 0:
+                raise ConfigValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.catalog_margin_deg < 0 or self.match_resol_arcsec < 0 or self.astr_accuracy_px < 0:
+            raise ConfigValueError("catalog_margin_deg, match_resol_arcsec and astr_accuracy_px must be >= 0")
+        if not self.pixscale_maxerr > 1:
+            raise ConfigValueError(f"pixscale_maxerr is a factor > 1, got {self.pixscale_maxerr}")
 
 
 @dataclass(frozen=True)
@@ -616,6 +627,24 @@ class KafkaConfig:
     message_max_bytes: int = 1000000
     flush_timeout_s: float = 30.0
 
+    def __post_init__(self):
+        check_bootstrap_servers(self.bootstrap_servers)
+        if self.message_max_bytes < 1000 or not self.flush_timeout_s > 0:
+            raise ConfigValueError("message_max_bytes must be >= 1000 and flush_timeout_s positive")
+
+
+def check_bootstrap_servers(text: str, name: str = "bootstrap_servers") -> str:
+    """``text`` if it is empty or a comma-separated list of ``host:port`` (port 1-65535).
+
+    A malformed list would otherwise surface only as a broker that never answers (exit 75,
+    "retry later"), when it is a usage error that no retry mends.
+    """
+    for entry in filter(None, (part.strip() for part in text.split(","))):
+        host, sep, port = entry.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigValueError(f"{name}: {entry!r} is not host:port (port 1-65535)")
+    return text
+
 
 @dataclass(frozen=True)
 class SlurmConfig:
@@ -733,8 +762,11 @@ def _merge(default: Any, overrides: Mapping[str, Any], where: str) -> Any:
         raise ConfigError(f"shared section(s) set in the wrong place: {names}")
     unknown = sorted(set(overrides) - known)
     if unknown:
-        names = ", ".join(f"{where}.{key}" if where else key for key in unknown)
-        raise ConfigError(f"unknown configuration key(s): {names}")
+        def named(key: str) -> str:
+            guess = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+            full = f"{where}.{key}" if where else key
+            return f"{full} (did you mean {guess[0]!r}?)" if guess else full
+        raise ConfigError(f"unknown configuration key(s): {', '.join(named(key) for key in unknown)}")
     changes: dict[str, Any] = {}
     for name, value in overrides.items():
         current = getattr(default, name)
@@ -793,7 +825,10 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
             raise ConfigError(f"{path}: cannot read configuration: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    config = _merge(DEFAULT_CONFIG, data, "")
+    try:
+        config = _merge(DEFAULT_CONFIG, data, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     if overrides:
         config = _merge(config, overrides, "")
     return config

@@ -14,6 +14,7 @@ from typing import Iterable
 import numpy as np
 
 from pipeline.core.config import InstrumentConfig
+from pipeline.core.exits import UsageError
 from pipeline.core.image import rcid_of
 
 __all__ = ["parse_quadrants", "QuadrantGeometry", "quadrant_geometry", "all_quadrants", "nominal_cd",
@@ -95,26 +96,35 @@ def scale_check_grid() -> tuple[np.ndarray, np.ndarray]:
     return np.meshgrid(x, y)
 
 
+class QuadrantListError(UsageError):
+    """A ``--quadrants`` list that cannot be parsed or names no valid rcid (exit 2)."""
+
+
 def parse_quadrants(quadrants: str | Iterable[int], n_quadrants: int = 64) -> list[int]:
     """Sorted unique rcids from ``'all'``, a list with inclusive ranges ``'0,5,10-12'``, or ints.
 
     The one parser behind every ``--quadrants`` option (simulate, exposure, submit, watch,
-    bench).  Raises ValueError, naming the input, for anything else or an rcid outside 0..n-1.
+    bench).  Raises :class:`QuadrantListError` (a usage error, exit 2, and a ValueError),
+    naming the input, for anything else, a reversed range or an rcid outside 0..n-1.
     """
     if isinstance(quadrants, str):
         text = quadrants.strip().lower()
         if text == "all":
             return list(range(n_quadrants))
         rcids = []
-        try:
-            for part in filter(None, (p.strip() for p in text.split(","))):
-                first, _, last = part.partition("-")
-                rcids.extend(range(int(first), int(last or first) + 1))
-        except ValueError:
-            raise ValueError(f"quadrants must be 'all' or rcids like 0,5,10-12, got {quadrants!r}") from None
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            first, _, last = part.partition("-")
+            try:
+                low, high = int(first), int(last or first)
+            except ValueError:
+                raise QuadrantListError(f"--quadrants must be 'all' or rcids like 0,5,10-12, "
+                                        f"got {quadrants!r}") from None
+            if high < low:
+                raise QuadrantListError(f"--quadrants: range {part!r} runs backwards (write {high}-{low})")
+            rcids.extend(range(low, high + 1))
     else:
         rcids = [int(q) for q in quadrants]
     bad = [q for q in rcids if not 0 <= q < n_quadrants]
     if bad or not rcids:
-        raise ValueError(f"quadrants must be rcids 0-{n_quadrants - 1}, got {quadrants!r}")
+        raise QuadrantListError(f"--quadrants must be rcids 0-{n_quadrants - 1}, got {quadrants!r}")
     return sorted(set(rcids))

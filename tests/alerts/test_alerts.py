@@ -370,3 +370,26 @@ def test_replay_sets_aside_packets_cut_short(tmp_path, caplog):
         report = replay(spool, publisher)
     assert (report.damaged, report.held) == (2, 1) and spool.count(DAMAGED) == 2 and spool.count(PENDING) == 1
     assert "cut short" in caplog.text and str(alerts[2]["candid"]) in caplog.text
+
+
+def _closed_port() -> int:
+    """A loopback port nothing listens on."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_tail_against_a_dead_broker_is_a_retry_not_success(cfg, caplog):
+    """No broker answering is exit 75 (retry later), not an empty read with exit 0; a malformed
+    --bootstrap is a usage error (2), on every alerts command that takes it."""
+    from _cli import run_skydiff
+
+    port = _closed_port()
+    assert run_skydiff(["alerts", "tail", "--bootstrap", f"127.0.0.1:{port}", "--topic", "ztf_x",
+                        "--timeout", "2"], cfg) == 75
+    assert f"127.0.0.1:{port} did not answer" in caplog.text
+    for action in (["tail", "--topic", "t"], ["replay"], ["publish", "nowhere"]):
+        assert run_skydiff(["alerts", *action, "--bootstrap", "localhost"], cfg) == 2
+    assert "--bootstrap: 'localhost' is not host:port" in caplog.text

@@ -120,9 +120,27 @@ def test_shared_sections_reach_every_stage(tmp_path):
     ("[subtraction.characterize.psf]\nmax_stars = 5\n", "subtraction.characterize (set in [characterize])"),
     ("[characterize.extraction]\nminarea = 3\n", "characterize.extraction (set in [extraction])"),
     ("[subtraction]\ntreshold = 5\n", "subtraction.treshold"),
+    ("[astrometry]\nmax_rms_mas = -5\n", "astrometry: max_rms_mas must be positive, got -5.0"),
+    ("[astrometry]\npixscale_maxerr = 0.9\n", "pixscale_maxerr is a factor > 1"),
+    ("[kafka]\nbootstrap_servers = 'localhost'\n", "bootstrap_servers: 'localhost' is not host:port"),
+    ("[kafka]\nbootstrap_servers = 'a:1,b:99999'\n", "'b:99999' is not host:port"),
 ])
 def test_bad_stage_settings_name_the_key(tmp_path, text, words):
     path = tmp_path / "bad.toml"
     path.write_text(text)
     with pytest.raises(ConfigError, match=re.escape(words)):
         load_config(path)
+
+
+def test_unknown_keys_name_the_file_and_the_likely_key(tmp_path):
+    path = tmp_path / "typo.toml"
+    path.write_text("[astrometry]\nmax_rms_mass = 100\n[site]\nzzz = 1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: unknown configuration key(s): astrometry.max_rms_mass")
+    assert "did you mean 'max_rms_mas'?" in message
+    path.write_text("[site]\nzzz = 1\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: unknown configuration key(s): site.zzz")) as info:
+        load_config(path)
+    assert "did you mean" not in str(info.value)

@@ -13,7 +13,7 @@ from pipeline.commands import simulate as simulate_command
 from pipeline.core.config import load_config
 from pipeline.core.image import read_quadrant
 from pipeline.simulate.plan import Field
-from pipeline.core.focalplane import parse_quadrants
+from pipeline.core.focalplane import QuadrantListError, parse_quadrants
 from pipeline.simulate.run import simulate_run
 from pipeline.simulate.sky import GAIA_COLUMNS
 
@@ -103,6 +103,17 @@ def test_bad_arguments_are_clear_errors(cfg, tmp_path):
     assert parse_quadrants("5, 0,10-12,11") == [0, 5, 10, 11, 12]
     with pytest.raises(ValueError, match="10-12"):
         parse_quadrants("a-b")
+    with pytest.raises(QuadrantListError, match="'5-2' runs backwards"):
+        parse_quadrants("5-2")
+
+
+def test_a_bad_quadrant_list_is_a_usage_error(cfg, tmp_path):
+    """Exit 2, as the README's table says for usage errors, whichever command takes --quadrants."""
+    from _cli import run_skydiff
+
+    assert run_skydiff(["exposure", str(tmp_path), "--quadrants", "5-2"], cfg) == 2
+    assert run_skydiff(["exposure", str(tmp_path), "--quadrants", "0,64"], cfg) == 2
+    assert run_skydiff(["submit", str(tmp_path), "--quadrants", "x"], cfg) == 2
 
 
 def test_simulate_command_runs_and_summarises(cfg, tmp_path, capsys):
