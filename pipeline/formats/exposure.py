@@ -8,6 +8,7 @@ quadrant file per rcid (what ``skydiff simulate`` writes); either form is accept
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Iterable
@@ -18,6 +19,8 @@ from pipeline.core.image import read_quadrant
 from pipeline.formats.atomic import write_fits_atomic
 
 __all__ = ["write_exposure_mef", "exposure_rcids", "EXPOSURE_KEYWORDS"]
+
+log = logging.getLogger("skydiff.exposure")
 
 #: Keywords copied from the quadrants into the exposure's primary header.
 EXPOSURE_KEYWORDS = ("EXPID", "FIELDID", "FILTER", "FILTERID", "OBSMJD", "EXPTIME", "PROGRMID", "TELRA",
@@ -56,7 +59,10 @@ def exposure_rcids(exposure: str | os.PathLike) -> list[int]:
                 if "RCID" not in header:
                     header = fits.getheader(path, 1)
                 rcids.add(int(header["RCID"]))
-            except (OSError, IndexError, KeyError, ValueError):
+            except (OSError, IndexError, KeyError, ValueError) as exc:
+                # Not a quadrant of this exposure (an empty or foreign file): say which.
+                log.warning("%s: skipped, not a readable quadrant image (%s)", path,
+                            "no RCID keyword" if isinstance(exc, KeyError) else exc)
                 continue
     else:
         with fits.open(exposure) as hdul:

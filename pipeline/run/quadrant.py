@@ -81,16 +81,19 @@ def locate_quadrant(exposure: str | os.PathLike, rcid: int) -> tuple[Path, int |
     """(file, HDU) of quadrant ``rcid`` in an exposure (MEF file or directory)."""
     exposure = Path(exposure)
     if exposure.is_dir():
+        unreadable = []
         for path in sorted(exposure.glob("*.fits")):
             try:
                 header = fits.getheader(path, 0)
                 if "RCID" not in header:
                     header = fits.getheader(path, 1)
             except (OSError, IndexError):
+                unreadable.append(path.name)
                 continue
             if int(header.get("RCID", -1)) == rcid:
                 return path, None
-        raise QuadrantInputError(f"{exposure}: no quadrant file with RCID = {rcid}")
+        skipped = f" (unreadable, skipped: {', '.join(unreadable)})" if unreadable else ""
+        raise QuadrantInputError(f"{exposure}: no quadrant file with RCID = {rcid}{skipped}")
     if not exposure.is_file():
         raise QuadrantInputError(f"{exposure}: no such exposure file or directory")
     name = f"Q{rcid:02d}"
@@ -152,16 +155,19 @@ def run_quadrant(exposure: str | os.PathLike, rcid: int, cfg: Config, force: boo
     t_start = clock()
     timings: dict[str, float] = {}
     path, hdu = locate_quadrant(exposure, rcid)
+    # The status is checked from the header alone, before the pixels: a finished quadrant is
+    # not redone (nor its record overwritten) because another copy of it is unreadable.
+    expid = quadrant_expid(path, hdu)
+    folder = quadrant_dir(cfg, expid, rcid)
+    previous = read_status(folder)
+    if previous and previous.get("state") == "finished" and not force:
+        log.info("expid %d rcid %d: already finished (%s); nothing to do", expid, rcid,
+                 previous.get("finished_utc"))
+        return EXIT_OK, previous
     image = read_quadrant(path, hdu=hdu)
     meta = image.meta
     if meta.rcid != rcid:
         raise ImageContractError(path, f"header RCID {meta.rcid} where quadrant {rcid} was asked for")
-    folder = quadrant_dir(cfg, meta.expid, rcid)
-    previous = read_status(folder)
-    if previous and previous.get("state") == "finished" and not force:
-        log.info("expid %d rcid %d: already finished (%s); nothing to do", meta.expid, rcid,
-                 previous.get("finished_utc"))
-        return EXIT_OK, previous
     record = {"expid": meta.expid, "rcid": rcid, "exposure": str(exposure), "state": "started",
               "stage": "read", "reason": "", "exit_code": None,
               "attempt": int((previous or {}).get("attempt", 0)) + 1, "started_utc": _utc(),
@@ -255,9 +261,16 @@ def failure_record(exposure, rcid: int, cfg: Config, code: int, reason: str) -> 
         return
     folder = quadrant_dir(cfg, expid, rcid)
     previous = read_status(folder) or {}
-    _write_status(folder, {"expid": expid, "rcid": rcid, "exposure": str(exposure),
-                           "state": "failed", "stage": previous.get("stage", "read"), "reason": reason,
-                           "exit_code": code, "attempt": int(previous.get("attempt", 0)) + (0 if previous else 1),
-                           "started_utc": previous.get("started_utc"), "finished_utc": _utc(),
-                           "timings_s": previous.get("timings_s", {})})
+    # A run that got as far as writing its record ("started") failed in that record's stage;
+    # otherwise it failed reading its input.  A finished record being replaced (a forced
+    # rerun whose input is bad) is kept under "previous", so nothing written is lost.
+    running = previous.get("state") == "started"
+    record = {"expid": expid, "rcid": rcid, "exposure": str(exposure), "state": "failed",
+              "stage": previous.get("stage", "read") if running else "read", "reason": reason,
+              "exit_code": code, "attempt": int(previous.get("attempt", 0)) + (0 if running else 1),
+              "started_utc": previous.get("started_utc") if running else _utc(), "finished_utc": _utc(),
+              "timings_s": previous.get("timings_s", {}) if running else {}}
+    if previous.get("state") == "finished":
+        record["previous"] = previous
+    _write_status(folder, record)
 

@@ -55,6 +55,38 @@ def test_quadrant_runs_every_stage_and_is_idempotent(world):
     assert len(pairs) == len(table)    # one row per object and epoch after the forced rerun
 
 
+def test_a_bad_copy_of_a_finished_quadrant_changes_nothing(world, tmp_path, caplog):
+    """Another, unreadable copy of a finished quadrant (same EXPID and RCID, all NaN) neither
+    reruns it nor overwrites its record; forced, it fails and the finished record is kept
+    inside the failure record."""
+    import numpy as np
+    from astropy.io import fits
+
+    cfg, config, folder, _, science = world
+    assert main(["quadrant", "--config", str(config), str(folder), "--quadrant", str(RCID)]) == 0
+    finished = _status(cfg, science[0])
+    assert finished["state"] == "finished"
+    original = next(p for p in sorted(folder.glob("*.fits")) if fits.getheader(p).get("RCID") == RCID)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    with fits.open(original) as hdul:
+        hdul[0].data = np.full(hdul[0].data.shape, np.nan, dtype=np.float32)
+        hdul.writeto(copy / original.name)
+    (copy / "empty.fits").write_bytes(b"")
+    assert main(["quadrant", "--config", str(config), str(copy), "--quadrant", str(RCID)]) == 0
+    assert main(["exposure", "--config", str(config), str(copy), "--jobs", "1"]) == 0
+    assert _status(cfg, science[0]) == finished
+    assert "empty.fits: skipped" in caplog.text
+    code = main(["quadrant", "--config", str(config), str(copy), "--quadrant", str(RCID), "--force"])
+    assert code in (3, 4)
+    failed = _status(cfg, science[0])
+    assert failed["state"] in ("failed", "unusable") and failed["exit_code"] == code
+    if failed["state"] == "failed":
+        assert failed["stage"] == "read" and failed["previous"] == finished
+    # Put the finished state back for the tests that follow.
+    assert main(["quadrant", "--config", str(config), str(folder), "--quadrant", str(RCID), "--force"]) == 0
+
+
 def test_exposure_runs_a_multi_extension_file(world, capsys):
     cfg, config, _, mef, science = world
     assert main(["exposure", "--config", str(config), str(mef), "--jobs", "1"]) == 0
