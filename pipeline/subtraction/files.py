@@ -132,7 +132,9 @@ def subtract_quadrant(science: QuadrantImage, reference_path: str | os.PathLike,
         log.error("%s", describe(exc))
         return SubtractionRun(exit_status_of(exc), None)
     t_write = time.perf_counter()
-    extra = {"science": str(science_path), "reference": str(reference_path),
+    # Absolute paths: the QA record is read later from any working directory
+    # (``skydiff alerts publish OUTDIR`` finds the science image and reference through it).
+    extra = {"science": str(Path(science_path).resolve()), "reference": str(Path(reference_path).resolve()),
              "expid": meta.expid, "rcid": meta.rcid, "refid": reference.refid}
     record = write_subtraction(result, science.header, out, refid=reference.refid, extra_qa=extra)
     log.info("%s: %d candidates (%d with rb >= 0.5), diffmaglim %.2f, %.2f s (read %.2f, write %.2f)",

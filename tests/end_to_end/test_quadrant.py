@@ -5,6 +5,7 @@ idempotence and bad-input handling."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -103,3 +104,22 @@ def test_bad_inputs_are_named_and_recorded(world, tmp_path):
     broken = tmp_path / "broken.fits"
     broken.write_bytes(b"SIMPLE  =                    T" + b" " * 50)
     assert main(["quadrant", "--config", str(config), str(broken), "--quadrant", str(RCID)]) == 3
+
+
+def test_products_made_from_relative_paths_publish_from_anywhere(world, tmp_path, monkeypatch):
+    """``skydiff subtract`` given relative paths records absolute ones in qa.json, so
+    ``skydiff alerts publish`` works from another working directory."""
+    cfg, config, folder, _, science = world
+    assert main(["quadrant", "--config", str(config), str(folder), "--quadrant", str(RCID)]) == 0
+    astrometry = cfg.paths.resolve("outputs") / str(science[0]) / f"{RCID:02d}" / "astrometry"
+    solved = next(p for p in astrometry.glob("*.fits") if not p.name.endswith("_matches.fits"))
+    reference = next(cfg.paths.resolve("references").glob("*.fits"))
+    monkeypatch.chdir(solved.parent)
+    out = tmp_path / "sub"
+    assert main(["subtract", "--config", str(config), solved.name, os.path.relpath(reference, solved.parent),
+                 "--out", str(out)]) == 0
+    qa = json.loads((out / "qa.json").read_text())
+    assert qa["science"] == str(solved.resolve()) and qa["reference"] == str(reference.resolve())
+    monkeypatch.chdir(tmp_path)
+    assert main(["alerts", "publish", "--config", str(config), str(out), "--spool", str(tmp_path / "spool"),
+                 "--history", str(tmp_path / "history.sqlite")]) == 0
