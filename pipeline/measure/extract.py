@@ -66,6 +66,7 @@ from astropy.table import Table
 from scipy.spatial import cKDTree
 
 from pipeline.core.config import ExtractionConfig
+from pipeline.core.exits import UnusableImageError
 from pipeline.core.image import MASK_BITS
 from pipeline.formats.ldac import write_ldac
 
@@ -90,8 +91,9 @@ _FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 _MAG_NONE = 99.0
 
 
-class ExtractionError(ValueError):
-    """Input that extraction cannot work on (wrong shapes, bad gain, sep failures)."""
+class ExtractionError(UnusableImageError, ValueError):
+    """Input that extraction cannot work on (wrong shapes, bad gain, sep failures): the image
+    is unusable for this method (exit 4), the message says why."""
 
 
 @dataclass(frozen=True)
@@ -222,7 +224,9 @@ def extract_sources(data: np.ndarray, mask: np.ndarray | None, gain: float, satu
             deblend_cont=config.deblend_cont, clean=config.clean, filter_type="conv",
             segmentation_map=True)
     except Exception as exc:
-        raise ExtractionError(f"sep.extract failed: {exc}") from None
+        hint = (f" (sep's pixel buffer, extraction.pixstack = {config.pixstack}, is too small for an image "
+                "this saturated or crowded)") if "pixel buffer" in str(exc) else ""
+        raise ExtractionError(f"sep.extract failed: {exc}{hint}") from None
     lap("detect")
 
     n_detected = len(objects)

@@ -19,7 +19,7 @@ from pipeline.formats.exposure import exposure_rcids
 from pipeline.core.image import ImageContractError
 from pipeline.run.quadrant import (QuadrantInputError, failure_record, locate_quadrant, quadrant_dir, quadrant_expid,
                        read_status, run_quadrant)
-from pipeline.core.exits import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_RETRY
+from pipeline.core.exits import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_RETRY, PipelineError, describe, exit_status_of
 from pipeline.formats.atomic import write_json_atomic
 
 __all__ = ["run_exposure", "exposure_summary", "format_exposure_summary", "exposure_expid"]
@@ -42,6 +42,10 @@ def quadrant_task(exposure: str, rcid: int, cfg: Config, force: bool = False) ->
     except (ImageContractError, QuadrantInputError) as exc:
         failure_record(exposure, rcid, cfg, EXIT_BAD_INPUT, f"bad input: {exc}")
         return rcid, EXIT_BAD_INPUT, f"bad input: {exc}"
+    except PipelineError as exc:   # unusable image (4), retryable environment fault (75), ...
+        code, reason = exit_status_of(exc), describe(exc)
+        failure_record(exposure, rcid, cfg, code, reason)
+        return rcid, code, reason
     except Exception as exc:  # a worker must report, never take the pool down
         log.exception("rcid %d: unexpected failure", rcid)
         failure_record(exposure, rcid, cfg, EXIT_FAILED, f"{type(exc).__name__}: {exc}")

@@ -254,7 +254,8 @@ def run_quadrant(exposure: str | os.PathLike, rcid: int, cfg: Config, force: boo
 
 
 def failure_record(exposure, rcid: int, cfg: Config, code: int, reason: str) -> None:
-    """Record a quadrant that failed before its expid was known (best effort)."""
+    """Record a quadrant whose run ended in an exception (best effort: nothing is recorded
+    when even its expid cannot be read)."""
     try:
         expid = quadrant_expid(*locate_quadrant(exposure, rcid))
     except QuadrantInputError:
@@ -265,7 +266,7 @@ def failure_record(exposure, rcid: int, cfg: Config, code: int, reason: str) -> 
     # otherwise it failed reading its input.  A finished record being replaced (a forced
     # rerun whose input is bad) is kept under "previous", so nothing written is lost.
     running = previous.get("state") == "started"
-    record = {"expid": expid, "rcid": rcid, "exposure": str(exposure), "state": "failed",
+    record = {"expid": expid, "rcid": rcid, "exposure": str(exposure), "state": _STATES.get(code, "failed"),
               "stage": previous.get("stage", "read") if running else "read", "reason": reason,
               "exit_code": code, "attempt": int(previous.get("attempt", 0)) + (0 if running else 1),
               "started_utc": previous.get("started_utc") if running else _utc(), "finished_utc": _utc(),
