@@ -71,16 +71,17 @@ from astropy import units as u
 from astropy.table import Table
 from scipy.spatial import cKDTree
 
-from pipeline.subtraction.features import (_FWHM_PER_SIGMA, _REFERENCE_COLUMNS, CandidateError, _aperture,
-                                 _box_features, _gather_stamps, _nearest_reference, _per_candidate,
-                                 _psf_fit, _shape, _tile_index, _tile_optics)
+from pipeline.subtraction.features import (_FWHM_PER_SIGMA, _REFERENCE_COLUMNS, MAG_NONPOSITIVE, NO_COUNTERPART,
+                                 CandidateError, _aperture, _box_features, _gather_stamps, _local_sky,
+                                 _nearest_reference, _per_candidate, _psf_fit, _robust_std, _shape,
+                                 _tile_index, _tile_optics)
 from pipeline.core.config import CandidateConfig
 from pipeline.core.image import MASK_BITS
 from pipeline.measure.photometry import flux_to_mag
 from pipeline.subtraction.zogy import ZogyResult, measure_flux
 
 __all__ = ["CANDIDATE_FLAGS", "CandidateConfig", "CandidateError", "find_candidates",
-           "cutout_stamps", "diffmaglim"]
+           "bound_saturated_neighbours", "cutout_stamps", "diffmaglim"]
 
 log = logging.getLogger("skydiff.candidates")
 
@@ -90,7 +91,10 @@ CANDIDATE_FLAGS = {
     "SATURATED": 2,     # a pixel of the box is SATURATED or BLEED in the mask
     "NEAR_FLAGGED": 4,  # a zogy.flagged pixel within the aperture (D, S unreliable there)
     "EDGE": 8,          # the aperture runs off the image
-    "NO_SHAPE": 16,     # no positive profile, or one as broad as the window: shape is NaN
+    "NO_SHAPE": 16,     # no positive profile, or one as broad as the window: shape is the local P_D's
+    "THIN": 32,         # no extent along the minor axis (narrower than a pixel): SExtractor's 1/12 px^2 added
+    "APERTURE_NONPOSITIVE": 64,  # aperture flux <= 0 on sign * D: magap, sigmagap = 99 (SExtractor's)
+    "NR_UNFIT": 128,    # the nearest reference source has no PSF fit (saturated): magnr is its saturation bound
 }
 
 _SATURATION_BITS = MASK_BITS["SATURATED"] | MASK_BITS["BLEED"]
@@ -105,7 +109,10 @@ _COLUMNS = {
     "ra": (np.float64, u.deg), "dec": (np.float64, u.deg), "isdiffpos": (bool, None),
     "scorr": (np.float64, None), "magpsf": (np.float64, u.mag), "sigmapsf": (np.float64, u.mag),
     "flux": (np.float64, None), "fluxerr": (np.float64, None), "magap": (np.float64, u.mag),
-    "sigmagap": (np.float64, u.mag), "magdiff": (np.float64, u.mag),
+    "sigmagap": (np.float64, u.mag), "magapbig": (np.float64, u.mag), "sigmagapbig": (np.float64, u.mag),
+    "magdiff": (np.float64, u.mag), "sky": (np.float64, None), "dsnrms": (np.float64, None),
+    "ssnrms": (np.float64, None), "dsdiff": (np.float64, None), "seeratio": (np.float64, None),
+    "tblid": (np.int64, None),
     "fwhm": (np.float64, u.pix), "elong": (np.float64, None), "aimage": (np.float64, u.pix),
     "bimage": (np.float64, u.pix), "nneg": (np.int32, None), "nbad": (np.int32, None),
     "sumrat": (np.float64, None), "mindtoedge": (np.float64, u.pix),
@@ -279,6 +286,13 @@ def find_candidates(zogy: ZogyResult, wcs, zp_common: float, mask: np.ndarray | 
     ap_flux, ap_err, ap_truncated = _aperture(zogy, x, y, sign, optics, tile, inflation,
                                               config.aperture_radius_px)
     magap, sigmagap = flux_to_mag(ap_flux, ap_err, zp_common)
+    # SExtractor (whose MAG_APER is ZTF's magap) writes 99 for a non-positive flux.
+    nonpositive_aperture = ~(ap_flux > 0)
+    magap, sigmagap = (np.where(nonpositive_aperture, MAG_NONPOSITIVE, m) for m in (magap, sigmagap))
+    optics_big = _tile_optics(zogy, config.aperture_big_radius_px, tile)
+    big_flux, big_err, _ = _aperture(zogy, x, y, sign, optics_big, tile, inflation, config.aperture_big_radius_px)
+    magapbig, sigmagapbig = flux_to_mag(big_flux, big_err, zp_common)
+    magapbig, sigmagapbig = (np.where(big_flux > 0, m, MAG_NONPOSITIVE) for m in (magapbig, sigmagapbig))
     fit_flux, chipsf, sharpness = _psf_fit(d_stamps, usable, x, y, row, col, optics, tile)
     # The flux is the PSF fit of P_D at the sub-pixel position: interpolating alpha = S / F_S
     # between pixels loses the peak of a sharp source (8 % at half a pixel when the PSF's
@@ -290,7 +304,7 @@ def find_candidates(zogy: ZogyResult, wcs, zp_common: float, mask: np.ndarray | 
     timings["photometry"] = clock() - t0
 
     t0 = clock()
-    aimage, bimage, fwhm, elong, resolved = _shape(d_stamps, usable, x, y, row, col, sigma_w)
+    aimage, bimage, fwhm, elong, resolved, thin = _shape(d_stamps, usable, x, y, row, col, sigma_w)
     nneg, nbad, sumrat, bits = _box_features(zogy.diff, mask, row, col, sign, config.box)
     timings["shape"] = clock() - t0
 
@@ -305,23 +319,39 @@ def find_candidates(zogy: ZogyResult, wcs, zp_common: float, mask: np.ndarray | 
     flags |= np.where(near_flagged, CANDIDATE_FLAGS["NEAR_FLAGGED"], 0).astype(np.int32)
     flags |= np.where(ap_truncated, CANDIDATE_FLAGS["EDGE"], 0).astype(np.int32)
     flags |= np.where(resolved, 0, CANDIDATE_FLAGS["NO_SHAPE"]).astype(np.int32)
+    flags |= np.where(thin, CANDIDATE_FLAGS["THIN"], 0).astype(np.int32)
+    flags |= np.where(nonpositive_aperture, CANDIDATE_FLAGS["APERTURE_NONPOSITIVE"], 0).astype(np.int32)
+    timings["flags"] = clock() - t0
+
+    t0 = clock()
+    sky = sign * _local_sky(zogy.diff, usable_image=~zogy.flagged, row=row, col=col,
+                            inner=config.sky_annulus_px[0], outer=config.sky_annulus_px[1])
+    sky /= _per_candidate(optics, tile, "f_d")
+    dsnrms = sign * zogy.diff[row, col] / _robust_std(zogy.diff, zogy.flagged)
+    ssnrms = sign * zogy.score[row, col] / _robust_std(zogy.score, zogy.flagged)
+    timings["sky_and_snr"] = clock() - t0
+    t0 = clock()
 
     ra, dec = wcs.all_pix2world(x, y, 0)
+    # Without a reference catalogue nothing was searched: NaN (null), not ZTF's -999.
     nearest = {name: np.full(len(row), np.nan) for name in _REFERENCE_COLUMNS}
     distnr = np.full(len(row), np.nan)
     if reference_catalog is not None:
         nearest = _nearest_reference(ra, dec, reference_catalog, config.nearest_radius_arcsec)
-        found = np.isfinite(nearest["ra"])
+        found = nearest["ra"] != NO_COUNTERPART
         if found.any():
             xr, yr = wcs.all_world2pix(nearest["ra"][found], nearest["dec"][found], 0)
             distnr[found] = np.hypot(xr - x[found], yr - y[found])
+        distnr[~found] = NO_COUNTERPART
     timings["catalogue"] = clock() - t0
 
     columns = {
         "cand_index": np.arange(len(row)), "xpos": x + 1.0, "ypos": y + 1.0, "ra": ra, "dec": dec,
         "isdiffpos": sign > 0, "scorr": scorr_peak, "magpsf": magpsf, "sigmapsf": sigmapsf,
         "flux": flux, "fluxerr": alpha_err, "magap": magap, "sigmagap": sigmagap,
-        "magdiff": magap - magpsf, "fwhm": fwhm, "elong": elong, "aimage": aimage,
+        "magapbig": magapbig, "sigmagapbig": sigmagapbig, "magdiff": magap - magpsf, "sky": sky,
+        "dsnrms": dsnrms, "ssnrms": ssnrms, "dsdiff": dsnrms - ssnrms,
+        "seeratio": _FWHM_PER_SIGMA * sigma_w / fwhm, "tblid": np.arange(len(row)), "fwhm": fwhm, "elong": elong, "aimage": aimage,
         "bimage": bimage, "nneg": nneg, "nbad": nbad, "sumrat": sumrat,
         "mindtoedge": np.minimum.reduce([x + 0.5, nx - 0.5 - x, y + 0.5, ny - 0.5 - y]),
         "chipsf": chipsf, "sharpnessdiff": sharpness, "distnr": distnr,
@@ -335,6 +365,46 @@ def find_candidates(zogy: ZogyResult, wcs, zp_common: float, mask: np.ndarray | 
     timings["total"] = clock() - t_start
     table.meta.update(meta, timings=timings)
     return table
+
+
+def bound_saturated_neighbours(candidates: Table, psf, wcs, saturate: float, zeropoint: float) -> int:
+    """Give a magnitude to nearest reference sources that have no PSF fit, in place.
+
+    A reference source whose PSF fit failed (its core saturated or masked) has no
+    ``magnr``; it is at least as bright as a point source whose brightest pixel reaches
+    the reference's saturation level there, ``zeropoint - 2.5 log10(saturate / peak)``
+    with ``peak`` the brightest pixel's share of the reference PSF at the source.  That
+    bound is ``magnr`` and ``sigmagnr`` is 99 (SExtractor's "undefined" error: a bound,
+    not a measurement); ``chinr``/``sharpnr`` stay NaN (no fit); ``flagged`` gets
+    ``NR_UNFIT``.
+
+    Parameters
+    ----------
+    candidates : Table
+        :func:`find_candidates` output (``ranr``, ``decnr``, ``magnr``, ``sigmagnr``, ``flagged``).
+    psf : PSFModel
+        The reference's PSF model (1-based reference pixel positions).
+    wcs : astropy.wcs.WCS
+        The reference's WCS.
+    saturate, zeropoint : float
+        The reference's (background-subtracted) saturation level, ADU, and zero point.
+
+    Returns
+    -------
+    int
+        How many rows were bounded.
+    """
+    ranr = np.asarray(candidates["ranr"], dtype=float)
+    magnr = np.asarray(candidates["magnr"], dtype=float)
+    unfit = np.flatnonzero((ranr != NO_COUNTERPART) & np.isfinite(ranr) & ~np.isfinite(magnr))
+    if not len(unfit) or not (saturate > 0):
+        return 0
+    x, y = wcs.all_world2pix(ranr[unfit], np.asarray(candidates["decnr"], dtype=float)[unfit], 1)
+    peak = np.array([float(np.max(psf.stamp(float(xi), float(yi)))) for xi, yi in zip(x, y)])
+    candidates["magnr"][unfit] = zeropoint - 2.5 * np.log10(saturate / peak)
+    candidates["sigmagnr"][unfit] = MAG_NONPOSITIVE
+    candidates["flagged"][unfit] |= CANDIDATE_FLAGS["NR_UNFIT"]
+    return len(unfit)
 
 
 def cutout_stamps(images: Mapping[str, np.ndarray], x, y, size: int = 63) -> dict[str, np.ndarray]:
