@@ -35,16 +35,24 @@ The features
   tile's F_D and by the encircled energy of its P_D in that radius.  Its error is D's
   unit background variance times the aperture area, scaled by ``V / F_S`` at the
   position (the share of source and registration noise in the PSF flux's variance,
-  taken to be the same in the aperture).
+  taken to be the same in the aperture).  A non-positive aperture flux (a dipole's
+  lobes, a noise peak) gives ``magap = sigmagap = 99``, SExtractor's convention (ZTF's
+  magap is SExtractor's MAG_APER), and the ``APERTURE_NONPOSITIVE`` flag; ``magdiff`` is
+  then ``99 - magpsf``.  ``magapbig``/``sigmagapbig`` are the same in
+  ``aperture_big_radius_px`` (ZTF: 18 px diameter), 99 likewise.
 - Shape (``aimage``, ``bimage``, ``fwhm``, ``elong``): Gaussian-windowed second moments
   of sign * D about their windowed centroid, window sigma = P_D's (FWHM / 2.3548),
   with the window divided out (for a Gaussian profile of covariance C the windowed
   moments are ``(C^-1 + W^-1)^-1``, so ``C = (M^-1 - W^-1)^-1`` is exact, not a
   SExtractor-like fixed factor).  ``aimage``/``bimage`` are the rms along the major and
-  minor axes (0 along an axis the profile does not extend: a single hot pixel),
-  ``fwhm = 2.3548 sqrt(aimage bimage)`` (Gaussian core), ``elong = a / b`` (NaN if b is
-  0).  No positive windowed flux, or moments as broad as the window (noise), give NaN
-  and the ``NO_SHAPE`` flag.
+  minor axes, ``fwhm = 2.3548 sqrt(aimage bimage)`` (Gaussian core), ``elong = a / b``.
+  A profile with no extent along its minor axis (a single hot pixel, a cosmic-ray
+  track: b = 0) gets SExtractor's rule for "infinitely thin" detections, 1/12 px^2
+  added to both axes' variances, and the ``THIN`` flag.  No positive windowed flux, or
+  moments as broad as the window (noise), give the local P_D's shape (``aimage =
+  bimage`` = its sigma, ``fwhm`` its FWHM, ``elong = 1``) and the ``NO_SHAPE`` flag.
+  ``seeratio`` is P_D's FWHM over ``fwhm`` (ZTF: the difference image's FWHM over the
+  candidate's).
 - ``chipsf``: reduced chi^2 of a one-amplitude fit of P_D (shifted to the position in
   Fourier space) to D within ``2 FWHM`` of P_D, with D's unit background variance:
   a bright source's own photon noise raises it above 1.  ``sharpnessdiff`` is
@@ -56,8 +64,18 @@ The features
   the Scorr peak pixel): ``nneg`` counts sign * D < 0,
   ``nbad`` pixels with a nonzero ``mask``; ``sumrat`` is sum / sum|.| of sign * D after a
   3 x 3 median filter (as ZTF, against single outliers).
-- ``distnr`` (pixels, as the schema says) etc.: the nearest reference-catalogue source
-  within ``nearest_radius_arcsec`` on the sky; NaN when none or no catalogue.
+- ``distnr`` (pixels, as the schema says), ``magnr``, ``sigmagnr``, ``sharpnr``,
+  ``chinr``, ``ranr``, ``decnr``: the nearest reference-catalogue source within
+  ``nearest_radius_arcsec`` on the sky; -999 in all of them when there is none (ZTF's
+  convention, as in real packets), NaN when no catalogue was given.  A nearest source
+  without a PSF fit (saturated) gets a magnitude bound in
+  :func:`bound_saturated_neighbours`.
+- ``sky``: median of sign * D in the annulus ``sky_annulus_px`` divided by F_D: the local
+  background level of the difference image per pixel, in ADU of the common system
+  (0 where the subtraction is clean).
+- ``dsnrms``/``ssnrms``: sign * D and sign * S at the peak pixel over their robust
+  (1.4826 MAD) standard deviation over the image; ``dsdiff = dsnrms - ssnrms``.
+- ``tblid``: the candidate's index in the table (ZTF: its row in the extraction table).
 """
 from __future__ import annotations
 
