@@ -31,10 +31,11 @@ header's WCS cards as SCAMP wrote them (TPV included), so every cutout carries i
 ``magzpsci`` is the science image's zero point.  The candidates' ``magpsf`` are already
 calibrated (fluxes of the difference are in the reference's system, ``zp_ref``), so
 ``10**(0.4 * (magzpsci - magpsf))`` is the flux in science-image ADU, as brokers use it.
-``magzpsciunc``, ``magzpscirms``, ``clrcoeff``, ``clrcounc`` and ``nmatches`` (Gaia
-calibrators used, where ZTF counts PS1's) come from the science image's photometric
-calibration; ``qa.json`` currently records only ``magzpsciunc``, so from files the others are
-null (``nmatches`` 0) unless the QA record holds them under those names.
+``magzpsciunc``, ``magzpscirms``, ``clrcoeff``, ``clrcounc``, ``zpmed``, ``clrmed``,
+``clrrms``, ``zpclrcov`` and ``nmatches`` (Gaia calibrators used, where ZTF counts PS1's;
+the colours are Gaia BP - RP, where ZTF's are PS1 g - r or r - i) come from the science
+image's photometric calibration (:class:`pipeline.measure.calibration.PhotCalResult`); from
+files, from the QA record under those names (null, ``nmatches`` 0, where it lacks them).
 """
 from __future__ import annotations
 
@@ -126,11 +127,16 @@ def _finite_or_none(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
+#: The science image's photometric calibration fields (PhotCalResult / qa.json names).
+_CALIBRATION_FIELDS = ("magzpsciunc", "magzpscirms", "clrcoeff", "clrcounc", "zpmed", "clrmed", "clrrms", "zpclrcov")
+
+
 def image_calibration(result_or_qa: Any) -> dict[str, Any]:
     """Image-level photometric fields of the alerts from a SubtractionResult or its QA record.
 
     Returns a dict with ``diffmaglim``, ``magzpsci``, ``magzpsciunc``, ``magzpscirms``,
-    ``clrcoeff``, ``clrcounc`` (float or None), ``nmatches`` (int) and ``rbversion`` (str).
+    ``clrcoeff``, ``clrcounc``, ``zpmed``, ``clrmed``, ``clrrms``, ``zpclrcov`` (float or None),
+    ``nmatches`` (int) and ``rbversion`` (str).
     """
     if isinstance(result_or_qa, Mapping):
         qa = result_or_qa
@@ -138,16 +144,16 @@ def image_calibration(result_or_qa: Any) -> dict[str, Any]:
             raise AlertProductsError("QA record lacks zp_science or diffmaglim (not a subtraction qa.json?)")
         return {"diffmaglim": _finite_or_none(qa["diffmaglim"]), "magzpsci": _finite_or_none(qa["zp_science"]),
                 **{name: _finite_or_none(qa.get(name)) for name in
-                   ("magzpsciunc", "magzpscirms", "clrcoeff", "clrcounc")},
+                   _CALIBRATION_FIELDS},
                 "nmatches": int(qa.get("nmatches") or 0), "rbversion": str(qa.get("rbversion") or "")}
     result = result_or_qa
     photcal = result.science.photcal
     values = {"diffmaglim": _finite_or_none(result.diffmaglim), "magzpsci": _finite_or_none(result.zp_science),
-              "magzpsciunc": None, "magzpscirms": None, "clrcoeff": None, "clrcounc": None, "nmatches": 0,
+              **{name: None for name in _CALIBRATION_FIELDS}, "nmatches": 0,
               "rbversion": str(result.candidates.meta.get("rbversion") or "")}
     if photcal is not None:
         values.update({name: _finite_or_none(getattr(photcal, name))
-                       for name in ("magzpsciunc", "magzpscirms", "clrcoeff", "clrcounc")})
+                       for name in _CALIBRATION_FIELDS})
         values["nmatches"] = int(photcal.n_used)
     return values
 

@@ -100,6 +100,10 @@ class AlertContext:
     magzpscirms: float | None = None
     clrcoeff: float | None = None
     clrcounc: float | None = None
+    zpmed: float | None = None
+    clrmed: float | None = None
+    clrrms: float | None = None
+    zpclrcov: float | None = None
     nmatches: int = 0
     nid: int | None = None
     tooflag: int | None = 0

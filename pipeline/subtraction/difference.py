@@ -114,6 +114,8 @@ class SubtractionResult:
             "magzpscirms": None if photcal is None else finite(photcal.magzpscirms),
             "clrcoeff": None if photcal is None else finite(photcal.clrcoeff),
             "clrcounc": None if photcal is None else finite(photcal.clrcounc),
+            **{name: None if photcal is None else finite(getattr(photcal, name), 9)
+               for name in ("zpmed", "clrmed", "clrrms", "zpclrcov")},
             "nmatches": 0 if photcal is None else int(photcal.n_used),
             "seeing_science_px": round(float(sci.psf.fwhm), 3),
             "limiting_mag_science": None if not math.isfinite(sci.limiting_mag) else round(sci.limiting_mag, 3),
