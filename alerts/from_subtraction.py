@@ -167,7 +167,7 @@ def _wcs_cards(science_header: fits.Header, wcs) -> dict[str, Any]:
 
 
 def alert_context(science_header: fits.Header, wcs, reference: Any, result_or_qa: Any, cfg,
-                  shape: tuple[int, int] | None = None) -> AlertContext:
+                  shape: tuple[int, int] | None = None, outdir: str | os.PathLike | None = None) -> AlertContext:
     """The :class:`~alerts.packet.AlertContext` of one subtracted science image.
 
     Parameters
@@ -184,6 +184,9 @@ def alert_context(science_header: fits.Header, wcs, reference: Any, result_or_qa
         ``kafka.survey`` names the topics and object ids.
     shape : (int, int), optional
         The image's (ny, nx); default: the result's, else the header's NAXIS2/NAXIS1.
+    outdir : path-like, optional
+        The subtraction's products folder: ``pdiffimfilename`` is its ``diff.fits`` (null
+        without one: an in-memory subtraction wrote no difference image).
 
     Raises
     ------
@@ -210,7 +213,8 @@ def alert_context(science_header: fits.Header, wcs, reference: Any, result_or_qa
         field=meta.fieldid, programid=meta.progrmid, night=start.strftime("%Y%m%d"),
         rfid=ref.refid, jdstartref=ref.jdstart, jdendref=ref.jdend, nframesref=ref.nframes,
         footprint=footprint, exptime=float(meta.exptime), nid=int(math.floor(meta.obsmjd)) - ZTF_NIGHT_EPOCH_MJD,
-        survey=cfg.kafka.survey, wcs_header=_wcs_cards(science_header, wcs), **calibration)
+        survey=cfg.kafka.survey, wcs_header=_wcs_cards(science_header, wcs),
+        pdiffimfilename=None if outdir is None else str(Path(outdir) / "diff.fits"), **calibration)
 
 
 def cutout_triplets(cubes: Mapping[str, np.ndarray], candidates: Table) -> list[CutoutTriplet]:
@@ -369,7 +373,8 @@ def _cube(hdul: fits.HDUList, name: str, path: Path) -> np.ndarray:
 
 def _products_alerts(products: SubtractionProducts, cfg, history_store, publisher_name: str | None
                      ) -> tuple[AlertContext, list[dict]]:
-    context = alert_context(products.science_header, None, products.reference, products.qa, cfg)
+    context = alert_context(products.science_header, None, products.reference, products.qa, cfg,
+                            outdir=products.outdir)
     alerts = _make_alerts(context, products.candidates, products.cutouts, history_store,
                           publisher_name or cfg.kafka.publisher)
     return context, alerts
@@ -440,7 +445,7 @@ def publish_subtraction(outdir: str | os.PathLike, qa: Mapping, candidates: Tabl
     clock = time.perf_counter
     t0 = clock()
     ref = reference if isinstance(reference, ReferenceSummary) else ReferenceSummary.of(reference, str(outdir))
-    context = alert_context(science_header, None, ref, qa, cfg)
+    context = alert_context(science_header, None, ref, qa, cfg, outdir=outdir)
     stamps = {name: np.asarray(cubes[name], dtype=np.float32) for name in _CUBES}
     alerts = _make_alerts(context, candidates, stamps, history_store, publisher_name or cfg.kafka.publisher)
     return _publish(context, alerts, publisher, outdir, read_s=0.0, build_s=clock() - t0)
