@@ -90,7 +90,7 @@ from astropy.table import Table
 from scipy.spatial import cKDTree
 
 from pipeline.subtraction.features import (_FWHM_PER_SIGMA, _REFERENCE_COLUMNS, MAG_NONPOSITIVE, NO_COUNTERPART,
-                                 CandidateError, _aperture, _box_features, _gather_stamps, _local_sky,
+                                 CandidateError, _aperture, _box_features, _encircled, _gather_stamps, _local_sky,
                                  _nearest_reference, _per_candidate, _psf_fit, _robust_std, _shape,
                                  _tile_index, _tile_optics)
 from pipeline.core.config import CandidateConfig
@@ -307,8 +307,8 @@ def find_candidates(zogy: ZogyResult, wcs, zp_common: float, mask: np.ndarray | 
     # SExtractor (whose MAG_APER is ZTF's magap) writes 99 for a non-positive flux.
     nonpositive_aperture = ~(ap_flux > 0)
     magap, sigmagap = (np.where(nonpositive_aperture, MAG_NONPOSITIVE, m) for m in (magap, sigmagap))
-    optics_big = _tile_optics(zogy, config.aperture_big_radius_px, tile)
-    big_flux, big_err, _ = _aperture(zogy, x, y, sign, optics_big, tile, inflation, config.aperture_big_radius_px)
+    big_flux, big_err, _ = _aperture(zogy, x, y, sign, optics, tile, inflation, config.aperture_big_radius_px,
+                                     _encircled(optics, config.aperture_big_radius_px))
     magapbig, sigmagapbig = flux_to_mag(big_flux, big_err, zp_common)
     magapbig, sigmagapbig = (np.where(big_flux > 0, m, MAG_NONPOSITIVE) for m in (magapbig, sigmagapbig))
     fit_flux, chipsf, sharpness = _psf_fit(d_stamps, usable, x, y, row, col, optics, tile)

@@ -7,7 +7,6 @@ grouped by ZOGY tile where the tile's P_D and F_D matter.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,10 +100,23 @@ def _tile_index(zogy: ZogyResult, row, col) -> np.ndarray:
     return index
 
 
-def _aperture(zogy, x, y, sign, optics, tile, inflation, radius):
-    """Aperture flux on D in the common system, its error, and whether it was truncated."""
+def _encircled(optics: list[_TileOptics | None], radius: float) -> np.ndarray:
+    """Each tile's P_D light within ``radius`` (NaN for tiles without optics)."""
+    out = np.full(len(optics), np.nan)
+    for k, o in enumerate(optics):
+        if o is not None:
+            c = o.psf_d.shape[0] // 2
+            inside, _, _ = sep.sum_circle(o.psf_d, [float(c)], [float(c)], radius, subpix=0)
+            out[k] = float(inside[0]) / float(o.psf_d.sum())
+    return out
+
+
+def _aperture(zogy, x, y, sign, optics, tile, inflation, radius, encircled=None):
+    """Aperture flux on D in the common system, its error, and whether it was truncated;
+    ``encircled`` (per tile) defaults to the optics' (their aperture radius)."""
     total, area_err, flags = sep.sum_circle(zogy.diff, x, y, radius, err=1.0, subpix=0)
-    scale = 1.0 / (_per_candidate(optics, tile, "f_d") * _per_candidate(optics, tile, "encircled"))
+    encircled = _per_candidate(optics, tile, "encircled") if encircled is None else encircled[tile]
+    scale = 1.0 / (_per_candidate(optics, tile, "f_d") * encircled)
     flux = sign * total * scale
     err = area_err * np.sqrt(inflation) * scale
     return flux, err, (flags & sep.APER_TRUNC) != 0
@@ -245,10 +257,14 @@ def _local_sky(diff, usable_image, row, col, inner: float, outer: float) -> np.n
     offsets = np.arange(-half, half + 1)
     r2 = offsets[None, :] ** 2 + offsets[:, None] ** 2
     ring = (r2 >= inner**2) & (r2 <= outer**2)
-    values = np.where(good & inside & ring[None], stamps.astype(np.float64), np.nan)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)   # an all-NaN annulus gives NaN
-        return np.nanmedian(values.reshape(len(row), -1), axis=1)
+    values = np.where(good & inside & ring[None], stamps.astype(np.float64), np.nan).reshape(len(row), -1)
+    # The median of each row's finite values from one sort (NaN sorts last): nanmedian
+    # loops over the rows in Python.
+    ordered = np.sort(values, axis=1)
+    count = np.count_nonzero(np.isfinite(values), axis=1)
+    rows = np.arange(len(row))
+    low, high = np.maximum(count - 1, 0) // 2, np.maximum(count, 1) // 2
+    return np.where(count > 0, 0.5 * (ordered[rows, low] + ordered[rows, high]), np.nan)
 
 
 def _robust_std(image, flagged) -> float:

@@ -228,6 +228,16 @@ def test_every_image_measured_field_is_finite_and_true(case):
     assert has.any()
     for column in ("magnr", "sigmagnr", "ranr", "decnr"):
         assert (np.asarray(cands[column])[~has] == -999).all() and (np.asarray(cands[column])[has] != -999).all()
+    # A saturated reference star without a PSF fit: magnr is a bound its true magnitude is brighter than.
+    from pipeline.subtraction.candidates import CANDIDATE_FLAGS
+    unfit = cands[(np.asarray(cands["flagged"]) & CANDIDATE_FLAGS["NR_UNFIT"]) > 0]
+    if len(unfit):
+        assert (np.asarray(unfit["sigmagnr"]) == 99).all()
+        stars = pair.truth[np.asarray(pair.truth["kind"]) == "star"]
+        x, y = pair.true_wcs.all_world2pix(np.asarray(unfit["ranr"]), np.asarray(unfit["decnr"]), 1)
+        dist, nearest = cKDTree(np.column_stack([stars["x"], stars["y"]])).query(np.column_stack([x, y]))
+        assert (dist < 2).all(), dist
+        assert (np.asarray(stars["mag"])[nearest] < np.asarray(unfit["magnr"]) + 0.2).all()
 
 
 def test_classtar_separates_stars_from_galaxies(case):
