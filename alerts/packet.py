@@ -66,7 +66,8 @@ NULL_REASONS = {
     "programpi": "no registry of programme principal investigators: programid only",
     "pdiffimfilename": "alerts made in memory, without a products folder holding the difference image",
     **{name: "the science image was calibrated without Gaia (header MAGZP or the reference catalogue)"
-       for name in ("zpmed", "clrmed", "clrrms", "zpclrcov")},
+       for name in ("zpmed", "clrmed", "clrrms")},
+    "zpclrcov": "the zero point or the colour coefficient was not fitted (header MAGZP, fixed colour term)",
     **{name: "the nearest reference source has no PSF fit (saturated; magnr is its saturation bound)"
        for name in ("chinr", "sharpnr")},
     "classtar": "the subtraction stage did not run (candidates from elsewhere)",
