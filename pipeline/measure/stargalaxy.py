@@ -7,7 +7,7 @@ likelihood ratio on one measured quantity, written here:
 
 - The concentration ``c = F(r_in) / F(r_out)``: the ratio of the background-subtracted
   flux in two circular apertures (sep, exact overlap) centred on the position, radii
-  ``inner_fwhm`` and ``outer_fwhm`` times the local PSF's FWHM.  The PSF's own
+  ``inner_fwhm`` and ``outer_fwhm`` times the PSF model's FWHM.  The PSF's own
   concentration ``c_psf`` is measured the same way on the PSF model rendered at the same
   position and sub-pixel phase.  A galaxy, broader than the PSF, is less concentrated:
   the deficit ``delta = c_psf - c`` is about 0 for a star and positive for a galaxy.
