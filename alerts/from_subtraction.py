@@ -31,10 +31,11 @@ header's WCS cards as SCAMP wrote them (TPV included), so every cutout carries i
 ``magzpsci`` is the science image's zero point.  The candidates' ``magpsf`` are already
 calibrated (fluxes of the difference are in the reference's system, ``zp_ref``), so
 ``10**(0.4 * (magzpsci - magpsf))`` is the flux in science-image ADU, as brokers use it.
-``magzpsciunc``, ``magzpscirms``, ``clrcoeff``, ``clrcounc`` and ``nmatches`` (Gaia
-calibrators used, where ZTF counts PS1's) come from the science image's photometric
-calibration; ``qa.json`` currently records only ``magzpsciunc``, so from files the others are
-null (``nmatches`` 0) unless the QA record holds them under those names.
+``magzpsciunc``, ``magzpscirms``, ``clrcoeff``, ``clrcounc``, ``zpmed``, ``clrmed``,
+``clrrms``, ``zpclrcov`` and ``nmatches`` (Gaia calibrators used, where ZTF counts PS1's;
+the colours are Gaia BP - RP, where ZTF's are PS1 g - r or r - i) come from the science
+image's photometric calibration (:class:`pipeline.measure.calibration.PhotCalResult`); from
+files, from the QA record under those names (null, ``nmatches`` 0, where it lacks them).
 """
 from __future__ import annotations
 
@@ -126,11 +127,16 @@ def _finite_or_none(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
+#: The science image's photometric calibration fields (PhotCalResult / qa.json names).
+_CALIBRATION_FIELDS = ("magzpsciunc", "magzpscirms", "clrcoeff", "clrcounc", "zpmed", "clrmed", "clrrms", "zpclrcov")
+
+
 def image_calibration(result_or_qa: Any) -> dict[str, Any]:
     """Image-level photometric fields of the alerts from a SubtractionResult or its QA record.
 
     Returns a dict with ``diffmaglim``, ``magzpsci``, ``magzpsciunc``, ``magzpscirms``,
-    ``clrcoeff``, ``clrcounc`` (float or None), ``nmatches`` (int) and ``rbversion`` (str).
+    ``clrcoeff``, ``clrcounc``, ``zpmed``, ``clrmed``, ``clrrms``, ``zpclrcov`` (float or None),
+    ``nmatches`` (int) and ``rbversion`` (str).
     """
     if isinstance(result_or_qa, Mapping):
         qa = result_or_qa
@@ -138,16 +144,16 @@ def image_calibration(result_or_qa: Any) -> dict[str, Any]:
             raise AlertProductsError("QA record lacks zp_science or diffmaglim (not a subtraction qa.json?)")
         return {"diffmaglim": _finite_or_none(qa["diffmaglim"]), "magzpsci": _finite_or_none(qa["zp_science"]),
                 **{name: _finite_or_none(qa.get(name)) for name in
-                   ("magzpsciunc", "magzpscirms", "clrcoeff", "clrcounc")},
+                   _CALIBRATION_FIELDS},
                 "nmatches": int(qa.get("nmatches") or 0), "rbversion": str(qa.get("rbversion") or "")}
     result = result_or_qa
     photcal = result.science.photcal
     values = {"diffmaglim": _finite_or_none(result.diffmaglim), "magzpsci": _finite_or_none(result.zp_science),
-              "magzpsciunc": None, "magzpscirms": None, "clrcoeff": None, "clrcounc": None, "nmatches": 0,
+              **{name: None for name in _CALIBRATION_FIELDS}, "nmatches": 0,
               "rbversion": str(result.candidates.meta.get("rbversion") or "")}
     if photcal is not None:
         values.update({name: _finite_or_none(getattr(photcal, name))
-                       for name in ("magzpsciunc", "magzpscirms", "clrcoeff", "clrcounc")})
+                       for name in _CALIBRATION_FIELDS})
         values["nmatches"] = int(photcal.n_used)
     return values
 
@@ -161,7 +167,7 @@ def _wcs_cards(science_header: fits.Header, wcs) -> dict[str, Any]:
 
 
 def alert_context(science_header: fits.Header, wcs, reference: Any, result_or_qa: Any, cfg,
-                  shape: tuple[int, int] | None = None) -> AlertContext:
+                  shape: tuple[int, int] | None = None, outdir: str | os.PathLike | None = None) -> AlertContext:
     """The :class:`~alerts.packet.AlertContext` of one subtracted science image.
 
     Parameters
@@ -178,6 +184,9 @@ def alert_context(science_header: fits.Header, wcs, reference: Any, result_or_qa
         ``kafka.survey`` names the topics and object ids.
     shape : (int, int), optional
         The image's (ny, nx); default: the result's, else the header's NAXIS2/NAXIS1.
+    outdir : path-like, optional
+        The subtraction's products folder: ``pdiffimfilename`` is its ``diff.fits`` (null
+        without one: an in-memory subtraction wrote no difference image).
 
     Raises
     ------
@@ -204,7 +213,8 @@ def alert_context(science_header: fits.Header, wcs, reference: Any, result_or_qa
         field=meta.fieldid, programid=meta.progrmid, night=start.strftime("%Y%m%d"),
         rfid=ref.refid, jdstartref=ref.jdstart, jdendref=ref.jdend, nframesref=ref.nframes,
         footprint=footprint, exptime=float(meta.exptime), nid=int(math.floor(meta.obsmjd)) - ZTF_NIGHT_EPOCH_MJD,
-        survey=cfg.kafka.survey, wcs_header=_wcs_cards(science_header, wcs), **calibration)
+        survey=cfg.kafka.survey, wcs_header=_wcs_cards(science_header, wcs),
+        pdiffimfilename=None if outdir is None else str(Path(outdir) / "diff.fits"), **calibration)
 
 
 def cutout_triplets(cubes: Mapping[str, np.ndarray], candidates: Table) -> list[CutoutTriplet]:
@@ -363,7 +373,8 @@ def _cube(hdul: fits.HDUList, name: str, path: Path) -> np.ndarray:
 
 def _products_alerts(products: SubtractionProducts, cfg, history_store, publisher_name: str | None
                      ) -> tuple[AlertContext, list[dict]]:
-    context = alert_context(products.science_header, None, products.reference, products.qa, cfg)
+    context = alert_context(products.science_header, None, products.reference, products.qa, cfg,
+                            outdir=products.outdir)
     alerts = _make_alerts(context, products.candidates, products.cutouts, history_store,
                           publisher_name or cfg.kafka.publisher)
     return context, alerts
@@ -434,7 +445,7 @@ def publish_subtraction(outdir: str | os.PathLike, qa: Mapping, candidates: Tabl
     clock = time.perf_counter
     t0 = clock()
     ref = reference if isinstance(reference, ReferenceSummary) else ReferenceSummary.of(reference, str(outdir))
-    context = alert_context(science_header, None, ref, qa, cfg)
+    context = alert_context(science_header, None, ref, qa, cfg, outdir=outdir)
     stamps = {name: np.asarray(cubes[name], dtype=np.float32) for name in _CUBES}
     alerts = _make_alerts(context, candidates, stamps, history_store, publisher_name or cfg.kafka.publisher)
     return _publish(context, alerts, publisher, outdir, read_s=0.0, build_s=clock() - t0)

@@ -9,22 +9,29 @@ Input contract (what the subtraction stage hands over)
   ``ranr``, ``decnr`` (deg, nearest reference-catalogue source; NaN when there is none).
   Every other column whose name is a field of the v4.02 ``candidate`` record is copied into
   it -- in particular xpos, ypos (pixels), scorr, rb, rbversion, fwhm, elong, aimage, bimage,
-  aimagerat, bimagerat, nneg, nbad, sumrat, magdiff, mindtoedge, magap, sigmagap, distnr
-  (pixels, as the schema says), magnr, sigmagnr, sharpnr, chinr, neargaia, maggaia,
-  neargaiabright, maggaiabright (arcsec / mag).  A missing column, a masked value or NaN
-  gives null in the packet.
+  nneg, nbad, sumrat, magdiff, mindtoedge, magap, sigmagap, magapbig, sigmagapbig, chipsf,
+  sky, dsnrms, ssnrms, dsdiff, seeratio, tblid, classtar, distnr (pixels, as the schema
+  says), magnr, sigmagnr, sharpnr, chinr (-999 when the reference catalogue has no source
+  within 30"), and the context stage's PS1, Gaia and solar-system columns (-999 where
+  searched and nothing found).  A missing column, a masked value or NaN gives null in the
+  packet.  Where each field comes from, and its convention when there is nothing to
+  measure, is tabulated in ``docs/alert-fields.md``.
 * ``cutouts``: per row a :class:`~alerts.cutouts.CutoutTriplet` (or None: null cutouts).
 
 How each ``candidate`` field is filled
 --------------------------------------
-1. from the table column of that name; else 2. from the context attribute of that name;
-else 3. derived: ``pid``/``candid`` (:mod:`alerts.ids`), ``isdiffpos`` "t"/"f", ``magdiff`` =
-magap - magpsf, ``magfromlim`` = diffmaglim - magap, ``aimagerat``/``bimagerat`` =
-aimage/fwhm, bimage/fwhm, ``elong`` = aimage/bimage; else 4. from the object history
-(``ndethist``, ``ncovhist``, ``jdstarthist``, ``jdendhist``); else null, for the reasons in
-:data:`NULL_REASONS`.  ``nmtchps`` is 0 (no PS1 catalogue is searched) and ``drbversion``
-is the context's (empty: no deep-learning classifier).  ``fp_hists`` is null: no forced
-photometry is run.  ``jd`` is the context's ``jd`` as given.
+1. from the table column of that name; else 2. from the context attribute of that name
+(image level: jd, fid, pid, diffmaglim, programid, nid, rcid, field, exptime, the
+reference's rfid/jdstartref/jdendref/nframesref, the calibration's magzpsci, magzpsciunc,
+magzpscirms, nmatches, clrcoeff, clrcounc, zpmed, clrmed, clrrms, zpclrcov, and
+pdiffimfilename); else 3. derived: ``pid``/``candid`` (:mod:`alerts.ids`), ``isdiffpos``
+"t"/"f", ``magdiff`` = magap - magpsf, ``magfromlim`` = diffmaglim - magap,
+``aimagerat``/``bimagerat`` = aimage/fwhm, bimage/fwhm, ``elong`` = aimage/bimage; else 4.
+from the object history (``ndethist``, ``ncovhist``, ``jdstarthist``, ``jdendhist``); else
+null, for the reasons in :data:`NULL_REASONS`.  ``nmtchps`` is 0 unless the table has the
+column (the context stage's PS1 search) and ``drbversion`` is the context's (empty: no
+deep-learning classifier).  ``fp_hists`` is null: no forced photometry is run.  ``jd`` is
+the context's ``jd`` as given.
 """
 from __future__ import annotations
 
@@ -45,16 +52,25 @@ __all__ = ["AlertContext", "REQUIRED_COLUMNS", "NULL_REASONS", "candidate_record
 
 REQUIRED_COLUMNS = ("cand_index", "ra", "dec", "magpsf", "sigmapsf", "isdiffpos", "ranr", "decnr")
 
-#: Why a candidate field is null when neither the table nor the context provides it.
+#: Why a candidate field is null when neither the table nor the context provides it.  The
+#: subtraction stage measures every other image-level and candidate-level field (see
+#: docs/alert-fields.md); these are null only when their producer did not run.
 NULL_REASONS = {
-    **{name: "no solar-system ephemeris cross-match" for name in ("ssdistnr", "ssmagnr", "ssnamenr")},
-    **{f"{prefix}{i}": "no PS1 catalogue cross-match" for i in (1, 2, 3)
+    **{name: "no solar-system ephemeris cross-match (the context stage did not run)"
+       for name in ("ssdistnr", "ssmagnr", "ssnamenr")},
+    **{f"{prefix}{i}": "no PS1-like catalogue cross-match (the context stage did not run)" for i in (1, 2, 3)
        for prefix in ("sgmag", "srmag", "simag", "szmag", "sgscore", "distpsnr", "objectidps")},
-    "classtar": "sep gives no star/galaxy classifier score",
+    **{name: "no Gaia cross-match (the context stage did not run)"
+       for name in ("neargaia", "maggaia", "neargaiabright", "maggaiabright")},
     "drb": "no deep-learning real-bogus classifier",
-    **{name: "not measured by the subtraction stage" for name in (
-        "chipsf", "sky", "magapbig", "sigmagapbig", "seeratio", "dsnrms", "ssnrms", "dsdiff", "tblid",
-        "zpclrcov", "zpmed", "clrmed", "clrrms", "pdiffimfilename", "programpi")},
+    "programpi": "no registry of programme principal investigators: programid only",
+    "pdiffimfilename": "alerts made in memory, without a products folder holding the difference image",
+    **{name: "the science image was calibrated without Gaia (header MAGZP or the reference catalogue)"
+       for name in ("zpmed", "clrmed", "clrrms")},
+    "zpclrcov": "the zero point or the colour coefficient was not fitted (header MAGZP, fixed colour term)",
+    **{name: "the nearest reference source has no PSF fit (saturated; magnr is its saturation bound)"
+       for name in ("chinr", "sharpnr")},
+    "classtar": "the subtraction stage did not run (candidates from elsewhere)",
 }
 
 _NON_NULL_FLOAT_COLUMNS = ("ra", "dec", "magpsf", "sigmapsf")
@@ -100,6 +116,11 @@ class AlertContext:
     magzpscirms: float | None = None
     clrcoeff: float | None = None
     clrcounc: float | None = None
+    zpmed: float | None = None
+    clrmed: float | None = None
+    clrrms: float | None = None
+    zpclrcov: float | None = None
+    pdiffimfilename: str | None = None
     nmatches: int = 0
     nid: int | None = None
     tooflag: int | None = 0

@@ -522,6 +522,17 @@ class CandidateConfig:
         Side of the odd box of ``nneg``, ``nbad``, ``sumrat`` (ZTF: 5).
     aperture_radius_px : float
         Radius of ``magap`` (ZTF: 14 px diameter).
+    aperture_big_radius_px : float
+        Radius of ``magapbig`` (ZTF: 18 px diameter).
+    sky_annulus_px : (float, float)
+        Inner and outer radius of the annulus whose median of D is ``sky``.
+    classtar_inner_fwhm, classtar_outer_fwhm : float
+        Aperture radii (in PSF FWHMs) of the concentration behind ``classtar``
+        (:func:`pipeline.measure.stargalaxy.star_probability`).
+    classtar_galaxy_broadening : float
+        Width, relative to the PSF, of the smallest galaxy ``classtar`` calls a galaxy (> 1).
+    classtar_psf_error : float
+        Fractional error of the PSF model's concentration.
     nearest_radius_arcsec : float
         Search radius of the nearest reference-catalogue source.
     cutout_size : int
@@ -537,6 +548,12 @@ class CandidateConfig:
     max_candidates: int = 2000
     box: int = 5
     aperture_radius_px: float = 7.0
+    aperture_big_radius_px: float = 9.0
+    sky_annulus_px: tuple[float, float] = (12.0, 20.0)
+    classtar_inner_fwhm: float = 0.6
+    classtar_outer_fwhm: float = 2.0
+    classtar_galaxy_broadening: float = 1.3
+    classtar_psf_error: float = 0.01
     nearest_radius_arcsec: float = 30.0
     cutout_size: int = 63
     edge_margin_px: int = 2
@@ -555,6 +572,17 @@ class CandidateConfig:
                 problems.append(f"{name} must be odd and >= 1, got {value}")
         if not self.aperture_radius_px > 0 or not self.nearest_radius_arcsec > 0:
             problems.append("aperture_radius_px and nearest_radius_arcsec must be > 0")
+        if not self.aperture_big_radius_px > 0:
+            problems.append(f"aperture_big_radius_px must be > 0, got {self.aperture_big_radius_px}")
+        if len(self.sky_annulus_px) != 2 or not 0 <= self.sky_annulus_px[0] < self.sky_annulus_px[1]:
+            problems.append(f"sky_annulus_px must be (inner, outer) with 0 <= inner < outer, got {self.sky_annulus_px}")
+        if not 0 < self.classtar_inner_fwhm < self.classtar_outer_fwhm:
+            problems.append("classtar_inner_fwhm and classtar_outer_fwhm must satisfy 0 < inner < outer, got "
+                            f"{self.classtar_inner_fwhm}, {self.classtar_outer_fwhm}")
+        if not self.classtar_galaxy_broadening > 1:
+            problems.append(f"classtar_galaxy_broadening must be > 1, got {self.classtar_galaxy_broadening}")
+        if not self.classtar_psf_error >= 0:
+            problems.append(f"classtar_psf_error must be >= 0, got {self.classtar_psf_error}")
         if self.edge_margin_px < 1:
             problems.append(f"edge_margin_px must be >= 1, got {self.edge_margin_px}")
         if problems:

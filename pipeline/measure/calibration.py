@@ -50,6 +50,15 @@ class PhotCalResult:
     zp_source : str
         ``"fit"`` or ``"header"``.
     colour_fitted : bool
+    zpmed : float
+        Median over the calibration stars kept of (catalogue magnitude - instrumental
+        magnitude), no colour term (ZTF's ``zpmed``); NaN when taken from MAGZP.
+    clrmed, clrrms : float
+        Median and rms (about the mean) of the kept calibration stars' Gaia BP - RP (ZTF:
+        PS1 g - r or r - i; here the colour the colour term is fitted on).
+    zpclrcov : float
+        Covariance of the fitted zero point and colour coefficient, mag^2 (NaN unless both
+        are fitted).
     """
 
     magzpsci: float
@@ -61,6 +70,10 @@ class PhotCalResult:
     n_used: int
     zp_source: str
     colour_fitted: bool
+    zpmed: float = math.nan
+    clrmed: float = math.nan
+    clrrms: float = math.nan
+    zpclrcov: float = math.nan
 
 
 def calibrate_zeropoint(photometry: Table, wcs, gaia: Table, band: FilterConfig,
@@ -184,5 +197,10 @@ def _fit(target, colour, sigma, band: FilterConfig, header_zp, fit_colour: bool,
         clrcoeff, clrcounc = float(params[-1]), float(math.sqrt(cov[-1, -1]))
     else:
         clrcoeff, clrcounc = float(band.color_slope), math.nan
+    kept_colour = colour[keep]
+    both = header_zp is None and fit_colour
     return PhotCalResult(zp, zp_unc, rms, clrcoeff, clrcounc, n_matched, n_used,
-                         "fit" if header_zp is None else "header", bool(fit_colour))
+                         "fit" if header_zp is None else "header", bool(fit_colour),
+                         zpmed=float(np.median(target[keep])) if header_zp is None else math.nan,
+                         clrmed=float(np.median(kept_colour)), clrrms=float(np.std(kept_colour)),
+                         zpclrcov=float(cov[0, -1]) if both else math.nan)

@@ -35,16 +35,24 @@ The features
   tile's F_D and by the encircled energy of its P_D in that radius.  Its error is D's
   unit background variance times the aperture area, scaled by ``V / F_S`` at the
   position (the share of source and registration noise in the PSF flux's variance,
-  taken to be the same in the aperture).
+  taken to be the same in the aperture).  A non-positive aperture flux (a dipole's
+  lobes, a noise peak) gives ``magap = sigmagap = 99``, SExtractor's convention (ZTF's
+  magap is SExtractor's MAG_APER), and the ``APERTURE_NONPOSITIVE`` flag; ``magdiff`` is
+  then ``99 - magpsf``.  ``magapbig``/``sigmagapbig`` are the same in
+  ``aperture_big_radius_px`` (ZTF: 18 px diameter), 99 likewise.
 - Shape (``aimage``, ``bimage``, ``fwhm``, ``elong``): Gaussian-windowed second moments
   of sign * D about their windowed centroid, window sigma = P_D's (FWHM / 2.3548),
   with the window divided out (for a Gaussian profile of covariance C the windowed
   moments are ``(C^-1 + W^-1)^-1``, so ``C = (M^-1 - W^-1)^-1`` is exact, not a
   SExtractor-like fixed factor).  ``aimage``/``bimage`` are the rms along the major and
-  minor axes (0 along an axis the profile does not extend: a single hot pixel),
-  ``fwhm = 2.3548 sqrt(aimage bimage)`` (Gaussian core), ``elong = a / b`` (NaN if b is
-  0).  No positive windowed flux, or moments as broad as the window (noise), give NaN
-  and the ``NO_SHAPE`` flag.
+  minor axes, ``fwhm = 2.3548 sqrt(aimage bimage)`` (Gaussian core), ``elong = a / b``.
+  A profile with no extent along its minor axis (a single hot pixel, a cosmic-ray
+  track: b = 0) gets SExtractor's rule for "infinitely thin" detections, 1/12 px^2
+  added to both axes' variances, and the ``THIN`` flag.  No positive windowed flux, or
+  moments as broad as the window (noise), give the local P_D's shape (``aimage =
+  bimage`` = its sigma, ``fwhm`` its FWHM, ``elong = 1``) and the ``NO_SHAPE`` flag.
+  ``seeratio`` is P_D's FWHM over ``fwhm`` (ZTF: the difference image's FWHM over the
+  candidate's).
 - ``chipsf``: reduced chi^2 of a one-amplitude fit of P_D (shifted to the position in
   Fourier space) to D within ``2 FWHM`` of P_D, with D's unit background variance:
   a bright source's own photon noise raises it above 1.  ``sharpnessdiff`` is
@@ -56,8 +64,18 @@ The features
   the Scorr peak pixel): ``nneg`` counts sign * D < 0,
   ``nbad`` pixels with a nonzero ``mask``; ``sumrat`` is sum / sum|.| of sign * D after a
   3 x 3 median filter (as ZTF, against single outliers).
-- ``distnr`` (pixels, as the schema says) etc.: the nearest reference-catalogue source
-  within ``nearest_radius_arcsec`` on the sky; NaN when none or no catalogue.
+- ``distnr`` (pixels, as the schema says), ``magnr``, ``sigmagnr``, ``sharpnr``,
+  ``chinr``, ``ranr``, ``decnr``: the nearest reference-catalogue source within
+  ``nearest_radius_arcsec`` on the sky; -999 in all of them when there is none (ZTF's
+  convention, as in real packets), NaN when no catalogue was given.  A nearest source
+  without a PSF fit (saturated) gets a magnitude bound in
+  :func:`bound_saturated_neighbours`.
+- ``sky``: median of sign * D in the annulus ``sky_annulus_px`` divided by F_D: the local
+  background level of the difference image per pixel, in ADU of the common system
+  (0 where the subtraction is clean).
+- ``dsnrms``/``ssnrms``: sign * D and sign * S at the peak pixel over their robust
+  (1.4826 MAD) standard deviation over the image; ``dsdiff = dsnrms - ssnrms``.
+- ``tblid``: the candidate's index in the table (ZTF: its row in the extraction table).
 """
 from __future__ import annotations
 
@@ -71,16 +89,17 @@ from astropy import units as u
 from astropy.table import Table
 from scipy.spatial import cKDTree
 
-from pipeline.subtraction.features import (_FWHM_PER_SIGMA, _REFERENCE_COLUMNS, CandidateError, _aperture,
-                                 _box_features, _gather_stamps, _nearest_reference, _per_candidate,
-                                 _psf_fit, _shape, _tile_index, _tile_optics)
+from pipeline.subtraction.features import (_FWHM_PER_SIGMA, _REFERENCE_COLUMNS, MAG_NONPOSITIVE, NO_COUNTERPART,
+                                 CandidateError, _aperture, _box_features, _encircled, _gather_stamps, _local_sky,
+                                 _nearest_reference, _per_candidate, _psf_fit, _robust_std, _shape,
+                                 _tile_index, _tile_optics)
 from pipeline.core.config import CandidateConfig
 from pipeline.core.image import MASK_BITS
 from pipeline.measure.photometry import flux_to_mag
 from pipeline.subtraction.zogy import ZogyResult, measure_flux
 
 __all__ = ["CANDIDATE_FLAGS", "CandidateConfig", "CandidateError", "find_candidates",
-           "cutout_stamps", "diffmaglim"]
+           "bound_saturated_neighbours", "cutout_stamps", "diffmaglim"]
 
 log = logging.getLogger("skydiff.candidates")
 
@@ -90,7 +109,10 @@ CANDIDATE_FLAGS = {
     "SATURATED": 2,     # a pixel of the box is SATURATED or BLEED in the mask
     "NEAR_FLAGGED": 4,  # a zogy.flagged pixel within the aperture (D, S unreliable there)
     "EDGE": 8,          # the aperture runs off the image
-    "NO_SHAPE": 16,     # no positive profile, or one as broad as the window: shape is NaN
+    "NO_SHAPE": 16,     # no positive profile, or one as broad as the window: shape is the local P_D's
+    "THIN": 32,         # no extent along the minor axis (narrower than a pixel): SExtractor's 1/12 px^2 added
+    "APERTURE_NONPOSITIVE": 64,  # aperture flux <= 0 on sign * D: magap, sigmagap = 99 (SExtractor's)
+    "NR_UNFIT": 128,    # the nearest reference source has no PSF fit (saturated): magnr is its saturation bound
 }
 
 _SATURATION_BITS = MASK_BITS["SATURATED"] | MASK_BITS["BLEED"]
@@ -105,7 +127,10 @@ _COLUMNS = {
     "ra": (np.float64, u.deg), "dec": (np.float64, u.deg), "isdiffpos": (bool, None),
     "scorr": (np.float64, None), "magpsf": (np.float64, u.mag), "sigmapsf": (np.float64, u.mag),
     "flux": (np.float64, None), "fluxerr": (np.float64, None), "magap": (np.float64, u.mag),
-    "sigmagap": (np.float64, u.mag), "magdiff": (np.float64, u.mag),
+    "sigmagap": (np.float64, u.mag), "magapbig": (np.float64, u.mag), "sigmagapbig": (np.float64, u.mag),
+    "magdiff": (np.float64, u.mag), "sky": (np.float64, None), "dsnrms": (np.float64, None),
+    "ssnrms": (np.float64, None), "dsdiff": (np.float64, None), "seeratio": (np.float64, None),
+    "tblid": (np.int64, None),
     "fwhm": (np.float64, u.pix), "elong": (np.float64, None), "aimage": (np.float64, u.pix),
     "bimage": (np.float64, u.pix), "nneg": (np.int32, None), "nbad": (np.int32, None),
     "sumrat": (np.float64, None), "mindtoedge": (np.float64, u.pix),
@@ -279,6 +304,13 @@ def find_candidates(zogy: ZogyResult, wcs, zp_common: float, mask: np.ndarray | 
     ap_flux, ap_err, ap_truncated = _aperture(zogy, x, y, sign, optics, tile, inflation,
                                               config.aperture_radius_px)
     magap, sigmagap = flux_to_mag(ap_flux, ap_err, zp_common)
+    # SExtractor (whose MAG_APER is ZTF's magap) writes 99 for a non-positive flux.
+    nonpositive_aperture = ~(ap_flux > 0)
+    magap, sigmagap = (np.where(nonpositive_aperture, MAG_NONPOSITIVE, m) for m in (magap, sigmagap))
+    big_flux, big_err, _ = _aperture(zogy, x, y, sign, optics, tile, inflation, config.aperture_big_radius_px,
+                                     _encircled(optics, config.aperture_big_radius_px))
+    magapbig, sigmagapbig = flux_to_mag(big_flux, big_err, zp_common)
+    magapbig, sigmagapbig = (np.where(big_flux > 0, m, MAG_NONPOSITIVE) for m in (magapbig, sigmagapbig))
     fit_flux, chipsf, sharpness = _psf_fit(d_stamps, usable, x, y, row, col, optics, tile)
     # The flux is the PSF fit of P_D at the sub-pixel position: interpolating alpha = S / F_S
     # between pixels loses the peak of a sharp source (8 % at half a pixel when the PSF's
@@ -290,7 +322,7 @@ def find_candidates(zogy: ZogyResult, wcs, zp_common: float, mask: np.ndarray | 
     timings["photometry"] = clock() - t0
 
     t0 = clock()
-    aimage, bimage, fwhm, elong, resolved = _shape(d_stamps, usable, x, y, row, col, sigma_w)
+    aimage, bimage, fwhm, elong, resolved, thin = _shape(d_stamps, usable, x, y, row, col, sigma_w)
     nneg, nbad, sumrat, bits = _box_features(zogy.diff, mask, row, col, sign, config.box)
     timings["shape"] = clock() - t0
 
@@ -305,23 +337,39 @@ def find_candidates(zogy: ZogyResult, wcs, zp_common: float, mask: np.ndarray | 
     flags |= np.where(near_flagged, CANDIDATE_FLAGS["NEAR_FLAGGED"], 0).astype(np.int32)
     flags |= np.where(ap_truncated, CANDIDATE_FLAGS["EDGE"], 0).astype(np.int32)
     flags |= np.where(resolved, 0, CANDIDATE_FLAGS["NO_SHAPE"]).astype(np.int32)
+    flags |= np.where(thin, CANDIDATE_FLAGS["THIN"], 0).astype(np.int32)
+    flags |= np.where(nonpositive_aperture, CANDIDATE_FLAGS["APERTURE_NONPOSITIVE"], 0).astype(np.int32)
+    timings["flags"] = clock() - t0
+
+    t0 = clock()
+    sky = sign * _local_sky(zogy.diff, usable_image=~zogy.flagged, row=row, col=col,
+                            inner=config.sky_annulus_px[0], outer=config.sky_annulus_px[1])
+    sky /= _per_candidate(optics, tile, "f_d")
+    dsnrms = sign * zogy.diff[row, col] / _robust_std(zogy.diff, zogy.flagged)
+    ssnrms = sign * zogy.score[row, col] / _robust_std(zogy.score, zogy.flagged)
+    timings["sky_and_snr"] = clock() - t0
+    t0 = clock()
 
     ra, dec = wcs.all_pix2world(x, y, 0)
+    # Without a reference catalogue nothing was searched: NaN (null), not ZTF's -999.
     nearest = {name: np.full(len(row), np.nan) for name in _REFERENCE_COLUMNS}
     distnr = np.full(len(row), np.nan)
     if reference_catalog is not None:
         nearest = _nearest_reference(ra, dec, reference_catalog, config.nearest_radius_arcsec)
-        found = np.isfinite(nearest["ra"])
+        found = nearest["ra"] != NO_COUNTERPART
         if found.any():
             xr, yr = wcs.all_world2pix(nearest["ra"][found], nearest["dec"][found], 0)
             distnr[found] = np.hypot(xr - x[found], yr - y[found])
+        distnr[~found] = NO_COUNTERPART
     timings["catalogue"] = clock() - t0
 
     columns = {
         "cand_index": np.arange(len(row)), "xpos": x + 1.0, "ypos": y + 1.0, "ra": ra, "dec": dec,
         "isdiffpos": sign > 0, "scorr": scorr_peak, "magpsf": magpsf, "sigmapsf": sigmapsf,
         "flux": flux, "fluxerr": alpha_err, "magap": magap, "sigmagap": sigmagap,
-        "magdiff": magap - magpsf, "fwhm": fwhm, "elong": elong, "aimage": aimage,
+        "magapbig": magapbig, "sigmagapbig": sigmagapbig, "magdiff": magap - magpsf, "sky": sky,
+        "dsnrms": dsnrms, "ssnrms": ssnrms, "dsdiff": dsnrms - ssnrms,
+        "seeratio": _FWHM_PER_SIGMA * sigma_w / fwhm, "tblid": np.arange(len(row)), "fwhm": fwhm, "elong": elong, "aimage": aimage,
         "bimage": bimage, "nneg": nneg, "nbad": nbad, "sumrat": sumrat,
         "mindtoedge": np.minimum.reduce([x + 0.5, nx - 0.5 - x, y + 0.5, ny - 0.5 - y]),
         "chipsf": chipsf, "sharpnessdiff": sharpness, "distnr": distnr,
@@ -335,6 +383,46 @@ def find_candidates(zogy: ZogyResult, wcs, zp_common: float, mask: np.ndarray | 
     timings["total"] = clock() - t_start
     table.meta.update(meta, timings=timings)
     return table
+
+
+def bound_saturated_neighbours(candidates: Table, psf, wcs, saturate: float, zeropoint: float) -> int:
+    """Give a magnitude to nearest reference sources that have no PSF fit, in place.
+
+    A reference source whose PSF fit failed (its core saturated or masked) has no
+    ``magnr``; it is at least as bright as a point source whose brightest pixel reaches
+    the reference's saturation level there, ``zeropoint - 2.5 log10(saturate / peak)``
+    with ``peak`` the brightest pixel's share of the reference PSF at the source.  That
+    bound is ``magnr`` and ``sigmagnr`` is 99 (SExtractor's "undefined" error: a bound,
+    not a measurement); ``chinr``/``sharpnr`` stay NaN (no fit); ``flagged`` gets
+    ``NR_UNFIT``.
+
+    Parameters
+    ----------
+    candidates : Table
+        :func:`find_candidates` output (``ranr``, ``decnr``, ``magnr``, ``sigmagnr``, ``flagged``).
+    psf : PSFModel
+        The reference's PSF model (1-based reference pixel positions).
+    wcs : astropy.wcs.WCS
+        The reference's WCS.
+    saturate, zeropoint : float
+        The reference's (background-subtracted) saturation level, ADU, and zero point.
+
+    Returns
+    -------
+    int
+        How many rows were bounded.
+    """
+    ranr = np.asarray(candidates["ranr"], dtype=float)
+    magnr = np.asarray(candidates["magnr"], dtype=float)
+    unfit = np.flatnonzero((ranr != NO_COUNTERPART) & np.isfinite(ranr) & ~np.isfinite(magnr))
+    if not len(unfit) or not (saturate > 0):
+        return 0
+    x, y = wcs.all_world2pix(ranr[unfit], np.asarray(candidates["decnr"], dtype=float)[unfit], 1)
+    peak = np.array([float(np.max(psf.stamp(float(xi), float(yi)))) for xi, yi in zip(x, y)])
+    candidates["magnr"][unfit] = zeropoint - 2.5 * np.log10(saturate / peak)
+    candidates["sigmagnr"][unfit] = MAG_NONPOSITIVE
+    candidates["flagged"][unfit] |= CANDIDATE_FLAGS["NR_UNFIT"]
+    return len(unfit)
 
 
 def cutout_stamps(images: Mapping[str, np.ndarray], x, y, size: int = 63) -> dict[str, np.ndarray]:

@@ -36,12 +36,13 @@ from astropy.table import Table
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from pipeline.subtraction.candidates import cutout_stamps, diffmaglim, find_candidates
+from pipeline.subtraction.candidates import bound_saturated_neighbours, cutout_stamps, diffmaglim, find_candidates
 from pipeline.measure.characterize import Characterization, CharacterizeError, characterize_image
 from pipeline.core.config import FilterConfig, SubtractionConfig
 from pipeline.measure.psf import PSFModel
 from pipeline.subtraction.realbogus import RealBogusModel, load_default_model
 from pipeline.measure.registration import RegisteredImage, RegistrationError, register_image
+from pipeline.measure.stargalaxy import star_probability
 from pipeline.subtraction.zogy import ZogyInputError, ZogyResult, zogy_subtract_tiled
 from pipeline.core.exits import UnusableImageError
 
@@ -113,6 +114,8 @@ class SubtractionResult:
             "magzpscirms": None if photcal is None else finite(photcal.magzpscirms),
             "clrcoeff": None if photcal is None else finite(photcal.clrcoeff),
             "clrcounc": None if photcal is None else finite(photcal.clrcounc),
+            **{name: None if photcal is None else finite(getattr(photcal, name), 9)
+               for name in ("zpmed", "clrmed", "clrrms", "zpclrcov")},
             "nmatches": 0 if photcal is None else int(photcal.n_used),
             "seeing_science_px": round(float(sci.psf.fwhm), 3),
             "limiting_mag_science": None if not math.isfinite(sci.limiting_mag) else round(sci.limiting_mag, 3),
@@ -414,6 +417,16 @@ def subtract_images(data: np.ndarray, mask: np.ndarray, header, wcs, reference, 
     combined_mask = np.asarray(mask).astype(np.int16) | registered.mask
     candidates = find_candidates(result, wcs, zp_ref, mask=combined_mask,
                                  reference_catalog=reference.catalog, config=config.candidates)
+    if reference.catalog is not None and reference.saturate is not None:
+        bound_saturated_neighbours(candidates, reference.psf, reference.wcs, float(reference.saturate), zp_ref)
+    cand_cfg = config.candidates
+    # classtar: the candidate's counterpart on the science image against its PSF (ZTF:
+    # SExtractor's CLASS_STAR).
+    candidates["classtar"] = star_probability(
+        new, science.extraction.rms_map, psf_new, np.asarray(candidates["xpos"], dtype=float),
+        np.asarray(candidates["ypos"], dtype=float), mask=mask, gain=gain,
+        inner_fwhm=cand_cfg.classtar_inner_fwhm, outer_fwhm=cand_cfg.classtar_outer_fwhm,
+        galaxy_broadening=cand_cfg.classtar_galaxy_broadening, psf_error=cand_cfg.classtar_psf_error)
     timings["candidates"] = clock() - t4
     t5 = clock()
     if score_realbogus:

@@ -20,6 +20,13 @@ from pipeline.subtraction.zogy import ZogyResult
 
 _FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 _REFERENCE_COLUMNS = ("ra", "dec", "mag", "magerr", "sharp", "chi")
+# SExtractor's variance of a detection narrower than a pixel along an axis (1/12 px^2: a
+# uniformly lit pixel), its rule for "infinitely thin" detections.
+_THIN_VARIANCE_PX2 = 1.0 / 12.0
+#: ZTF's "nothing within the search radius" value (real packets: distnr, magnr, ... -999).
+NO_COUNTERPART = -999.0
+#: SExtractor's magnitude (and error) of a non-positive flux; ZTF's magap is SExtractor's MAG_APER.
+MAG_NONPOSITIVE = 99.0
 
 
 class CandidateError(ValueError):
@@ -93,18 +100,39 @@ def _tile_index(zogy: ZogyResult, row, col) -> np.ndarray:
     return index
 
 
-def _aperture(zogy, x, y, sign, optics, tile, inflation, radius):
-    """Aperture flux on D in the common system, its error, and whether it was truncated."""
+def _encircled(optics: list[_TileOptics | None], radius: float) -> np.ndarray:
+    """Each tile's P_D light within ``radius`` (NaN for tiles without optics)."""
+    out = np.full(len(optics), np.nan)
+    for k, o in enumerate(optics):
+        if o is not None:
+            c = o.psf_d.shape[0] // 2
+            inside, _, _ = sep.sum_circle(o.psf_d, [float(c)], [float(c)], radius, subpix=0)
+            out[k] = float(inside[0]) / float(o.psf_d.sum())
+    return out
+
+
+def _aperture(zogy, x, y, sign, optics, tile, inflation, radius, encircled=None):
+    """Aperture flux on D in the common system, its error, and whether it was truncated;
+    ``encircled`` (per tile) defaults to the optics' (their aperture radius)."""
     total, area_err, flags = sep.sum_circle(zogy.diff, x, y, radius, err=1.0, subpix=0)
-    scale = 1.0 / (_per_candidate(optics, tile, "f_d") * _per_candidate(optics, tile, "encircled"))
+    encircled = _per_candidate(optics, tile, "encircled") if encircled is None else encircled[tile]
+    scale = 1.0 / (_per_candidate(optics, tile, "f_d") * encircled)
     flux = sign * total * scale
     err = area_err * np.sqrt(inflation) * scale
     return flux, err, (flags & sep.APER_TRUNC) != 0
 
 
 def _shape(d_stamps, usable, x, y, row, col, sigma_w):
-    """Window-corrected second moments: aimage, bimage, fwhm, elong, and whether the
-    window resolved the profile."""
+    """Window-corrected second moments: aimage, bimage, fwhm, elong, whether the window
+    resolved the profile, and whether SExtractor's thin-detection floor was applied.
+
+    Where the window did not resolve the profile (no positive windowed flux, or moments
+    as broad as the window) the shape is the local P_D's: ``aimage = bimage = sigma_w``,
+    ``fwhm`` = P_D's FWHM, ``elong = 1`` (``resolved`` False).  Where the profile has no
+    extent along its minor axis (``bimage = 0``: narrower than a pixel, a hot pixel or a
+    cosmic-ray track) SExtractor's rule for "infinitely thin" detections adds 1/12 px^2
+    (a uniformly lit pixel's variance) to both axes' variances (``thin`` True).
+    """
     half = d_stamps.shape[-1] // 2
     offsets = np.arange(-half, half + 1, dtype=np.float64)
     dx = offsets[None, None, :] + (col - x)[:, None, None]
@@ -126,8 +154,12 @@ def _shape(d_stamps, usable, x, y, row, col, sigma_w):
         a2 = np.where(resolved, major / (1.0 - major / window2), np.nan)
         b2 = np.where(resolved, minor / (1.0 - minor / window2), np.nan)
         a, b = np.sqrt(np.maximum(a2, 0.0)), np.sqrt(np.maximum(b2, 0.0))
-        elong = np.where(b > 0, a / b, np.nan)
-    return a, b, _FWHM_PER_SIGMA * np.sqrt(a * b), elong, resolved
+    thin = resolved & (b == 0)
+    a = np.where(thin, np.sqrt(a**2 + _THIN_VARIANCE_PX2), a)
+    b = np.where(thin, math.sqrt(_THIN_VARIANCE_PX2), b)
+    a = np.where(resolved, a, sigma_w)
+    b = np.where(resolved, b, sigma_w)
+    return a, b, _FWHM_PER_SIGMA * np.sqrt(a * b), a / b, resolved, thin
 
 
 def _psf_fit(d_stamps, usable, x, y, row, col, optics, tile):
@@ -191,14 +223,15 @@ def _box_features(diff, mask, row, col, sign, box):
 
 
 def _nearest_reference(ra, dec, catalog: Table, radius_arcsec: float) -> dict[str, np.ndarray]:
-    """The nearest catalogue row within the radius for every (ra, dec); NaN when none."""
+    """The nearest catalogue row within the radius for every (ra, dec); :data:`NO_COUNTERPART`
+    (ZTF's -999) in every column when none."""
     missing = [name for name in _REFERENCE_COLUMNS if name not in catalog.colnames]
     if missing:
         raise CandidateError(f"reference_catalog lacks column(s) {', '.join(missing)}")
     cat = {name: np.asarray(catalog[name], dtype=np.float64) for name in _REFERENCE_COLUMNS}
     good = np.isfinite(cat["ra"]) & np.isfinite(cat["dec"])
     cat = {name: values[good] for name, values in cat.items()}
-    out = {name: np.full(len(ra), np.nan) for name in _REFERENCE_COLUMNS}
+    out = {name: np.full(len(ra), NO_COUNTERPART) for name in _REFERENCE_COLUMNS}
     if not len(cat["ra"]) or not len(ra):
         return out
 
@@ -213,3 +246,34 @@ def _nearest_reference(ra, dec, catalog: Table, radius_arcsec: float) -> dict[st
     for name in _REFERENCE_COLUMNS:
         out[name][found] = cat[name][index[found]]
     return out
+
+
+def _local_sky(diff, usable_image, row, col, inner: float, outer: float) -> np.ndarray:
+    """Median of D's usable pixels in the annulus ``inner <= r <= outer`` (px) around each
+    (row, col): the local background level of D (NaN when the annulus has no usable pixel)."""
+    half = int(math.ceil(outer))
+    stamps, inside = _gather_stamps(diff, row, col, half, 0.0)
+    good, _ = _gather_stamps(usable_image, row, col, half, False)
+    offsets = np.arange(-half, half + 1)
+    r2 = offsets[None, :] ** 2 + offsets[:, None] ** 2
+    ring = (r2 >= inner**2) & (r2 <= outer**2)
+    values = np.where(good & inside & ring[None], stamps.astype(np.float64), np.nan).reshape(len(row), -1)
+    # The median of each row's finite values from one sort (NaN sorts last): nanmedian
+    # loops over the rows in Python.
+    ordered = np.sort(values, axis=1)
+    count = np.count_nonzero(np.isfinite(values), axis=1)
+    rows = np.arange(len(row))
+    low, high = np.maximum(count - 1, 0) // 2, np.maximum(count, 1) // 2
+    return np.where(count > 0, 0.5 * (ordered[rows, low] + ordered[rows, high]), np.nan)
+
+
+def _robust_std(image, flagged) -> float:
+    """Standard deviation of an image's unflagged pixels from their median absolute
+    deviation (1.4826 MAD), on every eighth pixel of each axis (~150,000 pixels of a
+    quadrant: 0.3 % precise, at a sixty-fourth of the cost)."""
+    step = (slice(None, None, 8), slice(None, None, 8))
+    values = np.asarray(image)[step][~np.asarray(flagged)[step]]
+    values = values[np.isfinite(values)]
+    if not values.size:
+        return math.nan
+    return float(1.4826 * np.median(np.abs(values - np.median(values))))

@@ -32,6 +32,10 @@ DEFAULT_MODEL_RESOURCE = "data/rb_model.json"
 
 #: Candidate flag bits used as features (pipeline.subtraction.candidates.CANDIDATE_FLAGS).
 _MASKED, _SATURATED, _NEAR_FLAGGED, _EDGE, _NO_SHAPE = 1, 2, 4, 8, 16
+#: Bits marking a published convention in place of a measurement; the features keep the
+#: encoding the model was trained with (missing values, see :func:`feature_matrix`).
+_THIN, _APERTURE_NONPOSITIVE, _NR_UNFIT = 32, 64, 128
+_NO_COUNTERPART = -999.0    # ZTF's "no reference source within the search radius"
 
 #: Feature names, in the order of :func:`feature_matrix`'s columns.
 RB_FEATURES = (
@@ -71,6 +75,12 @@ def feature_matrix(candidates: Table, psf_fwhm) -> np.ndarray:
     """(N, len(RB_FEATURES)) features of candidates (columns of :func:`pipeline.subtraction.candidates.find_candidates`).
 
     ``psf_fwhm`` is the science image's PSF FWHM (px): a scalar, or one per candidate.
+    The published columns carry ZTF's conventions where there was nothing to measure
+    (distnr -999, magap 99, the local P_D's shape, SExtractor's floor for thin profiles,
+    flagged in ``flagged``); the features see those as the missing values the model was
+    trained with: no shape (fwhm 0, elong 10), a thin profile (fwhm 0, elong 10), no
+    positive aperture flux (magdiff 0), no neighbour, a neighbour without a PSF fit
+    (contrast 10: saturated in the reference).
     """
     psf_fwhm = np.asarray(psf_fwhm, dtype=np.float64)
     if not np.all(psf_fwhm > 0):
@@ -78,23 +88,29 @@ def feature_matrix(candidates: Table, psf_fwhm) -> np.ndarray:
     if len(candidates) == 0:
         return np.zeros((0, len(RB_FEATURES)))
     box = 25.0
+    flags = np.asarray(candidates["flagged"]).astype(np.int64)
     scorr = np.abs(_column(candidates, "scorr", 5.0))
-    distnr = _column(candidates, "distnr", _NO_NEIGHBOUR_PX)
+    raw_distnr = np.asarray(candidates["distnr"], dtype=float)
+    has_neighbour = np.isfinite(raw_distnr) & (raw_distnr != _NO_COUNTERPART)
+    distnr = np.where(has_neighbour, raw_distnr, _NO_NEIGHBOUR_PX)
     magpsf = _column(candidates, "magpsf", 22.0)
-    has_neighbour = np.isfinite(np.asarray(candidates["distnr"], dtype=float))
     magnr = np.asarray(candidates["magnr"], dtype=float)
+    magnr = np.where((flags & _NR_UNFIT) > 0, np.nan, magnr)
     # A matched reference source without a magnitude is saturated in the reference: bright.
     contrast = np.where(has_neighbour, np.where(np.isfinite(magnr), magpsf - magnr, 10.0), -5.0)
-    flags = np.asarray(candidates["flagged"]).astype(np.int64)
+    no_shape = (flags & (_NO_SHAPE | _THIN)) > 0
+    fwhm = np.where(no_shape, 0.0, _column(candidates, "fwhm", 0.0))
+    elong = np.where(no_shape, 10.0, _column(candidates, "elong", 10.0))
+    magdiff = np.where((flags & _APERTURE_NONPOSITIVE) > 0, 0.0, _column(candidates, "magdiff", 0.0))
     positive = np.asarray(candidates["isdiffpos"]).astype(bool)
     columns = [
         np.log10(np.maximum(scorr, 1e-3)),
-        np.clip(_column(candidates, "fwhm", 0.0) / psf_fwhm, 0.0, 5.0),
-        np.clip(_column(candidates, "elong", 10.0), 1.0, 10.0),
+        np.clip(fwhm / psf_fwhm, 0.0, 5.0),
+        np.clip(elong, 1.0, 10.0),
         np.clip(_column(candidates, "nneg", 0.0), 0, box) / box,
         np.clip(_column(candidates, "nbad", 0.0), 0, box),
         np.clip(_column(candidates, "sumrat", 1.0), -1.0, 1.0),
-        np.clip(_column(candidates, "magdiff", 0.0), -3.0, 3.0),
+        np.clip(magdiff, -3.0, 3.0),
         np.log10(np.clip(_column(candidates, "chipsf", 1.0), 1e-2, 1e5)),
         np.clip(_column(candidates, "sharpnessdiff", 0.0), -5.0, 5.0),
         np.log10(np.clip(distnr, 0.05, _NO_NEIGHBOUR_PX)),

@@ -39,6 +39,11 @@ def test_zero_point_recovered_to_a_hundredth(photometry):
         s.cfg.instrument.filters["ZTF_r"].color_slope, abs=0.01)
     assert result.n_used > 100 and result.zp_source == "fit"
     assert 0 < result.magzpscirms < 0.1
+    # ZTF's zpmed, clrmed, clrrms, zpclrcov: the median of target = ZP - clrcoeff * colour
+    # is about the fit at the median colour.
+    assert result.zpmed == pytest.approx(result.magzpsci - result.clrcoeff * result.clrmed, abs=0.02)
+    assert 0.3 < result.clrmed < 3.0 and 0.05 < result.clrrms < 2.0
+    assert np.isfinite(result.zpclrcov) and result.zpclrcov**2 <= result.magzpsciunc**2 * result.clrcounc**2
 
 
 def test_header_magzp_is_used(photometry):
@@ -46,6 +51,7 @@ def test_header_magzp_is_used(photometry):
     result = _calibrate(s, table, header={"MAGZP": 27.0})
     assert result.magzpsci == 27.0 and result.zp_source == "header"
     assert np.isnan(result.magzpsciunc)
+    assert np.isnan(result.zpmed) and np.isnan(result.zpclrcov) and np.isfinite(result.clrmed)
     # The wrong fixed ZP (0.7 mag off) shows: the colour term cannot absorb it all.
     assert result.magzpscirms > 0.1
     right = _calibrate(s, table, header={"MAGZP": float(s.truth_header["TRUEZP"])})

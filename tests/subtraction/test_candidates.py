@@ -260,7 +260,10 @@ def test_the_nearest_reference_source_is_found():
     assert near["sharpnr"] == 0.01 and near["chinr"] == 1.1
     assert near["ranr"] == pytest.approx(ra[0]) and near["decnr"] == pytest.approx(dec[0])
     assert near["distnr"] == pytest.approx(1.5, abs=0.3)
-    assert all(np.isnan(alone[name]) for name in ("distnr", "magnr", "ranr", "decnr"))
+    # Nothing within 30": ZTF's -999 in every nearest-source column; no catalogue: NaN.
+    assert all(alone[name] == -999 for name in ("distnr", "magnr", "sigmagnr", "sharpnr", "chinr", "ranr", "decnr"))
+    unsearched = find_candidates(small_zogy(new, ref), wcs, ZP)
+    assert np.isnan(unsearched["distnr"]).all() and np.isnan(unsearched["magnr"]).all()
     with pytest.raises(CandidateError, match="chi"):
         find_candidates(small_zogy(new, ref), wcs, ZP, reference_catalog=catalog["ra", "dec", "mag"])
 

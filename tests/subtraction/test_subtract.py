@@ -189,3 +189,77 @@ def test_subtract_command_rejects_bad_inputs(setting, tmp_path):
     write_quadrant(science_path, pair.science.data, good_header, pair.science.mask)
     assert main(["subtract", str(science_path), str(reference_path), "--out", str(out)]) == 3
     assert not (out / "qa.json").exists()
+
+
+ZTF_MEASURED = ("fwhm", "elong", "aimage", "bimage", "magdiff", "magap", "sigmagap", "magapbig", "sigmagapbig",
+                "distnr", "magnr", "sigmagnr", "ranr", "decnr", "classtar", "sky", "dsnrms", "ssnrms", "dsdiff",
+                "seeratio", "tblid")
+
+
+def test_every_image_measured_field_is_finite_and_true(case):
+    name, pair, _, result = case
+    cands = result.candidates
+    alertable = np.isfinite(np.asarray(cands["magpsf"], dtype=float))
+    for column in ZTF_MEASURED:
+        values = np.asarray(cands[column], dtype=float)[alertable]
+        assert np.isfinite(values).all(), (name, column, int((~np.isfinite(values)).sum()))
+    classtar = np.asarray(cands["classtar"])
+    assert ((classtar >= 0) & (classtar <= 1)).all()
+    # Bright isolated injected point sources: the profile on D is P_D, so fwhm is P_D's FWHM.
+    from pipeline.measure.psf import fwhm_of_stamp
+    _, snr = _injected_snr(pair, result)
+    dist, index = _nearest_candidate(pair, cands)
+    use = (dist <= 1.0) & (snr >= 20)
+    rows = cands[index[use]]
+    rows = rows[np.asarray(rows["flagged"]) == 0]
+    tile_fwhm = np.array([fwhm_of_stamp(np.asarray(t.psf_d, dtype=float)) for t in result.zogy.tiles])
+    tiles = [next(k for k, t in enumerate(result.zogy.tiles)
+                  if t.y0 <= round(r["ypos"] - 1) < t.y1 and t.x0 <= round(r["xpos"] - 1) < t.x1) for r in rows]
+    ratio = np.asarray(rows["fwhm"]) / tile_fwhm[tiles]
+    assert len(rows) >= 20
+    # Moments of a profile with Moffat wings read its FWHM a few per cent broad (as SExtractor's do).
+    assert abs(np.median(ratio) - 1) < 0.1 and np.mean(np.abs(ratio - 1) < 0.15) >= 0.9, (name, np.sort(ratio))
+    assert np.median(np.asarray(rows["elong"])) < 1.15
+    # A point source's aperture and PSF magnitudes agree within their errors.
+    pull = np.asarray(rows["magdiff"]) / np.hypot(np.asarray(rows["sigmagap"]), np.asarray(rows["sigmapsf"]))
+    assert np.abs(pull).max() < 4 and abs(np.median(np.asarray(rows["magdiff"]))) < 0.05, (name, pull)
+    # -999 (ZTF's "no reference source within 30 arcsec") in every nearest-source column together.
+    has = np.asarray(cands["distnr"]) != -999
+    assert has.any()
+    for column in ("magnr", "sigmagnr", "ranr", "decnr"):
+        assert (np.asarray(cands[column])[~has] == -999).all() and (np.asarray(cands[column])[has] != -999).all()
+    # A saturated reference star without a PSF fit: magnr is a bound its true magnitude is brighter than.
+    from pipeline.subtraction.candidates import CANDIDATE_FLAGS
+    unfit = cands[(np.asarray(cands["flagged"]) & CANDIDATE_FLAGS["NR_UNFIT"]) > 0]
+    if len(unfit):
+        assert (np.asarray(unfit["sigmagnr"]) == 99).all()
+        stars = pair.truth[np.asarray(pair.truth["kind"]) == "star"]
+        x, y = pair.true_wcs.all_world2pix(np.asarray(unfit["ranr"]), np.asarray(unfit["decnr"]), 1)
+        dist, nearest = cKDTree(np.column_stack([stars["x"], stars["y"]])).query(np.column_stack([x, y]))
+        assert (dist < 6).all(), dist        # a saturated core leaves the catalogue position a few px off
+        assert (np.asarray(stars["mag"])[nearest] < np.asarray(unfit["magnr"]) + 0.2).all()
+
+
+def test_classtar_separates_stars_from_galaxies(case):
+    """classtar on the science image at the true positions of stars and galaxies (r < 20)."""
+    from sklearn.metrics import roc_auc_score
+    from pipeline.measure.stargalaxy import star_probability
+
+    name, pair, _, result = case
+    sci, truth = pair.science, pair.truth
+    image = sci.data.astype(np.float32) - result.science.extraction.background_map
+    ny, nx = image.shape
+    x, y = np.asarray(truth["x"]), np.asarray(truth["y"])
+    kind = np.asarray(truth["kind"])
+    use = (np.isin(kind, ["star", "galaxy"]) & (np.asarray(truth["mag"]) < 20) & ~np.asarray(truth["saturated"])
+           & (x > 20) & (x < nx - 20) & (y > 20) & (y < ny - 20))
+    star = kind[use] == "star"
+    assert star.sum() > 200 and (~star).sum() > 30
+    cfg = pair.cfg.subtraction.candidates
+    p = star_probability(image, result.science.extraction.rms_map, result.science.psf, x[use], y[use],
+                         mask=sci.mask, gain=sci.meta.gain, inner_fwhm=cfg.classtar_inner_fwhm,
+                         outer_fwhm=cfg.classtar_outer_fwhm, galaxy_broadening=cfg.classtar_galaxy_broadening,
+                         psf_error=cfg.classtar_psf_error)
+    auc = roc_auc_score(star, p)
+    assert auc >= 0.95, (name, auc)
+    assert np.median(p[star]) > 0.9 and np.median(p[~star]) < 0.1
