@@ -69,10 +69,34 @@ def _subtraction_inputs(science: QuadrantImage, reference_path: str | os.PathLik
     return reference, gaia, band
 
 
+def _add_catalog_context(candidates, science: QuadrantImage, ps1cat, refcat, gaia, cfg: Config) -> None:
+    """Add the PS1 and Gaia context columns to the candidate table in place.
+
+    Raises
+    ------
+    BadInputError
+        No Gaia store given, or the PS1 store missing, of another kind, or not covering
+        the footprint (the message names the store).
+    """
+    from catalogs import PS1, catalog_for_image
+    from pipeline.context.catalogs import catalog_context
+
+    if gaia is None:
+        raise BadInputError(f"{science.path}: the catalogue context (PS1 store {ps1cat}) also needs the "
+                            "Gaia store (refcat)")
+    # The PS1 catalogue has no proper motions: its rows are used at their own epoch.
+    ps1 = catalog_for_image(ps1cat, science, cfg.context.ps1_radius_arcsec / 3600.0, kind=PS1)
+    context = catalog_context(candidates["ra"], candidates["dec"], ps1, gaia, cfg.context)
+    for name in context.colnames:
+        candidates[name] = context[name]
+
+
 def run_subtraction(science_path: str | os.PathLike, reference_path: str | os.PathLike,
                     out: str | os.PathLike, cfg: Config,
-                    refcat: str | os.PathLike | None = None) -> tuple[int, dict | None]:
-    """Subtract ``reference_path`` from ``science_path`` and write the products under ``out``.
+                    refcat: str | os.PathLike | None = None,
+                    ps1cat: str | os.PathLike | None = None) -> tuple[int, dict | None]:
+    """Subtract ``reference_path`` from ``science_path`` and write the products under ``out``
+    (with the catalogue context when ``ps1cat`` names the PS1-like store).
 
     Returns
     -------
@@ -82,19 +106,21 @@ def run_subtraction(science_path: str | os.PathLike, reference_path: str | os.Pa
     record : dict or None
         The QA record written to ``qa.json``.
     """
-    run = subtract_files(science_path, reference_path, out, cfg, refcat)
+    run = subtract_files(science_path, reference_path, out, cfg, refcat, ps1cat)
     return run.status, run.record
 
 
 def subtract_files(science_path: str | os.PathLike, reference_path: str | os.PathLike,
                    out: str | os.PathLike, cfg: Config,
-                   refcat: str | os.PathLike | None = None) -> SubtractionRun:
+                   refcat: str | os.PathLike | None = None,
+                   ps1cat: str | os.PathLike | None = None) -> SubtractionRun:
     """:func:`run_subtraction`, also handing over what it computed (:class:`SubtractionRun`)."""
-    return subtract_quadrant(read_quadrant(science_path), reference_path, out, cfg, refcat)
+    return subtract_quadrant(read_quadrant(science_path), reference_path, out, cfg, refcat, ps1cat=ps1cat)
 
 
 def subtract_quadrant(science: QuadrantImage, reference_path: str | os.PathLike, out: str | os.PathLike,
-                      cfg: Config, refcat: str | os.PathLike | None = None, extraction=None) -> SubtractionRun:
+                      cfg: Config, refcat: str | os.PathLike | None = None, extraction=None,
+                      ps1cat: str | os.PathLike | None = None) -> SubtractionRun:
     """Subtract the reference from a solved science image held in memory; write the products.
 
     Parameters
@@ -110,7 +136,12 @@ def subtract_quadrant(science: QuadrantImage, reference_path: str | os.PathLike,
         Its ``[subtraction]`` (with the shared ``[characterize]`` and ``[registration]``)
         and ``[realbogus]`` sections are the stage's.
     refcat : path-like, optional
-        The Gaia store or table for the photometric calibration.
+        The Gaia store or table for the photometric calibration (and the catalogue
+        context's Gaia neighbours).
+    ps1cat : path-like, optional
+        The PS1-like store (or table) of the catalogue context
+        (:func:`pipeline.context.catalogs.catalog_context`); with it, ``refcat`` is
+        required and the candidates get the context columns.  Without it they get none.
     extraction : ExtractionResult, optional
         The astrometry stage's extraction of these very pixels
         (:attr:`pipeline.astrometry.solve.AstrometryResult.extraction`), reused instead of
@@ -127,6 +158,8 @@ def subtract_quadrant(science: QuadrantImage, reference_path: str | os.PathLike,
                                  pixel_scale_arcsec=cfg.instrument.pixel_scale_arcsec, gaia=gaia,
                                  extraction=extraction, read_noise=meta.readnoi,
                                  rb_model=load_model(cfg.realbogus), config=cfg.subtraction)
+        if ps1cat is not None:
+            _add_catalog_context(result.candidates, science, ps1cat, refcat, gaia, cfg)
     except (BadInputError, UnusableImageError) as exc:
         # SubtractionError is an UnusableImageError: the image's content defeated the method.
         log.error("%s", describe(exc))
