@@ -364,7 +364,7 @@ class SkyModel:
           (:func:`_ps1_score_separation`), so the classes are well apart brighter than
           r = 21 and blend fainter; NaN (unclassified) where ``rmag`` is missing.
         - positions: stars at PS1's mean epoch (:data:`PS1_MEAN_EPOCH`, their proper motion
-          applied back from J2016) with 10-80 mas errors; galaxies with 0.05-0.3".
+          applied back from J2016) with 10-80 mas errors; galaxies with 20-120 mas.
         - ``objid``: PS1-style, the 30" declination zone times 10^13 plus the RA in
           micro-degrees (made unique).
 
@@ -386,7 +386,7 @@ class SkyModel:
         ra = np.concatenate([star_ra, gx["ra"].data])
         dec = np.concatenate([star_dec, gx["dec"].data])
         pos_err = np.where(is_star, np.interp(true_r, [14.0, 21.0, 23.0], [0.01, 0.05, 0.08]),
-                           rng.uniform(0.05, 0.3, true_r.size)) / 3600.0
+                           rng.uniform(0.02, 0.12, true_r.size)) / 3600.0
         ra = (ra + rng.normal(0.0, pos_err) / np.cos(np.deg2rad(dec))) % 360.0
         dec = np.clip(dec + rng.normal(0.0, pos_err), -90.0, 90.0)
         cat = Table()
