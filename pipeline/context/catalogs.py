@@ -29,7 +29,7 @@ from scipy.spatial import cKDTree
 from catalogs.sky import radec_to_xyz
 from pipeline.core.config import ContextConfig
 
-__all__ = ["catalog_context", "CONTEXT_COLUMNS", "PS1_SLOTS", "NONE"]
+__all__ = ["catalog_context", "add_catalog_context", "CONTEXT_COLUMNS", "PS1_SLOTS", "NONE"]
 
 #: ZTF's value for "nothing within the search radius".
 NONE = -999
@@ -148,3 +148,10 @@ def catalog_context(ra_deg, dec_deg, ps1: Table, gaia: Table, config: ContextCon
         out[f"maggaia{suffix}"] = np.where(found & np.isfinite(mag), mag, NONE)
 
     return Table({name: _column(out[name], dtype) for name, dtype in CONTEXT_COLUMNS.items()})
+
+
+def add_catalog_context(candidates: Table, ps1: Table, gaia: Table, config: ContextConfig = ContextConfig()) -> None:
+    """Add the :func:`catalog_context` columns of ``candidates`` (``ra``, ``dec``) to it in place."""
+    context = catalog_context(candidates["ra"], candidates["dec"], ps1, gaia, config)
+    for name in context.colnames:
+        candidates[name] = context[name]

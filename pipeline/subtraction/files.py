@@ -19,6 +19,7 @@ from pathlib import Path
 from pipeline.core.config import Config
 from pipeline.core.image import ImageContractError, QuadrantImage, read_quadrant
 from pipeline.core.exits import EXIT_OK, BadInputError, UnusableImageError, describe, exit_status_of
+from pipeline.context.catalogs import add_catalog_context
 from pipeline.subtraction.difference import SubtractionResult, subtract_images
 from pipeline.subtraction.realbogus import load_model
 from pipeline.subtraction.products import write_subtraction
@@ -69,26 +70,27 @@ def _subtraction_inputs(science: QuadrantImage, reference_path: str | os.PathLik
     return reference, gaia, band
 
 
-def _add_catalog_context(candidates, science: QuadrantImage, ps1cat, refcat, gaia, cfg: Config) -> None:
-    """Add the PS1 and Gaia context columns to the candidate table in place.
+def _context_catalogue(science: QuadrantImage, ps1cat, gaia, cfg: Config):
+    """The PS1-like rows over the science footprint for the catalogue context, read before
+    the subtraction so that a missing store fails at once.
 
     Raises
     ------
     BadInputError
-        No Gaia store given, or the PS1 store missing, of another kind, or not covering
-        the footprint (the message names the store).
+        No Gaia catalogue (refcat), a Gaia margin narrower than the Gaia search radius, or
+        the PS1 store missing, of another kind, or not covering the footprint (the message
+        names the store).
     """
     from catalogs import PS1, catalog_for_image
-    from pipeline.context.catalogs import catalog_context
 
     if gaia is None:
         raise BadInputError(f"{science.path}: the catalogue context (PS1 store {ps1cat}) also needs the "
                             "Gaia store (refcat)")
+    if cfg.context.gaia_radius_arcsec > 3600.0 * cfg.astrometry.catalog_margin_deg:
+        raise BadInputError(f"context.gaia_radius_arcsec ({cfg.context.gaia_radius_arcsec}) exceeds the Gaia "
+                            f"lookup margin astrometry.catalog_margin_deg ({cfg.astrometry.catalog_margin_deg})")
     # The PS1 catalogue has no proper motions: its rows are used at their own epoch.
-    ps1 = catalog_for_image(ps1cat, science, cfg.context.ps1_radius_arcsec / 3600.0, kind=PS1)
-    context = catalog_context(candidates["ra"], candidates["dec"], ps1, gaia, cfg.context)
-    for name in context.colnames:
-        candidates[name] = context[name]
+    return catalog_for_image(ps1cat, science, cfg.context.ps1_radius_arcsec / 3600.0, kind=PS1)
 
 
 def run_subtraction(science_path: str | os.PathLike, reference_path: str | os.PathLike,
@@ -151,6 +153,9 @@ def subtract_quadrant(science: QuadrantImage, reference_path: str | os.PathLike,
     science_path = science.path
     try:
         reference, gaia, band = _subtraction_inputs(science, reference_path, cfg, refcat)
+        t_ps1 = time.perf_counter()
+        ps1 = None if ps1cat is None else _context_catalogue(science, ps1cat, gaia, cfg)
+        ps1_read_s = time.perf_counter() - t_ps1
         read_s = time.perf_counter() - t0
         meta = science.meta
         result = subtract_images(science.data, science.mask, science.header, science.wcs, reference, band,
@@ -158,8 +163,10 @@ def subtract_quadrant(science: QuadrantImage, reference_path: str | os.PathLike,
                                  pixel_scale_arcsec=cfg.instrument.pixel_scale_arcsec, gaia=gaia,
                                  extraction=extraction, read_noise=meta.readnoi,
                                  rb_model=load_model(cfg.realbogus), config=cfg.subtraction)
-        if ps1cat is not None:
-            _add_catalog_context(result.candidates, science, ps1cat, refcat, gaia, cfg)
+        if ps1 is not None:
+            t_context = time.perf_counter()
+            add_catalog_context(result.candidates, ps1, gaia, cfg.context)
+            result.timings["context"] = ps1_read_s + time.perf_counter() - t_context
     except (BadInputError, UnusableImageError) as exc:
         # SubtractionError is an UnusableImageError: the image's content defeated the method.
         log.error("%s", describe(exc))
