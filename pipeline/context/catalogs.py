@@ -17,8 +17,9 @@ cover the candidates (the caller loads them for the footprint): -999 means "sear
 nothing there".
 
 Neighbours are found with :class:`scipy.spatial.cKDTree` on unit vectors (chord
-distances, exact on the sphere), so a quadrant's few hundred candidates against ~10^4-10^5
-catalogue rows take milliseconds.
+distances, exact on the sphere).  Building a tree over a whole quadrant's catalogue costs
+more than the queries, so only the rows in the grid cells around the candidates go into
+it (:func:`_rows_near`).
 """
 from __future__ import annotations
 
@@ -61,6 +62,30 @@ def _arcsec(chord: np.ndarray) -> np.ndarray:
     return np.degrees(2.0 * np.arcsin(np.clip(chord / 2.0, 0.0, 1.0))) * 3600.0
 
 
+def _rows_near(catalog_xyz: np.ndarray, xyz: np.ndarray, radius_arcsec: float) -> np.ndarray:
+    """Indices of the catalogue rows that may lie within the radius of a candidate.
+
+    Unit vectors are binned in a cubic grid of cells one chord-radius wide; a row within
+    the radius of a candidate lies in one of the 27 cells around the candidate's.  A
+    vectorised hash join (``np.isin`` on cell keys) is used because no library offers
+    "rows near any of these points" cheaper than building a k-d tree over all rows,
+    which is the cost avoided here.
+    """
+    cell = _chord(radius_arcsec)
+    span = int(np.ceil(2.0 / cell)) + 4
+    if span ** 3 >= 2 ** 62 or len(xyz) == 0:       # radius too small for int64 keys: no filter
+        return np.arange(len(catalog_xyz)) if len(xyz) else np.zeros(0, dtype=np.int64)
+
+    def keys(cells: np.ndarray) -> np.ndarray:
+        cells = cells + (span // 2)
+        return (cells[..., 0] * span + cells[..., 1]) * span + cells[..., 2]
+
+    own = np.floor(xyz / cell).astype(np.int64)
+    steps = np.stack(np.meshgrid(*[np.arange(-1, 2)] * 3, indexing="ij"), axis=-1).reshape(-1, 3)
+    wanted = np.unique(keys(own[:, None, :] + steps[None, :, :]).ravel())
+    return np.flatnonzero(np.isin(keys(np.floor(catalog_xyz / cell).astype(np.int64)), wanted))
+
+
 def _nearest(tree_xyz: np.ndarray, xyz: np.ndarray, k: int, radius_arcsec: float):
     """Indices (n, k) of the ``k`` nearest rows within the radius (-1 for none) and their
     distances in arcsec."""
@@ -69,11 +94,14 @@ def _nearest(tree_xyz: np.ndarray, xyz: np.ndarray, k: int, radius_arcsec: float
     distance = np.full((n, k), np.nan)
     if len(tree_xyz) == 0 or n == 0:
         return index, distance
-    k_tree = min(k, len(tree_xyz))
-    chord, found = cKDTree(tree_xyz).query(xyz, k=k_tree, distance_upper_bound=_chord(radius_arcsec))
+    near = _rows_near(tree_xyz, xyz, radius_arcsec)
+    if len(near) == 0:
+        return index, distance
+    k_tree = min(k, len(near))
+    chord, found = cKDTree(tree_xyz[near]).query(xyz, k=k_tree, distance_upper_bound=_chord(radius_arcsec))
     chord, found = chord.reshape(n, k_tree), found.reshape(n, k_tree)
     hit = np.isfinite(chord)           # a missing neighbour comes back as inf, index len(tree)
-    index[:, :k_tree] = np.where(hit, found, -1)
+    index[:, :k_tree] = np.where(hit, near[np.minimum(found, len(near) - 1)], -1)
     distance[:, :k_tree] = np.where(hit, _arcsec(np.where(hit, chord, 0.0)), np.nan)
     return index, distance
 
@@ -131,9 +159,10 @@ def catalog_context(ra_deg, dec_deg, ps1: Table, gaia: Table, config: ContextCon
         out[f"sgscore{k + 1}"] = np.where(empty[:, k], NONE, np.where(np.isfinite(value), value, _UNSCORED))
     for k in range(PS1_SLOTS):
         out[f"distpsnr{k + 1}"] = np.where(empty[:, k], NONE, distance[:, k])
-    if len(ps1) and n:
-        out["nmtchps"] = cKDTree(ps1_xyz).query_ball_point(xyz, _chord(config.ps1_radius_arcsec),
-                                                           return_length=True)
+    near = _rows_near(ps1_xyz, xyz, config.ps1_radius_arcsec)
+    if len(near):
+        out["nmtchps"] = cKDTree(ps1_xyz[near]).query_ball_point(xyz, _chord(config.ps1_radius_arcsec),
+                                                                 return_length=True)
     else:
         out["nmtchps"] = np.zeros(n, dtype=np.int32)
 
