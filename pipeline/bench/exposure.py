@@ -152,6 +152,7 @@ def bench_exposure(cfg: Config, out: str | Path, rcids: list[int], jobs: int, ex
         raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
     root = Path(out).resolve()
     base = cfg.replace(paths__root=str(root), paths__catalogs=str(root / "catalogs"),
+                       paths__ps1_catalogs=str(root / "catalogs-ps1"),
                        paths__references=str(root / "references"))
     survey = prepare_exposure_survey(base, root, rcids, jobs)
     figures = {"quadrants": len(rcids), "jobs": jobs, "expid": survey["expid"],

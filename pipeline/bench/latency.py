@@ -24,7 +24,8 @@ __all__ = ["bench_latency"]
 
 
 def _world(cfg: Config, root: Path, rcid: int):
-    from catalogs import field_region, prefetch_from_table
+    from catalogs import PS1, field_region, prefetch_from_table
+    from pipeline.simulate.run import PS1_SEED_OFFSET
     from pipeline.reference.files import write_reference_into
     from pipeline.simulate.pairs import PairOptions, pair_sky, simulated_reference
 
@@ -33,6 +34,9 @@ def _world(cfg: Config, root: Path, rcid: int):
     gaia_path = root / "gaia.fits"
     sky.gaia_catalogue().write(gaia_path)
     prefetch_from_table(gaia_path, cfg.paths.resolve("catalogs"), field_region(options.field.ra, options.field.dec))
+    ps1 = sky.ps1_catalogue(cfg.simulation.seed + PS1_SEED_OFFSET)
+    prefetch_from_table(ps1, cfg.paths.resolve("ps1_catalogs"), field_region(options.field.ra, options.field.dec),
+                        kind=PS1)
     write_reference_into(cfg.paths.resolve("references"), simulated_reference(cfg, options, sky))
     return options, sky
 

@@ -52,6 +52,15 @@ def _bench_astrometry_night(args) -> dict:
     return figures
 
 
+@benchmark("context", "catalogue context of one quadrant: PS1-like tiles read over the footprint (cold and "
+           "cached) and the PS1/Gaia neighbours of 500 candidates, at the default and a dense (PS1 DR2 "
+           "mean, 10^5 per deg^2) sky (target: default cold total at most 0.15 s; use --repeat 1, it "
+           "repeats internally)", {"default_total_cold_s": 0.15})
+def _bench_context(args) -> dict:
+    from pipeline.bench.context import bench_context
+    return _flat(bench_context(args.cfg))
+
+
 @benchmark("simulate", "simulate one full 3072 x 3080 quadrant (target: at most 3 s)",
            {"quadrant_total": 3.0})
 def _bench_simulate(args) -> dict:

@@ -1,11 +1,13 @@
-"""``skydiff catalogs``: build the offline Gaia tile store and list what it holds."""
+"""``skydiff catalogs``: build the offline catalogue tile stores (Gaia, PS1-like) and list
+what they hold.  One code path for both: ``--catalog`` picks the kind, its default store
+(``paths.catalogs`` / ``paths.ps1_catalogs``), TAP service and table."""
 from __future__ import annotations
 
 import argparse
 import logging
 
-from catalogs import (DEFAULT_NSIDE, GAIA_DR3_TABLE, GAIA_TAP_URL, SkyBox, cone_region, field_region,
-                      prefetch_from_table, prefetch_from_tap, read_store_info)
+from catalogs import (CATALOG_KINDS, DEFAULT_NSIDE, GAIA, PS1, SkyBox, catalog_kind, cone_region,
+                      field_region, prefetch_from_table, prefetch_from_tap, read_store_info)
 
 from pipeline.core.exits import EXIT_OK, EXIT_USAGE
 
@@ -14,20 +16,23 @@ log = logging.getLogger("skydiff.catalogs")
 
 def register(subparsers, common) -> None:
     parser = subparsers.add_parser(
-        "catalogs", help="Gaia catalogue store: prefetch tiles, list them",
-        description="Build the offline Gaia tile store (prefetch) and list its tiles (info).")
+        "catalogs", help="catalogue stores (Gaia, PS1-like): prefetch tiles, list them",
+        description="Build the offline Gaia or PS1-like tile store (prefetch) and list its tiles (info).")
     actions = parser.add_subparsers(dest="catalogs_action", metavar="ACTION")
     actions.required = True
 
     prefetch = actions.add_parser(
         "prefetch", parents=[common], help="write the tiles covering fields or a sky box",
         description="Write one LDAC tile per HEALPix pixel overlapping the region, from a local "
-                    "table in Gaia archive column names or from a TAP service (the only step "
+                    "table in the catalogue's column names (Gaia archive names; for ps1: objid, ra, "
+                    "dec, gmag, rmag, imag, zmag, ps_score) or from a TAP service (the only step "
                     "that uses the network).")
+    prefetch.add_argument("--catalog", choices=sorted(CATALOG_KINDS), default=GAIA.name,
+                          help="which catalogue (default gaia; ps1: the PS1-like store of the alert context)")
     source = prefetch.add_mutually_exclusive_group(required=True)
-    source.add_argument("--from-table", metavar="FILE", help="FITS table in Gaia archive column names")
-    source.add_argument("--tap-url", metavar="URL", nargs="?", const=GAIA_TAP_URL,
-                        help=f"TAP service (without a value: {GAIA_TAP_URL})")
+    source.add_argument("--from-table", metavar="FILE", help="FITS table in the catalogue's column names")
+    source.add_argument("--tap-url", metavar="URL", nargs="?", const="",
+                        help=f"TAP service (without a value: the catalogue's, {GAIA.tap_url} or {PS1.tap_url})")
     prefetch.add_argument("--field", nargs=2, type=float, action="append", metavar=("RA", "DEC"),
                           help="a survey field centre in degrees (repeatable)")
     prefetch.add_argument("--field-size", nargs=2, type=float, default=(7.5, 7.3),
@@ -38,23 +43,33 @@ def register(subparsers, common) -> None:
                           help="added around each field box (default 0.25)")
     prefetch.add_argument("--box", nargs=4, type=float, metavar=("RAMIN", "RAMAX", "DECMIN", "DECMAX"),
                           help="a sky box in degrees (RAMIN > RAMAX wraps through 0)")
-    prefetch.add_argument("--store", metavar="DIR", help="store directory (default: paths.catalogs)")
-    prefetch.add_argument("--mag-limit", type=float, metavar="G", help="keep phot_g_mean_mag <= G")
+    prefetch.add_argument("--store", metavar="DIR",
+                          help="store directory (default: paths.catalogs, for ps1 paths.ps1_catalogs)")
+    prefetch.add_argument("--mag-limit", type=float, metavar="MAG",
+                          help="keep phot_g_mean_mag (ps1: rmag) <= MAG")
     prefetch.add_argument("--nside", type=int, default=DEFAULT_NSIDE, help=f"HEALPix nside (default {DEFAULT_NSIDE})")
     prefetch.add_argument("--timeout", type=float, default=120.0, metavar="S", help="per TAP query (default 120)")
-    prefetch.add_argument("--gaia-table", default=GAIA_DR3_TABLE, help=f"TAP table (default {GAIA_DR3_TABLE})")
+    prefetch.add_argument("--tap-table", "--gaia-table", dest="tap_table", metavar="TABLE",
+                          help=f"TAP table (default {GAIA.tap_table}, for ps1 {PS1.tap_table})")
     prefetch.add_argument("--max-rows", type=int, metavar="N", help="MAXREC per TAP query")
     prefetch.add_argument("--overwrite", action="store_true", help="refetch tiles already stored from TAP")
     prefetch.set_defaults(func=run_prefetch)
 
     info = actions.add_parser("info", parents=[common], help="list the tiles of a store",
                               description="Print a store's nside, tile count, rows and one line per tile.")
-    info.add_argument("--store", metavar="DIR", help="store directory (default: paths.catalogs)")
+    info.add_argument("--catalog", choices=sorted(CATALOG_KINDS), default=GAIA.name,
+                      help="whose default store to list (default gaia)")
+    info.add_argument("--store", metavar="DIR",
+                      help="store directory (default: paths.catalogs, for ps1 paths.ps1_catalogs)")
     info.set_defaults(func=run_info)
 
 
+#: The data root (a :class:`pipeline.core.config.PathsConfig` field) of each catalogue's store.
+STORE_PATH_KEY = {"gaia": "catalogs", "ps1": "ps1_catalogs"}
+
+
 def _store_dir(args):
-    return args.store or args.cfg.paths.resolve("catalogs")
+    return args.store or args.cfg.paths.resolve(STORE_PATH_KEY[args.catalog])
 
 
 def _regions(args) -> list:
@@ -76,14 +91,15 @@ def run_prefetch(args: argparse.Namespace) -> int:
     if not regions:
         log.error("catalogs prefetch: give a region, --field RA DEC (repeatable) or --box")
         return EXIT_USAGE
+    kind = catalog_kind(args.catalog)
     if args.from_table:
         result = prefetch_from_table(args.from_table, store, regions, nside=args.nside,
-                                     mag_limit=args.mag_limit)
+                                     mag_limit=args.mag_limit, kind=kind)
     else:
-        result = prefetch_from_tap(args.tap_url, store, regions, mag_limit=args.mag_limit,
+        result = prefetch_from_tap(args.tap_url or None, store, regions, mag_limit=args.mag_limit,
                                    timeout_s=args.timeout, nside=args.nside,
-                                   gaia_table=args.gaia_table, max_rows=args.max_rows,
-                                   overwrite=args.overwrite)
+                                   gaia_table=args.tap_table, max_rows=args.max_rows,
+                                   overwrite=args.overwrite, kind=kind)
     log.info("store %s: %d tile(s) written, %d already present, %d rows, %d TAP queries, %.1f s",
              result.store_dir, len(result.written), len(result.skipped), result.rows,
              result.queries, result.seconds)
@@ -93,6 +109,7 @@ def run_prefetch(args: argparse.Namespace) -> int:
 def run_info(args: argparse.Namespace) -> int:
     info = read_store_info(_store_dir(args))
     print(f"store   {info.path}")
+    print(f"kind    {info.kind.name} ({info.kind.store_format})")
     print(f"nside   {info.nside} ({info.order})")
     print(f"tiles   {len(info.tiles)}")
     print(f"rows    {info.total_rows}")

@@ -20,9 +20,13 @@ def register(subparsers, common) -> None:
     p.add_argument("--out", required=True, metavar="OUTDIR", help="output folder")
     p.add_argument("--refcat", metavar="CATALOG", help="Gaia tile store or FITS table for the science zero point; "
                    "default: the header's MAGZP, else the reference catalogue")
+    p.add_argument("--ps1cat", metavar="CATALOG", help="PS1-like tile store (skydiff catalogs prefetch --catalog "
+                   "ps1) or FITS table: adds the catalogue context (distpsnr1, sgscore1, neargaia, ...) to "
+                   "the candidates; needs --refcat for the Gaia neighbours (default: no context columns)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    status, _ = run_subtraction(args.science, args.reference, args.out, args.cfg, refcat=args.refcat)
+    status, _ = run_subtraction(args.science, args.reference, args.out, args.cfg, refcat=args.refcat,
+                                ps1cat=args.ps1cat)
     return status

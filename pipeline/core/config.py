@@ -37,7 +37,7 @@ __all__ = [
     "FilterConfig", "InstrumentConfig", "SiteConfig", "PathsConfig", "SimulationConfig",
     "ExtractionConfig", "PSFConfig", "PhotometryConfig", "PhotCalConfig", "CharacterizeConfig",
     "RegistrationConfig", "REGISTRATION_ORDERS", "AstrometryConfig", "StackConfig", "ReferenceConfig",
-    "ZogyConfig", "CandidateConfig", "SubtractionConfig", "RealBogusConfig", "PriorFitSettings",
+    "ZogyConfig", "CandidateConfig", "SubtractionConfig", "RealBogusConfig", "ContextConfig", "PriorFitSettings",
     "MatchfileConfig", "KafkaConfig", "SlurmConfig", "Config", "ConfigError", "ConfigValueError",
     "load_config", "config_to_toml", "DEFAULT_CONFIG", "check_bootstrap_servers",
 ]
@@ -122,6 +122,7 @@ class PathsConfig:
 
     root: str = "."
     catalogs: str = "catalogs"
+    ps1_catalogs: str = "catalogs-ps1"         # the PS1-like store of the alert context
     priors: str = "priors"
     references: str = "references"
     outputs: str = "outputs"
@@ -619,6 +620,26 @@ class RealBogusConfig:
 
 
 @dataclass(frozen=True)
+class ContextConfig:
+    """``[context]``: catalogue context of the candidates
+    (:func:`pipeline.context.catalogs.catalog_context`), with ZTF's radii and limits
+    (alert schema v4.02: PS1 within 30", Gaia within 90", "bright" Gaia G < 14)."""
+
+    ps1_radius_arcsec: float = 30.0     # distpsnr1..3 and nmtchps
+    gaia_radius_arcsec: float = 90.0    # neargaia, neargaiabright
+    gaia_bright_mag: float = 14.0       # neargaiabright: G brighter than this
+
+    def __post_init__(self):
+        for name in ("ps1_radius_arcsec", "gaia_radius_arcsec"):
+            value = getattr(self, name)
+            if not 0 < value <= 600:
+                raise ConfigValueError(f"context.{name} must be in (0, 600] arcsec, got {value}")
+        if not -5 < self.gaia_bright_mag < 25:
+            raise ConfigValueError(f"context.gaia_bright_mag must be a G magnitude in (-5, 25), "
+                                   f"got {self.gaia_bright_mag}")
+
+
+@dataclass(frozen=True)
 class PriorFitSettings:
     """``[priors]``: settings of :func:`priors.fit.fit_prior` (``skydiff priors build``)."""
 
@@ -706,6 +727,7 @@ class Config:
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     subtraction: SubtractionConfig = field(default_factory=SubtractionConfig)
     realbogus: RealBogusConfig = field(default_factory=RealBogusConfig)
+    context: ContextConfig = field(default_factory=ContextConfig)
     matchfile: MatchfileConfig = field(default_factory=MatchfileConfig)
     priors: PriorFitSettings = field(default_factory=PriorFitSettings)
     kafka: KafkaConfig = field(default_factory=KafkaConfig)

@@ -10,7 +10,7 @@ epoch, with a status record per quadrant):
    ``<workdir>/skydiff.toml``: ``skydiff quadrant/exposure --config <workdir>/skydiff.toml``
    work on the demo's data afterwards;
 2. simulates the survey (``<workdir>/sim``) and prefetches its Gaia catalogue into the tile
-   store (``catalogs/``);
+   store (``catalogs/``) and its PS1-like catalogue into ``catalogs-ps1/``;
 3. fits a focal-plane distortion prior from simulated low-airmass exposures and puts it
    where the runner reads it (``priors/prior.fits``);
 4. runs the earlier season's exposures: each quadrant is solved, then recorded unusable
@@ -121,8 +121,9 @@ def run_demo(cfg: Config, workdir: str | Path, options: DemoOptions = DemoOption
                              quadrants=options.quadrants, jobs=options.jobs)
     summary = DemoSummary(workdir=workdir, config=config_path, simulation=survey.simulation)
     summary.products.update({"configuration": str(config_path), "simulation": str(survey.sim),
-                             "catalogue store": str(cfg.paths.resolve("catalogs"))})
-    lap("simulate + Gaia store")
+                             "catalogue store": str(cfg.paths.resolve("catalogs")),
+                             "PS1 catalogue store": str(cfg.paths.resolve("ps1_catalogs"))})
+    lap("simulate + catalogue stores")
 
     # The runner solves from the survey's prior in paths.priors.
     prior_path = cfg.paths.resolve("priors") / PRIOR_FILENAME

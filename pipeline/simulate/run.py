@@ -3,12 +3,15 @@
 Layout under ``outdir``::
 
     gaia/gaia_catalog.fits                                  Gaia-like catalogue (archive columns)
+    ps1/ps1_catalog.fits                                    PS1-like catalogue of stars and galaxies
+                                                            (objid ra dec gmag rmag imag zmag ps_score)
     exposures/<YYYYMMDD>/<expid>/ztf_<expid>_f<field>_<filter>_c<ccd>_q<qid>.fits
                                                             contract image + MASK extension
     truth/<expid>/<same name>_truth.fits                    HDU0: true WCS + truth keywords,
                                                             HDU1: per-object truth table
     truth/exposures.ecsv                                    one row per exposure (plan + truth)
     truth/stars.fits                                        every star's true parameters
+    truth/ps1_objects.fits                                  PS1 objid -> star (1) / galaxy (0), truth row, true r
     truth/transients.ecsv                                   transient parameters + true mag per exposure
     simulation.json                                         parameters, seed, version, counts
 
@@ -30,6 +33,7 @@ import numpy as np
 from astropy.io import fits
 from astropy.table import Table
 
+from catalogs.schema import PS1_COLUMNS
 from pipeline import __version__
 from pipeline.core.config import Config, config_to_toml
 from pipeline.core.focalplane import ccd_qid_of_rcid, parse_quadrants, quadrant_geometry
@@ -45,6 +49,9 @@ __all__ = ["simulate_run", "quadrant_paths", "write_simulated_quadrant", "simula
            "exposures_table", "transients_table", "bench_simulate_quadrant"]
 
 log = logging.getLogger("skydiff.simulate")
+# The PS1-like catalogue's noise draws from its own generator, so the sky and the images
+# stay the bytes they were before the catalogue existed.
+PS1_SEED_OFFSET = 1013
 
 
 def quadrant_paths(outdir: str | os.PathLike, spec: ExposureSpec, ccdid: int, qid: int) -> tuple[Path, Path]:
@@ -182,6 +189,9 @@ def simulate_run(cfg: Config, outdir: str | os.PathLike, fields: Sequence[Field 
     log.info("sky: %d stars, %d galaxies, %d transients", len(sky.stars), len(sky.galaxies), len(sky.transients))
 
     write_table_atomic(sky.gaia_catalogue(), outdir / "gaia" / "gaia_catalog.fits")
+    ps1 = sky.ps1_catalogue(seed + PS1_SEED_OFFSET)
+    write_table_atomic(ps1[list(PS1_COLUMNS)], outdir / "ps1" / "ps1_catalog.fits")
+    write_table_atomic(ps1["objid", "sim_class", "sim_row", "true_rmag"], outdir / "truth" / "ps1_objects.fits")
     write_table_atomic(sky.stars, outdir / "truth" / "stars.fits")
     write_table_atomic(transients_table(sky, specs), outdir / "truth" / "transients.ecsv")
     write_table_atomic(exposures_table(specs, cfg), outdir / "truth" / "exposures.ecsv")

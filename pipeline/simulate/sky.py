@@ -1,4 +1,5 @@
-"""The simulated sky: stars (with a Gaia-like catalogue of them), galaxies and transients.
+"""The simulated sky: stars (with a Gaia-like catalogue of them), galaxies and transients,
+and a Pan-STARRS1-like catalogue of its stars and galaxies (:meth:`SkyModel.ps1_catalogue`).
 
 Objects are drawn uniformly on the sphere over the union of the fields' footprints
 (7.5 x 7.3 degrees in the tangent plane about each field centre, plus a margin), so the
@@ -21,7 +22,7 @@ from scipy.spatial import cKDTree
 from pipeline.core.config import Config, FilterConfig
 from pipeline.formats.tpv import sky_to_tangent
 
-__all__ = ["SkyModel", "make_sky", "propagate_positions", "julian_epoch", "FOOTPRINT_DEG",
+__all__ = ["SkyModel", "make_sky", "propagate_positions", "julian_epoch", "FOOTPRINT_DEG", "PS1_MAG_LIMIT",
            "GAIA_COLUMNS", "VARIABLE_SINE", "VARIABLE_SAWTOOTH"]
 
 #: Width and height (deg) of a field's footprint in its tangent plane.
@@ -33,6 +34,16 @@ GAIA_COLUMNS = ["source_id", "ra", "dec", "ra_error", "dec_error", "pmra", "pmde
                 "pmra_error", "pmdec_error", "ref_epoch",
                 "phot_g_mean_mag", "phot_bp_mean_mag", "phot_rp_mean_mag"]
 VARIABLE_SINE, VARIABLE_SAWTOOTH = 1, 2
+#: The PS1-like catalogue (:meth:`SkyModel.ps1_catalogue`): its magnitude limit (true r),
+#: mean epoch, 5-sigma depths of the mean PSF magnitudes, effective wavelengths (um) for
+#: galaxy colours, stellar colour terms (mag = G + offset + slope (BP - RP), the ZTF-like
+#: filters' for g, r, i) and the PSF-magnitude deficit of galaxies.
+PS1_MAG_LIMIT = 23.0
+PS1_MEAN_EPOCH = 2012.0
+_PS1_DEPTH = {"gmag": 23.3, "rmag": 23.2, "imag": 23.1, "zmag": 22.3}
+_PS1_BAND_UM = {"gmag": 0.48, "rmag": 0.62, "imag": 0.75, "zmag": 0.87}
+_PS1_STAR_COLOUR = {"gmag": (0.35, 0.55), "rmag": (-0.10, -0.05), "imag": (-0.45, -0.35), "zmag": (-0.60, -0.50)}
+_GALAXY_PSF_LOSS_MAG_PER_ARCSEC = 0.3
 TRANSIENT_KINDS = ("supernova", "nuclear", "hostless")
 _MAS_PER_DEG = 3.6e6
 # Effective wavelengths (um) at which galaxy and transient colours g-r and r-i are defined.
@@ -132,6 +143,37 @@ def _band_offset_from_colours(wavelength_um: float, g_r, r_i):
     if wavelength_um <= _R_UM:
         return np.asarray(g_r) * (_R_UM - wavelength_um) / (_R_UM - _G_UM)
     return -np.asarray(r_i) * (wavelength_um - _R_UM) / (_I_UM - _R_UM)
+
+
+def _ps1_snr(mag: np.ndarray, depth_5sigma: float) -> np.ndarray:
+    """Signal-to-noise of a PS1 mean PSF magnitude, 5 at the band's depth."""
+    return 5.0 * 10 ** (-0.4 * (np.asarray(mag, float) - depth_5sigma))
+
+
+def _ps1_mag_error(mag: np.ndarray, depth_5sigma: float) -> np.ndarray:
+    """PS1-like magnitude error: photon noise plus a 0.01 mag calibration floor."""
+    return np.hypot(0.01, 1.0857 / _ps1_snr(mag, depth_5sigma))
+
+
+def _ps1_score_separation(rmag: np.ndarray) -> np.ndarray:
+    """Half the distance between the star and galaxy means of the score's latent feature
+    (unit noise) versus r: the classes overlap more towards faint magnitudes, as the PS1
+    point-source catalogue's ROC curves degrade beyond r ~ 21 (Tachibana & Miller 2018)."""
+    return np.interp(rmag, [17.0, 19.0, 20.0, 21.0, 22.0, 23.0], [3.5, 3.0, 2.2, 1.5, 0.75, 0.35])
+
+
+def _ps1_style_ids(ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
+    """PS1-style 64-bit ids from positions: 30" declination zone, RA in micro-degrees
+    times 10, and a last digit that makes coincident ones unique."""
+    zone = np.floor((np.asarray(dec) + 90.0) * 120.0).astype(np.int64)
+    ids = zone * np.int64(10) ** 13 + np.floor(np.asarray(ra) * 1e6).astype(np.int64) * 10
+    order = np.argsort(ids, kind="stable")
+    sorted_ids = ids[order]
+    # rank of each id within its run of equal ids, added as the last digit
+    run_start = np.r_[0, np.flatnonzero(np.diff(sorted_ids)) + 1]
+    rank = np.arange(ids.size) - np.repeat(run_start, np.diff(np.r_[run_start, ids.size]))
+    ids[order] = sorted_ids + rank
+    return ids
 
 
 def _make_stars(rng, cfg: Config, fields) -> Table:
@@ -303,6 +345,71 @@ class SkyModel:
                  "phot_bp_mean_mag": "mag", "phot_rp_mean_mag": "mag"}
         for name, unit in units.items():
             cat[name].unit = unit
+        return cat
+
+    def ps1_catalogue(self, rng_seed: int, mag_limit: float = PS1_MAG_LIMIT) -> Table:
+        """A Pan-STARRS1-like catalogue of the simulated stars and galaxies.
+
+        Only objects of this sky are listed (stars and galaxies whose true r magnitude is
+        at most ``mag_limit``), as PS1 DR2 mean objects with the PS1 point-source score:
+
+        - ``gmag, rmag, imag, zmag``: PSF magnitudes with PS1-like errors
+          (:func:`_ps1_mag_error`: 0.01 mag bright, ~0.07 at r = 22, ~0.2 at the band's
+          depth); a band where the source is below 3 sigma is NaN (PS1's -999).  A
+          galaxy's PSF magnitude misses the light outside the PSF: it is fainter than its
+          total magnitude by :data:`_GALAXY_PSF_LOSS_MAG_PER_ARCSEC` per arcsec of
+          half-light radius.
+        - ``ps_score``: in the manner of Tachibana & Miller (2018), a logistic of a noisy
+          latent feature whose star/galaxy separation shrinks towards faint r
+          (:func:`_ps1_score_separation`), so the classes are well apart brighter than
+          r = 21 and blend fainter; NaN (unclassified) where ``rmag`` is missing.
+        - positions: stars at PS1's mean epoch (:data:`PS1_MEAN_EPOCH`, their proper motion
+          applied back from J2016) with 10-80 mas errors; galaxies with 20-120 mas.
+        - ``objid``: PS1-style, the 30" declination zone times 10^13 plus the RA in
+          micro-degrees (made unique).
+
+        The truth columns ``sim_class`` (1 star, 0 galaxy), ``sim_row`` (row of
+        :attr:`stars` or :attr:`galaxies`) and ``true_rmag`` follow the catalogue's.
+        """
+        rng = np.random.default_rng(rng_seed)
+        s, gx = self.stars, self.galaxies
+        bp_rp, g_star = s["bp_rp"].data, s["gmag"].data
+        star_mags = {band: g_star + off + slope * bp_rp for band, (off, slope) in _PS1_STAR_COLOUR.items()}
+        gal_total = {band: gx["rmag"].data + _band_offset_from_colours(um, gx["g_r"].data, gx["r_i"].data)
+                     for band, um in _PS1_BAND_UM.items()}
+        loss = _GALAXY_PSF_LOSS_MAG_PER_ARCSEC * gx["r_half_arcsec"].data
+        star_ra, star_dec = propagate_positions(s["ra"].data, s["dec"].data, s["pmra"].data, s["pmdec"].data,
+                                                PS1_MEAN_EPOCH - GAIA_REF_EPOCH)
+        is_star = np.concatenate([np.ones(len(s), bool), np.zeros(len(gx), bool)])
+        true_r = np.concatenate([star_mags["rmag"], gal_total["rmag"]])
+        keep = true_r <= mag_limit
+        ra = np.concatenate([star_ra, gx["ra"].data])
+        dec = np.concatenate([star_dec, gx["dec"].data])
+        pos_err = np.where(is_star, np.interp(true_r, [14.0, 21.0, 23.0], [0.01, 0.05, 0.08]),
+                           rng.uniform(0.02, 0.12, true_r.size)) / 3600.0
+        ra = (ra + rng.normal(0.0, pos_err) / np.cos(np.deg2rad(dec))) % 360.0
+        dec = np.clip(dec + rng.normal(0.0, pos_err), -90.0, 90.0)
+        cat = Table()
+        cat["objid"] = np.zeros(true_r.size, dtype=np.int64)
+        cat["ra"], cat["dec"] = ra, dec
+        for band in _PS1_BAND_UM:
+            true_psf = np.concatenate([star_mags[band], gal_total[band] + loss])
+            sigma = _ps1_mag_error(true_psf, _PS1_DEPTH[band])
+            measured = true_psf + rng.normal(0.0, sigma)
+            detected = _ps1_snr(true_psf, _PS1_DEPTH[band]) + rng.normal(0.0, 1.0, true_r.size) >= 3.0
+            cat[band] = np.where(detected, measured, np.nan).astype(np.float32)
+        latent = _ps1_score_separation(true_r) * np.where(is_star, 1.0, -1.0) + rng.normal(0.0, 1.0, true_r.size)
+        score = 1.0 / (1.0 + np.exp(-1.5 * latent))
+        cat["ps_score"] = np.where(np.isfinite(cat["rmag"]), score, np.nan).astype(np.float32)
+        cat["sim_class"] = is_star.astype(np.int8)
+        cat["sim_row"] = np.concatenate([np.arange(len(s)), np.arange(len(gx))])
+        cat["true_rmag"] = true_r
+        cat = cat[keep]
+        cat["objid"] = _ps1_style_ids(cat["ra"].data, cat["dec"].data)
+        for name in ("ra", "dec"):
+            cat[name].unit = "deg"
+        for band in _PS1_BAND_UM:
+            cat[band].unit = "mag"
         return cat
 
     def _tree(self, kind: str) -> cKDTree:

@@ -64,6 +64,16 @@ class SimulatedSurvey:
         return list(self.simulation["quadrants"])
 
     @property
+    def ps1(self) -> Path:
+        """The simulated PS1-like catalogue (objid, ra, dec, gmag..zmag, ps_score)."""
+        return self.sim / "ps1" / "ps1_catalog.fits"
+
+    @property
+    def ps1_truth(self) -> Path:
+        """Per PS1 objid: star (``sim_class`` 1) or galaxy (0), its truth row, true r."""
+        return self.sim / "truth" / "ps1_objects.fits"
+
+    @property
     def gaia(self) -> Path:
         """The simulated Gaia catalogue (a FITS table in the archive's column names)."""
         return self.sim / "gaia" / "gaia_catalog.fits"
@@ -78,8 +88,9 @@ def simulate_survey(cfg: Config, fields: Sequence[Field], nights: Sequence[str],
                     reference_nights: Sequence[str], filters: Sequence[str] = ("ZTF_r",),
                     epochs_per_night: int = 4, quadrants: Sequence[int] = (21,), jobs: int = 1) -> SimulatedSurvey:
     """Simulate ``fields`` over ``nights`` and ``reference_nights`` under ``<paths.root>/sim``
-    and prefetch their Gaia stars into ``paths.catalogs``."""
-    from catalogs import field_region, prefetch_from_table
+    and prefetch their Gaia stars into ``paths.catalogs`` and the PS1-like catalogue of their
+    stars and galaxies into ``paths.ps1_catalogs``."""
+    from catalogs import PS1, field_region, prefetch_from_table
 
     sim = cfg.paths.resolve("root") / "sim"
     simulation = simulate_run(cfg, sim, list(fields), list(nights), filters=tuple(filters),
@@ -88,6 +99,8 @@ def simulate_survey(cfg: Config, fields: Sequence[Field], nights: Sequence[str],
     for f in fields:
         prefetch_from_table(sim / "gaia" / "gaia_catalog.fits", cfg.paths.resolve("catalogs"),
                             field_region(f.ra, f.dec))
+        prefetch_from_table(sim / "ps1" / "ps1_catalog.fits", cfg.paths.resolve("ps1_catalogs"),
+                            field_region(f.ra, f.dec), kind=PS1)
     plan = Table.read(sim / "truth" / "exposures.ecsv")
     in_time_order = [int(e) for e in plan[plan.argsort("obsmjd")]["expid"]]
     exposures = {int(p.name): p for p in (sim / "exposures").glob("*/*") if p.is_dir()}

@@ -19,6 +19,7 @@ from pathlib import Path
 from pipeline.core.config import Config
 from pipeline.core.image import ImageContractError, QuadrantImage, read_quadrant
 from pipeline.core.exits import EXIT_OK, BadInputError, UnusableImageError, describe, exit_status_of
+from pipeline.context.catalogs import add_catalog_context
 from pipeline.subtraction.difference import SubtractionResult, subtract_images
 from pipeline.subtraction.realbogus import load_model
 from pipeline.subtraction.products import write_subtraction
@@ -69,10 +70,35 @@ def _subtraction_inputs(science: QuadrantImage, reference_path: str | os.PathLik
     return reference, gaia, band
 
 
+def _context_catalogue(science: QuadrantImage, ps1cat, gaia, cfg: Config):
+    """The PS1-like rows over the science footprint for the catalogue context, read before
+    the subtraction so that a missing store fails at once.
+
+    Raises
+    ------
+    BadInputError
+        No Gaia catalogue (refcat), a Gaia margin narrower than the Gaia search radius, or
+        the PS1 store missing, of another kind, or not covering the footprint (the message
+        names the store).
+    """
+    from catalogs import PS1, catalog_for_image
+
+    if gaia is None:
+        raise BadInputError(f"{science.path}: the catalogue context (PS1 store {ps1cat}) also needs the "
+                            "Gaia store (refcat)")
+    if cfg.context.gaia_radius_arcsec > 3600.0 * cfg.astrometry.catalog_margin_deg:
+        raise BadInputError(f"context.gaia_radius_arcsec ({cfg.context.gaia_radius_arcsec}) exceeds the Gaia "
+                            f"lookup margin astrometry.catalog_margin_deg ({cfg.astrometry.catalog_margin_deg})")
+    # The PS1 catalogue has no proper motions: its rows are used at their own epoch.
+    return catalog_for_image(ps1cat, science, cfg.context.ps1_radius_arcsec / 3600.0, kind=PS1)
+
+
 def run_subtraction(science_path: str | os.PathLike, reference_path: str | os.PathLike,
                     out: str | os.PathLike, cfg: Config,
-                    refcat: str | os.PathLike | None = None) -> tuple[int, dict | None]:
-    """Subtract ``reference_path`` from ``science_path`` and write the products under ``out``.
+                    refcat: str | os.PathLike | None = None,
+                    ps1cat: str | os.PathLike | None = None) -> tuple[int, dict | None]:
+    """Subtract ``reference_path`` from ``science_path`` and write the products under ``out``
+    (with the catalogue context when ``ps1cat`` names the PS1-like store).
 
     Returns
     -------
@@ -82,19 +108,21 @@ def run_subtraction(science_path: str | os.PathLike, reference_path: str | os.Pa
     record : dict or None
         The QA record written to ``qa.json``.
     """
-    run = subtract_files(science_path, reference_path, out, cfg, refcat)
+    run = subtract_files(science_path, reference_path, out, cfg, refcat, ps1cat)
     return run.status, run.record
 
 
 def subtract_files(science_path: str | os.PathLike, reference_path: str | os.PathLike,
                    out: str | os.PathLike, cfg: Config,
-                   refcat: str | os.PathLike | None = None) -> SubtractionRun:
+                   refcat: str | os.PathLike | None = None,
+                   ps1cat: str | os.PathLike | None = None) -> SubtractionRun:
     """:func:`run_subtraction`, also handing over what it computed (:class:`SubtractionRun`)."""
-    return subtract_quadrant(read_quadrant(science_path), reference_path, out, cfg, refcat)
+    return subtract_quadrant(read_quadrant(science_path), reference_path, out, cfg, refcat, ps1cat=ps1cat)
 
 
 def subtract_quadrant(science: QuadrantImage, reference_path: str | os.PathLike, out: str | os.PathLike,
-                      cfg: Config, refcat: str | os.PathLike | None = None, extraction=None) -> SubtractionRun:
+                      cfg: Config, refcat: str | os.PathLike | None = None, extraction=None,
+                      ps1cat: str | os.PathLike | None = None) -> SubtractionRun:
     """Subtract the reference from a solved science image held in memory; write the products.
 
     Parameters
@@ -110,7 +138,12 @@ def subtract_quadrant(science: QuadrantImage, reference_path: str | os.PathLike,
         Its ``[subtraction]`` (with the shared ``[characterize]`` and ``[registration]``)
         and ``[realbogus]`` sections are the stage's.
     refcat : path-like, optional
-        The Gaia store or table for the photometric calibration.
+        The Gaia store or table for the photometric calibration (and the catalogue
+        context's Gaia neighbours).
+    ps1cat : path-like, optional
+        The PS1-like store (or table) of the catalogue context
+        (:func:`pipeline.context.catalogs.catalog_context`); with it, ``refcat`` is
+        required and the candidates get the context columns.  Without it they get none.
     extraction : ExtractionResult, optional
         The astrometry stage's extraction of these very pixels
         (:attr:`pipeline.astrometry.solve.AstrometryResult.extraction`), reused instead of
@@ -120,6 +153,9 @@ def subtract_quadrant(science: QuadrantImage, reference_path: str | os.PathLike,
     science_path = science.path
     try:
         reference, gaia, band = _subtraction_inputs(science, reference_path, cfg, refcat)
+        t_ps1 = time.perf_counter()
+        ps1 = None if ps1cat is None else _context_catalogue(science, ps1cat, gaia, cfg)
+        ps1_read_s = time.perf_counter() - t_ps1
         read_s = time.perf_counter() - t0
         meta = science.meta
         result = subtract_images(science.data, science.mask, science.header, science.wcs, reference, band,
@@ -127,6 +163,10 @@ def subtract_quadrant(science: QuadrantImage, reference_path: str | os.PathLike,
                                  pixel_scale_arcsec=cfg.instrument.pixel_scale_arcsec, gaia=gaia,
                                  extraction=extraction, read_noise=meta.readnoi,
                                  rb_model=load_model(cfg.realbogus), config=cfg.subtraction)
+        if ps1 is not None:
+            t_context = time.perf_counter()
+            add_catalog_context(result.candidates, ps1, gaia, cfg.context)
+            result.timings["context"] = ps1_read_s + time.perf_counter() - t_context
     except (BadInputError, UnusableImageError) as exc:
         # SubtractionError is an UnusableImageError: the image's content defeated the method.
         log.error("%s", describe(exc))

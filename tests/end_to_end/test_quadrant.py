@@ -7,7 +7,13 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
+from astropy.table import Table
+from scipy.spatial import cKDTree
+
+from catalogs.sky import radec_to_xyz
+from pipeline.context.catalogs import CONTEXT_COLUMNS
 
 from _survey import RCID
 from pipeline.cli import main
@@ -37,6 +43,7 @@ def test_quadrant_runs_every_stage_and_is_idempotent(world):
     assert status["astrometry"]["usable"] and status["subtraction"]["n_candidates"] > 0
     assert status["alerts"]["built"] == status["alerts"]["spooled"] > 0
     assert status["matchfile"]["matched"] > 1000
+    _check_catalog_context(cfg, science[0])
     spooled = _spooled(cfg)
     # A finished quadrant is left alone; a forced rerun publishes nothing new and replaces its epoch.
     assert main(["quadrant", "--config", str(config), str(folder), "--quadrant", str(RCID)]) == 0
@@ -86,6 +93,33 @@ def test_a_bad_copy_of_a_finished_quadrant_changes_nothing(world, tmp_path, capl
         assert failed["stage"] == "read" and failed["previous"] == finished
     # Put the finished state back for the tests that follow.
     assert main(["quadrant", "--config", str(config), str(folder), "--quadrant", str(RCID), "--force"]) == 0
+
+
+def _check_catalog_context(cfg, expid: int) -> None:
+    """The candidates carry the PS1/Gaia context; hosted simulated transients get their host."""
+    cands = Table.read(cfg.paths.resolve("outputs") / str(expid) / f"{RCID:02d}" / "subtraction" / "candidates.ecsv")
+    assert set(CONTEXT_COLUMNS) <= set(cands.colnames)
+    for name in CONTEXT_COLUMNS:
+        assert np.all(np.isfinite(np.asarray(cands[name], dtype=float))), name
+    sim = cfg.paths.resolve("root") / "sim"
+    transients = Table.read(sim / "truth" / "transients.ecsv")
+    ps1_truth = Table.read(sim / "truth" / "ps1_objects.fits")
+    galaxy_objid = {int(row): int(objid) for row, objid, klass in
+                    zip(ps1_truth["sim_row"], ps1_truth["objid"], ps1_truth["sim_class"]) if klass == 0}
+    hosted = transients[(transients["host_galaxy_id"] > 0)]
+    tree = cKDTree(radec_to_xyz(np.asarray(cands["ra"]), np.asarray(cands["dec"])))
+    dist, nearest = tree.query(radec_to_xyz(np.asarray(hosted["ra"]), np.asarray(hosted["dec"])))
+    matched = np.degrees(dist) * 3600 < 1.5
+    checked = 0
+    for transient, cand in zip(hosted[matched], cands[nearest[matched]]):
+        host = galaxy_objid.get(int(transient["host_galaxy_id"]) - 1)
+        if host is None:                   # host fainter than the PS1 catalogue
+            continue
+        checked += 1
+        assert host in {int(cand[f"objectidps{k}"]) for k in (1, 2, 3)}
+        if transient["kind"] == "nuclear":
+            assert int(cand["objectidps1"]) == host and cand["distpsnr1"] < 1.0
+    assert checked >= 1
 
 
 def test_exposure_runs_a_multi_extension_file(world, capsys):

@@ -17,7 +17,9 @@ from astropy.io import fits
 from astropy.table import Table
 from scipy.spatial import cKDTree
 
+from catalogs import PS1_COLUMNS
 from pipeline.cli import main
+from pipeline.context.catalogs import CONTEXT_COLUMNS
 from pipeline.core.config import load_config
 from pipeline.core.image import write_quadrant
 from pipeline.simulate.realbogus_training import label_candidates, subtract_pair
@@ -147,16 +149,28 @@ def test_subtract_command_writes_every_product(setting, tmp_path):
     write_reference(reference_path, reference)
     gaia_path = tmp_path / "gaia.fits"
     sky.gaia_catalogue().write(gaia_path)
+    ps1_path = tmp_path / "ps1.fits"
+    sky.ps1_catalogue(5)[list(PS1_COLUMNS)].write(ps1_path)
     out = tmp_path / "out"
     assert main(["subtract", str(science_path), str(reference_path), "--out", str(out),
-                 "--refcat", str(gaia_path)]) == 0
+                 "--refcat", str(gaia_path), "--ps1cat", str(ps1_path)]) == 0
     qa = json.loads((out / "qa.json").read_text())
     cands = Table.read(out / "candidates.ecsv")
     for column in ("ra", "dec", "xpos", "ypos", "magpsf", "sigmapsf", "isdiffpos", "scorr", "rb", "fwhm",
-                   "elong", "nbad"):
+                   "elong", "nbad", *CONTEXT_COLUMNS):
         assert column in cands.colnames
     assert qa["n_candidates"] == len(cands) > 0 and qa["zp_source"] == "gaia"
-    assert {"zogy", "registration", "candidates", "total"} <= set(qa["timings_s"])
+    assert {"zogy", "registration", "candidates", "context", "total"} <= set(qa["timings_s"])
+    # the context of a full simulated quadrant: PS1 neighbours within 30", nearest first
+    found = cands["distpsnr1"] != -999
+    assert found.mean() > 0.5 and np.all(cands["distpsnr1"][found] <= 30.0)
+    assert np.all((cands["distpsnr2"][found] == -999) | (cands["distpsnr2"][found] >= cands["distpsnr1"][found]))
+    assert np.all(cands["nmtchps"][~found] == 0) and np.all(cands["objectidps1"][~found] == -999)
+    # a missing PS1 store is bad input naming it, found before the subtraction's work
+    missing = tmp_path / "no-ps1-store"
+    assert main(["subtract", str(science_path), str(reference_path), "--out", str(tmp_path / "out2"),
+                 "--refcat", str(gaia_path), "--ps1cat", str(missing)]) == 3
+    assert not (tmp_path / "out2" / "qa.json").exists()
     with fits.open(out / "diff.fits") as diff, fits.open(out / "scorr.fits") as scorr, \
             fits.open(out / "cutouts.fits") as cutouts:
         assert diff[0].data.shape == scorr[0].data.shape == sci.data.shape
