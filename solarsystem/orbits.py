@@ -35,7 +35,8 @@ def ephemeris():
         # skyfield-data warns that its IERS file (not used: builtin timescale) has expired.
         warnings.simplefilter("ignore", RuntimeWarning)
         from skyfield_data import get_skyfield_data_path
-    return load_file(os.path.join(get_skyfield_data_path(), "de421.bsp"))
+        folder = get_skyfield_data_path()
+    return load_file(os.path.join(folder, "de421.bsp"))
 
 
 @lru_cache(maxsize=1)
