@@ -36,7 +36,7 @@ from pipeline.core.config import SiteConfig, SolarSystemConfig
 from pipeline.core.exits import BadInputError
 from pipeline.formats.atomic import atomic_path
 from solarsystem.mpcorb import ssnamenr_of
-from solarsystem.orbits import (GM_SUN_AU3_D2, astrometric_positions, elements_to_states, hg_magnitude,
+from solarsystem.orbits import (C_AU_PER_DAY, GM_SUN_AU3_D2, astrometric_positions, elements_to_states, hg_magnitude,
                                 observer_barycentric, propagate_states, sun_barycentric, tt_jd_of_mjd_utc)
 from solarsystem.store import orbit_store_path, read_orbit_store
 
@@ -46,6 +46,7 @@ __all__ = ["NIGHT_FILE_VERSION", "night_of_mjd", "night_midpoint_mjd", "night_pa
 log = logging.getLogger("skydiff.solarsystem")
 
 NIGHT_FILE_VERSION = 1
+_EARTH_RADIUS_AU = 6378.137 / 149597870.700
 _NAME_DTYPE = "S16"
 
 
@@ -221,14 +222,20 @@ def objects_on_footprint(night_file: str | os.PathLike, ra_deg: float, dec_deg: 
         fast = _read_rows(h5["fast"], [(0, h5["fast"]["name"].shape[0])])
     rows = {k: np.concatenate([rows[k], fast[k]]) for k in rows}
     state = rows["state"].T
-    # Coarse track: second-order Taylor expansion of the heliocentric motion, seen from the
-    # geocentre; its error (and the light time, and the parallax) is in coarse_margin_deg.
-    r_norm = np.linalg.norm(state[:3], axis=0)
-    helio = state[:3] + state[3:] * dt - 0.5 * GM_SUN_AU3_D2 * state[:3] / np.maximum(r_norm, 1e-9) ** 3 * dt * dt
+    # Coarse track: second-order Taylor expansion of the heliocentric motion from the night's
+    # middle, light-time corrected to first order, seen from the geocentre.  Its error is in
+    # coarse_margin_deg; each object's horizontal parallax (Earth radius over its distance)
+    # is added to it, so near-Earth objects are not lost to the site's offset.
+    r_norm = np.maximum(np.linalg.norm(state[:3], axis=0), 1e-9)
+    velocity = state[3:] - GM_SUN_AU3_D2 * state[:3] / r_norm ** 3 * dt
+    helio = state[:3] + state[3:] * dt - 0.5 * GM_SUN_AU3_D2 * state[:3] / r_norm ** 3 * dt * dt
     earth, _ = observer_barycentric(tt)
-    geo = _unit(sun_barycentric(tt)[:, None] + helio - earth[:, None])
+    geo = sun_barycentric(tt)[:, None] + helio - earth[:, None]
+    distance = np.linalg.norm(geo, axis=0)
+    geo = _unit(geo - velocity * distance / C_AU_PER_DAY)
     centre = radec_to_xyz(np.array([ra_deg]), np.array([dec_deg]))[0]
-    near = geo.T @ centre >= np.cos(np.radians(radius_deg + config.coarse_margin_deg))
+    parallax = np.degrees(np.arcsin(np.minimum(1.0, _EARTH_RADIUS_AU / distance)))
+    near = geo.T @ centre >= np.cos(np.radians(radius_deg + config.coarse_margin_deg + parallax))
     keep = np.flatnonzero(near)
     pos = astrometric_positions(state[:3, keep], state[3:, keep], tt_mid, tt, site)
     vmag = hg_magnitude(rows["H"][keep], rows["G"][keep], pos["r"], pos["delta"], pos["phase"])

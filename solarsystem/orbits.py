@@ -136,9 +136,12 @@ def astrometric_positions(position: np.ndarray, velocity: np.ndarray, t0, tt_jd:
                           iterations: int = 3) -> dict[str, np.ndarray]:
     """Astrometric (light-time corrected, ICRF) positions seen from ``site`` at ``tt_jd``.
 
-    The light time is iterated: each object is propagated to the emission time, where the
-    Sun's barycentric position is taken too.  Aberration and light deflection are left out:
-    astrometric positions compare directly with a Gaia-calibrated image.
+    Each object is propagated once, exactly, to ``tt_jd`` (skyfield's two-body propagator);
+    over the light time (minutes) its motion back to the emission time is the second-order
+    expansion of that state (the error, of order GM/r^3 * v * lt^3, stays below a
+    microarcsecond), iterated with the Sun taken at the emission time.  Aberration and
+    light deflection are left out: astrometric positions compare directly with a
+    Gaia-calibrated image.
 
     Returns
     -------
@@ -147,13 +150,15 @@ def astrometric_positions(position: np.ndarray, velocity: np.ndarray, t0, tt_jd:
     """
     n = position.shape[1]
     obs, _ = observer_barycentric(tt_jd, site)
-    emission = np.full(n, float(tt_jd))
+    at_t, vel_t = propagate_states(position, velocity, t0, tt_jd)
+    acc_t = -GM_SUN_AU3_D2 * at_t / np.maximum(np.linalg.norm(at_t, axis=0), 1e-9) ** 3
+    lt = np.zeros(n)
     for _ in range(iterations):
-        helio, _ = propagate_states(position, velocity, t0, emission)
-        sun = sun_barycentric(emission) if n else np.zeros((3, 0))
+        helio = at_t - vel_t * lt + 0.5 * acc_t * lt * lt
+        sun = sun_barycentric(tt_jd - lt) if n else np.zeros((3, 0))
         topo = sun + helio - obs[:, None]
         delta = np.linalg.norm(topo, axis=0)
-        emission = tt_jd - delta / C_AU_PER_DAY
+        lt = delta / C_AU_PER_DAY
     r = np.linalg.norm(helio, axis=0)
     ra = np.degrees(np.arctan2(topo[1], topo[0])) % 360.0
     dec = np.degrees(np.arcsin(np.clip(topo[2] / np.where(delta > 0, delta, 1.0), -1, 1)))

@@ -51,7 +51,7 @@ def bench_solar_system(cfg: Config, n_orbits: int = 1_400_000, n_quadrants: int 
         figures["prepare_s"] = round(time.perf_counter() - t, 1)
         figures.update({f"prepare_{k}_s": v for k, v in summary["timings_s"].items() if k != "total"})
         figures["n_fast_movers"] = summary["n_fast"]
-        figures["night_file_mb"] = round(night_path(root, NIGHT).stat().st_size / 1e6, 1)
+        figures["night_file_megabytes"] = round(night_path(root, NIGHT).stat().st_size / 1e6, 1)
 
         # Quadrants near opposition, on the ecliptic: the densest sky for known objects.
         tt_mid = float(tt_jd_of_mjd_utc(mid_mjd))

@@ -614,7 +614,7 @@ class SolarSystemConfig:
     search_radius_arcsec: float = 30.0      # ZTF's: the nearest known object within it
     healpix_nside: int = 32                 # sky index of a night file (NESTED, ~1.8 deg pixels)
     fast_rate_deg_per_day: float = 1.0      # faster movers are checked for every quadrant
-    coarse_margin_deg: float = 0.3          # light time, parallax, the coarse track's error
+    coarse_margin_deg: float = 0.05         # the coarse track's error (parallax is added per object)
     night_half_window_hours: float = 12.0   # a night file serves exposures this close to local midnight
     prepare_missing_night: bool = True      # a quadrant prepares a missing night file (under a lock)
     lock_timeout_s: float = 1800.0          # wait for another process preparing the same night
