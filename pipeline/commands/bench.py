@@ -180,6 +180,13 @@ def _bench_solarsystem(args) -> dict:
     return bench_solar_system(args.cfg, n_orbits=args.orbits)
 
 
+@benchmark("solarsystem-drift", "two-body positions against a planet-perturbed integration 30, 100 and 365 days "
+           "from the elements' epoch, seen from the Earth (use --repeat 1)")
+def _bench_solarsystem_drift(args) -> dict:
+    from pipeline.bench.solarsystem import bench_two_body_drift
+    return bench_two_body_drift(args.cfg)
+
+
 def register(subparsers, common) -> None:
     p = subparsers.add_parser("bench", parents=[common], help="run a benchmark and print its figures",
                               description="Benchmarks, each on one pinned CPU core, printing stage timings "
@@ -207,6 +214,12 @@ def _best(name: str, values: list):
 
 
 def _unit(name: str) -> str:
+    if name.endswith("_arcsec"):
+        return '"'
+    if name.endswith("_megabytes"):
+        return "MB"
+    if name.startswith(("n_", "known_", "candidates_")):
+        return ""
     return "/s" if name.endswith("_per_s") else "s"
 
 
