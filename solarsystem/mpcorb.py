@@ -1,6 +1,6 @@
 """The MPC's MPCORB format: one minor planet per fixed-column line.
 
-Columns (1-based, https://minorplanetcenter.net/iau/info/MPOrbitFormat.html): 1-7 packed
+Columns (1-based, the MPC's published layout): 1-7 packed
 designation, 9-13 H, 15-19 G, 21-25 packed epoch (TT), 27-35 mean anomaly, 38-46 argument of
 perihelion, 49-57 longitude of the ascending node, 60-68 inclination (degrees, J2000
 ecliptic), 70-79 eccentricity, 81-91 mean daily motion (deg/day), 93-103 semimajor axis
