@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 
+import astropy.units as u
 import numpy as np
 from astropy.table import Table
 
@@ -111,7 +112,6 @@ def prepare_night(store: str | os.PathLike, night: str, site: SiteConfig, config
     transverse = geo_v - unit * np.sum(geo_v * unit, axis=0)
     rate = np.degrees(np.linalg.norm(transverse, axis=0) / distance)
     lon, lat = _lonlat(unit)
-    import astropy.units as u
     pixel = healpix(config.healpix_nside).lonlat_to_healpix(lon * u.deg, lat * u.deg)
     fast = rate > config.fast_rate_deg_per_day
     slow_rows = np.flatnonzero(~fast)
@@ -196,7 +196,6 @@ def objects_on_footprint(night_file: str | os.PathLike, ra_deg: float, dec_deg: 
         The night file is missing or unreadable, or ``mjd_utc`` is outside the night it
         serves (the message names the file).
     """
-    import astropy.units as u
     import h5py
     from catalogs.sky import healpix, radec_to_xyz
     night_file = Path(night_file)

@@ -50,7 +50,9 @@ def associate_solar_system(candidates: Table, known: Table, config: SolarSystemC
         best = separation[np.arange(n), nearest]
         hit = best <= config.search_radius_arcsec
         distance[hit] = best[hit]
-        vmag[hit] = np.asarray(known["vmag"], float)[nearest[hit]]
+        predicted = np.asarray(known["vmag"], float)[nearest[hit]]
+        # An object without H in MPCORB has no predicted magnitude: ZTF's "none" value.
+        vmag[hit] = np.where(np.isfinite(predicted), predicted, NO_DISTANCE)
         names[hit] = np.asarray(known["ssnamenr"]).astype(str)[nearest[hit]]
     candidates["ssdistnr"] = distance
     candidates["ssdistnr"].unit = "arcsec"

@@ -77,3 +77,11 @@ def test_a_missing_night_is_prepared_once(world, cfg):
     assert path == night_path(root, "2026-03-16") and path.is_file()
     stamp = path.stat().st_mtime_ns
     assert night_file_for(root, mid + 1.1, cfg.site, cfg.solar_system) == path and path.stat().st_mtime_ns == stamp
+
+
+def test_settings_are_validated_by_name():
+    from pipeline.core.config import ConfigValueError, SolarSystemConfig
+    with pytest.raises(ConfigValueError, match="healpix_nside"):
+        SolarSystemConfig(healpix_nside=12)
+    with pytest.raises(ConfigValueError, match="search_radius_arcsec"):
+        SolarSystemConfig(search_radius_arcsec=0)
