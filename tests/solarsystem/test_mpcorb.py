@@ -46,3 +46,16 @@ def test_bad_files_are_named(tmp_path):
     bad.write_text("00001  3.34  0.12 K2555  60.07881   73.42179   80.25496   10.58688  0.0789126\n")
     with pytest.raises(BadInputError, match="short.dat"):
         read_mpcorb(bad)
+
+
+def test_reads_an_mpc_line_with_the_header(tmp_path):
+    # Ceres as the MPC's own MPCORB.DAT lists it, after a header ending in a line of dashes.
+    ceres = ("00001    3.34  0.12 K205V 162.68631   73.73161   80.28698   10.58862  0.0775571  0.21406009   "
+             "2.7676569  0 MPO492748  6751 115 1801-2019 0.60 M-v 30h Williams   0000      (1) Ceres              "
+             "20190915")
+    path = tmp_path / "MPCORB.DAT"
+    path.write_text("MINOR PLANET CENTER ORBIT DATABASE (MPCORB)\n\nDes'n     H     G   Epoch     M\n"
+                    + "-" * 160 + "\n" + ceres + "\n\n")
+    (back,) = [read_mpcorb(path)]
+    assert back.designation.tolist() == ["1"] and back.epoch_jd[0] == 2459000.5
+    assert (back.H[0], back.G[0], back.e[0], back.a_au[0], back.incl_deg[0]) == (3.34, 0.12, 0.0775571, 2.7676569, 10.58862)
