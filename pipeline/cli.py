@@ -28,6 +28,7 @@ COMMAND_MODULES = [
     "pipeline.commands.submit",
     "pipeline.commands.watch",
     "pipeline.commands.catalogs",
+    "pipeline.commands.solarsystem",
     "pipeline.commands.alerts",
     "pipeline.commands.matchfile",
     "pipeline.commands.lightcurve",

@@ -38,7 +38,22 @@ def _world(cfg: Config, root: Path, rcid: int):
     prefetch_from_table(ps1, cfg.paths.resolve("ps1_catalogs"), field_region(options.field.ra, options.field.dec),
                         kind=PS1)
     write_reference_into(cfg.paths.resolve("references"), simulated_reference(cfg, options, sky))
+    _known_minor_planets(cfg, root, options.science_night)
     return options, sky
+
+
+def _known_minor_planets(cfg: Config, root: Path, night: str, n_orbits: int = 200_000) -> None:
+    """An orbit store of synthetic MPCORB orbits and the science night prepared from it, as the
+    survey's operators prepare each night before it starts (not timed)."""
+    import numpy as np
+    from pipeline.simulate.asteroids import synthetic_orbits
+    from pipeline.simulate.plan import night_midpoint
+    from pipeline.simulate.survey import prepare_solar_system
+    from solarsystem.mpcorb import write_mpcorb
+
+    epoch = np.floor(night_midpoint(night, cfg).tt.jd - 0.5) + 0.5 - 30.0
+    mpcorb = write_mpcorb(synthetic_orbits(np.random.default_rng(7), n_orbits, epoch), root / "MPCORB.DAT")
+    prepare_solar_system(cfg, mpcorb, [night])
 
 
 def bench_latency(cfg: Config | None = None, n_quadrants: int = 3, rcid: int = 21,

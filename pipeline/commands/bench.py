@@ -181,6 +181,21 @@ def _bench_alert_publish(args) -> dict:
     return bench_publish(args.bootstrap)
 
 
+@benchmark("solarsystem", "per-night preparation of 1.4 million synthetic MPCORB orbits (target: at most "
+           "600 s) and per-quadrant lookup + association near opposition (target: at most 0.15 s; use --repeat 1)",
+           {"prepare_s": 600.0, "quadrant_max_s": 0.15})
+def _bench_solarsystem(args) -> dict:
+    from pipeline.bench.solarsystem import bench_solar_system
+    return bench_solar_system(args.cfg, n_orbits=args.orbits)
+
+
+@benchmark("solarsystem-drift", "two-body positions against a planet-perturbed integration 30, 100 and 365 days "
+           "from the elements' epoch, seen from the Earth (use --repeat 1)")
+def _bench_solarsystem_drift(args) -> dict:
+    from pipeline.bench.solarsystem import bench_two_body_drift
+    return bench_two_body_drift(args.cfg)
+
+
 def register(subparsers, common) -> None:
     p = subparsers.add_parser("bench", parents=[common], help="run a benchmark and print its figures",
                               description="Benchmarks, each on one pinned CPU core, printing stage timings "
@@ -195,6 +210,7 @@ def register(subparsers, common) -> None:
     p.add_argument("--executor", choices=("local", "slurm", "both"), default="local",
                    help="exposure: who runs the quadrants (both: the two, products compared)")
     p.add_argument("--jobs", type=int, help="exposure: quadrants at once (default: the machine's cores)")
+    p.add_argument("--orbits", type=int, default=1_400_000, help="solarsystem: orbits in the synthetic MPCORB")
     p.add_argument("--quadrants", default="all", help="exposure: 'all' or rcids, e.g. 0,5,10-12")
     p.set_defaults(func=run)
 
@@ -207,6 +223,12 @@ def _best(name: str, values: list):
 
 
 def _unit(name: str) -> str:
+    if name.endswith("_arcsec"):
+        return '"'
+    if name.endswith("_megabytes"):
+        return "MB"
+    if name.startswith(("n_", "known_", "candidates_")):
+        return ""
     return "/s" if name.endswith("_per_s") else "s"
 
 

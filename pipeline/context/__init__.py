@@ -1,3 +1,4 @@
-"""Context of the candidates from prefetched knowledge of the sky: catalogue neighbours
-(:mod:`pipeline.context.catalogs`, PS1-like and Gaia), added to the subtraction's
-candidate table before its products are written, so the alert packets carry them."""
+"""Candidate context: what is known around each candidate -- catalogue neighbours
+(:mod:`pipeline.context.catalogs`, PS1-like and Gaia) and known solar-system objects
+(:mod:`pipeline.context.solar_system`) -- added as ZTF's candidate columns to the
+subtraction's candidates before its products are written, so the alert packets carry them."""

@@ -38,7 +38,7 @@ __all__ = [
     "ExtractionConfig", "PSFConfig", "PhotometryConfig", "PhotCalConfig", "CharacterizeConfig",
     "RegistrationConfig", "REGISTRATION_ORDERS", "AstrometryConfig", "StackConfig", "ReferenceConfig",
     "ZogyConfig", "CandidateConfig", "SubtractionConfig", "RealBogusConfig", "ContextConfig", "PriorFitSettings",
-    "MatchfileConfig", "KafkaConfig", "SlurmConfig", "Config", "ConfigError", "ConfigValueError",
+    "MatchfileConfig", "SolarSystemConfig", "KafkaConfig", "SlurmConfig", "Config", "ConfigError", "ConfigValueError",
     "load_config", "config_to_toml", "DEFAULT_CONFIG", "check_bootstrap_servers",
 ]
 
@@ -129,6 +129,7 @@ class PathsConfig:
     matchfiles: str = "matchfiles"
     spool: str = "spool"
     history: str = "history/objects.sqlite"   # alert object history (SQLite, one machine)
+    solar_system: str = "solarsystem"          # orbit store orbits.npz + nights/<YYYY-MM-DD>.h5
 
     def resolve(self, name: str) -> Path:
         """Absolute path of the data root ``name`` (one of the fields above)."""
@@ -148,6 +149,10 @@ class SimulationConfig:
     two_parameter_fraction_faint: float = 0.3  # share of G > 19 stars without proper motion
     variable_fraction: float = 0.02
     transients_per_quadrant: int = 12
+    asteroids_per_deg2: float = 8.0            # main-belt asteroids crossing a field each night
+    neos_per_field: int = 3                    # near-Earth objects crossing a field each night
+    asteroid_rmag_min: float = 16.5            # r magnitude range when placed (night's middle)
+    asteroid_rmag_max: float = 20.5
     pointing_error_arcsec: float = 20.0        # rms per axis
     position_angle_error_deg: float = 0.005
     seeing_fwhm_arcsec: float = 2.0            # median of the night
@@ -662,6 +667,30 @@ class MatchfileConfig:
 
 
 @dataclass(frozen=True)
+class SolarSystemConfig:
+    """``[solar_system]``: known minor planets near the candidates (``ssnamenr``, ``ssdistnr``,
+    ``ssmagnr``; :mod:`solarsystem`, :mod:`pipeline.context.solar_system`)."""
+
+    search_radius_arcsec: float = 30.0      # ZTF's: the nearest known object within it
+    healpix_nside: int = 32                 # sky index of a night file (NESTED, ~1.8 deg pixels)
+    fast_rate_deg_per_day: float = 1.0      # faster movers are checked for every quadrant
+    coarse_margin_deg: float = 0.05         # the coarse track's error (parallax is added per object)
+    night_half_window_hours: float = 12.0   # a night file serves exposures this close to local midnight
+    prepare_missing_night: bool = True      # a quadrant prepares a missing night file (under a lock)
+    lock_timeout_s: float = 1800.0          # wait for another process preparing the same night
+
+    def __post_init__(self):
+        if not 0 < self.search_radius_arcsec <= 600:
+            raise ConfigValueError("solar_system.search_radius_arcsec must be in (0, 600]")
+        if self.healpix_nside < 1 or self.healpix_nside & (self.healpix_nside - 1):
+            raise ConfigValueError("solar_system.healpix_nside must be a power of 2")
+        if self.fast_rate_deg_per_day <= 0 or self.coarse_margin_deg < 0:
+            raise ConfigValueError("solar_system.fast_rate_deg_per_day must be > 0 and coarse_margin_deg >= 0")
+        if not 0 < self.night_half_window_hours <= 24 or self.lock_timeout_s <= 0:
+            raise ConfigValueError("solar_system.night_half_window_hours must be in (0, 24], lock_timeout_s > 0")
+
+
+@dataclass(frozen=True)
 class KafkaConfig:
     """Alert publishing.  An empty ``bootstrap_servers`` keeps alerts in the spool."""
 
@@ -730,6 +759,7 @@ class Config:
     context: ContextConfig = field(default_factory=ContextConfig)
     matchfile: MatchfileConfig = field(default_factory=MatchfileConfig)
     priors: PriorFitSettings = field(default_factory=PriorFitSettings)
+    solar_system: SolarSystemConfig = field(default_factory=SolarSystemConfig)
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 

@@ -74,7 +74,31 @@ def transient_recovery(candidates_path: Path, truth_path: Path, diffmaglim: floa
         found = int(hit.sum())
         found_rb = int(np.count_nonzero(hit & (np.asarray(candidates["rb"])[nearest] >= 0.5)))
     return {"transients_on_image": len(transients), "transients_detectable": len(detectable),
-            "transients_found": found, "transients_found_rb": found_rb}
+            "transients_found": found, "transients_found_rb": found_rb,
+            **_asteroid_naming(truth_path, candidates, radius_px)}
+
+
+def _asteroid_naming(truth_path: Path, candidates: Table, radius_px: float) -> dict:
+    """``asteroids_found``: simulated minor planets on the image (also counted as transients
+    above) with a candidate within ``radius_px``; ``asteroids_named``: of those, the candidate
+    carries the object's ``ssnamenr``."""
+    from astropy.io import fits
+
+    with fits.open(truth_path) as hdul:
+        if "ASTEROIDS" not in hdul:
+            return {"asteroids_found": 0, "asteroids_named": 0}
+        asteroids = Table(hdul["ASTEROIDS"].data)
+    asteroids = asteroids[np.asarray(asteroids["on_image"], bool)]
+    found = named = 0
+    if len(asteroids) and len(candidates) and "ssnamenr" in candidates.colnames:
+        dist = np.hypot(np.asarray(asteroids["x"])[:, None] - np.asarray(candidates["xpos"])[None, :],
+                        np.asarray(asteroids["y"])[:, None] - np.asarray(candidates["ypos"])[None, :])
+        nearest = dist.argmin(axis=1)
+        hit = dist[np.arange(len(asteroids)), nearest] <= radius_px
+        found = int(hit.sum())
+        named = int(np.sum(hit & (np.asarray(candidates["ssnamenr"]).astype(str)[nearest]
+                                  == np.asarray(asteroids["ssnamenr"]).astype(str))))
+    return {"asteroids_found": found, "asteroids_named": named}
 
 
 def subtraction_records(survey: SimulatedSurvey) -> list[dict]:

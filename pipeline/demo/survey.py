@@ -193,7 +193,9 @@ def _subtraction_lines(subtractions: list[dict]) -> list[str]:
     found = sum(r["transients_found"] for r in done)
     found_rb = sum(r["transients_found_rb"] for r in done)
     lines = [f"  subtraction         {len(done)}/{len(subtractions)} science images subtracted; "
-             f"simulated transients above the limit: {detectable}, found {found} ({found_rb} with rb >= 0.5)",
+             f"simulated transients above the limit: {detectable}, found {found} ({found_rb} with rb >= 0.5); "
+             f"of the simulated asteroids among them, {sum(r['asteroids_found'] for r in done)} found, "
+             f"{sum(r['asteroids_named'] for r in done)} named (ssnamenr)",
              "    expid      rcid  candidates  rb>=0.5  diffmaglim  transients (detectable/found)  seconds"]
     for r in done:
         lines.append(f"    {r['expid']:<10} {r['rcid']:>4}  {r['n_candidates']:10d}  {r['n_rb_above_half']:7d}  "

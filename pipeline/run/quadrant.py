@@ -216,7 +216,8 @@ def run_quadrant(exposure: str | os.PathLike, rcid: int, cfg: Config, force: boo
         # Same pixels, same extraction settings: the astrometry stage's extraction is reused.
         subtraction = subtract_quadrant(astrometry.solved, reference, subtraction_out, cfg,
                                         refcat=cfg.paths.resolve("catalogs"), extraction=astrometry.result.extraction,
-                                        ps1cat=cfg.paths.resolve("ps1_catalogs"))
+                                        ps1cat=cfg.paths.resolve("ps1_catalogs"),
+                                        solar_system=cfg.paths.resolve("solar_system"))
         timings["subtraction"] = round(clock() - t0, 3)
         if subtraction.status != EXIT_OK:
             return finish(subtraction.status, "subtraction", f"exit status {subtraction.status} (see the log)")

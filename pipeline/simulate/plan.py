@@ -17,7 +17,7 @@ from pipeline.core.config import Config
 from pipeline.core.refraction import airmass_at
 from pipeline.simulate.exposure import ExposureSpec
 
-__all__ = ["Field", "time_at_hour_angle", "time_at_airmass", "plan_night",
+__all__ = ["Field", "night_midpoint", "time_at_hour_angle", "time_at_airmass", "plan_night",
            "exposure_at_airmass", "DEFAULT_FIELDS"]
 
 _SIDEREAL_PER_SOLAR = 1.00273790935
@@ -36,15 +36,15 @@ class Field:
 DEFAULT_FIELDS = (Field(600, 150.0, 33.0), Field(750, 205.0, 40.0))
 
 
-def _night_midpoint(night: str, cfg: Config) -> Time:
-    # Local midnight at the site's longitude, on the morning of the UT date.
+def night_midpoint(night: str, cfg: Config) -> Time:
+    """Local midnight at the site's longitude, on the morning of the UT date ``night``."""
     midnight_ut_hours = (-cfg.site.longitude_deg / 15.0) % 24.0
     return Time(night, scale="utc") + midnight_ut_hours * u.hour
 
 
 def time_at_hour_angle(ra_deg: float, hour_angle_deg: float, night: str, cfg: Config) -> Time:
     """UTC time during ``night`` at which a position has the given hour angle."""
-    mid = _night_midpoint(night, cfg)
+    mid = night_midpoint(night, cfg)
     lst = mid.sidereal_time("apparent", longitude=cfg.site.longitude_deg * u.deg).to_value(u.deg)
     delta = ((ra_deg + hour_angle_deg - lst + 180.0) % 360.0) - 180.0
     return mid + (delta / 15.0 / _SIDEREAL_PER_SOLAR) * u.hour

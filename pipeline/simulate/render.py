@@ -58,6 +58,7 @@ class SimulatedQuadrant:
     header: fits.Header
     truth: Table
     truth_header: fits.Header
+    asteroids: Table | None = None   # simulated minor planets near the image (rendered or not)
 
 
 def image_zeropoint(spec: ExposureSpec, cfg: Config) -> float:
@@ -305,10 +306,44 @@ def _objects_on_image(sky: SkyModel, spec: ExposureSpec, wcs: WCS, shape, cfg: C
     parts.append(dict(id=t["transient_id"].data[rows], kind="transient", ra=t["ra"].data[rows],
                       dec=t["dec"].data[rows], mag=sky.transient_mag(spec.filter, mjd_mid, rows),
                       variable=np.zeros(rows.size, bool), transient=np.ones(rows.size, bool)))
+    if len(sky.asteroids):
+        parts.append(_asteroids_near_image(sky, spec, wcs, shape, cfg))
     for part in parts:
         part["x"], part["y"] = wcs.all_world2pix(part["ra"], part["dec"], 1)
         part["flux_e"] = _electrons(part["mag"], zp, gain)
     return parts
+
+
+def _asteroids_near_image(sky: SkyModel, spec: ExposureSpec, wcs: WCS, shape, cfg: Config) -> dict:
+    """The minor planets within the selection margin of the image, at their true positions at
+    mid-exposure (a 30 s exposure trails a main-belt asteroid by under 0.5": point sources)."""
+    from pipeline.simulate.asteroids import ASTEROID_G_R, ASTEROID_R_I, V_MINUS_R, asteroid_positions
+    from pipeline.simulate.sky import _band_offset_from_colours
+    mjd_mid = spec.obsmjd + 0.5 * spec.exptime / 86400.0
+    a = sky.asteroids
+    pos = asteroid_positions(a, mjd_mid, cfg.site)
+    x, y = wcs.all_world2pix(pos["ra"], pos["dec"], 1)
+    ny, nx = shape
+    near = ((x > 0.5 - _SELECTION_MARGIN_PX) & (x < nx + 0.5 + _SELECTION_MARGIN_PX)
+            & (y > 0.5 - _SELECTION_MARGIN_PX) & (y < ny + 0.5 + _SELECTION_MARGIN_PX))
+    rmag = pos["vmag"][near] - V_MINUS_R
+    offset = _band_offset_from_colours(sky.filters[spec.filter].wavelength_um, ASTEROID_G_R, ASTEROID_R_I)
+    return dict(id=a["asteroid_id"].data[near], kind="asteroid", ra=pos["ra"][near], dec=pos["dec"][near],
+                mag=rmag + offset, variable=np.zeros(int(near.sum()), bool), transient=np.ones(int(near.sum()), bool),
+                designation=np.asarray(a["designation"])[near], vmag=pos["vmag"][near], rmag=rmag,
+                delta=pos["delta"][near])
+
+
+def _asteroid_truth(part: dict, geom: QuadrantGeometry) -> Table:
+    """Truth of the minor planets near the image: name as in ``ssnamenr``, true position, V,
+    band and r magnitudes, pixel position and whether it is on the image (rendered)."""
+    on = (part["x"] >= 0.5) & (part["x"] < geom.nx + 0.5) & (part["y"] >= 0.5) & (part["y"] < geom.ny + 0.5)
+    table = Table({"asteroid_id": part["id"], "designation": part["designation"].astype(str),
+                   "ssnamenr": np.array([str(d).replace(" ", "") for d in part["designation"]], dtype=str),
+                   "ra": part["ra"], "dec": part["dec"], "vmag": part["vmag"], "mag": part["mag"],
+                   "rmag": part["rmag"], "delta_au": part["delta"], "x": part["x"], "y": part["y"],
+                   "on_image": on})
+    return table
 
 
 def _galaxy_alpha2(part, psf: _PsfField, pixel_scale: float):
@@ -416,8 +451,8 @@ def render_quadrant(spec: ExposureSpec, geom: QuadrantGeometry, wcs: WCS, sky: S
 
     flat = np.zeros(geom.nx * geom.ny, dtype=np.float32)
     parts = _objects_on_image(sky, spec, wcs, shape, cfg, zp)
-    stars, galaxies, transients = parts
-    for part in (stars, transients):
+    stars, galaxies, transients, *asteroids = parts
+    for part in (stars, transients, *asteroids):
         alpha2 = _moffat_alpha2(psf.fwhm2_matrix(part["x"], part["y"]), psf.beta)
         _render_profiles(flat, shape, part["x"], part["y"], part["flux_e"], alpha2, psf.beta, sky_sigma_e)
     _render_profiles(flat, shape, galaxies["x"], galaxies["y"], galaxies["flux_e"],
@@ -461,7 +496,8 @@ def render_quadrant(spec: ExposureSpec, geom: QuadrantGeometry, wcs: WCS, sky: S
     for key, value in metadata.items():
         truth_header[key] = value
     header = quadrant_header(spec, geom, cfg)
-    return SimulatedQuadrant(data=image, mask=mask, header=header, truth=truth, truth_header=truth_header)
+    return SimulatedQuadrant(data=image, mask=mask, header=header, truth=truth, truth_header=truth_header,
+                             asteroids=_asteroid_truth(asteroids[0], geom) if asteroids else None)
 
 
 def _truth_table(parts, geom: QuadrantGeometry, gain: float, mask: np.ndarray) -> Table:

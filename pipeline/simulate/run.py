@@ -8,11 +8,15 @@ Layout under ``outdir``::
     exposures/<YYYYMMDD>/<expid>/ztf_<expid>_f<field>_<filter>_c<ccd>_q<qid>.fits
                                                             contract image + MASK extension
     truth/<expid>/<same name>_truth.fits                    HDU0: true WCS + truth keywords,
-                                                            HDU1: per-object truth table
+                                                            HDU1: per-object truth table (TRUTH),
+                                                            HDU2: minor planets near the quadrant
+                                                            (ASTEROIDS: ssnamenr, ra, dec, vmag, mag,
+                                                            rmag, x, y, on_image), when simulated
     truth/exposures.ecsv                                    one row per exposure (plan + truth)
     truth/stars.fits                                        every star's true parameters
     truth/ps1_objects.fits                                  PS1 objid -> star (1) / galaxy (0), truth row, true r
     truth/transients.ecsv                                   transient parameters + true mag per exposure
+    truth/asteroids.ecsv, truth/MPCORB.DAT                  minor planets' elements (table, MPCORB format)
     simulation.json                                         parameters, seed, version, counts
 
 Every file is written to a temporary name and renamed, and everything is deterministic
@@ -67,7 +71,12 @@ def write_simulated_quadrant(quadrant: SimulatedQuadrant, image_path: Path, trut
     write_quadrant(image_path, quadrant.data, quadrant.header, quadrant.mask)
     truth_hdu = fits.table_to_hdu(quadrant.truth)
     truth_hdu.name = "TRUTH"
-    write_fits_atomic(fits.HDUList([fits.PrimaryHDU(header=quadrant.truth_header), truth_hdu]), truth_path)
+    hdus = [fits.PrimaryHDU(header=quadrant.truth_header), truth_hdu]
+    if quadrant.asteroids is not None:
+        asteroids_hdu = fits.table_to_hdu(quadrant.asteroids)
+        asteroids_hdu.name = "ASTEROIDS"
+        hdus.append(asteroids_hdu)
+    write_fits_atomic(fits.HDUList(hdus), truth_path)
 
 
 def simulate_quadrant(spec: ExposureSpec, rcid: int, sky: SkyModel, cfg: Config,
@@ -184,8 +193,10 @@ def simulate_run(cfg: Config, outdir: str | os.PathLike, fields: Sequence[Field 
     specs = reference_specs + specs
     log.info("planned %d exposures of %d field(s) over %d night(s); %d quadrant(s) each",
              len(specs), len(fields), len(nights), len(rcids))
+    from pipeline.simulate.plan import night_midpoint
     sky = make_sky(cfg, [(f.fieldid, f.ra, f.dec) for f in fields], seed,
-                   mjd_range=(min(mjds) - 0.5, max(mjds) + 0.5))
+                   mjd_range=(min(mjds) - 0.5, max(mjds) + 0.5),
+                   asteroid_nights=[night_midpoint(night, cfg).mjd for night in nights])
     log.info("sky: %d stars, %d galaxies, %d transients", len(sky.stars), len(sky.galaxies), len(sky.transients))
 
     write_table_atomic(sky.gaia_catalogue(), outdir / "gaia" / "gaia_catalog.fits")
@@ -194,6 +205,11 @@ def simulate_run(cfg: Config, outdir: str | os.PathLike, fields: Sequence[Field 
     write_table_atomic(ps1["objid", "sim_class", "sim_row", "true_rmag"], outdir / "truth" / "ps1_objects.fits")
     write_table_atomic(sky.stars, outdir / "truth" / "stars.fits")
     write_table_atomic(transients_table(sky, specs), outdir / "truth" / "transients.ecsv")
+    if len(sky.asteroids):
+        from pipeline.simulate.asteroids import asteroid_elements
+        from solarsystem.mpcorb import write_mpcorb
+        write_table_atomic(sky.asteroids, outdir / "truth" / "asteroids.ecsv")
+        write_mpcorb(asteroid_elements(sky.asteroids), outdir / "truth" / "MPCORB.DAT")
     write_table_atomic(exposures_table(specs, cfg), outdir / "truth" / "exposures.ecsv")
 
     tasks = [(spec, rcid) for spec in specs for rcid in rcids]
@@ -218,6 +234,7 @@ def simulate_run(cfg: Config, outdir: str | os.PathLike, fields: Sequence[Field 
         "filters": list(filters), "epochs_per_night": epochs_per_night, "quadrants": rcids,
         "n_exposures": len(specs), "n_quadrant_images": len(tasks),
         "n_stars": len(sky.stars), "n_galaxies": len(sky.galaxies), "n_transients": len(sky.transients),
+        "n_asteroids": len(sky.asteroids),
         "expids": [s.expid for s in specs],
         "reference_expids": [s.expid for s in reference_specs],
         "reference_nights": list(reference_nights),

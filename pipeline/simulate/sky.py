@@ -287,6 +287,7 @@ class SkyModel:
     transients: Table
     fields: list
     filters: dict
+    asteroids: Table = field(default_factory=Table)
     _trees: dict = field(default_factory=dict, repr=False)
 
     # -- magnitudes -----------------------------------------------------------------------
@@ -453,7 +454,7 @@ class SkyModel:
 
 
 def make_sky(cfg: Config, fields: Sequence[tuple[int, float, float]], rng_seed: int,
-             mjd_range: tuple[float, float] | None = None) -> SkyModel:
+             mjd_range: tuple[float, float] | None = None, asteroid_nights: Sequence[float] = ()) -> SkyModel:
     """Draw the simulated sky over the given fields.
 
     Parameters
@@ -463,10 +464,14 @@ def make_sky(cfg: Config, fields: Sequence[tuple[int, float, float]], rng_seed: 
     fields : sequence of (fieldid, ra_deg, dec_deg)
         Field centres; each covers 7.5 x 7.3 degrees plus a margin.
     rng_seed : int
-        Seed of every random draw (stars, galaxies and transients use independent streams).
+        Seed of every random draw (stars, galaxies, transients and asteroids use independent
+        streams).
     mjd_range : (float, float), optional
         Transients peak uniformly within it (the simulated nights).  Without it the sky has
         no transients.
+    asteroid_nights : sequence of float, optional
+        UTC MJDs (night middles) at which minor planets are placed inside each field
+        (:mod:`pipeline.simulate.asteroids`); none by default.
 
     Returns
     -------
@@ -488,5 +493,13 @@ def make_sky(cfg: Config, fields: Sequence[tuple[int, float, float]], rng_seed: 
     else:
         transients = _make_transients(np.random.default_rng(transient_ss), cfg, fields, galaxies,
                                       (float(mjd_range[0]), float(mjd_range[1])))
+    asteroids = Table()
+    if len(asteroid_nights):
+        from pipeline.simulate.asteroids import make_asteroids
+        sim = cfg.simulation
+        asteroids = make_asteroids(np.random.default_rng(np.random.SeedSequence([rng_seed, 7301, 4])), fields,
+                                   list(asteroid_nights), sim.asteroids_per_deg2, sim.neos_per_field,
+                                   (sim.asteroid_rmag_min, sim.asteroid_rmag_max),
+                                   (FOOTPRINT_DEG[0] / 2, FOOTPRINT_DEG[1] / 2))
     return SkyModel(stars=stars, galaxies=galaxies, transients=transients, fields=fields,
-                    filters=dict(cfg.instrument.filters))
+                    filters=dict(cfg.instrument.filters), asteroids=asteroids)

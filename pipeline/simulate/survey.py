@@ -101,12 +101,25 @@ def simulate_survey(cfg: Config, fields: Sequence[Field], nights: Sequence[str],
                             field_region(f.ra, f.dec))
         prefetch_from_table(sim / "ps1" / "ps1_catalog.fits", cfg.paths.resolve("ps1_catalogs"),
                             field_region(f.ra, f.dec), kind=PS1)
+    prepare_solar_system(cfg, sim / "truth" / "MPCORB.DAT", nights)
     plan = Table.read(sim / "truth" / "exposures.ecsv")
     in_time_order = [int(e) for e in plan[plan.argsort("obsmjd")]["expid"]]
     exposures = {int(p.name): p for p in (sim / "exposures").glob("*/*") if p.is_dir()}
     reference = set(simulation["reference_expids"])
     return SimulatedSurvey(cfg, sim, simulation, exposures, [e for e in in_time_order if e in reference],
                            [e for e in in_time_order if e not in reference])
+
+
+def prepare_solar_system(cfg: Config, mpcorb: Path, nights: Sequence[str]) -> None:
+    """The orbit store from the simulated minor planets' MPCORB file and the night files of
+    ``nights`` (under ``paths.solar_system``), as the survey's operators would prepare them."""
+    from solarsystem.night import night_path, prepare_night
+    from solarsystem.store import ingest_mpcorb, orbit_store_path
+
+    root = cfg.paths.resolve("solar_system")
+    ingest_mpcorb(mpcorb, root)
+    for night in nights:
+        prepare_night(orbit_store_path(root), night, cfg.site, cfg.solar_system, night_path(root, night))
 
 
 def solve_reference_season(survey: SimulatedSurvey, jobs: int = 1) -> list[dict]:

@@ -23,6 +23,8 @@ from pipeline.context.catalogs import add_catalog_context
 from pipeline.subtraction.difference import SubtractionResult, subtract_images
 from pipeline.subtraction.realbogus import load_model
 from pipeline.subtraction.products import write_subtraction
+from pipeline.context.solar_system import associate_solar_system
+from solarsystem.night import KnownObjectsLookup
 
 __all__ = ["run_subtraction", "subtract_files", "subtract_quadrant", "SubtractionRun"]
 
@@ -115,14 +117,17 @@ def run_subtraction(science_path: str | os.PathLike, reference_path: str | os.Pa
 def subtract_files(science_path: str | os.PathLike, reference_path: str | os.PathLike,
                    out: str | os.PathLike, cfg: Config,
                    refcat: str | os.PathLike | None = None,
-                   ps1cat: str | os.PathLike | None = None) -> SubtractionRun:
+                   ps1cat: str | os.PathLike | None = None,
+                   solar_system: str | os.PathLike | None = None) -> SubtractionRun:
     """:func:`run_subtraction`, also handing over what it computed (:class:`SubtractionRun`)."""
-    return subtract_quadrant(read_quadrant(science_path), reference_path, out, cfg, refcat, ps1cat=ps1cat)
+    return subtract_quadrant(read_quadrant(science_path), reference_path, out, cfg, refcat, ps1cat=ps1cat,
+                             solar_system=solar_system)
 
 
 def subtract_quadrant(science: QuadrantImage, reference_path: str | os.PathLike, out: str | os.PathLike,
                       cfg: Config, refcat: str | os.PathLike | None = None, extraction=None,
-                      ps1cat: str | os.PathLike | None = None) -> SubtractionRun:
+                      ps1cat: str | os.PathLike | None = None,
+                      solar_system: str | os.PathLike | None = None) -> SubtractionRun:
     """Subtract the reference from a solved science image held in memory; write the products.
 
     Parameters
@@ -148,6 +153,10 @@ def subtract_quadrant(science: QuadrantImage, reference_path: str | os.PathLike,
         The astrometry stage's extraction of these very pixels
         (:attr:`pipeline.astrometry.solve.AstrometryResult.extraction`), reused instead of
         extracting again.
+    solar_system : path-like, optional
+        The solar-system folder (``paths.solar_system``: orbit store and night files); given,
+        the candidates get ``ssdistnr``, ``ssmagnr`` and ``ssnamenr`` (a missing store is bad
+        input, exit 3); None leaves those columns out.
     """
     t0 = time.perf_counter()
     science_path = science.path
@@ -167,6 +176,12 @@ def subtract_quadrant(science: QuadrantImage, reference_path: str | os.PathLike,
             t_context = time.perf_counter()
             add_catalog_context(result.candidates, ps1, gaia, cfg.context)
             result.timings["context"] = ps1_read_s + time.perf_counter() - t_context
+        if solar_system is not None:
+            t_known = time.perf_counter()
+            known = KnownObjectsLookup(solar_system, cfg.site, cfg.solar_system)(
+                science.wcs, science.data.shape, meta.obsmjd + 0.5 * meta.exptime / 86400.0)
+            associate_solar_system(result.candidates, known, cfg.solar_system)
+            result.timings["solar_system"] = time.perf_counter() - t_known
     except (BadInputError, UnusableImageError) as exc:
         # SubtractionError is an UnusableImageError: the image's content defeated the method.
         log.error("%s", describe(exc))

@@ -37,6 +37,8 @@ def test_demo_runs_the_survey_through_the_quadrant_runner(tmp_path, capsys):
     detectable = sum(r["transients_detectable"] for r in summary.subtractions)
     found = sum(r["transients_found"] for r in summary.subtractions)
     assert detectable >= 5 and found >= 0.9 * detectable
+    asteroids = sum(r["asteroids_found"] for r in summary.subtractions)
+    assert asteroids > 0 and sum(r["asteroids_named"] for r in summary.subtractions) == asteroids
     assert "simulated transients above the limit" in text and "science exposures" in summary.stages
     saved = json.loads((workdir / "qa" / "subtractions.json").read_text())
     assert [r["n_candidates"] for r in saved] == [r["n_candidates"] for r in summary.subtractions]
