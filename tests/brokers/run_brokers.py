@@ -177,14 +177,44 @@ def _ampel(path: Path, filters: dict, capture: _LastRecord) -> dict:
     return out
 
 
-def _scalar_column(values: list) -> pd.Series:
-    """One candidate field as Arrow hands it to pandas: numbers (null -> NaN) or objects."""
-    present = [v for v in values if v is not None]
-    if present and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present):
-        if len(present) == len(values) and all(isinstance(v, int) for v in present):
-            return pd.Series(values, dtype="int64")
-        return pd.Series([np.nan if v is None else float(v) for v in values], dtype="float64")
-    return pd.Series(values, dtype="object")
+NUMERIC_AVRO = {"int", "long", "float", "double"}
+
+
+def _numeric_fields(writer_schema: dict) -> set[str]:
+    """The candidate fields the packet's writer schema types as numbers (nullable or not)."""
+    def named(schema, name):
+        if isinstance(schema, dict):
+            if schema.get("name", "").split(".")[-1] == name:
+                return schema
+            for value in schema.get("fields", []) + ([schema["items"]] if "items" in schema else []):
+                found = named(value.get("type", value) if isinstance(value, dict) else value, name)
+                if found:
+                    return found
+        elif isinstance(schema, list):
+            for value in schema:
+                found = named(value, name)
+                if found:
+                    return found
+        return None
+
+    candidate = named(writer_schema, "candidate") or {}
+    out = set()
+    for field in candidate.get("fields", []):
+        types = field["type"] if isinstance(field["type"], list) else [field["type"]]
+        if any(t in NUMERIC_AVRO for t in types if isinstance(t, str)):
+            out.add(field["name"])
+    return out
+
+
+def _scalar_column(values: list, numeric: bool) -> pd.Series:
+    """One candidate field as Spark's Arrow transfer hands it to pandas: a number column is int64
+    without nulls, else float64 with NaN for null (also when every value is null: Arrow knows
+    the type from the schema); a string column is objects with None."""
+    if not numeric:
+        return pd.Series(values, dtype="object")
+    if all(isinstance(v, int) for v in values):
+        return pd.Series(values, dtype="int64")
+    return pd.Series([np.nan if v is None else float(v) for v in values], dtype="float64")
 
 
 def _concat_column(records: list[dict], name: str) -> pd.Series:
@@ -196,9 +226,9 @@ def _concat_column(records: list[dict], name: str) -> pd.Series:
     return pd.Series(arrays, dtype="object")
 
 
-def _fink_frame(records: list[dict]) -> pd.DataFrame:
+def _fink_frame(records: list[dict], numeric: set[str]) -> pd.DataFrame:
     fields = sorted({k for r in records for k in r["candidate"]})
-    frame = pd.DataFrame({k: _scalar_column([r["candidate"].get(k) for r in records]) for k in fields})
+    frame = pd.DataFrame({k: _scalar_column([r["candidate"].get(k) for r in records], k in numeric) for k in fields})
     for name in ("jd", "magpsf", "fid"):
         frame["c" + name] = _concat_column(records, name)
     return frame
@@ -206,7 +236,7 @@ def _fink_frame(records: list[dict]) -> pd.DataFrame:
 
 def _nan_inputs(frame: pd.DataFrame, columns: list[str]) -> list[list[str]]:
     """Per alert, the scalar input columns that are NaN/None (a null field as Fink sees it)."""
-    nan = pd.DataFrame({c: frame[c].isna() for c in columns if frame[c].dtype != object or c in frame})
+    nan = pd.DataFrame({c: frame[c].isna() for c in columns}, index=frame.index)
     return [[c for c in columns if nan[c].iloc[i]] for i in range(len(frame))]
 
 
@@ -232,10 +262,8 @@ def _call(func, frame: pd.DataFrame, args: list[str], scalar_inputs: list[str]) 
         return out
 
 
-def _fink(records: list[dict]) -> list[dict]:
-    if not records:
-        return []
-    frame = _fink_frame(records)
+def _fink(records: list[dict], numeric: set[str]) -> list[dict]:
+    frame = _fink_frame(records, numeric)
     for column in ("ndethist", "sgscore1", "ssdistnr", "distpsnr1", "rb", "nbad", "drb", "jd", "jdstarthist"):
         if column not in frame:                 # a field the packet's schema lacks: Spark gives null
             frame[column] = np.nan
@@ -280,10 +308,12 @@ def main(argv: list[str] | None = None) -> int:
     logger, capture = _logger()
     filters = {"standard": _decent(STANDARD, logger), "sso_only": _decent(SSO_ONLY, logger)}
 
-    alerts, records = [], []
+    alerts, records, schemas = [], [], []
     for path in files:
         with open(path, "rb") as f:
-            record = next(fastavro.reader(io.BytesIO(f.read())))
+            reader = fastavro.reader(io.BytesIO(f.read()))
+            record = next(reader)
+        schemas.append(json.dumps(reader.writer_schema, sort_keys=True))
         candidate = record.get("candidate") or {}
         entry = {"file": str(path), "schemavsn": record.get("schemavsn"), "objectId": record.get("objectId"),
                  "candid": record.get("candid"),
@@ -291,11 +321,15 @@ def main(argv: list[str] | None = None) -> int:
                  "ampel": _ampel(path, filters, capture)}
         alerts.append(entry)
         records.append(record)
-    # Fink's ingestion reads the same struct layout; packets without a candidate struct cannot be
-    # read by it at all (none of skydiff's), so only those with one go through its modules.
-    fink_rows = [i for i, r in enumerate(records) if isinstance(r.get("candidate"), dict)]
-    for i, result in zip(fink_rows, _fink([records[i] for i in fink_rows])):
-        alerts[i]["fink"] = result
+    # Spark reads one schema per DataFrame, so Fink's modules run on the packets of each writer
+    # schema as one batch (real samples span several schemas; ours are all v4.02).
+    by_schema: dict[str, list[int]] = {}
+    for i, schema in enumerate(schemas):
+        by_schema.setdefault(schema, []).append(i)
+    for schema, rows in by_schema.items():
+        numeric = _numeric_fields(json.loads(schema))
+        for i, result in zip(rows, _fink([records[i] for i in rows], numeric)):
+            alerts[i]["fink"] = result
 
     versions = {}
     for name in PACKAGES:
