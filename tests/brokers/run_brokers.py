@@ -3,7 +3,7 @@
 Executed with the broker venv's Python (``.venv-brokers/bin/python``, made by bootstrap.sh from
 ``tests/brokers/requirements*.txt``), never with skydiff's: AMPEL needs newer numpy/astropy than
 skydiff pins, and nothing of skydiff is importable here -- this script only reads ``.avro`` files.
-``tests/brokers/contract.py`` calls it and parses its output.
+``tests/_brokers.py`` calls it and parses its output.
 
     run_brokers.py PATH [PATH ...]     .avro files, or folders searched recursively for them
 
@@ -27,7 +27,7 @@ null or missing" step and "cut" for every other rejection.  Because its history 
 that step, ``missing_fields``/``null_fields`` also list, for every alert, which of the filter's own
 ``keys_to_check`` are absent/None in the latest photopoint, whatever rejected the alert first.
 Two configurations run (both with ``gaia_rs=0``: its Gaia veto is a catalogue web service):
-"standard", the values AMPEL's ZTF channels use, and "sso_only", every cut opened except the
+"standard", the cuts of AMPEL's follow-up scanners, and "sso_only", every cut opened except the
 solar-system distance (``0 <= ssdistnr < min_sso_dist``), so its rejections are exactly
 "null field" or "known solar-system object".
 
@@ -273,7 +273,8 @@ def _fink(records: list[dict], numeric: set[str]) -> list[dict]:
     results["roid_catcher"] = roid
     results["nalerthist"] = _call(nalerthist.func, frame, ["cmagpsf"], [])
     results["ztf_quality_cuts"] = _call(ztf_quality_cuts.func, frame, ["rb", "nbad"], ["rb", "nbad"])
-    # The filters that read roid take it as Fink's pipeline hands it on: the label column.
+    # The filters that read roid take it as Fink's pipeline hands it on: the label column (0 where
+    # roid_catcher raised, so they still run on the other alerts; that error is reported above).
     frame["roid"] = pd.Series([r["value"] if r["value"] is not None else 0 for r in roid], dtype="int64")
     results["sso_ztf_candidates"] = _call(sso_ztf_candidates.func, frame, ["roid"], [])
     # cdsxmatch is Fink's CDS cross-match (a web service); "Unknown" is what Fink writes for no match.
@@ -287,6 +288,8 @@ def _fink(records: list[dict], numeric: set[str]) -> list[dict]:
 
 def _avro_files(paths: list[str]) -> list[Path]:
     files = []
+    if any(not str(p).strip() for p in paths):
+        raise SystemExit("run_brokers: an empty path (it would mean the current folder)")
     for p in map(Path, paths):
         if p.is_dir():
             files.extend(sorted(p.rglob("*.avro")))
