@@ -8,6 +8,8 @@ alert on a simulated asteroid is a known solar-system object to both brokers.
 """
 from __future__ import annotations
 
+import numpy as np
+
 import pytest
 from astropy.table import Table
 
@@ -59,24 +61,17 @@ def test_fink_modules_run_on_every_alert(spooled):
 
 
 def asteroid_sightings(survey) -> list[Sighting]:
-    """The simulated solar-system objects on each science exposure of ``survey``, from the
-    simulator's per-quadrant truth (``sim/truth/<expid>/<quadrant>_truth.fits``, HDU TRUTH):
-    the rows with an ``ssnamenr`` column value (the name as ZTF writes it; "null" or empty for
-    every other object), at their true ``ra``/``dec`` for the exposure's mid-time.
-    A truth table without that column means the simulator adds no asteroids: a failure."""
+    """The simulated minor planets drawn on each science exposure of ``survey``, from the
+    simulator's per-quadrant truth (``sim/truth/<expid>/<quadrant>_truth.fits``, HDU ASTEROIDS:
+    ``ssnamenr`` as ZTF writes it, true ``ra``/``dec`` at mid-exposure, ``on_image``)."""
     sightings = []
     for expid in survey.science:
         folder = survey.exposures[expid]
         sim = folder.parents[2]                     # sim/exposures/<night>/<expid>
         for image in sorted(folder.glob("*.fits")):
-            truth = Table.read(sim / "truth" / str(expid) / f"{image.stem}_truth.fits", hdu="TRUTH")
-            assert "ssnamenr" in truth.colnames, (
-                f"{image.stem}_truth.fits has no ssnamenr column: the simulator adds no asteroids "
-                "(issue 13 item 3)")
-            for row in truth:
-                name = str(row["ssnamenr"]).strip()
-                if name and name != "null":
-                    sightings.append(Sighting(name, expid, float(row["ra"]), float(row["dec"])))
+            truth = Table.read(sim / "truth" / str(expid) / f"{image.stem}_truth.fits", hdu="ASTEROIDS")
+            for row in truth[np.asarray(truth["on_image"], bool)]:
+                sightings.append(Sighting(str(row["ssnamenr"]).strip(), expid, float(row["ra"]), float(row["dec"])))
     return sightings
 
 
