@@ -185,8 +185,9 @@ def alert_context(science_header: fits.Header, wcs, reference: Any, result_or_qa
     shape : (int, int), optional
         The image's (ny, nx); default: the result's, else the header's NAXIS2/NAXIS1.
     outdir : path-like, optional
-        The subtraction's products folder: ``pdiffimfilename`` is its ``diff.fits`` (null
-        without one: an in-memory subtraction wrote no difference image).
+        The subtraction's products folder: ``pdiffimfilename`` is its ``diff.fits``, relative
+        to ``paths.outputs`` when under it (null without one: an in-memory subtraction wrote no
+        difference image).
 
     Raises
     ------
@@ -214,7 +215,20 @@ def alert_context(science_header: fits.Header, wcs, reference: Any, result_or_qa
         rfid=ref.refid, jdstartref=ref.jdstart, jdendref=ref.jdend, nframesref=ref.nframes,
         footprint=footprint, exptime=float(meta.exptime), nid=int(math.floor(meta.obsmjd)) - ZTF_NIGHT_EPOCH_MJD,
         survey=cfg.kafka.survey, wcs_header=_wcs_cards(science_header, wcs),
-        pdiffimfilename=None if outdir is None else str(Path(outdir) / "diff.fits"), **calibration)
+        pdiffimfilename=_difference_image_name(outdir, cfg), **calibration)
+
+
+def _difference_image_name(outdir, cfg) -> str | None:
+    """``pdiffimfilename``: the products folder's ``diff.fits``, relative to ``paths.outputs``
+    when it lies there (as ZTF names the file, not where one machine keeps it: the same image
+    run by Slurm and by the local executor gives the same packet), else its absolute path."""
+    if outdir is None:
+        return None
+    path = (Path(outdir) / "diff.fits").resolve()
+    try:
+        return str(path.relative_to(cfg.paths.resolve("outputs").resolve()))
+    except ValueError:
+        return str(path)
 
 
 def cutout_triplets(cubes: Mapping[str, np.ndarray], candidates: Table) -> list[CutoutTriplet]:
