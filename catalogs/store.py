@@ -24,7 +24,6 @@ updated under an exclusive ``flock`` so two writers never lose each other's entr
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import warnings
@@ -40,6 +39,7 @@ from astropy.table import Table, vstack
 from astropy.utils.exceptions import AstropyUserWarning
 
 from pipeline.formats.atomic import write_json_atomic
+from pipeline.formats.locks import exclusive_lock
 from pipeline.formats.ldac import LDACError, read_ldac, write_ldac
 
 from catalogs.schema import (CATALOG_KINDS, GAIA, CatalogError, CatalogKind, as_catalog_table,
@@ -129,13 +129,8 @@ def read_store_info(store_dir: str | os.PathLike) -> StoreInfo:
 
 @contextmanager
 def _index_lock(store_dir: Path) -> Iterator[None]:
-    store_dir.mkdir(parents=True, exist_ok=True)
-    with open(store_dir / _LOCK, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with exclusive_lock(store_dir / _LOCK):
+        yield
 
 
 def update_index(store_dir: str | os.PathLike, nside: int, entries: Iterable[TileEntry],

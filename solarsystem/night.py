@@ -20,8 +20,6 @@ Earth, WGS84 for the site) and the H,G magnitude.
 """
 from __future__ import annotations
 
-import errno
-import fcntl
 import logging
 import os
 import time
@@ -36,6 +34,7 @@ from astropy.table import Table
 from pipeline.core.config import SiteConfig, SolarSystemConfig
 from pipeline.core.exits import BadInputError
 from pipeline.formats.atomic import atomic_path
+from pipeline.formats.locks import LockTimeout, exclusive_lock
 from solarsystem.mpcorb import ssnamenr_of
 from solarsystem.orbits import (C_AU_PER_DAY, GM_SUN_AU3_D2, astrometric_positions, elements_to_states, hg_magnitude,
                                 observer_barycentric, propagate_states, sun_barycentric, tt_jd_of_mjd_utc)
@@ -249,22 +248,12 @@ def objects_on_footprint(night_file: str | os.PathLike, ra_deg: float, dec_deg: 
 @contextmanager
 def _night_lock(path: Path, timeout_s: float):
     # One preparer per night file: parallel quadrant tasks of the same night wait for it.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as exc:
-                if exc.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() > deadline:
-                    raise BadInputError(f"{path}: another process has been preparing this night file for "
-                                        f"over {timeout_s:.0f} s (solar_system.lock_timeout_s)") from None
-                time.sleep(0.5)
-        yield
-    finally:
-        os.close(fd)
+        with exclusive_lock(f"{path}.lock", timeout_s, poll_s=0.5):
+            yield
+    except LockTimeout:
+        raise BadInputError(f"{path}: another process has been preparing this night file for "
+                            f"over {timeout_s:.0f} s (solar_system.lock_timeout_s)") from None
 
 
 def night_file_for(root: str | os.PathLike, mjd_utc: float, site: SiteConfig, config: SolarSystemConfig) -> Path:

@@ -14,7 +14,6 @@ written through a temporary file and a rename), and can be rebuilt from the file
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 from contextlib import contextmanager
@@ -26,6 +25,7 @@ import numpy as np
 
 from pipeline.matchfile.hjd import field_centre
 from pipeline.formats.atomic import write_text_atomic
+from pipeline.formats.locks import exclusive_lock
 from pipeline.matchfile.layout import LayoutError
 
 __all__ = ["Footprint", "footprint_of", "register_footprint", "FootprintIndex", "rebuild_index",
@@ -70,12 +70,8 @@ def footprint_of(ra_deg, dec_deg) -> Footprint:
 
 @contextmanager
 def _index_lock(root: Path):
-    fd = os.open(root / ".matchfile_index.lock", os.O_RDWR | os.O_CREAT, 0o664)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)   # held for milliseconds: a plain blocking lock
+    with exclusive_lock(root / ".matchfile_index.lock"):   # held for milliseconds: no timeout
         yield
-    finally:
-        os.close(fd)
 
 
 def _write_entries(root: Path, entries: dict) -> None:

@@ -44,11 +44,7 @@ drops them).  Writers (append, fold, seeding) serialise on ``fcntl.flock`` of
 """
 from __future__ import annotations
 
-import fcntl
 import logging
-import os
-import socket
-import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -70,6 +66,7 @@ from pipeline.matchfile.layout import (ID_DIGITS, LAYOUT_VERSION, LayoutError, c
                                matchfile_path, read_table, shard_dir, write_h5_atomic,
                                write_table)
 from pipeline.core.exits import PipelineError, RetryableError
+from pipeline.formats.locks import LockTimeout, exclusive_lock
 from pipeline.formats.atomic import TEMPORARY_MARK, fsync_directory
 
 __all__ = ["MatchfileConfig", "ReferenceMeta", "EpochMeta", "MatchfileError", "MatchfileLockTimeout",
@@ -144,24 +141,12 @@ def matchfile_lock(path: str | Path, timeout_s: float):
     """Exclusive writer lock on ``<path>.lock`` (flock), or :class:`MatchfileLockTimeout`."""
     path = Path(path)
     lock_path = path.with_name(path.name + ".lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o664)
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
-                    raise MatchfileLockTimeout(f"{path}: another writer held {lock_path.name} for more than "
-                                               f"{timeout_s:g} s (holder: {holder})") from None
-                time.sleep(0.02)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-        yield
-    finally:
-        os.close(fd)   # closing the descriptor releases the flock
+        with exclusive_lock(lock_path, timeout_s):
+            yield
+    except LockTimeout as exc:
+        raise MatchfileLockTimeout(f"{path}: another writer held {lock_path.name} for more than "
+                                   f"{timeout_s:g} s (holder: {exc.holder})") from None
 
 
 def _remove_stale_temporaries(path: Path) -> None:
