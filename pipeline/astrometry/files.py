@@ -27,7 +27,7 @@ from pipeline.astrometry.solve import (AstrometricPrior, AstrometryResult, astro
                                        prior_from_image_header, solve_astrometry)
 from pipeline.core.config import Config
 from pipeline.core.image import QuadrantImage, footprint_corners, read_quadrant, write_quadrant_image
-from pipeline.core.exits import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_RETRY, EXIT_UNUSABLE, BadInputError
+from pipeline.core.exits import EXIT_BAD_INPUT, EXIT_OK, EXIT_RETRY, EXIT_UNUSABLE, BadInputError, exit_status_of
 from pipeline.formats.atomic import write_json_atomic
 from pipeline.formats.scamp_head import apply_wcs_header
 
@@ -142,9 +142,9 @@ def solve_quadrant(image: QuadrantImage, name: str, refcat: str | os.PathLike, p
     try:
         result = solve_astrometry(image, gaia, prior, workdir, cfg.astrometry, cfg.extraction, cfg.site,
                                   cfg.instrument.filters[image.meta.filter])
-    except ScampError as exc:
+    except ScampError as exc:   # not started (1), or no readable output after exit 0 (75)
         log.error("SCAMP could not be run: %s", exc)
-        return AstrometryRun(EXIT_FAILED, None)
+        return AstrometryRun(exit_status_of(exc), None)
     finally:
         if not keep_workdir:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -38,11 +38,11 @@ from pipeline.core.config import AstrometryConfig
 from pipeline.formats.ldac import LDACError, read_ldac, write_ldac
 from pipeline.formats.scamp_head import (WcsHeaderError, read_head, strip_wcs_keywords, wcs_from_header,
                        write_ahead)
-from pipeline.core.exits import PipelineError
+from pipeline.core.exits import PipelineError, RetryableError
 
 __all__ = ["ScampError", "ScampNotFoundError", "ScampInputError", "scamp_parameters",
            "ScampInputs", "ScampQA", "ScampPassResult", "ScampResult", "load_inputs",
-           "run_scamp_pass", "solve_with_scamp", "parse_scamp_xml"]
+           "run_scamp_pass", "solve_with_scamp", "parse_scamp_xml", "ScampOutputError"]
 
 DETECTION_COLUMNS = ("XWIN_IMAGE", "YWIN_IMAGE", "ERRAWIN_IMAGE", "ERRBWIN_IMAGE",
                      "FLUX_AUTO", "FLUXERR_AUTO")
@@ -60,6 +60,10 @@ _REFERENCES_LOADED = re.compile(r"(\d+)\s+astrometric references loaded")
 
 class ScampError(PipelineError, RuntimeError):
     """SCAMP could not be run at all."""
+
+
+class ScampOutputError(RetryableError, ScampError):
+    """SCAMP exited 0 but left no readable output: an environment fault, exit 75 (retry)."""
 
 
 class ScampNotFoundError(ScampError, FileNotFoundError):
@@ -416,13 +420,15 @@ def _run_pass(inputs: ScampInputs, ahead: fits.Header, pass_number: int,
                        f"{-returncode}{' ' + name if name else ''})")
     if returncode != 0:
         return outcome(f"pass {pass_number}: SCAMP failed with exit status {returncode}")
+    # SCAMP reporting success without a readable XML is not a verdict on the image: its
+    # environment failed it (disk full, a broken binary); a retry may succeed.
     xml_path = run_dir / XML_NAME
     if not xml_path.exists():
-        return outcome(f"pass {pass_number}: SCAMP wrote no XML")
+        raise ScampOutputError(f"pass {pass_number}: SCAMP exited 0 but wrote no XML ({run_dir})")
     try:
         qa = parse_scamp_xml(xml_path, run_dir / LOG_NAME)
     except ScampError as exc:
-        return outcome(f"pass {pass_number}: {exc}")
+        raise ScampOutputError(f"pass {pass_number}: SCAMP exited 0 but {exc}") from None
     head_path = run_dir / Path(CATALOG_NAME).with_suffix(".head").name
     try:
         head = read_head(head_path)

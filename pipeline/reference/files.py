@@ -147,7 +147,8 @@ def read_reference(path: str | os.PathLike) -> ReferenceImage:
     Raises
     ------
     ReferenceError
-        Missing or unreadable file, no 2-D primary image, no WCS, no finite MAGZP, or an
+        Missing or unreadable file, no 2-D primary image or not one finite pixel in it, no WCS,
+        no finite MAGZP, or an
         extension of the wrong shape or content.
     """
     source = str(path)
@@ -173,6 +174,10 @@ def read_reference(path: str | os.PathLike) -> ReferenceImage:
         raise ReferenceError(source, f"bad PSF extension ({exc})") from None
     except (OSError, ValueError, TypeError, IndexError, KeyError) as exc:
         raise ReferenceError(source, f"not a readable FITS reference ({exc})") from None
+    # An image without one finite pixel is no reference: caught here, before a subtraction
+    # spends its ZOGY run on it and fails on a limit it cannot compute.
+    if not np.isfinite(data).any():
+        raise ReferenceError(source, "primary image has no finite pixel (all NaN or infinite)")
     wcs = header_wcs(header)
     if wcs is None:
         raise ReferenceError(source, "no celestial WCS in the primary header")

@@ -326,7 +326,6 @@ def test_timeout_kills_the_whole_process_group(inner, tmp_path):
 @pytest.mark.parametrize("body, expected", [
     ("kill -SEGV $$", "crashed (killed by signal 11 SIGSEGV)"),
     ("echo '> *Error*: Corrupted FITS header' >&2; exit 1", "failed with exit status 1"),
-    ("exit 0", "SCAMP wrote no XML"),
 ])
 def test_crash_is_reported(inner, tmp_path, body, expected):
     quadrant, detections, reference = inner
@@ -337,6 +336,23 @@ def test_crash_is_reported(inner, tmp_path, body, expected):
     assert result.wcs_header is None
     if "Corrupted" in body:
         assert "Corrupted FITS header" in result.stderr_tail
+
+
+@pytest.mark.parametrize("body, expected", [
+    ("exit 0", "SCAMP exited 0 but wrote no XML"),
+    ("echo garbage > scamp.xml; exit 0", "SCAMP exited 0 but"),
+])
+def test_success_without_readable_output_is_retryable(inner, tmp_path, body, expected):
+    """SCAMP exiting 0 without a readable XML is an environment fault (75, retry), not a
+    verdict that the image is unusable (4)."""
+    from pipeline.astrometry.scamp import ScampOutputError
+    from pipeline.core.exits import exit_status_of
+
+    quadrant, detections, reference = inner
+    settings = AstrometryConfig(scamp_binary=_fake_binary(tmp_path, body), scamp_timeout_s=10.0)
+    with pytest.raises(ScampOutputError, match=expected) as info:
+        solve_with_scamp(detections, reference, quadrant.ahead, quadrant.shape, settings, tmp_path)
+    assert exit_status_of(info.value) == 75
 
 
 # ------------------------------------------------------------------------ benchmark

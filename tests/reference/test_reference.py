@@ -354,6 +354,9 @@ def test_read_reference_accepts_a_plain_image_and_rejects_bad_files(tmp_path):
                   fits.ImageHDU(np.zeros((4, 4), np.int16), name="MASK")]).writeto(tmp_path / "badmask.fits")
     with pytest.raises(ReferenceError, match="MASK extension does not match"):
         read_reference(tmp_path / "badmask.fits")
+    fits.PrimaryHDU(np.full((8, 8), np.nan, np.float32), header).writeto(tmp_path / "allnan.fits")
+    with pytest.raises(ReferenceError, match="allnan.fits: primary image has no finite pixel"):
+        read_reference(tmp_path / "allnan.fits")
 
 
 def test_bad_inputs_raise_clear_errors():
