@@ -4,6 +4,7 @@ store, the night file and the per-quadrant lookup."""
 from __future__ import annotations
 
 import numpy as np
+from astropy.coordinates import angular_separation
 import pytest
 from astropy.table import Table
 
@@ -19,9 +20,7 @@ FIELD = (600, 150.0, 33.0)
 
 
 def _separation_arcsec(ra1, dec1, ra2, dec2):
-    ra1, dec1, ra2, dec2 = (np.radians(np.asarray(v, float)) for v in (ra1, dec1, ra2, dec2))
-    a = np.sin((dec2 - dec1) / 2) ** 2 + np.cos(dec1) * np.cos(dec2) * np.sin((ra2 - ra1) / 2) ** 2
-    return np.degrees(2 * np.arcsin(np.sqrt(a))) * 3600
+    return np.degrees(angular_separation(*(np.radians(np.asarray(v, float)) for v in (ra1, dec1, ra2, dec2)))) * 3600
 
 
 @pytest.fixture(scope="module")
