@@ -136,7 +136,7 @@ def image_calibration(result_or_qa: Any) -> dict[str, Any]:
 
     Returns a dict with ``diffmaglim``, ``magzpsci``, ``magzpsciunc``, ``magzpscirms``,
     ``clrcoeff``, ``clrcounc``, ``zpmed``, ``clrmed``, ``clrrms``, ``zpclrcov`` (float or None),
-    ``nmatches`` (int) and ``rbversion`` (str).
+    ``nmatches`` (int), ``rbversion`` and ``drbversion`` (str).
     """
     if isinstance(result_or_qa, Mapping):
         qa = result_or_qa
@@ -145,12 +145,14 @@ def image_calibration(result_or_qa: Any) -> dict[str, Any]:
         return {"diffmaglim": _finite_or_none(qa["diffmaglim"]), "magzpsci": _finite_or_none(qa["zp_science"]),
                 **{name: _finite_or_none(qa.get(name)) for name in
                    _CALIBRATION_FIELDS},
-                "nmatches": int(qa.get("nmatches") or 0), "rbversion": str(qa.get("rbversion") or "")}
+                "nmatches": int(qa.get("nmatches") or 0), "rbversion": str(qa.get("rbversion") or ""),
+                "drbversion": str(qa.get("drbversion") or "")}
     result = result_or_qa
     photcal = result.science.photcal
     values = {"diffmaglim": _finite_or_none(result.diffmaglim), "magzpsci": _finite_or_none(result.zp_science),
               **{name: None for name in _CALIBRATION_FIELDS}, "nmatches": 0,
-              "rbversion": str(result.candidates.meta.get("rbversion") or "")}
+              "rbversion": str(result.candidates.meta.get("rbversion") or ""),
+              "drbversion": str(result.candidates.meta.get("drbversion") or "")}
     if photcal is not None:
         values.update({name: _finite_or_none(getattr(photcal, name))
                        for name in _CALIBRATION_FIELDS})

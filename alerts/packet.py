@@ -29,8 +29,8 @@ pdiffimfilename); else 3. derived: ``pid``/``candid`` (:mod:`alerts.ids`), ``isd
 ``aimagerat``/``bimagerat`` = aimage/fwhm, bimage/fwhm, ``elong`` = aimage/bimage; else 4.
 from the object history (``ndethist``, ``ncovhist``, ``jdstarthist``, ``jdendhist``); else
 null, for the reasons in :data:`NULL_REASONS`.  ``nmtchps`` is 0 unless the table has the
-column (the context stage's PS1 search) and ``drbversion`` is the context's (empty: no
-deep-learning classifier).  ``fp_hists`` is null: no forced photometry is run.  ``jd`` is
+column (the context stage's PS1 search); ``drbversion`` is the table's column, else the
+context's (empty: the cutouts were not scored).  ``fp_hists`` is null: no forced photometry is run.  ``jd`` is
 the context's ``jd`` as given.
 """
 from __future__ import annotations
@@ -62,7 +62,7 @@ NULL_REASONS = {
        for prefix in ("sgmag", "srmag", "simag", "szmag", "sgscore", "distpsnr", "objectidps")},
     **{name: "no Gaia cross-match (the context stage did not run)"
        for name in ("neargaia", "maggaia", "neargaiabright", "maggaiabright")},
-    "drb": "no deep-learning real-bogus classifier",
+    "drb": "the cutouts were not scored (candidates from elsewhere, or scoring switched off)",
     "programpi": "no registry of programme principal investigators: programid only",
     "pdiffimfilename": "alerts made in memory, without a products folder holding the difference image",
     **{name: "the science image was calibrated without Gaia (header MAGZP or the reference catalogue)"
@@ -179,8 +179,9 @@ def candidate_records(context: AlertContext, candidates) -> list[dict]:
             raise AlertInputError(f"candidates column {name!r} is NaN or masked in row(s) {bad[:10]}")
     for name in ("ranr", "decnr"):
         columns[name] = [math.nan if v is None else v for v in columns[name]]
-    if "rbversion" in columns:
-        columns["rbversion"] = [context.rbversion if v is None else str(v) for v in columns["rbversion"]]
+    for version in ("rbversion", "drbversion"):
+        if version in columns:
+            columns[version] = [getattr(context, version) if v is None else str(v) for v in columns[version]]
     columns["isdiffpos"] = [_isdiffpos(v) for v in columns["isdiffpos"]]
     indices = _column_values(candidates["cand_index"])
     pid = context.pid

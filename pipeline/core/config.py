@@ -618,10 +618,11 @@ class SubtractionConfig:
 
 @dataclass(frozen=True)
 class RealBogusConfig:
-    """``[realbogus]``: the model that scores the candidates
-    (:func:`pipeline.subtraction.realbogus.load_model`)."""
+    """``[realbogus]``: the models that score the candidates
+    (:func:`pipeline.subtraction.realbogus.load_model`, :func:`pipeline.subtraction.drb.load_drb_model`)."""
 
     model: str = ""                     # a model file (``skydiff realbogus train``); "": the shipped model
+    drb_model: str = ""                 # a drb network (``skydiff realbogus train-drb``); "": the shipped one
 
 
 @dataclass(frozen=True)

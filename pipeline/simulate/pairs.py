@@ -8,7 +8,8 @@ error (another pixel grid), seeing and PSF variation, into which point sources o
 flux are injected with the simulator's own PSF.  The science image's WCS is its true WCS
 (the astrometry stage's job is tested elsewhere), optionally offset to mimic a
 misregistration; artefacts the simulator does not mask (cosmic rays, and here optionally
-unmasked hot pixels) are left for the subtraction and the real-bogus model to deal with.
+unmasked hot pixels, unmasked bad-column segments and a glow along the readout edge) are
+left for the subtraction and the real-bogus models to deal with.
 """
 from __future__ import annotations
 
@@ -55,6 +56,8 @@ class PairOptions:
     edge_margin_px: float = 40.0
     misregister_px: tuple[float, float] = (0.0, 0.0)
     hot_pixels: int = 0
+    bad_columns: int = 0                # unmasked hot or dead column segments on the science image
+    edge_glow_sigma: float = 0.0        # peak of a glow along the readout edges, in sky-noise sigmas
     transients_window_days: float = 40.0
 
 
@@ -73,6 +76,9 @@ class SimulatedPair:
     sky: SkyModel
     spec: object
     reference_frames: list[QuadrantImage] = field(default_factory=list)
+    # x, y0, y1 (1-based) of unmasked bad-column segments added
+    bad_columns: Table = field(default_factory=lambda: Table({"x": np.zeros(0), "y0": np.zeros(0),
+                                                               "y1": np.zeros(0)}))
 
 
 def _solved(quadrant, usable: bool = True, shift_px: tuple[float, float] = (0.0, 0.0)) -> QuadrantImage:
@@ -152,6 +158,42 @@ def _snr_flux_adu(spec, cfg: Config, rcid: int, x, y) -> np.ndarray:
                      for xi, yi in zip(x, y)])
 
 
+def _add_unmasked_bad_columns(data: np.ndarray, n: int, rng) -> Table:
+    """``n`` column segments (30-400 rows) made hot (+100-2000 ADU) or dead (x 0.1), not masked:
+    defects that appeared after the bad-pixel mask was made.  Returns their 1-based x, y0, y1."""
+    ny, nx = data.shape
+    col = rng.integers(10, nx - 10, n)
+    length = rng.integers(30, 400, n)
+    first = np.array([rng.integers(0, ny - k) for k in length], dtype=np.int64)
+    for c, y0, k in zip(col, first, length):
+        if rng.random() < 0.5:
+            data[y0:y0 + k, c] += np.float32(rng.uniform(100, 2000))
+        else:
+            data[y0:y0 + k, c] *= np.float32(0.1)
+    return Table({"x": col + 1.0, "y0": first + 1.0, "y1": (first + length).astype(float)})
+
+
+def _add_edge_glow(data: np.ndarray, peak_adu: float, rng) -> None:
+    """Amplifier glow along the first and last columns (the readout edges), unmasked: a few
+    pixels deep and patchy along the edge, too sharp for the background mesh to follow."""
+    ny, nx = data.shape
+    depth = rng.uniform(2.0, 6.0)
+    rows = np.arange(ny)
+    for side in (0, 1):
+        # Patches 20-80 rows long along the edge, so the glow makes compact residuals.
+        centres = rng.uniform(0, ny, 25)
+        widths = rng.uniform(10, 40, 25)
+        strengths = rng.uniform(0.3, 1.0, 25)
+        profile = (strengths[None, :] * np.exp(-0.5 * ((rows[:, None] - centres[None, :]) / widths[None, :]) ** 2)
+                   ).sum(axis=1)
+        across = np.exp(-np.arange(16) / depth)
+        glow = (peak_adu * profile[:, None] * across[None, :]).astype(np.float32)
+        if side == 0:
+            data[:, :16] += glow
+        else:
+            data[:, -16:] += glow[:, ::-1]
+
+
 def simulate_science(cfg: Config, options: PairOptions, sky: SkyModel | None = None) -> SimulatedPair:
     """The pair's science exposure with injected point sources (no reference yet)."""
     sky = pair_sky(cfg, options) if sky is None else sky
@@ -176,11 +218,18 @@ def simulate_science(cfg: Config, options: PairOptions, sky: SkyModel | None = N
         row = rng.integers(10, ny - 10, options.hot_pixels)
         data[row, col] += rng.uniform(200, 3000, options.hot_pixels).astype(np.float32)
         hot = Table({"x": col + 1.0, "y": row + 1.0})
+    # Their own random stream, so pairs without them are drawn exactly as before.
+    defects_rng = np.random.default_rng(np.random.SeedSequence([options.seed, 78]))
+    bad_columns = _add_unmasked_bad_columns(data, options.bad_columns, defects_rng)
+    if options.edge_glow_sigma > 0:
+        sky_sigma_adu = float(np.sqrt(sky_electrons_per_pixel(spec, cfg) + cfg.instrument.read_noise ** 2)
+                              / cfg.instrument.gain)
+        _add_edge_glow(data, options.edge_glow_sigma * sky_sigma_adu, defects_rng)
     solved = _solved(replace(quadrant, data=data), shift_px=options.misregister_px)
     gaia = propagate_to_epoch(sky.gaia_catalogue(), Time(spec.obsmjd + 0.5 * spec.exptime / 86400,
                                                           format="mjd", scale="utc"))
     return SimulatedPair(cfg=cfg, science=solved, true_wcs=WCS(quadrant.truth_header), truth=quadrant.truth,
-                         injected=injected, hot_pixels=hot, zeropoint=zp, gaia=gaia, sky=sky, spec=spec)
+                         injected=injected, hot_pixels=hot, bad_columns=bad_columns, zeropoint=zp, gaia=gaia, sky=sky, spec=spec)
 
 
 def simulated_pair(cfg: Config, options: PairOptions = PairOptions()) -> SimulatedPair:

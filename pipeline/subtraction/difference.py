@@ -40,6 +40,7 @@ from pipeline.subtraction.candidates import bound_saturated_neighbours, cutout_s
 from pipeline.measure.characterize import Characterization, CharacterizeError, characterize_image
 from pipeline.core.config import FilterConfig, SubtractionConfig
 from pipeline.measure.psf import PSFModel
+from pipeline.subtraction.drb import DrbModel, load_default_drb_model
 from pipeline.subtraction.realbogus import RealBogusModel, load_default_model
 from pipeline.measure.registration import RegisteredImage, RegistrationError, register_image
 from pipeline.measure.stargalaxy import star_probability
@@ -70,7 +71,8 @@ class SubtractionResult:
         The reference on the science grid (reference ADU at ``zp_ref``).
     zogy : ZogyResult
     candidates : Table
-        :func:`pipeline.subtraction.candidates.find_candidates` columns plus ``rb`` and ``rbversion``.
+        :func:`pipeline.subtraction.candidates.find_candidates` columns plus ``rb``, ``rbversion``,
+        ``drb`` and ``drbversion``.
     cutouts : dict of str to ndarray
         ``science``, ``reference``, ``difference``: (N, 63, 63) stamps per candidate.
     zp_science, zp_ref : float
@@ -130,6 +132,7 @@ class SubtractionResult:
             "candidates_truncated": bool(self.candidates.meta.get("truncated", False)),
             "n_peaks_total": int(self.candidates.meta.get("n_peaks_total", len(self.candidates))),
             "rbversion": self.candidates.meta.get("rbversion"),
+            "drbversion": self.candidates.meta.get("drbversion"),
             "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
         }
 
@@ -295,7 +298,8 @@ def subtract_images(data: np.ndarray, mask: np.ndarray, header, wcs, reference, 
                     gain: float, saturate: float, pixel_scale_arcsec: float,
                     gaia: Table | None = None, extraction=None, read_noise: float | None = None,
                     rb_model: RealBogusModel | None = None, score_realbogus: bool = True,
-                    config: SubtractionConfig = SubtractionConfig()) -> SubtractionResult:
+                    config: SubtractionConfig = SubtractionConfig(), drb_model: DrbModel | None = None
+                    ) -> SubtractionResult:
     """Subtract the reference from a science quadrant and find the transient candidates.
 
     Parameters
@@ -320,8 +324,11 @@ def subtract_images(data: np.ndarray, mask: np.ndarray, header, wcs, reference, 
         Default: the model shipped with the package (the file edge passes the one
         ``[realbogus]`` names).
     score_realbogus : bool
-        False leaves ``rb`` NaN (for training a model on the features).
+        False leaves ``rb`` and ``drb`` NaN (for training a model on the features or cutouts).
     config : SubtractionConfig
+    drb_model : DrbModel, optional
+        The cutout network scoring ``drb``; default: the shipped one (the file edge passes
+        the one ``[realbogus] drb_model`` names).
         The ``[subtraction]`` section (its characterisation and registration are the shared
         ``[characterize]`` and ``[registration]``).
 
@@ -444,6 +451,17 @@ def subtract_images(data: np.ndarray, mask: np.ndarray, header, wcs, reference, 
                             np.asarray(candidates["xpos"], dtype=float),
                             np.asarray(candidates["ypos"], dtype=float), config.candidates.cutout_size)
     timings["cutouts"] = clock() - t6
+    t7 = clock()
+    if score_realbogus:
+        network = drb_model if drb_model is not None else load_default_drb_model()
+        candidates["drb"] = network.score(cutouts) if len(candidates) else np.zeros(0)
+        drb_version = network.version
+    else:
+        candidates["drb"] = np.full(len(candidates), np.nan)
+        drb_version = ""
+    candidates["drbversion"] = np.full(len(candidates), drb_version, dtype=f"U{max(len(drb_version), 1)}")
+    candidates.meta["drbversion"] = drb_version
+    timings["drb"] = clock() - t7
     limit = diffmaglim(result, zp_ref)
     timings["total"] = clock() - t0
     return SubtractionResult(science=science, registered=registered, zogy=result, candidates=candidates,

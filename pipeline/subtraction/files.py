@@ -21,6 +21,7 @@ from pipeline.core.image import ImageContractError, QuadrantImage, read_quadrant
 from pipeline.core.exits import EXIT_OK, BadInputError, UnusableImageError, describe, exit_status_of
 from pipeline.context.catalogs import add_catalog_context
 from pipeline.subtraction.difference import SubtractionResult, subtract_images
+from pipeline.subtraction.drb import load_drb_model
 from pipeline.subtraction.realbogus import load_model
 from pipeline.subtraction.products import write_subtraction
 from pipeline.context.solar_system import associate_solar_system
@@ -171,7 +172,8 @@ def subtract_quadrant(science: QuadrantImage, reference_path: str | os.PathLike,
                                  gain=meta.gain, saturate=meta.saturate,
                                  pixel_scale_arcsec=cfg.instrument.pixel_scale_arcsec, gaia=gaia,
                                  extraction=extraction, read_noise=meta.readnoi,
-                                 rb_model=load_model(cfg.realbogus), config=cfg.subtraction)
+                                 rb_model=load_model(cfg.realbogus), config=cfg.subtraction,
+                                 drb_model=load_drb_model(cfg.realbogus))
         if ps1 is not None:
             t_context = time.perf_counter()
             add_catalog_context(result.candidates, ps1, gaia, cfg.context)

@@ -16,7 +16,7 @@ rest is complete):
     The corrected score image (S/N of a point source at every pixel), same WCS.
 ``candidates.ecsv``
     One row per candidate (:func:`pipeline.subtraction.candidates.find_candidates` columns, ``rb``,
-    ``rbversion``).
+    ``rbversion``, ``drb``, ``drbversion``).
 ``cutouts.fits``
     ``SCIENCE``, ``REFERENCE``, ``DIFFERENCE``: (N, 63, 63) cubes, row i = candidate i.
 ``qa.json``

@@ -16,7 +16,7 @@ once, so the shipped model does not depend on scikit-learn's version or its pick
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -26,7 +26,8 @@ from pipeline.core.config import RealBogusConfig
 from pipeline.core.exits import BadInputError
 
 __all__ = ["RB_FEATURES", "RealBogusConfig", "RealBogusModel", "RealBogusError", "feature_matrix", "fit_model",
-           "load_default_model", "load_model", "model_summary", "DEFAULT_MODEL_RESOURCE"]
+           "load_default_model", "load_model", "model_summary", "DEFAULT_MODEL_RESOURCE", "calibrate_model",
+           "platt_probability"]
 
 DEFAULT_MODEL_RESOURCE = "data/rb_model.json"
 
@@ -138,6 +139,7 @@ class RealBogusModel:
     features: tuple[str, ...]
     trees: tuple[dict, ...]
     training: dict = field(default_factory=dict)
+    calibration: dict | None = None     # Platt scaling of the trees' mean: {"a", "b", ...}
 
     def __post_init__(self):
         if tuple(self.features) != RB_FEATURES:
@@ -147,10 +149,17 @@ class RealBogusModel:
             raise RealBogusError(f"model {self.version} has no trees")
 
     def score(self, candidates: Table, psf_fwhm: float) -> np.ndarray:
-        """Real-bogus score in [0, 1] per candidate (1: real)."""
+        """Real-bogus score per candidate (1: real): the calibrated probability when the
+        model has a calibration, else the trees' mean."""
         return self.score_features(feature_matrix(candidates, psf_fwhm))
 
     def score_features(self, x: np.ndarray) -> np.ndarray:
+        """:meth:`score` of a feature matrix."""
+        fraction = self.forest_fraction(x)
+        return fraction if self.calibration is None else platt_probability(fraction, self.calibration)
+
+    def forest_fraction(self, x: np.ndarray) -> np.ndarray:
+        """The trees' mean leaf value in [0, 1] (uncalibrated: many candidates get exactly 0)."""
         x = np.asarray(x, dtype=np.float64)
         total = np.zeros(x.shape[0])
         rows = np.arange(x.shape[0])
@@ -171,8 +180,10 @@ class RealBogusModel:
         trees = [{"feature": t["feature"].tolist(), "threshold": [round(float(v), 6) for v in t["threshold"]],
                   "left": t["left"].tolist(), "right": t["right"].tolist(),
                   "value": [round(float(v), 5) for v in t["value"]]} for t in self.trees]
-        return json.dumps({"version": self.version, "features": list(self.features),
-                           "training": self.training, "trees": trees}, separators=(",", ":")) + "\n"
+        record = {"version": self.version, "features": list(self.features), "training": self.training}
+        if self.calibration is not None:
+            record["calibration"] = self.calibration
+        return json.dumps({**record, "trees": trees}, separators=(",", ":")) + "\n"
 
     @classmethod
     def from_json(cls, text: str, source: str = "<model>") -> "RealBogusModel":
@@ -194,8 +205,11 @@ class RealBogusModel:
                         or np.any((tree["right"][inner] <= 0) | (tree["right"][inner] >= n))):
                     raise ValueError("a tree refers to a node or feature that does not exist")
                 trees.append(tree)
+            calibration = d.get("calibration")
+            if calibration is not None:
+                calibration = {**calibration, "a": float(calibration["a"]), "b": float(calibration["b"])}
             return cls(version=str(d["version"]), features=tuple(d["features"]), trees=tuple(trees),
-                       training=dict(d.get("training", {})))
+                       training=dict(d.get("training", {})), calibration=calibration)
         except (KeyError, TypeError, ValueError) as exc:
             raise RealBogusError(f"{source}: not a real-bogus model file ({exc})") from None
 
@@ -206,6 +220,41 @@ class RealBogusModel:
         except OSError as exc:
             raise RealBogusError(f"{path}: cannot read the real-bogus model ({exc.strerror})") from None
         return cls.from_json(text, str(path))
+
+
+def _forest_logit(fraction: np.ndarray, n_trees: int) -> np.ndarray:
+    """logit of the trees' mean, kept finite: 0 and 1 move half a tree inwards."""
+    eps = 0.5 / max(n_trees, 1)
+    p = np.clip(np.asarray(fraction, dtype=np.float64), eps, 1.0 - eps)
+    return np.log(p / (1.0 - p))
+
+
+def platt_probability(fraction: np.ndarray, calibration: dict) -> np.ndarray:
+    """Calibrated probability of being real: ``1 / (1 + exp(-(a logit(f) + b)))`` of the
+    trees' mean ``f`` (Platt scaling); strictly inside (0, 1)."""
+    z = calibration["a"] * _forest_logit(fraction, int(calibration.get("n_trees", 100))) + calibration["b"]
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def calibrate_model(model: "RealBogusModel", fraction: np.ndarray, labels: np.ndarray, source: str) -> "RealBogusModel":
+    """``model`` with a Platt calibration fitted (scikit-learn's logistic regression, no
+    penalty) to its trees' mean ``fraction`` on held-out candidates with ``labels``.
+
+    A forest's mean is no probability: a fifth of the demo's candidates got exactly 0, and
+    class-balanced training shifts it towards real.  Platt scaling (a logistic function of
+    the mean's logit) keeps the forest's ranking, so the ROC curve is unchanged, and maps it
+    onto the observed fraction of real candidates, with no mass at exactly 0 or 1.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    y = np.asarray(labels, dtype=np.int64)
+    if not (0 < y.sum() < y.size):
+        raise RealBogusError("calibration needs both real and bogus held-out candidates")
+    z = _forest_logit(fraction, len(model.trees))[:, None]
+    fit = LogisticRegression(C=1e6, max_iter=1000).fit(z, y)   # C large: no penalty, in every version
+    calibration = {"method": "platt", "a": round(float(fit.coef_[0, 0]), 6), "b": round(float(fit.intercept_[0]), 6),
+                   "n_trees": len(model.trees), "candidates": int(y.size), "real": int(y.sum()), "source": source}
+    return replace(model, calibration=calibration)
 
 
 def fit_model(features: np.ndarray, labels: np.ndarray, version: str, n_trees: int = 100,
@@ -269,4 +318,8 @@ def model_summary(model: RealBogusModel) -> str:
     lines += [f"    {model.features[i]:<16} {splits[i]}" for i in np.argsort(-splits)]
     for key, value in model.training.items():
         lines.append(f"  training {key}: {value}")
+    if model.calibration is None:
+        lines.append("  calibration: none (rb is the trees' mean, not a probability)")
+    else:
+        lines.append("  calibration: " + ", ".join(f"{k} {v}" for k, v in model.calibration.items()))
     return "\n".join(lines)
