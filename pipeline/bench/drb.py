@@ -18,7 +18,8 @@ from pipeline.simulate.drb_training import LabelledTriplets, purity_completeness
 from pipeline.subtraction.drb import DrbModel, normalise_triplets
 from pipeline.subtraction.realbogus import RealBogusModel, platt_probability
 
-__all__ = ["score_held_out", "held_out_figures", "time_drb_scoring", "plot_roc", "MIN_SNR", "RB_THRESHOLD"]
+__all__ = ["score_held_out", "held_out_figures", "time_drb_scoring", "plot_roc", "bench_drb", "MIN_SNR", "RB_THRESHOLD",
+           "DRB_MIN_PURITY", "DRB_MIN_COMPLETENESS"]
 
 MIN_SNR = 5.0
 RB_THRESHOLD = 0.5
@@ -106,3 +107,41 @@ def plot_roc(triplets: LabelledTriplets, scores: dict, thresholds: dict, path: s
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     return _save(fig, path)
+
+
+#: The issue's targets for drb on held-out pairs at S/N >= 5.
+DRB_MIN_PURITY, DRB_MIN_COMPLETENESS = 0.97, 0.95
+
+
+def bench_drb(cfg, rb_model: RealBogusModel | None = None, drb_model: DrbModel | None = None,
+              held_out: LabelledTriplets | None = None) -> dict:
+    """Figures of ``skydiff bench drb``: held-out purity/completeness of rb and drb (as text,
+    with the drb targets' verdicts) and the seconds to score 200 candidates on one thread."""
+    from threadpoolctl import threadpool_limits
+
+    from pipeline.simulate.drb_training import DRB_HELD_OUT_PLAN, simulated_triplets
+    from pipeline.subtraction.drb import load_drb_model
+    from pipeline.subtraction.realbogus import load_model
+
+    rb_model = rb_model if rb_model is not None else load_model(cfg.realbogus)
+    drb_model = drb_model if drb_model is not None else load_drb_model(cfg.realbogus)
+    held_out = held_out if held_out is not None else simulated_triplets(cfg, DRB_HELD_OUT_PLAN)
+    scores = score_held_out(held_out, rb_model, drb_model)
+    figures = held_out_figures(held_out, scores, RB_THRESHOLD, drb_model.threshold)
+    out = {"held_out_quadrants": str([list(q) for q in DRB_HELD_OUT_PLAN.quadrants]),
+           "drbversion": drb_model.version, "rbversion": rb_model.version,
+           "candidates_snr_ge_5": f"{figures['candidates']} ({figures['real']} real, {figures['bogus']} bogus)"}
+    for name in ("rb", "drb"):
+        out[f"{name}_threshold"] = f"{figures[f'{name}_threshold']:.2f}"
+        purity, completeness = figures[f"{name}_purity"], figures[f"{name}_completeness"]
+        if name == "drb":
+            out["drb_purity"] = f"{purity:.4f} (target >= {DRB_MIN_PURITY}: {'met' if purity >= DRB_MIN_PURITY else 'MISSED'})"
+            out["drb_completeness"] = (f"{completeness:.4f} (target >= {DRB_MIN_COMPLETENESS}: "
+                                       f"{'met' if completeness >= DRB_MIN_COMPLETENESS else 'MISSED'})")
+        else:
+            out["rb_purity"], out["rb_completeness"] = f"{purity:.4f}", f"{completeness:.4f}"
+        out[f"{name}_roc_auc"] = f"{figures[f'{name}_roc_auc']:.4f}"
+        out[f"{name}_exactly_0"] = str(figures[f"{name}_exactly_0"])
+    with threadpool_limits(1):
+        out.update(time_drb_scoring(drb_model, held_out))
+    return out

@@ -196,6 +196,16 @@ def _bench_solarsystem_drift(args) -> dict:
     return bench_two_body_drift(args.cfg)
 
 
+@benchmark("drb", "rb and drb on held-out simulated pairs (two quadrants x four science images, about 3 "
+           "minutes): purity and completeness at their thresholds for candidates at S/N >= 5 (targets for "
+           "drb: purity at least 97 %, completeness at least 95 %), and the time to score 200 candidates' "
+           "triplets with one BLAS thread (target: at most 20 ms; use --repeat 1, it repeats internally)",
+           {"score_200_best_s": 0.020, "score_200_median_s": 0.020})
+def _bench_drb(args) -> dict:
+    from pipeline.bench.drb import bench_drb
+    return bench_drb(args.cfg)
+
+
 def register(subparsers, common) -> None:
     p = subparsers.add_parser("bench", parents=[common], help="run a benchmark and print its figures",
                               description="Benchmarks, each on one pinned CPU core, printing stage timings "

@@ -52,10 +52,9 @@ def test_fink_modules_run_on_every_alert(spooled):
     assert all("fink" in a for a in report.alerts)
     errors = {module: f"{len(failed)} of {len(report.alerts)} alerts, e.g. {next(iter(failed.values()))}"
               for module, failed in report.fink_errors().items()}
-    # A NaN input makes a module's answer meaningless, or makes it raise: name them too.
-    # (fast_riser_candidates reads drb, a deep-learning score skydiff does not compute: excluded.)
-    nan = {module: dict(columns) for module, columns in report.fink_nan_inputs().items()
-           if module != "fast_riser_candidates"}
+    # A NaN input makes a module's answer meaningless, or makes it raise: name them too
+    # (fast_riser_candidates' drb included).
+    nan = {module: dict(columns) for module, columns in report.fink_nan_inputs().items()}
     assert not errors and not nan, ("Fink modules raising (module: alerts, first error): "
                                     f"{errors}; their inputs null in our alerts (module: {{column: alerts}}): {nan}")
 

@@ -18,7 +18,10 @@ from astropy.table import Table
 from scipy.spatial import cKDTree
 
 from catalogs import PS1_COLUMNS
+from _cli import run_skydiff
 from pipeline.cli import main
+from pipeline.simulate.drb_training import LabelledTriplets, write_folder_triplets
+from pipeline.subtraction.drb import DrbModel, load_default_drb_model
 from pipeline.context.catalogs import CONTEXT_COLUMNS
 from pipeline.core.config import load_config
 from pipeline.core.image import write_quadrant
@@ -88,6 +91,53 @@ def test_few_false_candidates_pass_real_bogus(case):
     found = (dist <= 2.0) & (snr >= 8)
     assert np.mean(rb[index[found]] >= 0.5) >= 0.9
     assert set(np.asarray(cands["rbversion"])) == {result.candidates.meta["rbversion"]}
+    # rb is a calibrated probability: no mass at exactly 0 or 1
+    assert np.all((rb > 0) & (rb < 1))
+
+
+def test_drb_keeps_the_real_and_rejects_the_bogus(case):
+    name, pair, _, result = case
+    cands = result.candidates
+    drb = np.asarray(cands["drb"])
+    threshold = load_default_drb_model().threshold
+    real = label_candidates(cands, pair, 2.0).astype(bool)
+    snr5 = np.abs(np.asarray(cands["scorr"])) >= 5
+    passed = (drb >= threshold) & snr5
+    assert (passed & ~real).sum() <= 5, (name, int((passed & ~real).sum()), int((~real & snr5).sum()))
+    assert (passed & real).sum() >= 0.95 * (real & snr5).sum(), (name, int((passed & real).sum()), int((real & snr5).sum()))
+    assert set(np.asarray(cands["drbversion"])) == {load_default_drb_model().version} == {cands.meta["drbversion"]}
+    assert result.qa()["drbversion"] == cands.meta["drbversion"]
+
+
+def test_train_drb_on_a_folder_of_labelled_cutouts(case, cfg, tmp_path):
+    """A survey's own scanned candidates: a folder of real/ and bogus/ cutout files trains a
+    (tiny, few-second) model that `show` then describes."""
+    name, pair, _, result = case
+    if name != "science_broader":
+        pytest.skip("one case is enough")
+    cands = result.candidates
+    labels = label_candidates(cands, pair, 2.0)
+    triplets = LabelledTriplets(*(result.cutouts[c] for c in ("science", "reference", "difference")),
+                                label=labels, snr=np.abs(np.asarray(cands["scorr"])),
+                                rb_forest=np.zeros(len(cands)), image=np.arange(len(cands)) % 5)
+    folder = tmp_path / "scanned"
+    write_folder_triplets(triplets, folder)
+    assert sorted(p.name for p in (folder / "real").iterdir()) == [f"image{i:04d}.fits" for i in range(5)]
+    out = tmp_path / "drb.npz"
+    assert run_skydiff(["realbogus", "train-drb", "--cutouts", str(folder), "--epochs", "6", "--out", str(out),
+                        "--version", "scanned-1"], cfg) == 0
+    model = DrbModel.read(out)
+    assert model.version == "scanned-1" and model.training["source"].startswith("labelled cutouts")
+    counts = model.training["training"]
+    assert counts["real"] + model.training["validation"]["real"] == int(labels.sum())
+    # a few seconds of training already separates most real from bogus on the folder's candidates
+    from sklearn.metrics import roc_auc_score
+    assert roc_auc_score(labels, model.score(result.cutouts)) > 0.9
+    assert run_skydiff(["realbogus", "show", "--drb", str(out)], cfg) == 0
+    # a label folder without files is bad input
+    for path in (folder / "bogus").iterdir():
+        path.unlink()
+    assert run_skydiff(["realbogus", "train-drb", "--cutouts", str(folder), "--out", str(out)], cfg) == 3
 
 
 def test_scorr_is_unit_normal_away_from_sources(case):
