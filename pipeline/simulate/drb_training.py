@@ -263,8 +263,7 @@ def train_drb(train: LabelledTriplets, validation: LabelledTriplets, version: st
     """Train the drb network (Adam, class-balanced cross-entropy, random dihedral
     augmentation) and keep the weights of the epoch with the lowest validation loss.
 
-    The threshold is the score that maximises completeness at a validation purity of at
-    least 98 % (0.5 when no threshold reaches it).  ``max_seconds`` stops training early
+    The threshold is the one of best validation F1 (:func:`_choose_threshold`).  ``max_seconds`` stops training early
     (for tests).
 
     Raises
@@ -345,10 +344,15 @@ def train_drb(train: LabelledTriplets, validation: LabelledTriplets, version: st
     return replace(model, threshold=threshold, training=training)
 
 
-def _choose_threshold(score: np.ndarray, label: np.ndarray, min_purity: float = 0.98) -> float:
-    """The lowest threshold in [0.05, 0.95] whose purity is at least ``min_purity`` (0.5 if none)."""
-    for threshold in np.arange(0.05, 0.951, 0.01):
-        purity, _ = purity_completeness(score, label, threshold)
-        if np.isfinite(purity) and purity >= min_purity:
-            return round(float(threshold), 2)
-    return 0.5
+def _choose_threshold(score: np.ndarray, label: np.ndarray) -> float:
+    """The threshold in [0.05, 0.95] (steps of 0.01) with the highest validation F1, the
+    harmonic mean of purity and completeness (the lowest such; 0.5 when none is defined)."""
+    best, chosen = -1.0, 0.5
+    for threshold in np.round(np.arange(0.05, 0.951, 0.01), 2):
+        purity, completeness = purity_completeness(score, label, threshold)
+        if not (np.isfinite(purity) and np.isfinite(completeness)) or purity + completeness == 0:
+            continue
+        f1 = 2 * purity * completeness / (purity + completeness)
+        if f1 > best + 1e-9:
+            best, chosen = f1, float(threshold)
+    return chosen
