@@ -105,24 +105,16 @@ def _write_drb(model: DrbModel, path) -> None:
 
 
 def run_train_drb(args) -> int:
-    import numpy as np
     from pipeline.core.exits import UsageError
-    from pipeline.simulate.drb_training import (DRB_TRAINING_PLAN, DRB_VALIDATION_PLAN, folder_triplets, require_training_framework,
-                                                simulated_triplets, train_drb, write_folder_triplets)
+    from pipeline.simulate.drb_training import (DRB_TRAINING_PLAN, DRB_VALIDATION_PLAN, folder_triplets,
+                                                require_training_framework, simulated_triplets,
+                                                split_validation, train_drb, write_folder_triplets)
 
     require_training_framework()   # fail before minutes of simulation when JAX is missing
     if args.cutouts:
         if not 0 < args.validation_fraction < 1:
             raise UsageError(f"--validation-fraction must be in (0, 1), got {args.validation_fraction}")
-        triplets = folder_triplets(args.cutouts)
-        rng = np.random.default_rng(args.seed)
-        images = np.unique(triplets.image)
-        held = rng.random(images.size) < args.validation_fraction
-        if not held.any() or held.all():   # too few files to split by file: split by candidate
-            held_rows = rng.random(len(triplets)) < args.validation_fraction
-        else:
-            held_rows = np.isin(triplets.image, images[held])
-        train, validation = triplets.subset(~held_rows), triplets.subset(held_rows)
+        train, validation = split_validation(folder_triplets(args.cutouts), args.validation_fraction, args.seed)
         source = f"labelled cutouts in {args.cutouts}"
     else:
         train = simulated_triplets(args.cfg, DRB_TRAINING_PLAN)

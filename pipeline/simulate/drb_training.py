@@ -31,7 +31,7 @@ from pipeline.core.exits import BadInputError, PipelineError
 from pipeline.subtraction.drb import (DRB_HIDDEN, DRB_LAYERS, DRB_STAMP, DrbModel, normalise_triplets)
 
 __all__ = ["DrbPlan", "DRB_TRAINING_PLAN", "DRB_VALIDATION_PLAN", "DRB_HELD_OUT_PLAN", "LabelledTriplets",
-           "simulated_triplets", "folder_triplets", "write_folder_triplets", "train_drb", "init_weights",
+           "simulated_triplets", "folder_triplets", "write_folder_triplets", "split_validation", "train_drb", "init_weights",
            "jax_logits", "purity_completeness", "require_training_framework", "DrbTrainingError", "TrainingFrameworkMissing"]
 
 log = logging.getLogger("skydiff.simulate")
@@ -195,6 +195,23 @@ def write_folder_triplets(triplets: LabelledTriplets, folder: str | Path) -> Non
                 continue
             hdus = [fits.PrimaryHDU()] + [fits.ImageHDU(getattr(triplets, c)[rows], name=c.upper()) for c in _CUBES]
             write_fits_atomic(fits.HDUList(hdus), folder / sub / f"image{int(image):04d}.fits")
+
+
+def split_validation(triplets: LabelledTriplets, fraction: float, seed: int = 0
+                     ) -> tuple[LabelledTriplets, LabelledTriplets]:
+    """(training, validation): about ``fraction`` of each label's files held out whole (the
+    candidates of one image are alike), or of its candidates where a label has too few files."""
+    rng = np.random.default_rng(seed)
+    held_rows = np.zeros(len(triplets), dtype=bool)
+    for label in (0, 1):
+        rows = triplets.label == label
+        images = np.unique(triplets.image[rows])
+        n_held = int(round(fraction * images.size))
+        if 1 <= n_held < images.size:
+            held_rows |= rows & np.isin(triplets.image, rng.choice(images, n_held, replace=False))
+        else:
+            held_rows |= rows & (rng.random(len(triplets)) < fraction)
+    return triplets.subset(~held_rows), triplets.subset(held_rows)
 
 
 # --- the network in JAX (training only) -------------------------------------------------------

@@ -124,7 +124,7 @@ def test_train_drb_on_a_folder_of_labelled_cutouts(case, cfg, tmp_path):
     write_folder_triplets(triplets, folder)
     assert sorted(p.name for p in (folder / "real").iterdir()) == [f"image{i:04d}.fits" for i in range(5)]
     out = tmp_path / "drb.npz"
-    assert run_skydiff(["realbogus", "train-drb", "--cutouts", str(folder), "--epochs", "6", "--out", str(out),
+    assert run_skydiff(["realbogus", "train-drb", "--cutouts", str(folder), "--epochs", "60", "--out", str(out),
                         "--version", "scanned-1"], cfg) == 0
     model = DrbModel.read(out)
     assert model.version == "scanned-1" and model.training["source"].startswith("labelled cutouts")
