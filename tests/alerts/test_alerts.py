@@ -95,6 +95,17 @@ def test_cutouts_are_gzipped_fits_with_the_stamp_wcs(tmp_path):
     assert stamp["fileName"].endswith("_targ_scimref.fits.gz")
 
 
+def test_drb_and_drbversion_columns_reach_the_packets(tmp_path):
+    context = synthetic_context()
+    table = synthetic_candidates(3)
+    table["drb"] = [0.9, np.nan, 0.1]
+    table["drbversion"] = "skydiff-drb-1"
+    alerts = make_alerts(context, table, None, SQLiteHistoryStore(tmp_path / "h.sqlite"), PUBLISHER)
+    assert [a["candidate"]["drb"] for a in alerts] == [0.9, None, 0.1]
+    assert {a["candidate"]["drbversion"] for a in alerts} == {"skydiff-drb-1"}
+    fastavro.validation.validate(alerts[1], alert_schema(), raise_errors=True)
+
+
 def test_missing_and_bad_columns(tmp_path):
     context = synthetic_context()
     store = SQLiteHistoryStore(tmp_path / "h.sqlite")
