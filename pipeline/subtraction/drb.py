@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -26,7 +27,7 @@ import numpy as np
 from pipeline.core.exits import BadInputError
 
 __all__ = ["DRB_STAMP", "DRB_LAYERS", "DRB_HIDDEN", "DrbModel", "DrbModelError", "normalise_triplets",
-           "tiles_to_images", "stack_triplets",
+           "tiles_to_images",
            "load_default_drb_model", "load_drb_model", "DEFAULT_DRB_RESOURCE", "drb_summary"]
 
 DEFAULT_DRB_RESOURCE = "data/drb_model.npz"
@@ -41,6 +42,23 @@ _BORDER = 2   # width (px) of the stamp's frame whose quantiles set its zero and
 #: early while every pixel still reaches a learnt filter at full resolution.
 DRB_LAYERS = ((16, 3), (24, 2), (32, 2))
 DRB_HIDDEN = 32
+
+
+#: Candidates scored at a time: bounds the scratch memory (about 30 MB) whatever the count.
+_CHUNK = 256
+_scratch = threading.local()
+
+
+def _buffer(name: str, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+    """A per-thread scratch array reused between calls.  Fresh memory costs a page fault per
+    4 kB on first touch, which for these few-megabyte intermediates took as long as all the
+    arithmetic of the scoring (14 ms instead of 7 for 200 triplets' normalisation)."""
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    size = int(np.prod(shape))
+    buffer = buffers.get(name)
+    if buffer is None or buffer.size < size or buffer.dtype != dtype:
+        buffer = buffers[name] = np.empty(size, dtype=dtype)
+    return buffer[:size].reshape(shape)
 
 
 class DrbModelError(BadInputError):
@@ -77,7 +95,7 @@ def _frame_zero_scale(stamps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return zero, scale
 
 
-def normalise_triplets(science, reference, difference) -> np.ndarray:
+def normalise_triplets(science, reference, difference, out: np.ndarray | None = None) -> np.ndarray:
     """Network input of N triplets of stamps (science, reference, difference), as 3 x 3 tiles.
 
     Each stamp on its own: the median of its outer frame (2 px wide) is subtracted and the
@@ -93,22 +111,26 @@ def normalise_triplets(science, reference, difference) -> np.ndarray:
         (row 3 i + kh, column 3 j + kw).  The first layer of the network tiles the stamps
         in 3 x 3 blocks, and gathering the blocks while the stamps are copied anyway saves
         the most expensive copy of the scoring (:func:`tiles_to_images` undoes it).
+        Written into ``out`` when given.
     """
     cubes = [np.asarray(a, dtype=np.float32) for a in (science, reference, difference)]
     if len({c.shape for c in cubes}) != 1 or cubes[0].ndim != 3 or cubes[0].shape[1:] != (DRB_STAMP, DRB_STAMP):
         raise DrbModelError(f"drb needs three aligned (N, {DRB_STAMP}, {DRB_STAMP}) cutout cubes, got shapes "
                             f"{[c.shape for c in cubes]}")
     n, side = cubes[0].shape[0], DRB_STAMP // 3
-    out = np.empty((n, side, side, 3, 3, 3), dtype=np.float32)
+    out = np.empty((n, side, side, 3, 3, 3), dtype=np.float32) if out is None else out
+    z, soft = _buffer("z", cubes[0].shape), _buffer("soft", cubes[0].shape)
+    nan = _buffer("nan", cubes[0].shape, np.bool_)
     for channel, cube in enumerate(cubes):
         zero, scale = _frame_zero_scale(cube)
-        z = cube - zero[:, None, None]
+        np.subtract(cube, zero[:, None, None], out=z)
         z /= scale[:, None, None]
-        soft = np.abs(z)
+        np.abs(z, out=soft)
         soft *= np.float32(1.0 / _SOFT_LIMIT)
         soft += np.float32(1.0)
         z /= soft
-        z[np.isnan(z)] = 0.0
+        np.isnan(z, out=nan)
+        z[nan] = 0.0
         np.copyto(out[..., channel], z.reshape(n, side, 3, side, 3).transpose(0, 1, 3, 2, 4))
     return out
 
@@ -119,20 +141,12 @@ def tiles_to_images(tiles: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(tiles.transpose(0, 5, 1, 3, 2, 4).reshape(n, 3, 3 * side, 3 * side))
 
 
-def stack_triplets(cutouts: Mapping[str, np.ndarray]) -> np.ndarray:
-    """:func:`normalise_triplets` of a ``{"science", "reference", "difference"}`` mapping of (N, s, s) cubes."""
-    try:
-        return normalise_triplets(cutouts["science"], cutouts["reference"], cutouts["difference"])
-    except KeyError as exc:
-        raise DrbModelError(f"drb needs science, reference and difference cutouts; {exc} is missing") from None
-
-
-def _conv_valid(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray, stride: int) -> np.ndarray:
-    """3 x 3 'valid' convolution of NHWC ``x`` as im2col + one matrix product.
+def _conv_valid(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray, stride: int, name: str) -> np.ndarray:
+    """3 x 3 'valid' convolution of NHWC ``x`` + bias, ReLU, as im2col + one matrix product.
 
     ``kernel`` is (3, 3, C_in, C_out) (JAX's HWIO); the patches are gathered as (kh, kw, C)
-    to match.  NumPy has no convolution that runs as fast on a batch of small images
-    (scipy.signal convolves one 2-D plane at a time), hence this.
+    to match, into scratch buffers named after ``name``.  NumPy has no convolution that runs
+    as fast on a batch of small images (scipy.signal convolves one 2-D plane at a time), hence this.
     """
     n, h, w, c = x.shape
     kh, kw = kernel.shape[:2]
@@ -140,8 +154,11 @@ def _conv_valid(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray, stride: int
     s0, s1, s2, s3 = x.strides
     patches = np.lib.stride_tricks.as_strided(x, shape=(n, ho, wo, kh, kw, c),
                                               strides=(s0, s1 * stride, s2 * stride, s1, s2, s3), writeable=False)
-    out = patches.reshape(n * ho * wo, kh * kw * c) @ kernel.reshape(kh * kw * c, -1)
+    columns = _buffer(name + "_columns", (n * ho * wo, kh * kw * c))
+    np.copyto(columns.reshape(n, ho, wo, kh, kw, c), patches)
+    out = np.matmul(columns, kernel.reshape(kh * kw * c, -1), out=_buffer(name, (n * ho * wo, kernel.shape[3])))
     out += bias
+    np.maximum(out, 0.0, out=out)
     return out.reshape(n, ho, wo, -1)
 
 
@@ -175,16 +192,19 @@ class DrbModel:
 
     def logits(self, tiles: np.ndarray) -> np.ndarray:
         """Network output before the logistic function, for :func:`normalise_triplets`' tiles."""
+        if len(tiles) > _CHUNK:
+            return np.concatenate([self.logits(tiles[i:i + _CHUNK]) for i in range(0, len(tiles), _CHUNK)])
         tiles = np.ascontiguousarray(tiles, dtype=np.float32)
         n, side = tiles.shape[0], tiles.shape[1]
         # The first layer (3 x 3, stride 3) is one product of the tiles, gathered as
         # (kh, kw, C) like the HWIO kernel; NHWC from here on.
-        x = tiles.reshape(n * side * side, 27) @ self.weights["conv0_w"].reshape(27, -1)
+        w0 = self.weights["conv0_w"].reshape(27, -1)
+        x = np.matmul(tiles.reshape(n * side * side, 27), w0, out=_buffer("conv0", (n * side * side, w0.shape[1])))
         x += self.weights["conv0_b"]
         np.maximum(x, 0.0, out=x)
         x = x.reshape(n, side, side, -1)
         for i, (_, stride) in enumerate(DRB_LAYERS[1:], start=1):
-            x = np.maximum(_conv_valid(x, self.weights[f"conv{i}_w"], self.weights[f"conv{i}_b"], stride), 0.0)
+            x = _conv_valid(x, self.weights[f"conv{i}_w"], self.weights[f"conv{i}_b"], stride, f"conv{i}")
         hidden = np.maximum(x.reshape(x.shape[0], -1) @ self.weights["dense_w"] + self.weights["dense_b"], 0.0)
         return (hidden @ self.weights["out_w"] + self.weights["out_b"])[:, 0]
 
@@ -195,8 +215,20 @@ class DrbModel:
         return (1.0 / (1.0 + np.exp(-self.logits(x).astype(np.float64))))
 
     def score(self, cutouts: Mapping[str, np.ndarray]) -> np.ndarray:
-        """drb of every candidate's triplet (``science``, ``reference``, ``difference`` cubes, (N, 63, 63))."""
-        return self.score_input(stack_triplets(cutouts))
+        """drb of every candidate's triplet (``science``, ``reference``, ``difference`` cubes, (N, 63, 63)),
+        in chunks of 256 candidates through scratch buffers."""
+        try:
+            cubes = [cutouts[name] for name in ("science", "reference", "difference")]
+        except KeyError as exc:
+            raise DrbModelError(f"drb needs science, reference and difference cutouts; {exc} is missing") from None
+        n = len(cubes[0])
+        scores = [np.zeros(0)]
+        side = DRB_STAMP // 3
+        for start in range(0, n, _CHUNK):
+            part = [np.asarray(c[start:start + _CHUNK]) for c in cubes]
+            tiles = _buffer("tiles", (len(part[0]), side, side, 3, 3, 3))
+            scores.append(self.score_input(normalise_triplets(*part, out=tiles)))
+        return np.concatenate(scores)
 
     def to_bytes(self) -> bytes:
         """The model as an ``.npz`` archive: weights, and a JSON ``meta`` (version, threshold, training)."""
