@@ -29,6 +29,7 @@ COMMAND_MODULES = [
     "pipeline.commands.watch",
     "pipeline.commands.catalogs",
     "pipeline.commands.solarsystem",
+    "pipeline.commands.candidates",
     "pipeline.commands.alerts",
     "pipeline.commands.matchfile",
     "pipeline.commands.lightcurve",
