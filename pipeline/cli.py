@@ -34,6 +34,7 @@ COMMAND_MODULES = [
     "pipeline.commands.matchfile",
     "pipeline.commands.lightcurve",
     "pipeline.commands.priors",
+    "pipeline.commands.qa",
     "pipeline.commands.config",
     "pipeline.commands.bench",
 ]
