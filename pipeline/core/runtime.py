@@ -6,7 +6,9 @@ run time: IERS auto-download and remote data are switched off (astropy's bundled
 tables are used), and the observatory is a fixed location from the configuration.
 
 :func:`configure_runtime` runs when :mod:`pipeline` is imported, before any astropy
-import in the project, and is idempotent.
+import in the project, and is idempotent.  It does not import astropy itself (that took
+most of a second, which every ``skydiff --help`` paid): the settings go into the private
+configuration directory's ``astropy.cfg``, which astropy reads when it first loads them.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
@@ -26,6 +29,20 @@ _configured = False
 # an explicit setting in the environment wins.
 for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_variable, os.environ.get("SKYDIFF_THREADS", "1"))
+
+
+#: The astropy settings of every process (``astropy.cfg`` in its private configuration
+#: directory): no IERS download (the bundled tables), IERS data never too old (astropy's
+#: ``auto_max_age = None``, not expressible in the file; 1e9 days: no limit in effect), degraded accuracy a warning, no
+#: internet for astropy.utils.data.
+ASTROPY_CFG = """[utils.iers.iers]
+auto_download = False
+auto_max_age = 1e9
+iers_degraded_accuracy = warn
+
+[utils.data]
+allow_internet = False
+"""
 
 
 def _private_astropy_dirs() -> Path:
@@ -43,6 +60,7 @@ def _private_astropy_dirs() -> Path:
         atexit.register(shutil.rmtree, base, ignore_errors=True)
     for kind in ("config", "cache"):
         (base / kind / "astropy").mkdir(parents=True, exist_ok=True)
+    (base / "config" / "astropy" / "astropy.cfg").write_text(ASTROPY_CFG)
     os.environ["XDG_CONFIG_HOME"] = str(base / "config")
     os.environ["XDG_CACHE_HOME"] = str(base / "cache")
     return base
@@ -54,14 +72,20 @@ def configure_runtime() -> None:
     if _configured:
         return
     if "astropy" not in sys.modules:
+        # astropy reads the settings from the private directory's astropy.cfg when it loads.
         _private_astropy_dirs()
-    else:
-        # astropy was imported first (e.g. by a notebook): use its temp-dir context instead.
-        from astropy.config import paths
-        base = Path(tempfile.mkdtemp(prefix="skydiff-astropy-"))
-        atexit.register(shutil.rmtree, base, ignore_errors=True)
-        paths.set_temp_config(str(base)).__enter__()
-        paths.set_temp_cache(str(base)).__enter__()
+        # auto_max_age = None (what the file cannot say) also silences astropy's warning that
+        # the bundled leap-second file is past its expiry; the bundled tables are the design.
+        warnings.filterwarnings("ignore", message="leap-second file is expired")
+        _configured = True
+        return
+    # astropy was imported first (e.g. by a notebook): use its temp-dir context and set the
+    # values directly.
+    from astropy.config import paths
+    base = Path(tempfile.mkdtemp(prefix="skydiff-astropy-"))
+    atexit.register(shutil.rmtree, base, ignore_errors=True)
+    paths.set_temp_config(str(base)).__enter__()
+    paths.set_temp_cache(str(base)).__enter__()
     from astropy.utils import data, iers
 
     iers.conf.auto_download = False

@@ -68,3 +68,11 @@ def test_readme_names_references_as_the_code_does():
     example = reference_filename(600, 6, 2, "ZTF_r")
     assert example in README and "ref_f<field:06d>_c<ccd:02d>_q<qid>_<filter>.fits" in README
     assert "land later" not in README
+
+
+def test_catalogs_command_choices_are_the_catalogue_kinds():
+    """The catalogs command lists its choices without loading the catalogue package (fast --help)."""
+    from catalogs import CATALOG_KINDS, DEFAULT_NSIDE, GAIA, PS1
+    from pipeline.commands.catalogs import STORE_PATH_KEY
+    assert sorted(STORE_PATH_KEY) == sorted(CATALOG_KINDS) and DEFAULT_NSIDE == 64
+    assert (GAIA.tap_table, PS1.tap_table) == ("gaiadr3.gaia_source", "dbo.MeanObjectView")
