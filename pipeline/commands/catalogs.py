@@ -98,16 +98,13 @@ def run_prefetch(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     kind = catalog_kind(args.catalog)
     if args.from_table:
-        result = prefetch_from_table(args.from_table, store, regions, nside=nside,
+        prefetch_from_table(args.from_table, store, regions, nside=nside,
                                      mag_limit=args.mag_limit, kind=kind)
     else:
-        result = prefetch_from_tap(args.tap_url or None, store, regions, mag_limit=args.mag_limit,
+        prefetch_from_tap(args.tap_url or None, store, regions, mag_limit=args.mag_limit,
                                    timeout_s=args.timeout, nside=nside,
                                    gaia_table=args.tap_table, max_rows=args.max_rows,
                                    overwrite=args.overwrite, kind=kind)
-    log.info("store %s: %d tile(s) written, %d already present, %d rows, %d TAP queries, %.1f s",
-             result.store_dir, len(result.written), len(result.skipped), result.rows,
-             result.queries, result.seconds)
     return EXIT_OK
 
 

@@ -18,7 +18,9 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
@@ -107,3 +109,107 @@ def setup_logging(level: int | str = logging.INFO) -> None:
     # Quiet library chatter that would drown the pipeline's own progress lines.
     for noisy in ("matplotlib", "astropy", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class ProgressLine:
+    """A progress bar on one line of a stream, which log lines never share.
+
+    On a terminal the bar is redrawn in place (carriage return, erase line) and a log line
+    first erases it, then is written on its own line, then the bar is drawn again below it.
+    On anything else (a file, a pipe) each update is written as its own line.
+    """
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.text = ""
+        self.lock = threading.RLock()
+        self.in_place = bool(getattr(stream, "isatty", lambda: False)())
+
+    def update(self, text: str) -> None:
+        with self.lock:
+            self.text = text
+            if self.in_place:
+                self.stream.write("\r\x1b[K" + text)
+            else:
+                self.stream.write(text + "\n")
+            self.stream.flush()
+
+    def clear(self) -> None:
+        """Erase the bar (before a log line)."""
+        if self.in_place and self.text:
+            self.stream.write("\r\x1b[K")
+
+    def redraw(self) -> None:
+        if self.in_place and self.text:
+            self.stream.write(self.text)
+            self.stream.flush()
+
+    def finish(self) -> None:
+        """Leave the last state of the bar on its own line."""
+        with self.lock:
+            if self.in_place and self.text:
+                self.stream.write("\n")
+                self.stream.flush()
+            self.text = ""
+
+
+class _ProgressAwareHandler(logging.Handler):
+    """Writes a record through ``target`` with the progress bar erased, then draws the bar again."""
+
+    def __init__(self, target: logging.Handler, progress: ProgressLine):
+        super().__init__(logging.NOTSET)
+        self.target, self.progress = target, progress
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with self.progress.lock:
+            self.progress.clear()
+            self.target.handle(record)
+            self.progress.redraw()
+
+
+def worker_logging(queue) -> None:
+    """In a worker process: send every log record to ``queue`` (the parent writes them, so its
+    progress bar and the workers' lines never share a line)."""
+    from logging.handlers import QueueHandler
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.addHandler(QueueHandler(queue))
+
+
+@contextmanager
+def progress_logging(stream, mp_context=None):
+    """A :class:`ProgressLine` on ``stream`` for the block, and a queue for worker processes' logs.
+
+    While the block runs, this process's skydiff log handler and every record a worker puts on
+    the queue (:func:`worker_logging`) go through a handler that erases the bar, writes the
+    line and redraws the bar. Yields ``(progress, queue)``.
+    """
+    import multiprocessing
+    from logging.handlers import QueueListener
+
+    progress = ProgressLine(stream)
+    root = logging.getLogger()
+    targets = [h for h in root.handlers if getattr(h, "_skydiff", False)]
+    if not targets:
+        target = logging.StreamHandler(sys.stderr)
+        target.setFormatter(logging.Formatter(LOG_FORMAT))
+        targets = [target]
+    wrapped = [_ProgressAwareHandler(target, progress) for target in targets]
+    queue = (mp_context or multiprocessing).Queue()
+    listener = QueueListener(queue, *wrapped, respect_handler_level=False)
+    for original, wrapper in zip(targets, wrapped):
+        if original in root.handlers:
+            root.removeHandler(original)
+            root.addHandler(wrapper)
+    listener.start()
+    try:
+        yield progress, queue
+    finally:
+        listener.stop()
+        for original, wrapper in zip(targets, wrapped):
+            if wrapper in root.handlers:
+                root.removeHandler(wrapper)
+                root.addHandler(original)
+        progress.finish()
+        queue.close()
