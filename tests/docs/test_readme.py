@@ -76,3 +76,15 @@ def test_catalogs_command_choices_are_the_catalogue_kinds():
     from pipeline.commands.catalogs import STORE_PATH_KEY
     assert sorted(STORE_PATH_KEY) == sorted(CATALOG_KINDS) and DEFAULT_NSIDE == 64
     assert (GAIA.tap_table, PS1.tap_table) == ("gaiadr3.gaia_source", "dbo.MeanObjectView")
+
+
+def test_readme_describes_the_shipped_real_bogus_model():
+    """One description of the real-bogus model, the one its training record gives."""
+    from pipeline.subtraction.realbogus import load_default_model
+    model = load_default_model()
+    training = model.training
+    words = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
+    assert f"**Real-bogus.** A random forest ({training['n_trees']} trees) over {len(model.features)} features" in README
+    assert (f"trained with scikit-learn on {training['images']} simulated pairs "
+            f"({words[len(training['plan']['quadrants'])]} quadrants") in " ".join(README.split())
+    assert "logistic regression" not in README.lower()
