@@ -106,7 +106,9 @@ def setup_logging(level: int | str = logging.INFO) -> None:
         handler._skydiff = True
         root.addHandler(handler)
     root.setLevel(level)
-    # Quiet library chatter that would drown the pipeline's own progress lines.
+    # Quiet library chatter that would drown the pipeline's own progress lines.  astropy must
+    # create its own logger (an AstropyLogger) before anyone asks logging for "astropy".
+    import astropy  # noqa: F401
     for noisy in ("matplotlib", "astropy", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

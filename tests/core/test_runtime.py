@@ -130,3 +130,15 @@ def test_progress_bar_and_log_lines_never_share_a_line():
     assert all(line.split(" ", 2)[2].startswith("WARNING") for line in logs)     # LOG_FORMAT from column 0
     assert screen[-1] == "[####......] 2/5 quadrants"
     assert "a line from the parent\n[##........] 1/5 quadrants" in "".join(terminal.parts)   # redrawn below
+
+
+def test_a_fresh_process_runs_a_command():
+    """`import pipeline` no longer imports astropy: the command line must still set up logging
+    and run in a fresh interpreter (astropy's logger is astropy's own)."""
+    import os
+    env = {**os.environ, "PYTHONPATH": str(REPO)}     # this tree, not an installed copy
+    # A command that loads astropy after the logging set-up (the demo crashed so).
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "reference", "show", "missing-ref.fits"],
+                            capture_output=True, text=True, cwd=REPO, timeout=120, env=env)
+    assert result.returncode == 3, result.stderr
+    assert "missing-ref.fits" in result.stderr and "Traceback" not in result.stderr
