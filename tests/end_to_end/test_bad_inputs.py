@@ -86,6 +86,22 @@ def _cube(w):
     return str(_image(w.root / "cube.fits", data=np.zeros((3, 40, 50), np.float32)))
 
 
+def _folder_with(w, name: str, content: str, qa: str | None = None) -> str:
+    """A products folder holding one (broken) file, and a qa.json when given."""
+    folder = w.root / "products"
+    folder.mkdir(exist_ok=True)
+    (folder / name).write_text(content)
+    if qa is not None:
+        (folder / "qa.json").write_text(qa)
+    return str(folder)
+
+
+def _table(w, name: str) -> str:
+    from astropy.table import Table
+    Table({"a": [1, 2]}).write(w.root / name)
+    return str(w.root / name)
+
+
 def _toml(text: str):
     return lambda w: ["config", "--config", w.write("bad.toml", text)]
 
@@ -142,6 +158,25 @@ FILES = [
     ("exposure-empty-folder", lambda w: ["exposure", str(w.out), "--jobs", "1"], 3, "out"),
     ("quadrant-missing-exposure", lambda w: ["quadrant", w.path("exp"), "--quadrant", "21"], 3, "exp"),
     ("lightcurve-missing-root", lambda w: ["lightcurve", "150", "33", "--root", w.path("mf")], 3, "mf"),
+    ("subtract-reference-without-psf", lambda w: ["subtract", w.solved(), w.solved("ref.fits"), "--out",
+                                                  str(w.out)], 3, "ref.fits"),
+    ("alerts-publish-corrupt-qa", lambda w: ["alerts", "publish", _folder_with(w, "qa.json", "{broken"), "--spool",
+                                             w.path("spool"), "--history", w.path("h.sqlite")], 3, "qa.json"),
+    ("alerts-publish-science-gone", lambda w: ["alerts", "publish", _folder_with(
+        w, "qa.json", '{"science": "%s", "reference": "%s"}' % (w.path("gone.fits"), w.good)), "--spool",
+        w.path("spool"), "--history", w.path("h.sqlite")], 3, "gone.fits"),
+    ("matchfile-append-corrupt-qa", lambda w: ["matchfile", "append", _folder_with(w, "qa.json", "{broken"),
+                                               "--root", w.path("mf")], 3, "qa.json"),
+    ("candidates-list-corrupt-table", lambda w: ["candidates", "list", _folder_with(w, "candidates.ecsv", "# %ECSV x",
+                                                                                   qa="{}")], 3, "candidates.ecsv"),
+    ("exposure-summary-missing", lambda w: ["exposure-summary", w.path("exp")], 3, "exp"),
+    ("submit-missing-exposure", lambda w: ["submit", w.path("exp")], 3, "exp"),
+    ("reference-build-corrupt-frame", lambda w: ["reference", "build", w.write("frame.fits", b"SIMPLE  = junk"),
+                                                 "--refcat", w.path("gaia"), "--out", str(w.out)], 3, "frame.fits"),
+    ("priors-build-table-without-columns", lambda w: ["priors", "build", _table(w, "m.fits"), "--out",
+                                                      str(w.out / "prior.fits")], 3, "m.fits"),
+    ("astrometry-refcat-not-a-catalogue", lambda w: ["astrometry", w.solved(), "--refcat", str(w.good), "--out",
+                                                     str(w.out)], 3, "good.fits"),
 ]
 
 HEADERS = [(f"header-missing-{key}", _astrometry(lambda w, key=key: w.image("h.fits", **{key: None})), 3, key)
@@ -178,6 +213,10 @@ USAGE = [
     ("catalogs-prefetch-no-region", lambda w: ["catalogs", "prefetch", "--from-table", str(w.good), "--store",
                                                str(w.out)], 2, "--field"),
     ("solarsystem-prepare-bad-night", lambda w: ["solarsystem", "prepare", "--night", "tomorrow"], 2, "--night"),
+    ("candidates-show-non-integer-id", lambda w: ["candidates", "show", str(w.out), "first"], 2, "ID"),
+    ("lightcurve-bad-format", lambda w: ["lightcurve", "150", "33", "--format", "xls"], 2, "--format"),
+    ("bench-unknown", lambda w: ["bench", "nosuch"], 2, "nosuch"),
+    ("config-paths-root-not-a-string", _toml("[paths]\nroot = 5\n"), 2, "root"),
 ]
 
 QUERIES = [
