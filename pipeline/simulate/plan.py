@@ -7,7 +7,7 @@ whole airmass range the field reaches.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 import astropy.units as u

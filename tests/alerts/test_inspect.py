@@ -2,7 +2,6 @@
 shared with ``skydiff alerts show --png`` (scores, sign, orientation, centre mark)."""
 from __future__ import annotations
 
-import glob
 import json
 import math
 from pathlib import Path

@@ -18,7 +18,6 @@ import pytest
 from astropy.io import fits
 
 from pipeline import cli
-from pipeline.core.config import load_config
 from pipeline.core.exits import exit_status_of
 from pipeline.core.image import REQUIRED_KEYWORDS, write_quadrant
 
