@@ -28,7 +28,8 @@ folder and an error is logged (replay retries it under the then-current limit).
 Logging when the broker is unreachable: librdkafka reports each failed connection twice, as
 its own ``FAIL`` log line and as an error event (``error_cb``); the event is logged (WARNING)
 and the ``FAIL`` line demoted to DEBUG (:class:`_DuplicateFailFilter`), so each connection
-failure appears once.  A delivery failure is logged once per distinct reason, the rest counted
+failure appears once; a failure repeating with the same text (every reconnection attempt to a
+broker that is down) is logged the first time and counted, the count logged at close.  A delivery failure is logged once per distinct reason, the rest counted
 in the :class:`PublishReport` (``failed``), so a broker that is down does not log every packet.
 
 Security: ``security_protocol``, ``sasl_*`` and ``ssl_ca_location`` pass straight to
@@ -187,6 +188,7 @@ class AlertPublisher:
         self._kafka_log.addFilter(self._duplicate_fail)
         log.addFilter(self._secrets)
         self._delivery_errors: dict[str, int] = {}
+        self._producer_errors: dict[str, int] = {}
         self._fatal = False
         self._producer: Producer | None = None
         if kafka.bootstrap_servers:
@@ -209,8 +211,15 @@ class AlertPublisher:
         if err.fatal():
             self._fatal = True
             log.error("Kafka producer fatal error (packets stay in the spool): %s", err.str())
+            return
+        # A broker that is down refuses every reconnection attempt (several a second at first):
+        # each distinct error is logged once, its repeats counted and summarised at close.
+        text = err.str()
+        seen = self._producer_errors[text] = self._producer_errors.get(text, 0) + 1
+        if seen == 1:
+            log.warning("Kafka: %s", text)
         else:
-            log.warning("Kafka: %s", err.str())
+            log.debug("Kafka (again): %s", text)
 
     def _on_delivery(self, err: KafkaError | None, msg) -> None:
         candid = int(msg.key())
@@ -330,7 +339,11 @@ class AlertPublisher:
         for reason, count in self._delivery_errors.items():
             if count > 1:
                 log.warning("%d alert deliveries failed: %s (kept in the spool)", count, reason)
+        for text, count in self._producer_errors.items():
+            if count > 1:
+                log.warning("Kafka: %s (%d times in all)", text, count)
         self._delivery_errors.clear()
+        self._producer_errors.clear()
         self.spool.close()
         self._kafka_log.removeFilter(self._duplicate_fail)
         self._kafka_log.removeFilter(self._secrets)
