@@ -29,10 +29,12 @@ COMMAND_MODULES = [
     "pipeline.commands.watch",
     "pipeline.commands.catalogs",
     "pipeline.commands.solarsystem",
+    "pipeline.commands.candidates",
     "pipeline.commands.alerts",
     "pipeline.commands.matchfile",
     "pipeline.commands.lightcurve",
     "pipeline.commands.priors",
+    "pipeline.commands.qa",
     "pipeline.commands.config",
     "pipeline.commands.bench",
 ]

@@ -13,9 +13,6 @@ from __future__ import annotations
 import logging
 
 from pipeline.core.exits import EXIT_OK
-from pipeline.formats.atomic import atomic_path, write_text_atomic
-from pipeline.subtraction.drb import DrbModel, drb_summary, load_drb_model
-from pipeline.subtraction.realbogus import RealBogusModel, load_model, model_summary
 
 log = logging.getLogger("skydiff.realbogus")
 
@@ -73,9 +70,10 @@ def register(subparsers, common) -> None:
 
 
 def run_train(args) -> int:
+    from pipeline.formats.atomic import write_text_atomic
     from pipeline.simulate.drb_training import DRB_VALIDATION_PLAN, simulated_triplets
     from pipeline.simulate.realbogus_training import train_model
-    from pipeline.subtraction.realbogus import calibrate_model
+    from pipeline.subtraction.realbogus import calibrate_model, model_summary
 
     model = train_model(args.cfg, args.version)
     validation = simulated_triplets(args.cfg, DRB_VALIDATION_PLAN)
@@ -87,8 +85,9 @@ def run_train(args) -> int:
 
 
 def run_calibrate(args) -> int:
+    from pipeline.formats.atomic import write_text_atomic
     from pipeline.simulate.drb_training import DRB_VALIDATION_PLAN, simulated_triplets
-    from pipeline.subtraction.realbogus import calibrate_model
+    from pipeline.subtraction.realbogus import RealBogusModel, calibrate_model, load_model, model_summary
 
     model = RealBogusModel.read(args.model) if args.model else load_model(args.cfg.realbogus)
     validation = simulated_triplets(args.cfg, DRB_VALIDATION_PLAN)
@@ -99,13 +98,16 @@ def run_calibrate(args) -> int:
     return EXIT_OK
 
 
-def _write_drb(model: DrbModel, path) -> None:
+def _write_drb(model, path) -> None:
+    from pipeline.formats.atomic import atomic_path
+
     with atomic_path(path) as temporary:
         temporary.write_bytes(model.to_bytes())
 
 
 def run_train_drb(args) -> int:
     from pipeline.core.exits import UsageError
+    from pipeline.subtraction.drb import drb_summary
     from pipeline.simulate.drb_training import (DRB_TRAINING_PLAN, DRB_VALIDATION_PLAN, folder_triplets,
                                                 require_training_framework, simulated_triplets,
                                                 split_validation, train_drb, write_folder_triplets)
@@ -130,6 +132,9 @@ def run_train_drb(args) -> int:
 
 
 def run_show(args) -> int:
+    from pipeline.subtraction.drb import DrbModel, drb_summary, load_drb_model
+    from pipeline.subtraction.realbogus import RealBogusModel, load_model, model_summary
+
     rb_model = RealBogusModel.read(args.model) if args.model else load_model(args.cfg.realbogus)
     drb_model = DrbModel.read(args.drb) if args.drb else load_drb_model(args.cfg.realbogus)
     print(model_summary(rb_model))
