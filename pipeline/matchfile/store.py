@@ -22,9 +22,10 @@ Appending
 ---------
 Detections are matched one-to-one to reference objects within ``match_radius_arcsec``
 (nearest neighbour in a KD-tree over unit vectors, :func:`match_epoch`; when two detections
-claim one object the nearer wins, the other becomes unmatched).  Every row gets its heliocentric JD at mid-exposure from the
-9 x 9 grid fit of :mod:`pipeline.matchfile.hjd`; the exposure row gets the exact HJD at the field
-centre.  Appending an expid already present replaces it.
+claim one object the nearer wins, the other becomes unmatched).  Every row gets its
+heliocentric JD at mid-exposure from the 9 x 9 grid fit of :mod:`pipeline.matchfile.hjd`; the
+exposure row gets the exact HJD at the field centre.  Appending an expid already present
+replaces it.
 
 Safety: write-ahead epoch shards
 --------------------------------
