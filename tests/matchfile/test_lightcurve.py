@@ -165,6 +165,11 @@ def test_command_prints_and_plots(root, tmp_path, capsysbinary, cfg):
     assert args.func(args) == 0
     table = Table.read(capsysbinary.readouterr().out.decode(), format="ascii.ecsv")
     assert len(table) == 6 and plot.stat().st_size > 10000
+    for fmt, mark in (("tsv", b"oid\texpid\thjd"), ("html", b"<table"), ("ipac_table", b"oid|expid|")):
+        args = parser.parse_args(["lightcurve", str(float(sky.reference["ra"][2])), str(float(sky.reference["dec"][2])),
+                                  "--root", str(root), "--format", fmt])
+        args.cfg = cfg
+        assert args.func(args) == 0 and mark in capsysbinary.readouterr().out
     args = parser.parse_args(["lightcurve", "400", "0", "--root", str(root)])
     args.cfg = cfg
     assert args.func(args) == 2
