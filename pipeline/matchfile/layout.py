@@ -105,7 +105,7 @@ TABLES: dict[str, tuple[int, tuple[ColumnSpec, ...]]] = {
         ("clrcoeff", "f4", "", "colour coefficient of the photometric calibration (on Gaia BP - RP)"),
         ("clrcounc", "f4", "", "its uncertainty (NaN when the coefficient was fixed, not fitted)"),
     )),
-    "photometry": (2048, _specs(
+    "photometry": (4096, _specs(
         ("objid", "i8", "", "reference object id (/sources id)"),
         ("expid", "i8", "", "exposure id"),
         ("mag", "f4", "mag", "PSF magnitude"),
