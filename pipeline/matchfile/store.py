@@ -375,11 +375,18 @@ def _fold_locked(path: Path) -> int:
     with h5py.File(path, "r", locking=False) as main:
         attrs = dict(main.attrs)
         sources = read_table(main, "sources")
-        keep = {t: ~np.isin(main[t]["expid"][...], new_expids) for t in ("exposures", "photometry", "unmatched")}
+        groups = {t: main[t] for t in ("exposures", "photometry", "unmatched")}
+        keep = {t: ~np.isin(group["expid"][...], new_expids) for t, group in groups.items()}
+        # The sort keys are merged once and kept for their own columns' writing.
+        keys: dict[tuple[str, str], np.ndarray] = {}
 
         def merged(table: str, name: str) -> np.ndarray:
-            return np.concatenate([main[table][name][...][keep[table]]] + [s[table][name] for s in shards])
+            if (table, name) in keys:
+                return keys[table, name]
+            return np.concatenate([groups[table][name][...][keep[table]]] + [s[table][name] for s in shards])
 
+        for key in (("photometry", "objid"), ("photometry", "hjd"), ("exposures", "mjd"), ("unmatched", "expid")):
+            keys[key] = merged(*key)
         source_row = np.searchsorted(sources["id"], merged("photometry", "objid"))
         photometry_order = np.lexsort((merged("photometry", "hjd"), source_row))
         exposure_order = np.argsort(merged("exposures", "mjd"), kind="stable")
