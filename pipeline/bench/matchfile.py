@@ -23,7 +23,8 @@ from pipeline.matchfile.hjd import exact_light_travel_time
 from pipeline.matchfile.lightcurves import LightcurveReader
 from pipeline.matchfile.service import LIGHTCURVE_PATH, make_server
 from pipeline.matchfile.store import MatchfileConfig, append_epoch, combine, create_matchfile
-from pipeline.matchfile.layout import coerce_columns, empty_columns, shard_dir, write_h5_atomic, write_table
+from pipeline.matchfile.layout import (LAYOUT_VERSION, coerce_columns, empty_columns, filefracday, shard_dir,
+                                       write_h5_atomic, write_table)
 from pipeline.simulate.matchfile_truth import synthetic_epoch, synthetic_sky
 from pipeline.core.refraction import site_location
 
@@ -84,20 +85,24 @@ def build_bulk_matchfile(root: Path, n_objects: int, n_epochs: int, site: SiteCo
                  "limmag": np.full(n_epochs, 20.5), "field_ra": np.full(n_epochs, 210.0),
                  "field_dec": np.full(n_epochs, 40.0), "astrometry_qa": np.zeros(n_epochs),
                  "photometry_qa": np.zeros(n_epochs), "programid": np.ones(n_epochs),
-                 "nmatched": np.full(n_epochs, n_objects), "nunmatched": np.zeros(n_epochs)}
+                 "nmatched": np.full(n_epochs, n_objects), "nunmatched": np.zeros(n_epochs),
+                 "filefracday": filefracday(mjd), "clrcoeff": rng.normal(-0.05, 0.01, n_epochs),
+                 "clrcounc": rng.uniform(0.002, 0.006, n_epochs)}
     ids = np.asarray(sky.reference["id"])
     magerr = np.float32(0.02) + np.zeros(n_objects * n_epochs, np.float32)
     mag = (np.repeat(sky.true_mag, n_epochs) + rng.normal(0, 0.02, n_objects * n_epochs)).astype(np.float32)
     flux = (10 ** (-0.4 * (mag - 26.0))).astype(np.float32)
     photometry = {"objid": np.repeat(ids, n_epochs), "expid": np.tile(expids, n_objects), "mag": mag,
                   "magerr": magerr, "flux": flux, "fluxerr": flux * magerr / 1.0857,
-                  "flags": np.zeros(len(mag), np.int32), "hjd": np.tile(hjd, n_objects)}
+                  "flags": np.zeros(len(mag), np.int32), "hjd": np.tile(hjd, n_objects),
+                  "chi": (rng.chisquare(120, len(mag)) / 120).astype(np.float32),
+                  "sharp": rng.normal(0.0, 0.05, len(mag)).astype(np.float32)}
     tables = {"exposures": coerce_columns("exposures", exposures, "bulk"),
               "photometry": coerce_columns("photometry", photometry, "bulk"),
               "unmatched": empty_columns("unmatched")}
 
     def fill(h5):
-        h5.attrs.update({"kind": "epoch-shard"})
+        h5.attrs.update({"layout_version": LAYOUT_VERSION, "kind": "epoch-shard"})
         for name, columns in tables.items():
             write_table(h5, name, columns)
 

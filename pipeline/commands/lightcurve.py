@@ -18,8 +18,8 @@ def register(subparsers, common) -> None:
     p.add_argument("dec", type=float, metavar="DEC", help="declination (deg)")
     p.add_argument("--radius", type=float, default=2.0, metavar="ARCSEC", help="cone radius (arcsec, 2)")
     p.add_argument("--root", metavar="DIR", help="matchfile root (default: paths.matchfiles)")
-    p.add_argument("--format", choices=["csv", "ecsv", "votable", "json"], default="csv",
-                   help="output format on stdout (csv)")
+    p.add_argument("--format", choices=["csv", "tsv", "html", "votable", "ipac_table", "json", "ecsv"],
+                   default="csv", help="output format on stdout (csv; the service's FORMATs and ecsv)")
     p.add_argument("--plot", metavar="FILE.png", help="also plot magnitude against MJD, with upper limits "
                    "and the reference magnitude")
     p.set_defaults(func=run_lightcurve)

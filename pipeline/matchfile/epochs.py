@@ -14,7 +14,8 @@ reference and subtraction stages:
   image's solved header and its characterisation (or the whole subtraction result) become
   one epoch: the image's PSF photometry with ``mag = magzp - 2.5 log10(flux)`` on the
   image's own zero point, the exposure's metadata, seeing (PSF FWHM on the solved pixel
-  scale), 5-sigma limit at that zero point, and QA flags (:data:`ASTROMETRY_QA_BITS` from
+  scale), 5-sigma limit at that zero point, the calibration's colour coefficient
+  (``clrcoeff``, ``clrcounc``), each detection's PSF-fit ``chi`` and ``sharp``, and QA flags (:data:`ASTROMETRY_QA_BITS` from
   ``ASTRUSE``, :data:`PHOTOMETRY_QA_BITS` from where the zero point came from).  Appending
   an exposure again replaces it.
 - :func:`epoch_from_files` / :func:`append_from_files` at the file edge.  A subtraction's
@@ -71,11 +72,15 @@ class MatchfileRunError(BadInputError):
 class EpochCalibration:
     """The zero point an epoch's magnitudes are on (mag for 1 ADU) and where it came from:
     ``gaia`` (fitted on the image), ``header`` (its MAGZP) or ``reference`` (its reference
-    catalogue's stars)."""
+    catalogue's stars); the calibration's colour coefficient on Gaia BP - RP and its
+    uncertainty (NaN when unknown: no Gaia calibration; ``clrcounc`` NaN when the
+    coefficient was fixed rather than fitted)."""
 
     magzp: float
     magzpunc: float
     source: str
+    clrcoeff: float = math.nan
+    clrcounc: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -150,10 +155,12 @@ def calibration_of(result: Characterization | SubtractionResult, reference=None)
     if isinstance(result, SubtractionResult):
         photcal = result.science.photcal
         unc = photcal.magzpsciunc if photcal is not None and result.zp_source != "reference" else math.nan
-        return EpochCalibration(float(result.zp_science), float(unc), result.zp_source)
+        return EpochCalibration(float(result.zp_science), float(unc), result.zp_source,
+                                *_colour_term(photcal))
     if result.photcal is not None:
         return EpochCalibration(float(result.photcal.magzpsci), float(result.photcal.magzpsciunc),
-                                "gaia" if result.photcal.zp_source == "fit" else "header")
+                                "gaia" if result.photcal.zp_source == "fit" else "header",
+                                *_colour_term(result.photcal))
     if reference is not None and reference.catalog is not None:
         try:
             zp, unc, _ = relative_zeropoint(result.photometry, reference.catalog)
@@ -161,6 +168,13 @@ def calibration_of(result: Characterization | SubtractionResult, reference=None)
             raise MatchfileRunError(f"science image: {exc}") from None
         return EpochCalibration(zp, unc, "reference")
     raise MatchfileRunError("science image: no zero point (no Gaia fit, no MAGZP and no reference catalogue)")
+
+
+def _colour_term(photcal) -> tuple[float, float]:
+    """(clrcoeff, clrcounc) of a calibration, NaN without one."""
+    if photcal is None:
+        return math.nan, math.nan
+    return float(photcal.clrcoeff), float(photcal.clrcounc)
 
 
 def _pixel_scale_arcsec(header, fallback: float) -> float:
@@ -230,13 +244,16 @@ def science_epoch(header, result: Characterization | SubtractionResult, cfg: Con
     mag, magerr = flux_to_mag(flux[measured], fluxerr[measured], calibration.magzp)
     photometry = Table({"ra": np.asarray(phot["ra"], float)[measured], "dec": np.asarray(phot["dec"], float)[measured],
                         "flux": flux[measured], "fluxerr": fluxerr[measured], "mag": mag, "magerr": magerr,
-                        "flags": np.asarray(phot["flags"], np.int64)[measured]})
+                        "flags": np.asarray(phot["flags"], np.int64)[measured],
+                        "chi": np.asarray(phot["chi2"], float)[measured],
+                        "sharp": np.asarray(phot["sharpness"], float)[measured]})
     scale = _pixel_scale_arcsec(header, cfg.instrument.pixel_scale_arcsec)
     epoch = EpochMeta(expid=meta.expid, obsmjd=meta.obsmjd, exptime=meta.exptime, airmass=meta.airmass,
                       magzp=calibration.magzp, magzpunc=calibration.magzpunc,
                       seeing=float(science.psf.fwhm) * scale, limmag=_limiting_mag(science, calibration.magzp),
                       field_ra=meta.telra, field_dec=meta.teldec, astrometry_qa=_astrometry_qa(header),
-                      photometry_qa=_photometry_qa(calibration), programid=meta.progrmid)
+                      photometry_qa=_photometry_qa(calibration), programid=meta.progrmid,
+                      clrcoeff=calibration.clrcoeff, clrcounc=calibration.clrcounc)
     return ScienceEpoch(meta.fieldid, meta.ccdid, meta.qid, fid_of_band(meta.filter), epoch, photometry, source)
 
 
@@ -266,6 +283,12 @@ def _subtraction_record(outdir: Path) -> dict:
         raise MatchfileRunError(f"{qa}: names no science image or zero point (written before subtract "
                                 "recorded them?)")
     return record
+
+
+def _qa_float(record: dict, name: str) -> float:
+    """A number of a QA record (None or absent: NaN)."""
+    value = record.get(name)
+    return math.nan if value is None else float(value)
 
 
 def characterize_solved(image: QuadrantImage, cfg: Config, gaia: Table | None = None) -> Characterization:
@@ -299,8 +322,9 @@ def epoch_from_files(source: str | os.PathLike, cfg: Config, reference=None,
     calibration, reference_path = None, None
     if source.is_dir():
         record = _subtraction_record(source)
-        calibration = EpochCalibration(float(record["zp_science"]), float(record.get("magzpsciunc") or math.nan),
-                                       str(record.get("zp_source", "gaia")))
+        calibration = EpochCalibration(float(record["zp_science"]), _qa_float(record, "magzpsciunc"),
+                                       str(record.get("zp_source", "gaia")), _qa_float(record, "clrcoeff"),
+                                       _qa_float(record, "clrcounc"))
         reference_path, source = record.get("reference"), Path(record["science"])
     elif not source.is_file():
         raise MatchfileRunError(f"{source}: no such file or folder")

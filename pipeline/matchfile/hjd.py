@@ -35,7 +35,7 @@ from astropy.coordinates import EarthLocation, SkyCoord, SkyOffsetFrame
 from astropy.time import Time
 
 __all__ = ["LightTravelFit", "fit_light_travel_time", "exact_light_travel_time",
-           "heliocentric_julian_date", "field_centre", "GRID_SIZE"]
+           "heliocentric_julian_date", "field_centre", "unit_vectors", "GRID_SIZE"]
 
 GRID_SIZE = 9
 #: Smallest grid half-width (deg): a single source or a tight clump still gives a solvable fit.
@@ -43,7 +43,8 @@ MIN_HALF_WIDTH_DEG = 0.01
 SECONDS_PER_DAY = 86400.0
 
 
-def _unit_vectors(ra_deg: np.ndarray, dec_deg: np.ndarray) -> np.ndarray:
+def unit_vectors(ra_deg: np.ndarray, dec_deg: np.ndarray) -> np.ndarray:
+    """Unit vectors (..., 3) of ICRS directions given in degrees."""
     ra, dec = np.deg2rad(ra_deg), np.deg2rad(dec_deg)
     return np.stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)], axis=-1)
 
@@ -56,7 +57,7 @@ def field_centre(ra_deg, dec_deg) -> tuple[float, float]:
     ValueError
         No positions, or positions spread so evenly over the sky that they have no centre.
     """
-    xyz = _unit_vectors(np.asarray(ra_deg, float), np.asarray(dec_deg, float)).reshape(-1, 3)
+    xyz = unit_vectors(np.asarray(ra_deg, float), np.asarray(dec_deg, float)).reshape(-1, 3)
     if len(xyz) == 0:
         raise ValueError("no positions to centre on")
     mean = xyz.mean(axis=0)

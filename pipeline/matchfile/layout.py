@@ -1,4 +1,4 @@
-"""The HDF5 matchfile layout (version 1): tables, names, object ids and the file writer.
+"""The HDF5 matchfile layout (version 2): tables, names, object ids and the file writer.
 
 One matchfile per (field, CCD, quadrant, filter), seeded from the reference image's PSF
 catalogue, at ``<root>/<field:06d>/ztf_<field:06d>_<filtercode>_c<ccdid:02d>_q<qid>_match.h5``
@@ -11,7 +11,7 @@ HDF5 tool) and resizable (``maxshape=(None,)``), with the unit and meaning of ea
 in its ``unit`` and ``description`` attributes.  Column datasets rather than compound
 tables so that a reader pulls only the columns it needs.
 
-Root attributes: ``layout_version`` (1), ``kind`` (``matchfile`` or ``epoch-shard``),
+Root attributes: ``layout_version`` (2), ``kind`` (``matchfile`` or ``epoch-shard``),
 ``field``, ``ccdid``, ``qid``, ``rcid``, ``fid``, ``filtercode``, ``refid``,
 ``ref_jd_start``, ``ref_jd_end``, ``ref_nframes``, ``match_radius_arcsec``, ``created``
 (ISO UTC), ``software``; a shard also has ``expid``.
@@ -23,6 +23,12 @@ Root attributes: ``layout_version`` (1), ``kind`` (``matchfile`` or ``epoch-shar
                   ``phot_start[i] : phot_start[i] + phot_count[i]``
 ``/unmatched``    detections that matched no reference object (the transient table),
                   sorted by expid
+
+Version 2 added ``chi`` and ``sharp`` to ``/photometry`` and ``/unmatched`` and ``filefracday``,
+``clrcoeff`` and ``clrcounc`` to ``/exposures``.  A version-1 file cannot be migrated (its
+epochs' PSF fits are gone, so ``chi`` and ``sharp`` cannot be measured again from it):
+readers and writers refuse it with a :class:`LayoutError` naming the file and saying to
+rebuild it (:func:`check_layout_version`).
 
 An object's global id (``oid``, as in IRSA's light-curve service) is the decimal
 concatenation field, rcid (2 digits), fid (1 digit), reference id (8 digits):
@@ -41,9 +47,10 @@ from pipeline.formats.atomic import atomic_path
 
 __all__ = ["LAYOUT_VERSION", "TABLES", "ColumnSpec", "FILTERCODES", "filtercode_of", "fid_of_band",
            "make_oid", "split_oid", "matchfile_path", "shard_dir", "write_table",
-           "read_table", "coerce_columns", "empty_columns", "write_h5_atomic", "LayoutError", "ID_DIGITS"]
+           "read_table", "coerce_columns", "empty_columns", "write_h5_atomic", "LayoutError", "ID_DIGITS",
+           "check_layout_version", "filefracday"]
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 ID_DIGITS = 8
 FILTERCODES = {1: "zg", 2: "zr", 3: "zi"}
 COMPRESSION = dict(compression="gzip", compression_opts=1, shuffle=True)
@@ -94,8 +101,11 @@ TABLES: dict[str, tuple[int, tuple[ColumnSpec, ...]]] = {
         ("programid", "i4", "", "survey programme"),
         ("nmatched", "i4", "", "detections matched to reference objects"),
         ("nunmatched", "i4", "", "detections matched to none"),
+        ("filefracday", "i8", "", "UT date and day fraction at the exposure start, YYYYMMDDdddddd"),
+        ("clrcoeff", "f4", "", "colour coefficient of the photometric calibration (on Gaia BP - RP)"),
+        ("clrcounc", "f4", "", "its uncertainty (NaN when the coefficient was fixed, not fitted)"),
     )),
-    "photometry": (8192, _specs(
+    "photometry": (4096, _specs(
         ("objid", "i8", "", "reference object id (/sources id)"),
         ("expid", "i8", "", "exposure id"),
         ("mag", "f4", "mag", "PSF magnitude"),
@@ -104,6 +114,8 @@ TABLES: dict[str, tuple[int, tuple[ColumnSpec, ...]]] = {
         ("fluxerr", "f4", "ADU", "its uncertainty"),
         ("flags", "i4", "", "photometry flags (catflags)"),
         ("hjd", "f8", "d", "heliocentric JD (UTC-based) at mid-exposure at the detection"),
+        ("chi", "f4", "", "reduced chi-square of the PSF fit"),
+        ("sharp", "f4", "", "sharpness: fractional excess of the source's width^2 over the PSF's"),
     )),
     "unmatched": (8192, _specs(
         ("expid", "i8", "", "exposure id"),
@@ -115,8 +127,40 @@ TABLES: dict[str, tuple[int, tuple[ColumnSpec, ...]]] = {
         ("fluxerr", "f4", "ADU", "its uncertainty"),
         ("flags", "i4", "", "photometry flags"),
         ("hjd", "f8", "d", "heliocentric JD (UTC-based) at mid-exposure at the detection"),
+        ("chi", "f4", "", "reduced chi-square of the PSF fit"),
+        ("sharp", "f4", "", "sharpness: fractional excess of the source's width^2 over the PSF's"),
     )),
 }
+
+
+def check_layout_version(h5: h5py.File, path: str | Path) -> None:
+    """LayoutError naming ``path`` unless the open file ``h5`` has this software's layout version."""
+    version = h5.attrs.get("layout_version")
+    if version != LAYOUT_VERSION:
+        found = "none recorded" if version is None else f"{version}"
+        raise LayoutError(f"{path}: matchfile layout version {found}, this software reads version "
+                          f"{LAYOUT_VERSION} (which adds chi, sharp, filefracday, clrcoeff and clrcounc); "
+                          "a version-1 file cannot be migrated: move it away and rebuild it with "
+                          "`skydiff matchfile seed` and `skydiff matchfile append`")
+
+
+def filefracday(mjd) -> np.ndarray:
+    """IRSA's ``filefracday`` of UTC MJDs: the UT date and the fraction of the day as the
+    integer ``YYYYMMDDdddddd`` (``dddddd`` = the day fraction truncated to 6 digits, so it
+    never rounds up into the next day).
+
+    MJD days start at 0 h UTC, so the fraction is the MJD's own; ``1e-10`` d (9 us) is added
+    before truncating so that an instant stored as ``...0.2499999999`` (float rounding of a
+    round time) still reads as ``250000``.
+    """
+    from astropy.time import Time
+
+    mjd = np.atleast_1d(np.asarray(mjd, dtype=np.float64))
+    day = np.floor(mjd + 1e-10)
+    fraction = np.minimum(np.floor((mjd + 1e-10 - day) * 1e6), 999999).astype(np.int64)
+    ymd = Time(day, format="mjd", scale="utc").to_value("ymdhms")
+    date = ymd["year"].astype(np.int64) * 10000 + ymd["month"] * 100 + ymd["day"]
+    return date.astype(np.int64) * 1000000 + fraction
 
 
 def filtercode_of(fid: int) -> str:

@@ -11,7 +11,7 @@ Parameters (names case-insensitive, as in IRSA's API):
 ``TIME=<mjdmin> <mjdmax>``      keep points with mjdmin <= mjd <= mjdmax
 ``BAD_CATFLAGS_MASK=<int>``     drop points with ``catflags & mask`` non-zero
 ``NOBS_MIN=<int>``              drop objects with fewer points (after the cuts above)
-``FORMAT=VOTABLE|CSV|IPAC_TABLE|JSON``   output (VOTable by default)
+``FORMAT=VOTABLE|CSV|TSV|HTML|IPAC_TABLE|JSON``   output (VOTable by default)
 ``COLLECTION=<name>``           accepted and ignored (one collection here)
 
 Bad input gets ``400`` with a one-line message, an unexpected failure ``500`` with a
@@ -39,7 +39,8 @@ log = logging.getLogger("skydiff.lightcurve_service")
 LIGHTCURVE_PATH = "/cgi-bin/ZTF/nph_light_curves"
 MAX_RADIUS_DEG = 0.1          # 6 arcmin: larger cones return whole quadrants of light curves
 MAX_IDS = 1000
-_FORMATS = {"VOTABLE": "votable", "CSV": "csv", "IPAC_TABLE": "ipac_table", "JSON": "json"}
+_FORMATS = {"VOTABLE": "votable", "CSV": "csv", "TSV": "tsv", "HTML": "html", "IPAC_TABLE": "ipac_table",
+            "JSON": "json"}
 _KNOWN = {"ID", "POS", "BANDNAME", "MAG", "TIME", "BAD_CATFLAGS_MASK", "NOBS_MIN", "FORMAT", "COLLECTION"}
 HELP_TEXT = (__doc__ or "").split("\n\n", 1)[1]
 

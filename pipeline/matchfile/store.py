@@ -9,18 +9,23 @@ qid, fid, reference id, JD range and number of frames of the coadd).
 
 *One epoch*: :class:`EpochMeta` (expid, obsmjd = MJD (UTC) at the start of the exposure,
 exptime (s), airmass, magzp, magzpunc, seeing (arcsec), limiting magnitude, field-centre
-ra/dec, astrometric and photometric QA flags (0 = good), programid) and the PSF
-photometry of the science image's sources: a Table with ``ra``, ``dec`` (deg), ``flux``,
-``fluxerr`` (ADU on the image zero point: ``mag = magzp - 2.5 log10 flux``), ``mag``,
-``magerr`` and ``flags`` (int); other columns (``x``, ``y``...) are ignored.
+ra/dec, astrometric and photometric QA flags (0 = good), programid, the calibration's
+colour coefficient clrcoeff and its uncertainty clrcounc) and the PSF photometry of the
+science image's sources: a Table with ``ra``, ``dec`` (deg), ``flux``, ``fluxerr`` (ADU on
+the image zero point: ``mag = magzp - 2.5 log10 flux``), ``mag``, ``magerr``, ``flags``
+(int), ``chi`` (reduced chi-square of the PSF fit) and ``sharp`` (its sharpness, see
+:func:`pipeline.measure.photometry.psf_photometry`); other columns (``x``, ``y``...) are
+ignored.  The exposure row's ``filefracday`` is computed from obsmjd
+(:func:`pipeline.matchfile.layout.filefracday`).
 
 Appending
 ---------
 Detections are matched one-to-one to reference objects within ``match_radius_arcsec``
-(astropy's ``match_to_catalog_sky``; when two detections claim one object the nearer wins,
-the other becomes unmatched).  Every row gets its heliocentric JD at mid-exposure from the
-9 x 9 grid fit of :mod:`pipeline.matchfile.hjd`; the exposure row gets the exact HJD at the field
-centre.  Appending an expid already present replaces it.
+(nearest neighbour in a KD-tree over unit vectors, :func:`match_epoch`; when two detections
+claim one object the nearer wins, the other becomes unmatched).  Every row gets its
+heliocentric JD at mid-exposure from the 9 x 9 grid fit of :mod:`pipeline.matchfile.hjd`; the
+exposure row gets the exact HJD at the field centre.  Appending an expid already present
+replaces it.
 
 Safety: write-ahead epoch shards
 --------------------------------
@@ -45,26 +50,27 @@ drops them).  Writers (append, fold, seeding) serialise on ``fcntl.flock`` of
 from __future__ import annotations
 
 import logging
+import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import astropy.units as u
 import h5py
 import numpy as np
-from astropy.coordinates import EarthLocation, SkyCoord
+from astropy.coordinates import EarthLocation
 from astropy.table import Table
 from astropy.time import Time
+from scipy.spatial import cKDTree
 
 from pipeline.core.config import MatchfileConfig
 from pipeline.core.image import rcid_of
 from pipeline import __version__
-from pipeline.matchfile.hjd import exact_light_travel_time, heliocentric_julian_date, SECONDS_PER_DAY
+from pipeline.matchfile.hjd import unit_vectors, exact_light_travel_time, heliocentric_julian_date, SECONDS_PER_DAY
 from pipeline.matchfile.index import footprint_of, register_footprint
-from pipeline.matchfile.layout import (ID_DIGITS, LAYOUT_VERSION, LayoutError, coerce_columns, empty_columns, filtercode_of,
-                               matchfile_path, read_table, shard_dir, write_h5_atomic,
-                               write_table)
+from pipeline.matchfile.layout import (ID_DIGITS, LAYOUT_VERSION, LayoutError, check_layout_version, coerce_columns,
+                                       empty_columns, filefracday, filtercode_of, matchfile_path, read_table,
+                                       shard_dir, write_h5_atomic, write_table)
 from pipeline.core.exits import PipelineError, RetryableError
 from pipeline.formats.locks import LockTimeout, exclusive_lock
 from pipeline.formats.atomic import TEMPORARY_MARK, fsync_directory
@@ -115,6 +121,8 @@ class EpochMeta:
     astrometry_qa: int = 0
     photometry_qa: int = 0
     programid: int = 1
+    clrcoeff: float = math.nan     # colour coefficient of the calibration (NaN: none known)
+    clrcounc: float = math.nan     # its uncertainty (NaN: fixed, not fitted, or none known)
 
 
 @dataclass(frozen=True)
@@ -218,6 +226,7 @@ def create_matchfile(root: str | Path, reference: Table, meta: ReferenceMeta,
     with matchfile_lock(path, config.lock_timeout_s):
         if path.exists():
             with h5py.File(path, "r", locking=False) as h5:
+                check_layout_version(h5, path)
                 existing = int(h5.attrs["refid"])
             if existing != meta.refid:
                 raise MatchfileError(f"{path}: seeded from reference {existing}, not {meta.refid}; "
@@ -235,21 +244,30 @@ def create_matchfile(root: str | Path, reference: Table, meta: ReferenceMeta,
 
 
 def match_epoch(ref_ra, ref_dec, det_ra, det_dec, radius_arcsec: float) -> EpochMatch:
-    """Match detections to reference objects one-to-one within a radius (nearer detection wins)."""
+    """Match detections to reference objects one-to-one within a radius (nearer detection wins).
+
+    Each detection's nearest reference object comes from scipy's KD-tree over unit vectors
+    searched only within the radius's chord: astropy's ``match_to_catalog_sky`` (the same
+    tree, searched without a bound) took twice as long on a 50,000-source epoch.
+    """
     det_ra = np.asarray(det_ra, float)
     if len(det_ra) == 0:
         empty = np.zeros(0, np.int64)
         return EpochMatch(empty, empty, np.zeros(0), empty)
-    detections = SkyCoord(det_ra * u.deg, np.asarray(det_dec, float) * u.deg)
-    reference = SkyCoord(np.asarray(ref_ra, float) * u.deg, np.asarray(ref_dec, float) * u.deg)
-    nearest, separation, _ = detections.match_to_catalog_sky(reference)
-    sep = separation.to_value(u.arcsec)
+    tree = cKDTree(unit_vectors(np.asarray(ref_ra, float), np.asarray(ref_dec, float)))
+    bound = 2.0 * math.sin(math.radians(radius_arcsec / 3600.0) / 2.0) * (1.0 + 1e-9)
+    chord, nearest = tree.query(unit_vectors(det_ra, np.asarray(det_dec, float)), distance_upper_bound=bound)
+    within = np.isfinite(chord)
+    sep = np.full(len(det_ra), np.inf)
+    sep[within] = np.rad2deg(2.0 * np.arcsin(chord[within] / 2.0)) * 3600.0
     candidates = np.flatnonzero(sep <= radius_arcsec)
     # Nearest first, then keep each object's first claimant.
     candidates = candidates[np.argsort(sep[candidates], kind="stable")]
     _, first = np.unique(nearest[candidates], return_index=True)
     matched = np.sort(candidates[first])
-    unmatched = np.setdiff1d(np.arange(len(det_ra)), matched)
+    is_matched = np.zeros(len(det_ra), bool)
+    is_matched[matched] = True
+    unmatched = np.flatnonzero(~is_matched)
     return EpochMatch(matched, nearest[matched].astype(np.int64), sep[matched], unmatched)
 
 
@@ -262,7 +280,8 @@ def epoch_tables(sources: dict, meta: EpochMeta, photometry: Table, location: Ea
     where = f"{where} expid {meta.expid}"
     ra, dec = _column(photometry, "ra", where).astype(float), _column(photometry, "dec", where).astype(float)
     _check_positions(ra, dec, where)
-    values = {name: _column(photometry, name, where) for name in ("mag", "magerr", "flux", "fluxerr", "flags")}
+    values = {name: _column(photometry, name, where)
+              for name in ("mag", "magerr", "flux", "fluxerr", "flags", "chi", "sharp")}
     match = match_epoch(sources["ra"], sources["dec"], ra, dec, radius_arcsec)
     hjd = heliocentric_julian_date(ra, dec, meta.obsmjd, meta.exptime, location) if len(ra) else np.zeros(0)
     middle = Time(meta.obsmjd + 0.5 * meta.exptime / SECONDS_PER_DAY, format="mjd", scale="utc")
@@ -274,7 +293,8 @@ def epoch_tables(sources: dict, meta: EpochMeta, photometry: Table, location: Ea
     unmatched = {"expid": np.full(len(lone), meta.expid), "ra": ra[lone], "dec": dec[lone],
                  **{k: v[lone] for k, v in values.items()}, "hjd": hjd[lone]}
     exposure = {**{k: [v] for k, v in asdict(meta).items() if k != "obsmjd"}, "mjd": [meta.obsmjd],
-                "hjd": [centre_hjd], "nmatched": [len(rows)], "nunmatched": [len(lone)]}
+                "hjd": [centre_hjd], "nmatched": [len(rows)], "nunmatched": [len(lone)],
+                "filefracday": filefracday(meta.obsmjd)}
     return {"exposures": coerce_columns("exposures", exposure, where),
             "photometry": coerce_columns("photometry", phot, where),
             "unmatched": coerce_columns("unmatched", unmatched, where)}
@@ -293,9 +313,7 @@ def _require_matchfile(path: Path) -> dict:
         raise MatchfileError(f"{path}: no such matchfile (seed it from the reference catalogue first)")
     try:
         with h5py.File(path, "r", locking=False) as h5:
-            if h5.attrs.get("layout_version") != LAYOUT_VERSION:
-                raise MatchfileError(f"{path}: layout version {h5.attrs.get('layout_version')!r}, "
-                                     f"this software reads {LAYOUT_VERSION}")
+            check_layout_version(h5, path)
             return {"attrs": dict(h5.attrs), **read_table(h5, "sources", ["id", "ra", "dec"])}
     except OSError as exc:
         raise MatchfileError(f"{path}: not a readable HDF5 matchfile ({exc})") from None
@@ -340,6 +358,7 @@ def combine(path: str | Path, config: MatchfileConfig = MatchfileConfig()) -> in
 def _read_shard(path: Path) -> dict[str, dict]:
     try:
         with h5py.File(path, "r", locking=False) as h5:
+            check_layout_version(h5, path)
             return {name: read_table(h5, name) for name in ("exposures", "photometry", "unmatched")}
     except (OSError, KeyError) as exc:
         raise MatchfileError(f"{path}: unreadable epoch shard ({exc})") from None
@@ -356,11 +375,18 @@ def _fold_locked(path: Path) -> int:
     with h5py.File(path, "r", locking=False) as main:
         attrs = dict(main.attrs)
         sources = read_table(main, "sources")
-        keep = {t: ~np.isin(main[t]["expid"][...], new_expids) for t in ("exposures", "photometry", "unmatched")}
+        groups = {t: main[t] for t in ("exposures", "photometry", "unmatched")}
+        keep = {t: ~np.isin(group["expid"][...], new_expids) for t, group in groups.items()}
+        # The sort keys are merged once and kept for their own columns' writing.
+        keys: dict[tuple[str, str], np.ndarray] = {}
 
         def merged(table: str, name: str) -> np.ndarray:
-            return np.concatenate([main[table][name][...][keep[table]]] + [s[table][name] for s in shards])
+            if (table, name) in keys:
+                return keys[table, name]
+            return np.concatenate([groups[table][name][...][keep[table]]] + [s[table][name] for s in shards])
 
+        for key in (("photometry", "objid"), ("photometry", "hjd"), ("exposures", "mjd"), ("unmatched", "expid")):
+            keys[key] = merged(*key)
         source_row = np.searchsorted(sources["id"], merged("photometry", "objid"))
         photometry_order = np.lexsort((merged("photometry", "hjd"), source_row))
         exposure_order = np.argsort(merged("exposures", "mjd"), kind="stable")

@@ -23,11 +23,23 @@ Masked pixels get zero weight (and raise a flag); the fit uses the pixels within
 ``fit_radius_fwhm`` FWHMs of the source (the box where nearly all the information is, and
 few neighbours).
 
-``sharpness`` comes from a second linear fit of :math:`a P + b\,\nabla^2 P`: a Gaussian of
-variance :math:`\sigma^2 + \delta` is :math:`P + (\delta/2)\nabla^2 P` to first order, so
-``sharpness`` :math:`= 2b / (a\sigma^2)` is the fractional change of the profile's
-:math:`\sigma^2` against the PSF's: about 0 for point sources, positive for resolved
-objects, negative for cosmic rays and hot pixels.
+Goodness of fit (the matchfiles' and IRSA's ``chi`` and ``sharp``)
+-----------------------------------------------------------------
+``chi2`` is the reduced chi-square of the final fit,
+:math:`\sum_i (d_i - \hat f P_i)^2 / V_i \,/\, (n_{\rm pix} - n_{\rm par})` over the fitted
+pixels, with the variance :math:`V_i` of the weights above: about 1 for an isolated point
+source, above for blends, galaxies, cosmic rays and bright stars whose PSF model errors
+exceed the noise.  (DAOPHOT's CHI is the ratio of the observed to the expected scatter,
+about the square root of this.)
+
+``sharpness`` comes from a second linear fit of :math:`a P + b\,\nabla^2 P` to the same
+pixels with the same weights: a Gaussian of variance :math:`\sigma^2 + \delta` is
+:math:`P + (\delta/2)\nabla^2 P` to first order, so ``sharpness``
+:math:`= 2b / (a\sigma^2) = \delta / \sigma^2` (:math:`\sigma` from the PSF's FWHM / 2.3548)
+is the fractional excess of the source's squared width over the PSF's.  It has DAOPHOT's
+SHARP's meaning and signs: about 0 for point sources (its scatter falls as 1/(S/N)),
+positive for resolved objects (galaxies: +0.5 to +1.2 on the simulator's at a 2" seeing),
+negative for cosmic rays and hot pixels (a one-pixel spike: below -1).
 
 Position refinement (``fit_positions``) fits :math:`a P + b_x \partial_x P + b_y \partial_y P`
 (the model's own derivatives, exact through the Fourier shift) and moves each source by

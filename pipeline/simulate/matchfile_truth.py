@@ -5,7 +5,9 @@ across RA = 0 or near the pole are as easy as any); a share of them are sinusoid
 variables, and one transient, absent from the reference, brightens during a window.  An
 epoch draws each source's flux with Gaussian noise from the photon and sky noise (ADU, on
 the epoch's zero point) and reports the magnitude errors that noise implies, so pulls
-against the truth have unit spread.
+against the truth have unit spread.  Each detection's PSF-fit ``chi`` is drawn as a reduced
+chi-square of ``CHI_DOF`` degrees of freedom and its ``sharp`` as a point source's (mean 0,
+spread falling with S/N); the exposure's colour coefficient is ``CLRCOEFF``.
 """
 from __future__ import annotations
 
@@ -25,6 +27,9 @@ GAIN = 6.2                  # e-/ADU
 SKY_SIGMA_PSF_ADU = 60.0    # sky + read noise summed over a PSF footprint
 DETECTION_SNR = 5.0
 POSITION_JITTER_ARCSEC = 0.15
+CHI_DOF = 120               # pixels of a PSF fit box less the fitted parameters
+SHARP_SPREAD_AT_SNR_1 = 3.0  # sharp's standard deviation x S/N for a point source
+CLRCOEFF, CLRCOUNC = -0.05, 0.004
 
 
 @dataclass(frozen=True)
@@ -87,9 +92,11 @@ def synthetic_epoch(sky: SyntheticSky, expid: int, mjd: float, seed: int | None 
         "flux": observed[detected], "fluxerr": fluxerr[detected],
         "mag": magzp - 2.5 * np.log10(observed[detected]),
         "magerr": (1.0857 * fluxerr / observed)[detected],
-        "flags": np.zeros(int(detected.sum()), np.int32)})
+        "flags": np.zeros(int(detected.sum()), np.int32),
+        "chi": rng.chisquare(CHI_DOF, int(detected.sum())) / CHI_DOF,
+        "sharp": rng.normal(0.0, SHARP_SPREAD_AT_SNR_1 / (observed / fluxerr)[detected])})
     centre_ra, centre_dec = field_centre(ra, dec)
     meta = EpochMeta(expid=expid, obsmjd=mjd, exptime=30.0, airmass=1.2, magzp=magzp, magzpunc=0.01,
                      seeing=2.0, limmag=20.5, field_ra=centre_ra, field_dec=centre_dec,
-                     programid=1)
+                     programid=1, clrcoeff=CLRCOEFF, clrcounc=CLRCOUNC)
     return meta, table

@@ -42,7 +42,7 @@ class Run:
     reference: object
     root: Path
     matchfile: Path
-    epochs: list            # dict(expid, mid_mjd, truth, zeropoint, header, append_s)
+    epochs: list            # dict(expid, mid_mjd, truth, zeropoint, header, append_s, photcal)
     last: tuple             # (science QuadrantImage, Characterization) of the last epoch
     previous: object        # the science QuadrantImage of the epoch before
 
@@ -73,7 +73,7 @@ def _run(root: Path) -> Run:
         start = time.perf_counter()
         append_science_epoch(root, image.header, science, cfg)
         epochs.append(dict(expid=meta.expid, mid_mjd=meta.obstime.mjd, truth=pair.truth, zeropoint=pair.zeropoint,
-                           header=image.header, append_s=time.perf_counter() - start))
+                           header=image.header, append_s=time.perf_counter() - start, photcal=science.photcal))
         previous, last = (last[0] if last else None), (image, science)
     return Run(cfg, sky, reference, root, matchfile, epochs, last, previous)
 
@@ -283,3 +283,58 @@ def test_demo_names_a_light_curve_to_look_at(run):
     assert _arcsec(chord[0]) < 1.0
     anyone = pick_variable_lightcurve(run.root, [run.matchfile], None)
     assert not anyone["simulated_variable"] and anyone["epochs"] >= 3
+
+
+def test_chi_and_sharp_of_every_epoch(run):
+    """Every detection's PSF-fit chi and sharp: finite; point sources chi ~ 1 and sharp ~ 0;
+    the simulator's galaxies (extended) apart from the stars in sharp."""
+    tables = _folded_tables(run)
+    sources, phot, lone = tables["sources"], tables["photometry"], tables["unmatched"]
+    chi, sharp = np.concatenate([phot["chi"], lone["chi"]]), np.concatenate([phot["sharp"], lone["sharp"]])
+    finite = np.mean(np.isfinite(chi) & np.isfinite(sharp))
+    truth = run.epochs[0]["truth"]
+    unsaturated = ~np.asarray(truth["saturated"], bool)
+    kinds = {}
+    for kind in ("star", "galaxy"):
+        objects = truth[(truth["kind"] == kind) & unsaturated & ~np.asarray(truth["variable"], bool)]
+        chord, _ = cKDTree(_unit(objects["ra"], objects["dec"])).query(_unit(sources["ra"], sources["dec"]))
+        rows = np.flatnonzero(_arcsec(chord) < 0.5)
+        rows = np.concatenate([np.arange(sources["phot_start"][i], sources["phot_start"][i] + sources["phot_count"][i])
+                               for i in rows])
+        kinds[kind] = rows[(phot["flags"][rows] == 0) & (phot["magerr"][rows] < 0.1)]
+    stars, galaxies = kinds["star"], kinds["galaxy"]
+    print(f"\nchi and sharp finite on {100 * finite:.2f} % of {len(chi)} detections; point sources "
+          f"({len(stars)} rows): chi median {np.median(phot['chi'][stars]):.3f}, |sharp| median "
+          f"{np.median(np.abs(phot['sharp'][stars])):.3f}, sharp 5-95 % {np.percentile(phot['sharp'][stars], [5, 95]).round(3)}; "
+          f"galaxies ({len(galaxies)} rows): sharp median {np.median(phot['sharp'][galaxies]):+.3f}, "
+          f"5 % {np.percentile(phot['sharp'][galaxies], 5):+.3f}")
+    assert finite >= 0.99
+    assert len(stars) > 1000 and len(galaxies) > 50
+    assert 0.8 <= np.median(phot["chi"][stars]) <= 1.3
+    assert np.median(np.abs(phot["sharp"][stars])) <= 0.1
+    cut = 0.3
+    assert np.mean(phot["sharp"][stars] < cut) >= 0.95 and np.mean(phot["sharp"][galaxies] > cut) >= 0.9
+
+
+def test_exposures_carry_the_calibration_colour_term_and_filefracday(run):
+    """clrcoeff/clrcounc are each exposure's calibration's; within 2 sigma of the simulator's
+    colour term where the stars' colours fitted it; filefracday from the exposure start."""
+    from astropy.time import Time
+
+    from pipeline.matchfile.layout import filefracday
+
+    exposures = _folded_tables(run)["exposures"]
+    slope = run.cfg.instrument.filters[BAND].color_slope
+    row = {int(x): i for i, x in enumerate(exposures["expid"])}
+    pulls = []
+    for epoch in run.epochs:
+        i, photcal = row[epoch["expid"]], epoch["photcal"]
+        assert exposures["clrcoeff"][i] == np.float32(photcal.clrcoeff)
+        assert exposures["clrcounc"][i] == np.float32(photcal.clrcounc)
+        assert exposures["filefracday"][i] == filefracday(exposures["mjd"][i])[0]
+        start = Time(epoch["header"]["OBSMJD"], format="mjd", scale="utc")
+        assert str(exposures["filefracday"][i])[:8] == start.strftime("%Y%m%d")
+        assert photcal.colour_fitted
+        pulls.append((photcal.clrcoeff - slope) / photcal.clrcounc)
+    print(f"\nclrcoeff - simulated colour term, in sigma: {np.round(pulls, 2)}")
+    assert np.all(np.abs(pulls) <= 2)

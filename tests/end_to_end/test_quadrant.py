@@ -61,6 +61,13 @@ def test_quadrant_runs_every_stage_and_is_idempotent(world):
     assert len(table) > 20
     pairs = {(int(o), float(m)) for o, m in zip(table["oid"], table["mjd"])}
     assert len(pairs) == len(table)    # one row per object and epoch after the forced rerun
+    # The epoch carries the subtraction's calibration colour term and each fit's chi and sharp.
+    qa = json.loads((cfg.paths.resolve("outputs") / str(science[0]) / f"{RCID:02d}" / "subtraction"
+                     / "qa.json").read_text())
+    epoch = table[table["expid"] == science[0]]
+    assert len(epoch) > 20 and qa["clrcoeff"] is not None
+    assert np.allclose(epoch["clrcoeff"], qa["clrcoeff"], rtol=0, atol=1e-6)
+    assert np.all(np.isfinite(epoch["chi"])) and np.all(np.isfinite(epoch["sharp"]))
 
 
 def test_a_bad_copy_of_a_finished_quadrant_changes_nothing(world, tmp_path, caplog):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+from html.parser import HTMLParser
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from astropy.io.votable import parse_single_table
 from astropy.table import Table
 
 from pipeline.commands import lightcurve as lightcurve_command
-from pipeline.matchfile.lightcurves import LightcurveReader, lightcurve, select, serialise
+from pipeline.matchfile.lightcurves import LIGHTCURVE_COLUMNS, LightcurveReader, lightcurve, select, serialise
 from pipeline.matchfile.store import ReferenceMeta, append_epoch, create_matchfile
 from pipeline.matchfile.index import FootprintIndex, rebuild_index
 from pipeline.simulate.matchfile_truth import synthetic_epoch, synthetic_sky
@@ -86,23 +87,70 @@ def test_lightcurve_function_and_selection(root):
         lightcurve(10.0, 95.0, 1.0, root)
 
 
-@pytest.mark.parametrize("fmt", ["csv", "ecsv", "votable", "ipac_table", "json"])
+class _HtmlTable(HTMLParser):
+    """The header and data cells of the one table of an HTML page (stdlib parser)."""
+
+    def __init__(self):
+        super().__init__()
+        self.header, self.rows, self._cell = [], [], None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "tr":
+            self.rows.append([])
+        elif tag in ("th", "td"):
+            self._cell = tag
+
+    def handle_data(self, data):
+        if self._cell == "th":
+            self.header.append(data)
+        elif self._cell == "td":
+            self.rows[-1].append(data)
+
+    def handle_endtag(self, tag):
+        if tag in ("th", "td"):
+            self._cell = None
+
+
+def _read_html(body: bytes) -> Table:
+    parser = _HtmlTable()
+    parser.feed(body.decode())
+    rows = [row for row in parser.rows if row]
+    return Table.read("\n".join(["\t".join(parser.header)] + ["\t".join(row) for row in rows]),
+                      format="ascii.basic", delimiter="\t")
+
+
+def test_columns_are_irsas_in_irsas_order():
+    assert [name for name, *_ in LIGHTCURVE_COLUMNS] == [
+        "oid", "expid", "hjd", "mjd", "mag", "magerr", "catflags", "filtercode", "ra", "dec", "chi", "sharp",
+        "filefracday", "field", "ccdid", "qid", "limitmag", "magzp", "magzprms", "clrcoeff", "clrcounc",
+        "exptime", "airmass", "programid"]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "html", "ecsv", "votable", "ipac_table", "json"])
 def test_every_format_round_trips(root, fmt):
     root, skies = root
     sky = skies[1][1]
     table = lightcurve(float(sky.reference["ra"][0]), float(sky.reference["dec"][0]), 1.0, root)
-    body, _ = serialise(table, fmt)
+    body, kind = serialise(table, fmt)
     if fmt == "json":
         payload = json.loads(body)
         back = Table(rows=payload["data"], names=[c["name"] for c in payload["columns"]])
+    elif fmt == "html":
+        assert kind.startswith("text/html") and body.startswith(b"<!DOCTYPE html>")
+        back = _read_html(body)
+    elif fmt == "tsv":
+        assert body.split(b"\n")[0] == "\t".join(table.colnames).encode()
+        back = Table.read(body.decode(), format="ascii.basic", delimiter="\t")
     elif fmt == "votable":
         back = parse_single_table(io.BytesIO(body)).to_table()
     else:
         back = Table.read(body.decode(), format={"csv": "ascii.csv", "ecsv": "ascii.ecsv",
                                                  "ipac_table": "ascii.ipac"}[fmt])
-    assert len(back) == len(table) == 3
+    assert len(back) == len(table) == 3 and back.colnames == table.colnames
     assert np.allclose(back["hjd"], table["hjd"], rtol=0, atol=1e-8)
-    assert list(back["oid"]) == list(table["oid"])
+    assert list(back["oid"]) == list(table["oid"]) and list(back["filefracday"]) == list(table["filefracday"])
+    for name in ("chi", "sharp", "clrcoeff", "mag"):
+        assert np.array_equal(np.asarray(back[name], np.float32), np.asarray(table[name]))
 
 
 def test_command_prints_and_plots(root, tmp_path, capsysbinary, cfg):
@@ -117,6 +165,11 @@ def test_command_prints_and_plots(root, tmp_path, capsysbinary, cfg):
     assert args.func(args) == 0
     table = Table.read(capsysbinary.readouterr().out.decode(), format="ascii.ecsv")
     assert len(table) == 6 and plot.stat().st_size > 10000
+    for fmt, mark in (("tsv", b"oid\texpid\thjd"), ("html", b"<table"), ("ipac_table", b"oid|expid|")):
+        args = parser.parse_args(["lightcurve", str(float(sky.reference["ra"][2])), str(float(sky.reference["dec"][2])),
+                                  "--root", str(root), "--format", fmt])
+        args.cfg = cfg
+        assert args.func(args) == 0 and mark in capsysbinary.readouterr().out
     args = parser.parse_args(["lightcurve", "400", "0", "--root", str(root)])
     args.cfg = cfg
     assert args.func(args) == 2

@@ -68,6 +68,13 @@ def test_irsa_queries_in_every_format(service):
     assert status == 200 and len(Table.read(body.decode(), format="ascii.ipac")) == 0
     status, _, body = get(base, f"id={table['oid'][0]}&format=csv&bad_catflags_mask=0")
     assert status == 200 and len(Table.read(body.decode(), format="ascii.csv")) == 4
+    status, kind, body = get(base, f"ID={table['oid'][0]}&FORMAT=TSV")
+    tsv = Table.read(body.decode(), format="ascii.basic", delimiter="\t")
+    assert status == 200 and kind == "text/tab-separated-values" and len(tsv) == 4
+    assert tsv.colnames == table.colnames and len(tsv.colnames) == 24
+    status, kind, body = get(base, pos + "&FORMAT=html")
+    assert status == 200 and kind.startswith("text/html") and body.count(b"<tr><td>") == 4
+    assert all(f">{name}</th>".encode() in body for name in table.colnames)
 
 
 @pytest.mark.parametrize("query,message", [
@@ -83,7 +90,7 @@ def test_irsa_queries_in_every_format(service):
     ("", "either ID or POS"),
     ("ID=1&BANDNAME=u", "not g, r or i"),
     ("ID=1&MAG=" + quote("20 10"), "exceeds"),
-    ("ID=1&FORMAT=HTML", "FORMAT"),
+    ("ID=1&FORMAT=FITS", "FORMAT"),
     ("ID=1&NOBS_MIN=-2", "negative"),
     ("ID=1&FOO=2", "unknown parameter"),
     ("ID=1&FORMAT=CSV&FORMAT=JSON", "once"),

@@ -139,3 +139,59 @@ def test_lock_timeout_names_the_holder(tmp_path, cfg):
         with pytest.raises(MatchfileLockTimeout, match=r"held .* for more than 0.2 s \(holder: pid \d+"):
             append_epoch(path, meta, table, site_location(cfg.site), MatchfileConfig(lock_timeout_s=0.2))
     assert append_epoch(path, meta, table, site_location(cfg.site)).nmatched > 0
+
+
+def test_chi_sharp_filefracday_and_colour_term_reach_the_file(tmp_path, cfg):
+    """Layout 2: the detections' chi and sharp, the exposure's filefracday and colour term."""
+    from pipeline.simulate.matchfile_truth import CLRCOEFF, CLRCOUNC
+
+    sky = synthetic_sky(200, 45.0, 10.0, seed=8, transient_mjd=(60000.0, 60001.0))
+    path = create_matchfile(tmp_path, sky.reference, sky.meta)
+    meta, table = synthetic_epoch(sky, 12, 60000.467847)      # 2023-02-25 11:13:41.98 UTC
+    append_epoch(path, meta, table, site_location(cfg.site))
+    combine(path)
+    with h5py.File(path, "r") as h5:
+        exposures = {name: h5["exposures"][name][...] for name in ("filefracday", "clrcoeff", "clrcounc")}
+        phot = {name: h5["photometry"][name][...] for name in ("chi", "sharp")}
+        lone = {name: h5["unmatched"][name][...] for name in ("chi", "sharp")}
+    assert list(exposures["filefracday"]) == [20230225467847]
+    assert exposures["clrcoeff"][0] == pytest.approx(CLRCOEFF) and exposures["clrcounc"][0] == pytest.approx(CLRCOUNC)
+    assert np.allclose(np.sort(np.concatenate([phot["chi"], lone["chi"]])), np.sort(table["chi"]), atol=1e-6)
+    assert np.allclose(np.sort(np.concatenate([phot["sharp"], lone["sharp"]])), np.sort(table["sharp"]), atol=1e-6)
+    del table["sharp"]
+    with pytest.raises(LayoutError, match="missing column 'sharp'"):
+        append_epoch(path, meta, table, site_location(cfg.site))
+
+
+def test_filefracday_is_the_utc_date_and_truncated_day_fraction():
+    from pipeline.matchfile.layout import filefracday
+
+    # 0.1 d is stored as 58000.09999999999...: still 100000; 0.9999996 d truncates, never
+    # rounding into the next day.
+    assert list(filefracday([58000.1, 58000.25, 58000.9999996, 51544.0])) == [
+        20170904100000, 20170904250000, 20170904999999, 20000101000000]
+
+
+def test_an_older_layout_is_refused_naming_the_file(tmp_path, cfg):
+    """A version-1 matchfile (no chi/sharp) cannot be migrated: every reader and writer names it."""
+    from pipeline.commands import lightcurve as lightcurve_command
+    import argparse
+
+    sky = synthetic_sky(50, 10.0, 10.0, seed=2)
+    path = create_matchfile(tmp_path, sky.reference, sky.meta)
+    with h5py.File(path, "a") as h5:
+        h5.attrs["layout_version"] = 1
+    meta, table = synthetic_epoch(sky, 3, 60000.0)
+    for attempt in (lambda: append_epoch(path, meta, table, site_location(cfg.site)),
+                    lambda: create_matchfile(tmp_path, sky.reference, sky.meta),
+                    lambda: MatchfileSnapshot(path),
+                    lambda: LightcurveReader(tmp_path).cone(10.0, 10.0, 0.1)):
+        with pytest.raises(LayoutError, match=f"{path}: matchfile layout version 1.*rebuild it"):
+            attempt()
+    parser = argparse.ArgumentParser()
+    lightcurve_command.register(parser.add_subparsers(dest="command"), argparse.ArgumentParser(add_help=False))
+    args = parser.parse_args(["lightcurve", "10", "10", "--radius", "300", "--root", str(tmp_path)])
+    args.cfg = cfg
+    with pytest.raises(LayoutError) as raised:
+        args.func(args)
+    assert raised.value.exit_status == 3

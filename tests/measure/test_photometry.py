@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -135,3 +136,40 @@ if __name__ == "__main__":
     import sys
     sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
     bench_psf_photometry()
+
+
+def test_chi_and_sharp_separate_point_sources_galaxies_and_cosmic_rays():
+    """chi (reduced chi-square) and sharp on the extracted sources against the simulator's
+    truth (stars, galaxies), and on cosmic rays injected as one or two hot pixels on empty sky."""
+    s = scene()
+    cat = s.catalog
+    table = _photometry(s, cat["XWIN_IMAGE"], cat["YWIN_IMAGE"])
+    truth_xy = np.column_stack([s.truth["x"], s.truth["y"]])
+    dist, nearest = cKDTree(truth_xy).query(np.column_stack([table["x"], table["y"]]))
+    kind = np.where(dist < 1.0, np.asarray(s.truth["kind"])[nearest], "")
+    measured = np.isfinite(table["flux"]) & (table["flux"] > 0)
+    assert np.mean(np.isfinite(table["chi2"][measured]) & np.isfinite(table["sharpness"][measured])) >= 0.99
+    stars = measured & (kind == "star") & (table["flags"] == 0)
+    galaxies = measured & (kind == "galaxy") & (table["flags"] == 0) & (table["snr"] >= 10)
+    rng = np.random.default_rng(1)
+    x, y = rng.uniform(40, s.data.shape[1] - 40, 300), rng.uniform(40, s.data.shape[0] - 40, 300)
+    empty = cKDTree(truth_xy).query(np.column_stack([x, y]))[0] > 15
+    x, y = np.round(x[empty]), np.round(y[empty])
+    data = s.data.copy()
+    for col, row in zip(x.astype(int) - 1, y.astype(int) - 1):
+        data[row, col:col + rng.integers(1, 3)] += rng.uniform(300, 3000)
+    hits = _photometry(replace(s, data=data), x, y)
+    hits = hits[np.isfinite(hits["flux"]) & (hits["flux"] > 0)]
+    sharp_star = np.asarray(table["sharpness"][stars])
+    print(f"\nstars {stars.sum()}: chi median {np.median(table['chi2'][stars]):.3f}, sharp median "
+          f"{np.median(sharp_star):+.3f}, |sharp| median {np.median(np.abs(sharp_star)):.3f}, 5-95 % "
+          f"{np.percentile(sharp_star, [5, 95]).round(3)}; galaxies {galaxies.sum()}: sharp median "
+          f"{np.median(table['sharpness'][galaxies]):+.3f}; cosmic rays {len(hits)}: sharp median "
+          f"{np.median(hits['sharpness']):+.2f}")
+    assert stars.sum() > 500 and galaxies.sum() > 30 and len(hits) > 150
+    assert 0.8 <= np.median(table["chi2"][stars]) <= 1.3
+    assert np.median(np.abs(sharp_star)) <= 0.1
+    # One cut at +-0.3 keeps 95 % of the stars and drops 90 % of galaxies and cosmic rays.
+    assert np.mean(np.abs(sharp_star) < 0.3) >= 0.95
+    assert np.mean(table["sharpness"][galaxies] > 0.3) >= 0.9
+    assert np.mean(hits["sharpness"] < -0.3) >= 0.9
