@@ -32,6 +32,7 @@ COMMAND_MODULES = [
     "pipeline.commands.alerts",
     "pipeline.commands.matchfile",
     "pipeline.commands.lightcurve",
+    "pipeline.commands.forcedphot",
     "pipeline.commands.priors",
     "pipeline.commands.config",
     "pipeline.commands.bench",
