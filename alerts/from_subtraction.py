@@ -13,6 +13,11 @@ which never reads back what it wrote); :func:`publish_products` builds and publi
 alerts of several subtraction output folders in exposure-time order (so a later image's alerts carry the earlier detections in
 ``prv_candidates``) through an :class:`~alerts.publish.AlertPublisher`.
 
+Given the configuration, each alert's ``fp_hists`` come from the difference-image archive
+(``paths.fparchive``, :func:`forced_photometry_history`): forced photometry at the candidate
+on the archived images of the ``forcedphot.history_days`` before the exposure; null without
+an archive.
+
 Every candidate with a finite position and PSF magnitude becomes one alert whose ``candid``
 follows from its ``cand_index`` (:func:`alerts.ids.make_candid`); the schema requires
 ``magpsf``, so a candidate without one (:func:`alertable`) gets none.

@@ -5,8 +5,10 @@ Accuracy: a reference coadded from an earlier season (no current transients), th
 epochs of the same quadrant on successive nights, each subtracted and archived; forced
 fluxes at every simulated transient (``simulation.transients_per_quadrant`` raised so that
 the statistics mean something) and at empty positions (nothing varying within 10 px, no
-source brighter than mag 20 within 8 px) are compared with the truth files: pull = (forced -
-true) / uncertainty, true = the transient's flux in the science image (DN), 0 when empty.
+source brighter than mag 20 within 8 px) are compared with the truth: pull = (forced -
+true) / uncertainty, true = the transient's flux in the science image (DN) less its light in
+the reference (the simulator's light curves are faint but finite months before the peak:
+the coadd's weighted mean of the frames' true fluxes), 0 when empty.
 
 Cost: one real subtraction archived under 30 earlier exposures (its header's ``EXPID`` and
 ``OBSMJD`` changed: the same pixels and the same work per epoch as 30 real images), then
@@ -41,9 +43,9 @@ def _kind(truth) -> np.ndarray:
     return np.char.strip(np.asarray(truth["kind"]).astype(str))
 
 
-def _empty_positions(truth, shape, n: int, seed: int) -> np.ndarray:
-    """(n, 2) 1-based pixel positions with nothing varying within 10 px and no source
-    brighter than mag 20 within 8 px."""
+def _empty_positions(truth, shape, n: int, seed: int, avoid=None) -> np.ndarray:
+    """(n, 2) 1-based pixel positions with nothing varying (nor any of ``avoid``) within
+    10 px and no source brighter than mag 20 within 8 px."""
     rng = np.random.default_rng(seed)
     ny, nx = shape
     points = np.column_stack([rng.uniform(40, nx - 40, 6 * n), rng.uniform(40, ny - 40, 6 * n)])
@@ -53,6 +55,8 @@ def _empty_positions(truth, shape, n: int, seed: int) -> np.ndarray:
     for sel, radius in ((varying, 10.0), (bright, 8.0)):
         tree = cKDTree(np.column_stack([np.asarray(truth["x"])[sel], np.asarray(truth["y"])[sel]]))
         far &= ~np.isfinite(tree.query(points, distance_upper_bound=radius)[0])
+    if avoid is not None and len(avoid):
+        far &= ~np.isfinite(cKDTree(avoid).query(points, distance_upper_bound=10.0)[0])
     return points[far][:n]
 
 
@@ -68,11 +72,14 @@ def _accuracy(cfg, root: Path, nights: tuple[str, ...], n_transients: int, n_emp
     from pipeline.forcedphot.archive import DifferenceArchive, archive_subtraction
     from pipeline.forcedphot.lightcurves import MISSING, forced_photometry
     from pipeline.reference.build import build_reference
-    from pipeline.simulate.pairs import PairOptions, pair_sky, simulate_reference_frames, simulate_science
+    from pipeline.simulate.pairs import (PairOptions, pair_sky, reference_transient_mag, simulate_reference_frames,
+                                        simulate_science)
     from pipeline.simulate.realbogus_training import subtract_pair
 
     sim_cfg = cfg.replace(simulation__transients_per_quadrant=n_transients)
-    options = PairOptions(n_inject=0, reference_seeing=(1.5, 1.6, 1.7))
+    # Faint point sources injected into each epoch (S/N 0.5-5: below the detection limit),
+    # each night's at its own sky positions (the same pixels, another pointing).
+    options = PairOptions(n_inject=100, snr_range=(0.5, 5.0), reference_seeing=(1.5, 1.6, 1.7))
     sky = pair_sky(sim_cfg, options)
     frames = simulate_reference_frames(sim_cfg, options, sky)
     reference = build_reference(frames, sky.gaia_catalogue(), cfg.instrument.filters[frames[0].meta.filter])
@@ -86,27 +93,56 @@ def _accuracy(cfg, root: Path, nights: tuple[str, ...], n_transients: int, n_emp
     first = epochs[0][0].truth
     transient = _kind(first) == "transient"
     ids = np.asarray(first["id"])[transient]
+    # The reference season may hold some light of a transient: the truth of the difference is
+    # the science flux less the coadd's (its frames' true fluxes, weighted as coadded).
+    row_of = {int(t): k for k, t in enumerate(np.asarray(sky.transients["transient_id"]).tolist())}
+    rows = np.array([row_of[int(i)] for i in ids.tolist()])
+    band = frames[0].meta.filter
+    frame_mags = {int(f.meta.expid): dict(zip(ids.tolist(), sky.transient_mag(
+        band, f.meta.obsmjd + 0.5 * f.meta.exptime / 86400.0, rows).tolist())) for f in frames}
+    reference_mag = reference_transient_mag(reference.frames, frame_mags, ids)
     ra, dec = np.asarray(first["ra"])[transient], np.asarray(first["dec"])[transient]
-    empty_xy = _empty_positions(first, epochs[0][0].science.data.shape, n_empty, seed=11)
+    empty_xy = _empty_positions(first, epochs[0][0].science.data.shape, n_empty, seed=11,
+                                avoid=np.column_stack([epochs[0][0].injected["x"], epochs[0][0].injected["y"]]))
     empty_ra, empty_dec = epochs[0][0].science.wcs.all_pix2world(empty_xy[:, 0], empty_xy[:, 1], 1)
     transient_table = forced_photometry(archive, ra, dec, config=cfg.forcedphot)
     empty_table = forced_photometry(archive, empty_ra, empty_dec, config=cfg.forcedphot)
-    transient_pulls, empty_pulls, below = [], [], []
-    for pair, _ in epochs:
+    transient_pulls, transient_snr, empty_pulls = [], [], []
+    for pair, result in epochs:
         expid = pair.science.meta.expid
         truth = pair.truth
         own = _kind(truth) == "transient"
         flux_of = dict(zip(np.asarray(truth["id"])[own].tolist(), np.asarray(truth["flux_adu"], float)[own].tolist()))
-        true = np.array([flux_of.get(i, 0.0) for i in ids.tolist()])
+        # In science DN at the measured zero point, as forcediffimflux is.
+        true = np.array([flux_of.get(i, 0.0) for i in ids.tolist()]) - 10 ** (0.4 * (result.zp_science - reference_mag))
         rows = transient_table[(transient_table["expid"] == expid) & (transient_table["forcediffimflux"] != MISSING)]
         pulls = (rows["forcediffimflux"] - true[rows["index"]]) / rows["forcediffimfluxunc"]
         transient_pulls.append(np.asarray(pulls))
-        below.append(np.asarray(pulls)[np.asarray(true[rows["index"]] < 5 * rows["forcediffimfluxunc"])])
+        transient_snr.append(np.asarray(np.abs(true[rows["index"]]) / rows["forcediffimfluxunc"]))
         rows = empty_table[(empty_table["expid"] == expid) & (empty_table["forcediffimflux"] != MISSING)]
         empty_pulls.append(np.asarray(rows["forcediffimflux"] / rows["forcediffimfluxunc"]))
-    return epochs, reference, {"transients": pull_statistics(np.concatenate(transient_pulls)),
-                               "transients_below_5sigma": pull_statistics(np.concatenate(below)),
-                               "empty": pull_statistics(np.concatenate(empty_pulls))}
+    # The injected faint sources: each night's measured on every epoch (true flux its own
+    # night's, 0 on the others: its position is empty there).
+    faint, faint_own = [], []
+    for k, (pair, _) in enumerate(epochs):
+        ra_k, dec_k = pair.science.wcs.all_pix2world(pair.injected["x"], pair.injected["y"], 1)
+        table = forced_photometry(archive, ra_k, dec_k, config=cfg.forcedphot)
+        table = table[table["forcediffimflux"] != MISSING]
+        own = table["expid"] == pair.science.meta.expid
+        true = np.where(own, np.asarray(pair.injected["flux_adu"])[table["index"]], 0.0)
+        pulls = np.asarray((table["forcediffimflux"] - true) / table["forcediffimfluxunc"])
+        faint.append(pulls)
+        faint_own.append(pulls[np.asarray(own)])
+    transient_pulls, transient_snr = np.concatenate(transient_pulls), np.concatenate(transient_snr)
+    statistics = {"transients": pull_statistics(transient_pulls)}
+    for low, high in ((0, 20), (20, 100), (100, np.inf)):
+        sel = (transient_snr >= low) & (transient_snr < high)
+        if sel.any():
+            statistics[f"transients_snr{low}-{high:g}"] = pull_statistics(transient_pulls[sel])
+    statistics["faint_injected_own_epoch"] = pull_statistics(np.concatenate(faint_own))
+    statistics["faint_injected_all_epochs"] = pull_statistics(np.concatenate(faint))
+    statistics["empty"] = pull_statistics(np.concatenate(empty_pulls))
+    return epochs, reference, statistics
 
 
 def bench_forcedphot(cfg=None, out: str | None = None, nights=("2026-03-15", "2026-03-17", "2026-03-19"),

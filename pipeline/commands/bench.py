@@ -237,7 +237,7 @@ def _unit(name: str) -> str:
         return '"'
     if name.endswith("_megabytes"):
         return "MB"
-    if name.startswith(("n_", "known_", "candidates_")):
+    if name.startswith(("n_", "known_", "candidates_", "pull_")):
         return ""
     return "/s" if name.endswith("_per_s") else "s"
 
