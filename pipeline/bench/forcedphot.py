@@ -96,10 +96,10 @@ def _accuracy(cfg, root: Path, nights: tuple[str, ...], n_transients: int, n_emp
     # The reference season may hold some light of a transient: the truth of the difference is
     # the science flux less the coadd's (its frames' true fluxes, weighted as coadded).
     row_of = {int(t): k for k, t in enumerate(np.asarray(sky.transients["transient_id"]).tolist())}
-    rows = np.array([row_of[int(i)] for i in ids.tolist()])
+    sky_rows = np.array([row_of[int(i)] for i in ids.tolist()])
     band = frames[0].meta.filter
     frame_mags = {int(f.meta.expid): dict(zip(ids.tolist(), sky.transient_mag(
-        band, f.meta.obsmjd + 0.5 * f.meta.exptime / 86400.0, rows).tolist())) for f in frames}
+        band, f.meta.obsmjd + 0.5 * f.meta.exptime / 86400.0, sky_rows).tolist())) for f in frames}
     reference_mag = reference_transient_mag(reference.frames, frame_mags, ids)
     ra, dec = np.asarray(first["ra"])[transient], np.asarray(first["dec"])[transient]
     empty_xy = _empty_positions(first, epochs[0][0].science.data.shape, n_empty, seed=11,
@@ -107,7 +107,7 @@ def _accuracy(cfg, root: Path, nights: tuple[str, ...], n_transients: int, n_emp
     empty_ra, empty_dec = epochs[0][0].science.wcs.all_pix2world(empty_xy[:, 0], empty_xy[:, 1], 1)
     transient_table = forced_photometry(archive, ra, dec, config=cfg.forcedphot)
     empty_table = forced_photometry(archive, empty_ra, empty_dec, config=cfg.forcedphot)
-    transient_pulls, transient_snr, empty_pulls = [], [], []
+    transient_pulls, transient_snr, empty_pulls, transient_rows = [], [], [], []
     for pair, result in epochs:
         expid = pair.science.meta.expid
         truth = pair.truth
@@ -118,6 +118,7 @@ def _accuracy(cfg, root: Path, nights: tuple[str, ...], n_transients: int, n_emp
         rows = transient_table[(transient_table["expid"] == expid) & (transient_table["forcediffimflux"] != MISSING)]
         pulls = (rows["forcediffimflux"] - true[rows["index"]]) / rows["forcediffimfluxunc"]
         transient_pulls.append(np.asarray(pulls))
+        transient_rows.append(rows)
         transient_snr.append(np.asarray(np.abs(true[rows["index"]]) / rows["forcediffimfluxunc"]))
         rows = empty_table[(empty_table["expid"] == expid) & (empty_table["forcediffimflux"] != MISSING)]
         empty_pulls.append(np.asarray(rows["forcediffimflux"] / rows["forcediffimfluxunc"]))
@@ -135,6 +136,14 @@ def _accuracy(cfg, root: Path, nights: tuple[str, ...], n_transients: int, n_emp
         faint_own.append(pulls[np.asarray(own)])
     transient_pulls, transient_snr = np.concatenate(transient_pulls), np.concatenate(transient_snr)
     statistics = {"transients": pull_statistics(transient_pulls)}
+    # Nuclear transients sit on their host's core, where the subtraction's residual of the
+    # galaxy (no part of the flux error model) adds to the forced flux.
+    kinds = np.char.strip(np.asarray(sky.transients["kind"]).astype(str))[sky_rows]
+    kind_of_pull = np.concatenate([kinds[np.asarray(t["index"])] for t in transient_rows])
+    for kind in ("nuclear", "supernova"):
+        sel = kind_of_pull == kind
+        if sel.any():
+            statistics[f"transients_{kind}"] = pull_statistics(transient_pulls[sel])
     for low, high in ((0, 20), (20, 100), (100, np.inf)):
         sel = (transient_snr >= low) & (transient_snr < high)
         if sel.any():

@@ -35,6 +35,7 @@ FIT_STATUS = {
     "NO_FIT": 4,         # less than half of P_D's weight on usable pixels: no measurement
 }
 _MIN_HALF = 5
+_SHIFT_MARGIN = 4
 
 
 def fit_half_size(fwhm_px: float, fit_radius_fwhm: float, psf_half: int) -> int:
@@ -75,7 +76,12 @@ def forced_psf_fit(stamps: np.ndarray, inside: np.ndarray, psf_d: np.ndarray, f_
         empty = np.zeros(0)
         return {"flux": empty, "fluxerr": empty, "chi2": empty, "npix": np.zeros(0, int), "status": status}
     c, h = psf_d.shape[-1] // 2, size // 2
-    model = fourier_shift(np.asarray(psf_d, dtype=np.float64), dx, dy)[:, c - h:c + h + 1, c - h:c + h + 1]
+    # The shift is done on P_D cropped to the fit box plus a margin (the transform's cost
+    # goes with the stamp's area: 3x less for the usual box); the margin keeps the crop's
+    # wrap-around, where P_D is ~1e-3 of its peak, away from the fitted pixels.
+    k = min(c, h + _SHIFT_MARGIN)
+    crop = np.asarray(psf_d[:, c - k:c + k + 1, c - k:c + k + 1], dtype=np.float64)
+    model = fourier_shift(crop, dx, dy)[:, k - h:k + h + 1, k - h:k + h + 1]
     d = np.asarray(stamps, dtype=np.float64)
     usable = np.isfinite(d) & inside
     status |= np.where(np.any(~inside, axis=(1, 2)), FIT_STATUS["EDGE"], 0)
