@@ -136,6 +136,14 @@ def _accuracy(cfg, root: Path, nights: tuple[str, ...], n_transients: int, n_emp
         faint_own.append(pulls[np.asarray(own)])
     transient_pulls, transient_snr = np.concatenate(transient_pulls), np.concatenate(transient_snr)
     statistics = {"transients": pull_statistics(transient_pulls)}
+    # Without the epochs whose procstatus warns of masked pixels or the image edge in the fit
+    # box (56, 61), as a user of ZTF's forced photometry filters them.
+    status = np.concatenate([np.asarray(t["procstatus"]).astype(str) for t in transient_rows])
+    clean = np.array([set(code.split(",")) <= {"0", "57", "58"} for code in status])
+    statistics["transients_clean"] = pull_statistics(transient_pulls[clean])
+    outlier = np.abs(transient_pulls) > 5
+    statistics["transients_outliers_5sigma"] = {"n": int(outlier.sum())}
+    statistics["transients_outliers_5sigma_flagged"] = {"n": int((outlier & ~clean).sum())}
     # Nuclear transients sit on their host's core, where the subtraction's residual of the
     # galaxy (no part of the flux error model) adds to the forced flux.
     kinds = np.char.strip(np.asarray(sky.transients["kind"]).astype(str))[sky_rows]
