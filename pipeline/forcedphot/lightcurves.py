@@ -254,14 +254,22 @@ def fp_hist_records(table: Table, n_positions: int) -> list[list[dict]]:
     return records
 
 
+#: Panels drawn by :func:`plot_forced_lightcurve` (the first positions of a longer table).
+MAX_PLOT_POSITIONS = 12
+
+
 def plot_forced_lightcurve(table: Table, path, title: str = ""):
     """Forced light curve(s): flux-derived magnitudes with errors where detected, upper
-    limits (downward triangles) elsewhere, one colour per filter, one panel per position."""
+    limits (downward triangles) elsewhere, one colour per filter, one panel per position (the
+    first :data:`MAX_PLOT_POSITIONS`)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     positions = sorted(set(table["index"].tolist())) or [0]
+    if len(positions) > MAX_PLOT_POSITIONS:
+        title = f"{title} (first {MAX_PLOT_POSITIONS} of {len(positions)} positions)".strip()
+        positions = positions[:MAX_PLOT_POSITIONS]
     fig, axes = plt.subplots(len(positions), 1, figsize=(8, 2.6 * len(positions) + 0.6), squeeze=False,
                              sharex=True)
     colours = {1: "tab:green", 2: "tab:red", 3: "tab:brown"}
@@ -272,13 +280,17 @@ def plot_forced_lightcurve(table: Table, path, title: str = ""):
             sel = rows[rows["fid"] == fid]
             det = np.asarray(sel["isdetection"], bool)
             lim = ~det & (np.asarray(sel["maglim"]) != MISSING)
-            ax.errorbar(np.asarray(sel["mjd"])[det], np.asarray(sel["mag"])[det],
-                        yerr=np.asarray(sel["magerr"])[det], fmt="o", ms=4, color=colours.get(fid, "k"),
-                        label=f"{names.get(fid, fid)} detections")
-            ax.plot(np.asarray(sel["mjd"])[lim], np.asarray(sel["maglim"])[lim], "v", ms=5, mfc="none",
-                    color=colours.get(fid, "k"), label=f"{names.get(fid, fid)} upper limits")
+            if det.any():
+                ax.errorbar(np.asarray(sel["mjd"])[det], np.asarray(sel["mag"])[det],
+                            yerr=np.asarray(sel["magerr"])[det], fmt="o", ms=4, color=colours.get(fid, "k"),
+                            label=f"{names.get(fid, fid)} detections")
+            if lim.any():
+                ax.plot(np.asarray(sel["mjd"])[lim], np.asarray(sel["maglim"])[lim], "v", ms=5, mfc="none",
+                        color=colours.get(fid, "k"), label=f"{names.get(fid, fid)} upper limits")
         if len(rows):
-            ax.set_title(f"position {index}: {rows['ra'][0]:.5f} {rows['dec'][0]:+.5f}", fontsize=9)
+            unmeasured = int(np.count_nonzero(np.asarray(rows["maglim"]) == MISSING))
+            note = f"; {unmeasured} epoch(s) without a measurement" if unmeasured else ""
+            ax.set_title(f"position {index}: {rows['ra'][0]:.5f} {rows['dec'][0]:+.5f}{note}", fontsize=9)
         ax.invert_yaxis()
         ax.set_ylabel("mag")
         if ax.get_legend_handles_labels()[0]:
