@@ -73,7 +73,7 @@ def _accuracy(cfg, root: Path, nights: tuple[str, ...], n_transients: int, n_emp
     from pipeline.forcedphot.archive import DifferenceArchive, archive_subtraction
     from pipeline.forcedphot.lightcurves import MISSING, forced_photometry
     from pipeline.reference.build import build_reference
-    from pipeline.simulate.pairs import (PairOptions, pair_sky, reference_transient_mag, simulate_reference_frames,
+    from pipeline.simulate.pairs import (PairOptions, coadd_true_mag, pair_sky, simulate_reference_frames,
                                         simulate_science)
     from pipeline.simulate.realbogus_training import subtract_pair
 
@@ -101,7 +101,7 @@ def _accuracy(cfg, root: Path, nights: tuple[str, ...], n_transients: int, n_emp
     band = frames[0].meta.filter
     frame_mags = {int(f.meta.expid): dict(zip(ids.tolist(), sky.transient_mag(
         band, f.meta.obsmjd + 0.5 * f.meta.exptime / 86400.0, sky_rows).tolist())) for f in frames}
-    reference_mag = reference_transient_mag(reference.frames, frame_mags, ids)
+    reference_mag = coadd_true_mag(reference.frames, frame_mags, ids)
     # A transient with another within 10 px is measured blended with it (at 150 per quadrant
     # the simulator puts several supernovae in one host): left out of the pulls, counted.
     xy = np.column_stack([np.asarray(first["x"])[transient], np.asarray(first["y"])[transient]])

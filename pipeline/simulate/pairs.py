@@ -32,7 +32,7 @@ from pipeline.simulate.sky import SkyModel, make_sky
 
 __all__ = ["PairOptions", "SimulatedPair", "pair_sky", "simulate_reference_frames", "simulated_reference",
            "simulate_science", "simulated_pair", "real_positions", "with_true_wcs", "read_with_true_wcs",
-           "reference_transient_mag"]
+           "coadd_true_mag"]
 
 
 @dataclass(frozen=True)
@@ -201,25 +201,26 @@ def real_positions(pair: SimulatedPair) -> np.ndarray:
     return np.vstack(parts)
 
 
-def reference_transient_mag(frames: Table, frame_mags: dict, ids) -> np.ndarray:
-    """True magnitude of transients in a reference coadd: the coadd's weighted mean of their
-    true fluxes over its used frames (the simulator's Bazin light curves are faint but finite
-    months before their peak, so a reference season can hold some of a transient's light).
+def coadd_true_mag(frames: Table, frame_mags: dict, ids) -> np.ndarray:
+    """True magnitude of objects in a reference coadd: the coadd's weighted mean of their true
+    fluxes over its used frames (for variable stars, and for transients: the simulator's Bazin
+    light curves are faint but finite months before their peak, so a reference season can
+    hold some of a transient's light).
 
     Parameters
     ----------
     frames : Table
         The reference's ``frames`` (``expid``, ``weight``, ``used``).
     frame_mags : dict
-        expid -> {transient id: true magnitude in that frame}; a transient missing from a
-        frame contributes no flux there.
+        expid -> {object id: true magnitude in that frame}; an object missing from a frame
+        contributes no flux there.
     ids : array_like
-        Transient ids.
+        Object ids (of one kind: ids are per kind in the truth tables).
 
     Returns
     -------
     ndarray
-        Magnitudes on the frames' scale (inf where no frame holds light of the transient).
+        Magnitudes on the frames' scale (inf where no frame holds light of the object).
     """
     used = np.asarray(frames["used"], bool)
     weights = np.asarray(frames["weight"], float)[used]

@@ -33,7 +33,7 @@ from pipeline.forcedphot.archive import DifferenceArchive, archive_subtraction
 from pipeline.forcedphot.lightcurves import MISSING, PROCSTATUS, forced_photometry
 from pipeline.reference.files import reference_filename
 from pipeline.run.quadrant import locate_quadrant
-from pipeline.simulate.pairs import read_with_true_wcs, reference_transient_mag
+from pipeline.simulate.pairs import coadd_true_mag, read_with_true_wcs
 from pipeline.subtraction.files import subtract_quadrant
 
 EPOCHS = 2
@@ -69,34 +69,44 @@ def _kind(truth) -> np.ndarray:
     return np.char.strip(np.asarray(truth["kind"]).astype(str))
 
 
-def _transient_mags(truth) -> dict:
-    own = _kind(truth) == "transient"
+def _mags(truth, kind: str) -> dict:
+    own = _kind(truth) == kind
     return dict(zip(np.asarray(truth["id"])[own].tolist(), np.asarray(truth["mag"], float)[own].tolist()))
 
 
-def _positions(epochs, seed: int = 5):
-    """Transients (sky positions, true difference flux per epoch in science DN) and empty positions.
+def _series(epochs, kind: str, variable_only: bool = False):
+    """Sky positions of the first epoch's objects of ``kind`` (unsaturated; only the variable
+    ones if asked) and their true difference flux per epoch in science DN.
 
-    The simulator's light curves are faint but finite months before their peak, so the
-    reference season holds some of a transient's light: the true difference is the science
-    flux less the coadd's weighted mean of its frames' true fluxes (their truth files).
+    The true difference is the science flux less the reference's: the coadd's weighted mean
+    of its frames' true fluxes (their truth files).  For a transient that is not nothing: the
+    simulator's light curves are faint but finite months before their peak.
     """
     first = epochs[0]["truth"]
-    transient = _kind(first) == "transient"       # not the (moving) asteroids
-    ids = np.asarray(first["id"])[transient]
+    chosen = (_kind(first) == kind) & ~np.asarray(first["saturated"], bool)
+    if variable_only:
+        chosen &= np.asarray(first["variable"], bool)
+    ids = np.asarray(first["id"])[chosen]
     reference = epochs[0]["run"].reference
     frame_mags = {}
     for expid in np.asarray(reference.frames["expid"]).tolist():
         (truth_path,) = (epochs[0]["sim"] / "truth" / str(expid)).glob("*_truth.fits")
-        frame_mags[expid] = _transient_mags(Table.read(truth_path, "TRUTH"))
-    reference_mag = reference_transient_mag(reference.frames, frame_mags, ids)
+        frame_mags[expid] = _mags(Table.read(truth_path, "TRUTH"), kind)
+    reference_mag = coadd_true_mag(reference.frames, frame_mags, ids)
     true_flux = []
     for epoch in epochs:
         t = epoch["truth"]
-        own = _kind(t) == "transient"
+        own = _kind(t) == kind
         flux = dict(zip(np.asarray(t["id"])[own].tolist(), np.asarray(t["flux_adu"], float)[own].tolist()))
         zp = epoch["run"].result.zp_science           # forcediffimflux's scale: the measured zero point
         true_flux.append(np.array([flux.get(i, 0.0) for i in ids.tolist()]) - 10 ** (0.4 * (zp - reference_mag)))
+    return np.asarray(first["ra"])[chosen], np.asarray(first["dec"])[chosen], true_flux
+
+
+def _positions(epochs, seed: int = 5):
+    """Transients (sky positions, true difference flux per epoch in science DN, see
+    :func:`_series`) and empty positions."""
+    first = epochs[0]["truth"]
     rng = np.random.default_rng(seed)
     ny, nx = epochs[0]["shape"]
     x, y = rng.uniform(40, nx - 40, 4 * N_EMPTY), rng.uniform(40, ny - 40, 4 * N_EMPTY)
@@ -109,7 +119,7 @@ def _positions(epochs, seed: int = 5):
         tree = cKDTree(np.column_stack([np.asarray(first["x"])[sel], np.asarray(first["y"])[sel]]))
         far &= ~np.isfinite(tree.query(points, distance_upper_bound=radius)[0])
     ra, dec = epochs[0]["wcs"].all_pix2world(x[far][:N_EMPTY], y[far][:N_EMPTY], 1)
-    return (np.asarray(first["ra"])[transient], np.asarray(first["dec"])[transient], true_flux), (ra, dec)
+    return _series(epochs, "transient"), (ra, dec)
 
 
 def _pulls(table, true_flux_per_epoch, expids):
@@ -148,6 +158,16 @@ def test_forced_fluxes_are_unbiased_with_honest_errors(archived):
     limits = empty[~empty["isdetection"] & (empty["forcediffimflux"] != MISSING)]
     assert np.allclose(limits["maglim"], limits["zpdiff"] - 2.5 * np.log10(5.0 * limits["forcediffimfluxunc"]))
     assert set(",".join(empty["procstatus"]).split(",")) <= set(PROCSTATUS)
+
+
+def test_variable_stars_forced_fluxes_follow_truth(archived):
+    cfg, epochs = archived
+    ra, dec, true_flux = _series(epochs, "star", variable_only=True)
+    table = forced_photometry(DifferenceArchive(cfg.paths.resolve("fparchive")), ra, dec, config=cfg.forcedphot)
+    pulls = _pulls(table, true_flux, [e["expid"] for e in epochs])
+    print("variable-star pulls", len(pulls), np.median(pulls), np.std(pulls))
+    assert len(pulls) >= 20
+    assert abs(np.median(pulls)) < 0.5 and 0.6 < 1.4826 * np.median(np.abs(pulls - np.median(pulls))) < 1.6
 
 
 def test_alerts_carry_fp_hists_of_the_earlier_epoch(archived, tmp_path):
