@@ -32,7 +32,7 @@ def register(subparsers, common) -> None:
     p.add_argument("--format", choices=["csv", "ecsv", "json"], default="csv", help="output format (csv)")
     p.add_argument("-o", "--output", metavar="FILE", help="write the table here (default: stdout)")
     p.add_argument("--plot", metavar="FILE.png", help="also draw the forced light curve(s) with upper limits")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr (there is none when stderr is not a terminal)")
     p.set_defaults(func=run_forcedphot)
 
 
@@ -103,7 +103,8 @@ def run_forcedphot(args) -> int:
     if not args.no_progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=0, unit="epoch", desc="forced photometry", file=sys.stderr, leave=False)
+        # disable=None: no bar when stderr is not a terminal (logs, pipes).
+        bar = tqdm(total=0, unit="epoch", desc="forced photometry", file=sys.stderr, leave=False, disable=None)
 
         def progress(done: int, total: int) -> None:
             bar.total = total
