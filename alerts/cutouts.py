@@ -39,7 +39,7 @@ from typing import Mapping
 import numpy as np
 
 __all__ = ["CutoutTriplet", "STAMP_KINDS", "fits_stamp", "gzip_fits_stamp", "stamp_record", "stamp_header_cards",
-           "read_stamp"]
+           "read_stamp", "read_stamp_wcs"]
 
 #: (alert field, fileName suffix) of the three stamps, in ZTF's order.
 STAMP_KINDS = (("cutoutScience", "science"), ("cutoutTemplate", "reference"),
@@ -218,3 +218,22 @@ def read_stamp(stamp_data: bytes, source: str = "<stamp>") -> np.ndarray:
         image = matplotlib.image.imread(io.BytesIO(payload), format="jpeg")
         return np.asarray(image if image.ndim == 2 else image[..., :3].mean(axis=2), dtype=np.float32)
     raise ValueError(f"{source}: cutout is neither FITS (gzipped or not) nor JPEG")
+
+
+def read_stamp_wcs(stamp_data: bytes):
+    """The celestial WCS of a FITS cutout (ours carry the image's, CRPIX moved), else None
+    (ZTF's stamps and JPEG cutouts have none)."""
+    from astropy.io import fits
+    from astropy.wcs import WCS, FITSFixedWarning
+    payload = gzip.decompress(stamp_data) if stamp_data[:2] == b"\x1f\x8b" else stamp_data
+    if payload[:6] != b"SIMPLE":
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fits.verify.VerifyWarning)
+        warnings.simplefilter("ignore", FITSFixedWarning)
+        with fits.open(io.BytesIO(payload)) as hdul:
+            header = hdul[0].header
+            if "CTYPE1" not in header:
+                return None
+            wcs = WCS(header)
+    return wcs if wcs.has_celestial else None

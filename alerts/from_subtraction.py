@@ -61,6 +61,7 @@ from alerts.cutouts import CutoutTriplet
 from alerts.packet import AlertContext, make_alerts
 from alerts.schema import serialize_alert
 from pipeline.core.exits import BadInputError
+from pipeline.subtraction.products import CUTOUT_KINDS
 
 __all__ = ["AlertProductsError", "ReferenceSummary", "SubtractionProducts", "ImageAlerts",
            "ZTF_NIGHT_EPOCH_MJD", "image_calibration", "alert_context", "cutout_triplets",
@@ -71,7 +72,6 @@ log = logging.getLogger("skydiff.alerts")
 
 #: ZTF's night ids count UT days from MJD 57754 (2017-01-01).
 ZTF_NIGHT_EPOCH_MJD = 57754
-_CUBES = ("science", "reference", "difference")
 
 
 class AlertProductsError(BadInputError):
@@ -242,9 +242,9 @@ def cutout_triplets(cubes: Mapping[str, np.ndarray], candidates: Table) -> list[
     The stamps' origin follows :func:`pipeline.subtraction.candidates.cutout_stamps`: the central pixel is
     0-based ``(floor(xpos - 0.5), floor(ypos - 0.5))``.
     """
-    arrays = [np.asarray(cubes[name]) for name in _CUBES]
+    arrays = [np.asarray(cubes[name]) for name in CUTOUT_KINDS]
     n = len(candidates)
-    for name, cube in zip(_CUBES, arrays):
+    for name, cube in zip(CUTOUT_KINDS, arrays):
         if cube.ndim != 3 or cube.shape[0] != n or cube.shape[1:] != arrays[0].shape[1:]:
             raise AlertProductsError(f"{name} cutouts have shape {cube.shape}, expected ({n}, s, s) "
                                      "aligned with the candidates")
@@ -350,7 +350,8 @@ def read_products(outdir: str | os.PathLike, science_path: str | os.PathLike | N
     """
     from pipeline.core.image import ImageContractError, validate_header
 
-    from pipeline.subtraction.products import SubtractionOutputError, read_qa_record
+    from pipeline.subtraction.products import (SubtractionOutputError, read_candidates, read_cutouts,
+                                               read_qa_record)
 
     outdir = Path(outdir)
     qa_path = outdir / "qa.json"
@@ -380,33 +381,12 @@ def read_products(outdir: str | os.PathLike, science_path: str | os.PathLike | N
     products = SubtractionProducts(outdir, science_path, reference_path, header, reference, qa)
     if not tables:
         return products
-    candidates_path, cutouts_path = outdir / "candidates.ecsv", outdir / "cutouts.fits"
     try:
-        candidates = Table.read(candidates_path, format="ascii.ecsv")
-    except FileNotFoundError:
-        raise AlertProductsError(f"{candidates_path}: not found") from None
-    except (OSError, ValueError) as exc:
-        raise AlertProductsError(f"{candidates_path}: unreadable candidates table ({exc})") from None
-    try:
-        with fits.open(cutouts_path, memmap=False) as hdul:
-            cubes = {name: _cube(hdul, name.upper(), cutouts_path) for name in _CUBES}
-    except FileNotFoundError:
-        raise AlertProductsError(f"{cutouts_path}: not found") from None
-    except (OSError, ValueError) as exc:
-        raise AlertProductsError(f"{cutouts_path}: unreadable cutouts ({exc})") from None
-    if any(len(cube) != len(candidates) for cube in cubes.values()):
-        raise AlertProductsError(f"{cutouts_path}: {[len(c) for c in cubes.values()]} cutout planes for "
-                                 f"{len(candidates)} candidates in {candidates_path}")
+        candidates = read_candidates(outdir)
+        cubes = read_cutouts(outdir, len(candidates))
+    except SubtractionOutputError as exc:
+        raise AlertProductsError(str(exc)) from None
     return SubtractionProducts(outdir, science_path, reference_path, header, reference, qa, candidates, cubes)
-
-
-def _cube(hdul: fits.HDUList, name: str, path: Path) -> np.ndarray:
-    if name not in hdul:
-        raise AlertProductsError(f"{path}: no {name} extension")
-    data = hdul[name].data
-    if data is None:    # a zero-length cube (no candidates) is written without data
-        return np.zeros((0, 0, 0), dtype=np.float32)
-    return np.asarray(data, dtype=np.float32)
 
 
 def _products_alerts(products: SubtractionProducts, cfg, history_store, publisher_name: str | None
@@ -484,7 +464,7 @@ def publish_subtraction(outdir: str | os.PathLike, qa: Mapping, candidates: Tabl
     t0 = clock()
     ref = reference if isinstance(reference, ReferenceSummary) else ReferenceSummary.of(reference, str(outdir))
     context = alert_context(science_header, None, ref, qa, cfg, outdir=outdir)
-    stamps = {name: np.asarray(cubes[name], dtype=np.float32) for name in _CUBES}
+    stamps = {name: np.asarray(cubes[name], dtype=np.float32) for name in CUTOUT_KINDS}
     alerts = _make_alerts(context, candidates, stamps, history_store, publisher_name or cfg.kafka.publisher, cfg)
     return _publish(context, alerts, publisher, outdir, read_s=0.0, build_s=clock() - t0)
 

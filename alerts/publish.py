@@ -25,6 +25,13 @@ Oversize packets: the producer's ``message.max.bytes`` is set explicitly from
 plus record overhead exceeds it is not produced: it moves whole to the spool's ``oversize``
 folder and an error is logged (replay retries it under the then-current limit).
 
+Logging when the broker is unreachable: librdkafka reports each failed connection twice, as
+its own ``FAIL`` log line and as an error event (``error_cb``); the event is logged (WARNING)
+and the ``FAIL`` line demoted to DEBUG (:class:`_DuplicateFailFilter`), so each connection
+failure appears once; a failure repeating with the same text (every reconnection attempt to a
+broker that is down) is logged the first time and counted, the count logged at close.  A delivery failure is logged once per distinct reason, the rest counted
+in the :class:`PublishReport` (``failed``), so a broker that is down does not log every packet.
+
 Security: ``security_protocol``, ``sasl_*`` and ``ssl_ca_location`` pass straight to
 librdkafka.  No credential is ever logged or put in an exception message: log lines go
 through :class:`SecretFilter`, and Kafka error texts are scrubbed before use.
@@ -103,6 +110,19 @@ class SecretFilter(logging.Filter):
         return True
 
 
+class _DuplicateFailFilter(logging.Filter):
+    """Demotes librdkafka's ``FAIL`` log lines (a broker connection failed) to DEBUG: the same
+    failure also arrives as an error event, which :meth:`AlertPublisher._on_error` logs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # confluent-kafka logs "%s [%s] %s" % (facility, client, text); another filter may have
+        # rendered the message already, so the rendered text is tested.
+        if record.getMessage().startswith("FAIL ["):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
 @dataclass
 class PublishReport:
     """Counts of one publishing session."""
@@ -116,8 +136,26 @@ class PublishReport:
     held: int = 0                 # no broker configured, or producer unusable: stays pending
     damaged: int = 0              # replay found the spooled file cut short (set aside, not sent)
 
+    @property
+    def not_acknowledged(self) -> int:
+        """Packets of this session still waiting in the spool's pending folder for the broker:
+        deliveries that failed, those still in flight, and those never produced (held)."""
+        return self.produced + self.held - self.delivered
+
+    @property
+    def in_flight(self) -> int:
+        """Produced, neither acknowledged nor failed yet (e.g. at a flush timeout)."""
+        return self.produced - self.delivered - self.failed
+
     def __str__(self) -> str:
         return ", ".join(f"{name} {value}" for name, value in vars(self).items())
+
+    def shortfall(self) -> str:
+        """Why packets are not acknowledged, in words: "81 deliveries failed, 17 in flight, ..."."""
+        parts = [f"{self.failed} deliveries failed" if self.failed else "",
+                 f"{self.in_flight} still in flight at the flush timeout" if self.in_flight else "",
+                 f"{self.held} not produced (producer unusable or its queue full)" if self.held else ""]
+        return ", ".join(part for part in parts if part) or "none"
 
 
 class AlertPublisher:
@@ -146,7 +184,11 @@ class AlertPublisher:
         self._secrets = SecretFilter([kafka.sasl_password, kafka.sasl_username])
         self._kafka_log = logging.getLogger("skydiff.alerts.kafka")
         self._kafka_log.addFilter(self._secrets)
+        self._duplicate_fail = _DuplicateFailFilter()
+        self._kafka_log.addFilter(self._duplicate_fail)
         log.addFilter(self._secrets)
+        self._delivery_errors: dict[str, int] = {}
+        self._producer_errors: dict[str, int] = {}
         self._fatal = False
         self._producer: Producer | None = None
         if kafka.bootstrap_servers:
@@ -155,6 +197,9 @@ class AlertPublisher:
             try:
                 self._producer = Producer(conf)
             except KafkaException as exc:
+                self._kafka_log.removeFilter(self._duplicate_fail)
+                self._kafka_log.removeFilter(self._secrets)
+                log.removeFilter(self._secrets)
                 raise PublishError(f"cannot configure the Kafka producer: {self._secrets.scrub(str(exc))}") from None
             log.debug("producer configured: %s", redacted(producer_config(kafka)))
 
@@ -166,8 +211,15 @@ class AlertPublisher:
         if err.fatal():
             self._fatal = True
             log.error("Kafka producer fatal error (packets stay in the spool): %s", err.str())
+            return
+        # A broker that is down refuses every reconnection attempt (several a second at first):
+        # each distinct error is logged once, its repeats counted and summarised at close.
+        text = err.str()
+        seen = self._producer_errors[text] = self._producer_errors.get(text, 0) + 1
+        if seen == 1:
+            log.warning("Kafka: %s", text)
         else:
-            log.warning("Kafka: %s", err.str())
+            log.debug("Kafka (again): %s", text)
 
     def _on_delivery(self, err: KafkaError | None, msg) -> None:
         candid = int(msg.key())
@@ -176,7 +228,13 @@ class AlertPublisher:
             self.report.delivered += 1
         else:
             self.report.failed += 1
-            log.warning("alert %d to %s not delivered (kept in the spool): %s", candid, msg.topic(), err.str())
+            reason = err.str()
+            seen = self._delivery_errors[reason] = self._delivery_errors.get(reason, 0) + 1
+            if seen == 1:
+                log.warning("alert %d to %s not delivered (kept in the spool): %s (further deliveries failing "
+                            "so are counted, not logged)", candid, msg.topic(), reason)
+            else:
+                log.debug("alert %d to %s not delivered (kept in the spool): %s", candid, msg.topic(), reason)
 
     def _oversize(self, candid: int, value: bytes) -> bool:
         return len(value) + len(str(candid)) + RECORD_OVERHEAD_BYTES > self.kafka.message_max_bytes
@@ -278,7 +336,16 @@ class AlertPublisher:
                 self._producer.purge()
                 self._producer.poll(0)
             self._producer = None
+        for reason, count in self._delivery_errors.items():
+            if count > 1:
+                log.warning("%d alert deliveries failed: %s (kept in the spool)", count, reason)
+        for text, count in self._producer_errors.items():
+            if count > 1:
+                log.warning("Kafka: %s (%d times in all)", text, count)
+        self._delivery_errors.clear()
+        self._producer_errors.clear()
         self.spool.close()
+        self._kafka_log.removeFilter(self._duplicate_fail)
         self._kafka_log.removeFilter(self._secrets)
         log.removeFilter(self._secrets)
 

@@ -79,8 +79,9 @@ class _TileWriter:
         self.pending.append(write_tile(self.store_dir, self.nside, pixel, rows, source, mag_limit, self.kind))
         self.written.append(pixel)
         self.rows += len(rows)
-        log.info("tile %d/%d (nside %d pixel %d): %d rows", len(self.written), self.total,
-                 self.nside, pixel, len(rows))
+        # One line per tile only at DEBUG: a field is ~50 tiles, and the summary says it all.
+        log.debug("tile %d/%d (nside %d pixel %d): %d rows", len(self.written), self.total,
+                  self.nside, pixel, len(rows))
         if len(self.pending) >= _INDEX_EVERY:
             self.flush()
 
@@ -88,6 +89,14 @@ class _TileWriter:
         if self.pending:
             update_index(self.store_dir, self.nside, self.pending, self.kind)
             self.pending = []
+
+
+def _logged(result: "PrefetchResult", source: str, kind: CatalogKind) -> "PrefetchResult":
+    """Log one summary line of a prefetch (the per-tile lines are DEBUG)."""
+    log.info("%s store %s: %d tile(s) written (nside %d), %d already present, %d rows, %d TAP queries, "
+             "%.1f s, from %s", kind.name, result.store_dir, len(result.written), result.nside,
+             len(result.skipped), result.rows, result.queries, result.seconds, source)
+    return result
 
 
 def prefetch_from_table(table: Table | str | os.PathLike, store_dir: str | os.PathLike, region, *,
@@ -138,8 +147,8 @@ def prefetch_from_table(table: Table | str | os.PathLike, store_dir: str | os.Pa
             writer.write(int(pixel), rows[order[start:end]], source, mag_limit)
     finally:
         writer.flush()
-    return PrefetchResult(store_dir, nside, tuple(writer.written), (), writer.rows, 0,
-                          time.monotonic() - writer.started, tuple(int(t) for t in tiles))
+    return _logged(PrefetchResult(store_dir, nside, tuple(writer.written), (), writer.rows, 0,
+                                  time.monotonic() - writer.started, tuple(int(t) for t in tiles)), source, kind)
 
 
 def tile_adql(tap_table: str, ra_deg: float, dec_deg: float, radius_deg: float,
@@ -244,7 +253,7 @@ def prefetch_from_tap(url: str | None, store_dir: str | os.PathLike, region, *,
             writer.write(pixel, fetcher.pixel_rows(nside, pixel), source, mag_limit)
     finally:
         writer.flush()
-    return PrefetchResult(store_dir, nside, tuple(writer.written),
-                          tuple(sorted(int(t) for t in tiles if int(t) in done)), writer.rows,
-                          fetcher.queries, time.monotonic() - writer.started,
-                          tuple(int(t) for t in tiles))
+    return _logged(PrefetchResult(store_dir, nside, tuple(writer.written),
+                                  tuple(sorted(int(t) for t in tiles if int(t) in done)), writer.rows,
+                                  fetcher.queries, time.monotonic() - writer.started,
+                                  tuple(int(t) for t in tiles)), source, kind)

@@ -29,11 +29,13 @@ COMMAND_MODULES = [
     "pipeline.commands.watch",
     "pipeline.commands.catalogs",
     "pipeline.commands.solarsystem",
+    "pipeline.commands.candidates",
     "pipeline.commands.alerts",
     "pipeline.commands.matchfile",
     "pipeline.commands.lightcurve",
     "pipeline.commands.forcedphot",
     "pipeline.commands.priors",
+    "pipeline.commands.qa",
     "pipeline.commands.config",
     "pipeline.commands.bench",
 ]

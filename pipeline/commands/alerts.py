@@ -72,7 +72,9 @@ def run_publish(args) -> int:
               f"(build {image.build_s:.2f} s, serialise+publish {image.publish_s:.2f} s)")
     pending = spool.count(PENDING)
     target = kafka.bootstrap_servers or "no broker configured: packets stay in the spool"
-    print(f"alerts: {sum(i.alerts for i in images)} built from {len(images)} image(s); {report}; "
+    shortfall = f" (not acknowledged: {report.not_acknowledged}: {report.shortfall()})" \
+        if kafka.bootstrap_servers and report.not_acknowledged else ""
+    print(f"alerts: {sum(i.alerts for i in images)} built from {len(images)} image(s); {report}{shortfall}; "
           f"spool {spool.root} pending {pending} ({target})")
     return EXIT_RETRY if kafka.bootstrap_servers and pending else EXIT_OK
 

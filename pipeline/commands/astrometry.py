@@ -4,7 +4,6 @@ See :mod:`pipeline.astrometry.files` for the products and the exit statuses.
 """
 from __future__ import annotations
 
-from pipeline.astrometry.files import run_astrometry
 
 
 def register(subparsers, common) -> None:
@@ -25,6 +24,7 @@ def register(subparsers, common) -> None:
 
 
 def run(args) -> int:
+    from pipeline.astrometry.files import run_astrometry
     status, _ = run_astrometry(args.image, args.refcat, args.prior, args.out, args.cfg,
                                plots=args.plots, keep_workdir=args.keep_workdir)
     return status

@@ -6,12 +6,15 @@ from __future__ import annotations
 import argparse
 import logging
 
-from catalogs import (CATALOG_KINDS, DEFAULT_NSIDE, GAIA, PS1, SkyBox, catalog_kind, cone_region,
-                      field_region, prefetch_from_table, prefetch_from_tap, read_store_info)
 
 from pipeline.core.exits import EXIT_OK, EXIT_USAGE
 
 log = logging.getLogger("skydiff.catalogs")
+
+
+#: The data root (a :class:`pipeline.core.config.PathsConfig` field) of each catalogue's store (also the
+#: ``--catalog`` choices: the catalogue package is loaded only when a command runs).
+STORE_PATH_KEY = {"gaia": "catalogs", "ps1": "ps1_catalogs"}
 
 
 def register(subparsers, common) -> None:
@@ -27,12 +30,13 @@ def register(subparsers, common) -> None:
                     "table in the catalogue's column names (Gaia archive names; for ps1: objid, ra, "
                     "dec, gmag, rmag, imag, zmag, ps_score) or from a TAP service (the only step "
                     "that uses the network).")
-    prefetch.add_argument("--catalog", choices=sorted(CATALOG_KINDS), default=GAIA.name,
+    prefetch.add_argument("--catalog", choices=sorted(STORE_PATH_KEY), default="gaia",
                           help="which catalogue (default gaia; ps1: the PS1-like store of the alert context)")
     source = prefetch.add_mutually_exclusive_group(required=True)
     source.add_argument("--from-table", metavar="FILE", help="FITS table in the catalogue's column names")
     source.add_argument("--tap-url", metavar="URL", nargs="?", const="",
-                        help=f"TAP service (without a value: the catalogue's, {GAIA.tap_url} or {PS1.tap_url})")
+                        help="TAP service (without a value: the catalogue's own, ESA's Gaia archive or MAST's "
+                             "PS1 DR2)")
     prefetch.add_argument("--field", nargs=2, type=float, action="append", metavar=("RA", "DEC"),
                           help="a survey field centre in degrees (repeatable)")
     prefetch.add_argument("--field-size", nargs=2, type=float, default=(7.5, 7.3),
@@ -47,25 +51,23 @@ def register(subparsers, common) -> None:
                           help="store directory (default: paths.catalogs, for ps1 paths.ps1_catalogs)")
     prefetch.add_argument("--mag-limit", type=float, metavar="MAG",
                           help="keep phot_g_mean_mag (ps1: rmag) <= MAG")
-    prefetch.add_argument("--nside", type=int, default=DEFAULT_NSIDE, help=f"HEALPix nside (default {DEFAULT_NSIDE})")
+    prefetch.add_argument("--nside", type=int, help="HEALPix nside (default: catalogs.store.DEFAULT_NSIDE, 64)")
     prefetch.add_argument("--timeout", type=float, default=120.0, metavar="S", help="per TAP query (default 120)")
     prefetch.add_argument("--tap-table", "--gaia-table", dest="tap_table", metavar="TABLE",
-                          help=f"TAP table (default {GAIA.tap_table}, for ps1 {PS1.tap_table})")
+                          help="TAP table (default: the catalogue's, gaiadr3.gaia_source or dbo.MeanObjectView)")
     prefetch.add_argument("--max-rows", type=int, metavar="N", help="MAXREC per TAP query")
     prefetch.add_argument("--overwrite", action="store_true", help="refetch tiles already stored from TAP")
     prefetch.set_defaults(func=run_prefetch)
 
     info = actions.add_parser("info", parents=[common], help="list the tiles of a store",
                               description="Print a store's nside, tile count, rows and one line per tile.")
-    info.add_argument("--catalog", choices=sorted(CATALOG_KINDS), default=GAIA.name,
+    info.add_argument("--catalog", choices=sorted(STORE_PATH_KEY), default="gaia",
                       help="whose default store to list (default gaia)")
     info.add_argument("--store", metavar="DIR",
                       help="store directory (default: paths.catalogs, for ps1 paths.ps1_catalogs)")
     info.set_defaults(func=run_info)
 
 
-#: The data root (a :class:`pipeline.core.config.PathsConfig` field) of each catalogue's store.
-STORE_PATH_KEY = {"gaia": "catalogs", "ps1": "ps1_catalogs"}
 
 
 def _store_dir(args):
@@ -73,6 +75,7 @@ def _store_dir(args):
 
 
 def _regions(args) -> list:
+    from catalogs import SkyBox, cone_region, field_region
     regions = []
     for ra, dec in args.field or []:
         if args.field_radius is not None:
@@ -86,6 +89,8 @@ def _regions(args) -> list:
 
 def run_prefetch(args: argparse.Namespace) -> int:
     """0 done, 2 no region; a bad table or store (3) and an archive failure (1) propagate."""
+    from catalogs import DEFAULT_NSIDE, catalog_kind, prefetch_from_table, prefetch_from_tap
+    nside = DEFAULT_NSIDE if args.nside is None else args.nside
     store = _store_dir(args)
     regions = _regions(args)
     if not regions:
@@ -93,20 +98,18 @@ def run_prefetch(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     kind = catalog_kind(args.catalog)
     if args.from_table:
-        result = prefetch_from_table(args.from_table, store, regions, nside=args.nside,
+        prefetch_from_table(args.from_table, store, regions, nside=nside,
                                      mag_limit=args.mag_limit, kind=kind)
     else:
-        result = prefetch_from_tap(args.tap_url or None, store, regions, mag_limit=args.mag_limit,
-                                   timeout_s=args.timeout, nside=args.nside,
+        prefetch_from_tap(args.tap_url or None, store, regions, mag_limit=args.mag_limit,
+                                   timeout_s=args.timeout, nside=nside,
                                    gaia_table=args.tap_table, max_rows=args.max_rows,
                                    overwrite=args.overwrite, kind=kind)
-    log.info("store %s: %d tile(s) written, %d already present, %d rows, %d TAP queries, %.1f s",
-             result.store_dir, len(result.written), len(result.skipped), result.rows,
-             result.queries, result.seconds)
     return EXIT_OK
 
 
 def run_info(args: argparse.Namespace) -> int:
+    from catalogs import read_store_info
     info = read_store_info(_store_dir(args))
     print(f"store   {info.path}")
     print(f"kind    {info.kind.name} ({info.kind.store_format})")

@@ -1,7 +1,6 @@
 """``skydiff config``: print the effective configuration."""
 from __future__ import annotations
 
-from pipeline.core.config import config_to_toml
 
 
 def register(subparsers, common) -> None:
@@ -11,5 +10,6 @@ def register(subparsers, common) -> None:
 
 
 def run(args) -> int:
+    from pipeline.core.config import config_to_toml
     print(config_to_toml(args.cfg), end="")
     return 0

@@ -20,7 +20,8 @@ def register(subparsers, common) -> None:
     p.add_argument("--root", metavar="DIR", help="matchfile root (default: paths.matchfiles)")
     p.add_argument("--format", choices=["csv", "ecsv", "votable", "json"], default="csv",
                    help="output format on stdout (csv)")
-    p.add_argument("--plot", metavar="FILE.png", help="also plot magnitude against HJD")
+    p.add_argument("--plot", metavar="FILE.png", help="also plot magnitude against MJD, with upper limits "
+                   "and the reference magnitude")
     p.set_defaults(func=run_lightcurve)
 
     s = subparsers.add_parser(
@@ -41,7 +42,7 @@ def _root(args):
 
 
 def run_lightcurve(args) -> int:
-    from pipeline.matchfile.lightcurves import lightcurve, plot_lightcurve, serialise
+    from pipeline.matchfile.lightcurves import lightcurve, lightcurve_plot_context, plot_lightcurve, serialise
 
     try:
         table = lightcurve(args.ra, args.dec, args.radius, _root(args))
@@ -54,7 +55,9 @@ def run_lightcurve(args) -> int:
     sys.stdout.buffer.write(body)
     sys.stdout.flush()
     if args.plot:
-        plot_lightcurve(table, args.plot, title=f"{args.ra:.5f} {args.dec:+.5f} r={args.radius:g}\"")
+        references, upper_limits = lightcurve_plot_context(args.ra, args.dec, args.radius, _root(args))
+        plot_lightcurve(table, args.plot, title=f"{args.ra:.5f} {args.dec:+.5f} r={args.radius:g}\"",
+                        references=references, upper_limits=upper_limits)
         log.info("plot written to %s", args.plot)
     log.info("%d points of %d object(s)", len(table), len(set(table["oid"])) if len(table) else 0)
     return EXIT_OK

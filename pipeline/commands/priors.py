@@ -4,13 +4,9 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
-from priors.ahead import prior_wcs_header, write_ahead
-from priors.fit import PriorFitSettings, fit_prior
-from priors.matches import read_matches
-from priors.store import read_prior, write_prior
 
+from pipeline.core.config import PriorFitSettings
 from pipeline.core.exits import EXIT_OK
-from pipeline.core.image import read_quadrant
 
 log = logging.getLogger("skydiff.priors")
 
@@ -43,6 +39,9 @@ def register(subparsers, common) -> None:
 
 
 def run_build(args) -> int:
+    from priors.fit import fit_prior
+    from priors.matches import read_matches
+    from priors.store import write_prior
     matches = read_matches(args.matches)
     settings = args.cfg.priors
     if args.max_airmass is not None:
@@ -58,6 +57,9 @@ def run_build(args) -> int:
 
 
 def run_ahead(args) -> int:
+    from priors.ahead import prior_wcs_header, write_ahead
+    from priors.store import read_prior
+    from pipeline.core.image import read_quadrant
     image = read_quadrant(args.image)
     meta = image.meta
     prior = read_prior(args.prior)

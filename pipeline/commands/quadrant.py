@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 
-from pipeline.run.exposure import exposure_summary, format_exposure_summary, quadrant_task, run_exposure
 from pipeline.core.exits import EXIT_FAILED, EXIT_OK
 
 log = logging.getLogger("skydiff.quadrant")
@@ -47,6 +46,7 @@ def register(subparsers, common) -> None:
 
 
 def run_one(args) -> int:
+    from pipeline.run.exposure import quadrant_task
     _, code, reason = quadrant_task(args.exposure, args.quadrant, args.cfg, force=args.force)
     if reason and code != EXIT_OK:
         log.error("rcid %d: %s", args.quadrant, reason)
@@ -54,10 +54,12 @@ def run_one(args) -> int:
 
 
 def _print(summary: dict, as_json: bool) -> None:
+    from pipeline.run.exposure import format_exposure_summary
     print(json.dumps(summary, indent=2) if as_json else format_exposure_summary(summary))
 
 
 def run_all(args) -> int:
+    from pipeline.run.exposure import run_exposure
     # A bad --quadrants list is a usage error (2), raised to pipeline.cli.run_command.
     quadrants = _quadrants(args.quadrants, args.cfg.instrument.n_quadrants)
     summary = run_exposure(args.exposure, args.cfg, jobs=args.jobs, quadrants=quadrants, force=args.force)
@@ -67,6 +69,7 @@ def run_all(args) -> int:
 
 
 def run_summary(args) -> int:
+    from pipeline.run.exposure import exposure_summary
     summary = exposure_summary(args.exposure, args.cfg)
     _print(summary, args.json)
     return EXIT_OK

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import logging
 
-from pipeline.subtraction.realbogus import RealBogusModel, load_model, model_summary
 from pipeline.core.exits import EXIT_OK
-from pipeline.formats.atomic import write_text_atomic
 
 log = logging.getLogger("skydiff.realbogus")
 
@@ -34,6 +32,8 @@ def register(subparsers, common) -> None:
 
 
 def run_train(args) -> int:
+    from pipeline.formats.atomic import write_text_atomic
+    from pipeline.subtraction.realbogus import model_summary
     from pipeline.simulate.realbogus_training import train_model
 
     model = train_model(args.cfg, args.version)
@@ -43,6 +43,7 @@ def run_train(args) -> int:
 
 
 def run_show(args) -> int:
+    from pipeline.subtraction.realbogus import RealBogusModel, load_model, model_summary
     model = RealBogusModel.read(args.model) if args.model else load_model(args.cfg.realbogus)
     print(model_summary(model))
     return EXIT_OK

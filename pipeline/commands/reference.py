@@ -25,9 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from pipeline.core.config import Config
-from pipeline.core.image import quadrant_image
-from pipeline.reference.build import ReferenceConfig, build_reference
-from pipeline.reference.files import build_references, collect_images, read_groups, read_reference, write_reference
+from pipeline.core.config import ReferenceConfig
 from pipeline.core.exits import EXIT_BAD_INPUT, EXIT_OK
 
 __all__ = ["register", "bench_reference"]
@@ -82,6 +80,7 @@ def _print_summary(summary: dict) -> None:
 
 def run_build(args) -> int:
     """0 built, 4 a group could not be built; unreadable images or catalogue (3) propagate."""
+    from pipeline.reference.files import build_references, collect_images, read_groups
     config = args.cfg.reference
     max_frames = config.max_frames if args.max_frames is None else args.max_frames
     grid_margin = config.grid_margin_px if args.grid_margin is None else args.grid_margin
@@ -105,6 +104,7 @@ def run_build(args) -> int:
 
 
 def run_show(args) -> int:
+    from pipeline.reference.files import read_reference
     ref = read_reference(args.reference)
     print(f"{args.reference}: {ref.shape[1]} x {ref.shape[0]} px")
     for key in ("REFID", "FIELDID", "CCDID", "QID", "RCID", "FILTER", "MAGZP", "MAGZPFIT", "GAIN",
@@ -133,6 +133,9 @@ def bench_reference(n_frames: int = 20, cfg: Config | None = None, rcid: int = 2
         ``characterize``, ``register``, ``stack``, ``coadd``, ``build_total``, ``write``,
         and ``per_frame`` (build seconds per input frame).
     """
+    from pipeline.core.image import quadrant_image
+    from pipeline.reference.build import build_reference
+    from pipeline.reference.files import write_reference
     from pipeline.core.config import load_config
     from pipeline.simulate.plan import Field, exposure_at_airmass
     from pipeline.simulate.run import simulate_quadrant

@@ -4,9 +4,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from astropy.time import Time, TimeDelta
 
-from pipeline.simulate.plan import DEFAULT_FIELDS, Field
+from pipeline.simulate.fields import DEFAULT_FIELDS, Field
 
 log = logging.getLogger("skydiff.simulate")
 
@@ -52,7 +51,8 @@ def register(subparsers, common) -> None:
     p.set_defaults(func=run)
 
 
-def _night(text: str) -> Time:
+def _night(text: str):
+    from astropy.time import Time
     try:
         return Time(text, format="iso", scale="utc")
     except ValueError:
@@ -60,6 +60,7 @@ def _night(text: str) -> Time:
 
 
 def _nights(start: str, count: int, step: int = 1) -> list[str]:
+    from astropy.time import TimeDelta
     first = _night(start)
     if count < 0 or (count < 1 and step == 1):
         raise ValueError("--nights must be at least 1")
@@ -67,6 +68,7 @@ def _nights(start: str, count: int, step: int = 1) -> list[str]:
 
 
 def _days_before(night: str, days: int) -> str:
+    from astropy.time import TimeDelta
     return (_night(night) - TimeDelta(days, format="jd")).strftime("%Y-%m-%d")
 
 

@@ -33,7 +33,14 @@ def run_ingest(args: argparse.Namespace) -> int:
 
 
 def run_prepare(args: argparse.Namespace) -> int:
+    import datetime
+
+    from pipeline.core.exits import UsageError
     from solarsystem.night import night_path, prepare_night
+    try:
+        datetime.date.fromisoformat(args.night)
+    except ValueError:
+        raise UsageError(f"--night {args.night!r}: expected a date YYYY-MM-DD") from None
     from solarsystem.store import orbit_store_path
     root = args.cfg.paths.resolve("solar_system")
     summary = prepare_night(orbit_store_path(root), args.night, args.cfg.site, args.cfg.solar_system,

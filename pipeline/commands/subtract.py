@@ -4,7 +4,6 @@ See :mod:`pipeline.subtraction.products` for the products and :mod:`pipeline.sub
 """
 from __future__ import annotations
 
-from pipeline.subtraction.files import run_subtraction
 
 
 def register(subparsers, common) -> None:
@@ -27,6 +26,7 @@ def register(subparsers, common) -> None:
 
 
 def run(args) -> int:
+    from pipeline.subtraction.files import run_subtraction
     status, _ = run_subtraction(args.science, args.reference, args.out, args.cfg, refcat=args.refcat,
                                 ps1cat=args.ps1cat)
     return status

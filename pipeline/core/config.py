@@ -115,6 +115,18 @@ class SiteConfig:
     temperature_c: float = 10.0
     relative_humidity: float = 0.3
 
+    def __post_init__(self):
+        # Physical ranges: a transposed or mistyped value would silently move the observatory.
+        checks = [("latitude_deg", -90 <= self.latitude_deg <= 90, "must be in [-90, 90]"),
+                  ("longitude_deg", -180 <= self.longitude_deg <= 360, "must be in [-180, 360]"),
+                  ("height_m", -500 <= self.height_m <= 9000, "must be in [-500, 9000] m"),
+                  ("pressure_hpa", 0 <= self.pressure_hpa <= 1100, "must be in [0, 1100] hPa"),
+                  ("temperature_c", -90 <= self.temperature_c <= 60, "must be in [-90, 60] C"),
+                  ("relative_humidity", 0 <= self.relative_humidity <= 1, "must be a fraction in [0, 1]")]
+        for name, ok, rule in checks:
+            if not ok:
+                raise ConfigValueError(f"site.{name} {rule}, got {getattr(self, name)}")
+
 
 @dataclass(frozen=True)
 class PathsConfig:

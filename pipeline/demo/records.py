@@ -19,6 +19,7 @@ from astropy.table import Table, vstack
 from pipeline.core.config import Config
 from pipeline.matchfile.layout import read_table
 from pipeline.matchfile.lightcurves import lightcurve
+from pipeline.core.exits import BadInputError
 from pipeline.run.quadrant import quadrant_dir, read_status
 from pipeline.simulate.survey import SimulatedSurvey
 
@@ -281,22 +282,20 @@ def stage_seconds(survey: SimulatedSurvey) -> dict[str, float]:
     return {k: round(v, 1) for k, v in totals.items()} | ({} if total is None else {"total": round(total, 1)})
 
 
-def plot_scale_vs_airmass(cfg: Config, astrometry: list[dict], path: Path) -> Path:
-    """Each quadrant's solved pixel scale against its own lowest-airmass solution, with the model."""
-    from pipeline.astrometry.plots import plot_scale_vs_airmass as plot
-    from pipeline.core.refraction import RefractionModel
+def plot_scale_vs_airmass(cfg: Config, astrometry: list[dict], path: Path) -> Path | None:
+    """Each usable quadrant's solved pixel scale against airmass with the refraction model, annual
+    aberration taken out (what ``skydiff qa scale-airmass`` draws for the solved images)."""
+    from pipeline.astrometry.plots import plot_scale_airmass
+    from pipeline.astrometry.scale_airmass import scale_airmass_study
 
-    usable = [r for r in astrometry if r.get("usable") and r.get("pixel_scale_arcsec")]
-    points, lowest = [], 1.0
-    for rcid in sorted({r["rcid"] for r in usable}):
-        rows = [r for r in usable if r["rcid"] == rcid]
-        base = min(rows, key=lambda r: r["airmass_quadrant"])
-        lowest = min(lowest if points else base["airmass_quadrant"], base["airmass_quadrant"])
-        points += [{"airmass_quadrant": r["airmass_quadrant"], "usable": True,
-                    "scale_diff_pct_mean": 100 * (r["pixel_scale_arcsec"] / base["pixel_scale_arcsec"] - 1)}
-                   for r in rows]
-    model = RefractionModel(cfg.site.pressure_hpa, cfg.site.temperature_c, cfg.site.relative_humidity,
-                            cfg.instrument.filters["ZTF_r"].wavelength_um)
-    plot(points, model, lowest, path, title="Demo: solved pixel scale vs airmass",
-         ylabel="pixel scale change vs the quadrant's lowest-airmass solution (%)")
-    return path
+    images = []
+    for record in astrometry:
+        if record.get("usable"):
+            folder = quadrant_dir(cfg, record["expid"], record["rcid"]) / "astrometry"
+            images += sorted(p for p in folder.glob("*.fits") if not p.name.endswith("_matches.fits"))
+    try:
+        table, models, _ = scale_airmass_study(images, cfg)
+    except BadInputError as exc:
+        log.warning("no scale-vs-airmass plot: %s", exc)
+        return None
+    return plot_scale_airmass(table, models, path, title="Demo: solved pixel scale vs airmass")

@@ -15,16 +15,21 @@ from typing import Iterable
 
 from astropy.io import fits
 
+from pipeline.core.exits import BadInputError
 from pipeline.core.image import read_quadrant
 from pipeline.formats.atomic import write_fits_atomic
 
-__all__ = ["write_exposure_mef", "exposure_rcids", "EXPOSURE_KEYWORDS"]
+__all__ = ["write_exposure_mef", "exposure_rcids", "EXPOSURE_KEYWORDS", "ExposureInputError"]
 
 log = logging.getLogger("skydiff.exposure")
 
 #: Keywords copied from the quadrants into the exposure's primary header.
 EXPOSURE_KEYWORDS = ("EXPID", "FIELDID", "FILTER", "FILTERID", "OBSMJD", "EXPTIME", "PROGRMID", "TELRA",
                      "TELDEC", "AIRMASS")
+
+
+class ExposureInputError(BadInputError):
+    """An exposure that is neither a folder of quadrant files nor a readable multi-extension file."""
 
 
 def write_exposure_mef(quadrant_files: Iterable[str | os.PathLike], path: str | os.PathLike) -> Path:
@@ -65,8 +70,13 @@ def exposure_rcids(exposure: str | os.PathLike) -> list[int]:
                             "no RCID keyword" if isinstance(exc, KeyError) else exc)
                 continue
     else:
-        with fits.open(exposure) as hdul:
-            for hdu in hdul[1:]:
-                if hdu.name.startswith("Q") and not hdu.name.endswith("_MASK") and hdu.name[1:].isdigit():
-                    rcids.add(int(hdu.name[1:]))
+        try:
+            with fits.open(exposure) as hdul:
+                for hdu in hdul[1:]:
+                    if hdu.name.startswith("Q") and not hdu.name.endswith("_MASK") and hdu.name[1:].isdigit():
+                        rcids.add(int(hdu.name[1:]))
+        except FileNotFoundError:
+            raise ExposureInputError(f"{exposure}: no such exposure file or folder") from None
+        except (OSError, ValueError) as exc:
+            raise ExposureInputError(f"{exposure}: not a readable multi-extension FITS exposure ({exc})") from None
     return sorted(rcids)

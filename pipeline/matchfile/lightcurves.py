@@ -32,7 +32,8 @@ from pipeline.matchfile.index import FootprintIndex
 from pipeline.matchfile.layout import LayoutError, make_oid, matchfile_path, read_table, shard_dir, split_oid
 
 __all__ = ["LIGHTCURVE_COLUMNS", "MatchfileSnapshot", "LightcurveReader", "lightcurve", "select",
-           "serialise", "plot_lightcurve", "check_position", "FORMATS"]
+           "serialise", "plot_lightcurve", "lightcurve_figure", "lightcurve_plot_context", "check_position",
+           "FORMATS"]
 
 #: name, dtype, unit, meaning
 LIGHTCURVE_COLUMNS = [
@@ -202,6 +203,40 @@ class MatchfileSnapshot:
         table.sort(["oid", "hjd"])
         return table
 
+    def plot_context(self, source_rows: np.ndarray) -> tuple[Table, Table]:
+        """What a light-curve plot shows besides the detections, for some objects.
+
+        Returns
+        -------
+        references : Table
+            ``oid``, ``filtercode``, ``refmag``, ``refmagerr``: the reference image's PSF
+            magnitude of each object.
+        upper_limits : Table
+            ``oid``, ``filtercode``, ``mjd``, ``limitmag``: every exposure of this matchfile
+            without a detection of the object, at the exposure's 5-sigma limiting magnitude.
+        """
+        rows = np.unique(np.asarray(source_rows, dtype=np.int64))
+        a = self.attrs
+        oids = make_oid(a["field"], a["rcid"], a["fid"], self.ids[rows]) if len(rows) else np.zeros(0, np.int64)
+        sources = self.h5["sources"]
+        references = Table({"oid": np.asarray(oids, dtype=np.int64),
+                            "filtercode": np.full(len(rows), a["filtercode"], dtype="U2"),
+                            "refmag": sources["refmag"][rows] if len(rows) else np.zeros(0, np.float32),
+                            "refmagerr": sources["refmagerr"][rows] if len(rows) else np.zeros(0, np.float32)})
+        phot = self.photometry(rows)
+        detected = phot["source_row"].astype(np.int64)
+        limit_oid, limit_mjd, limit_mag = [], [], []
+        for row, oid in zip(rows, oids):
+            missing = ~np.isin(self.exposures["expid"], phot["expid"][detected == row].astype(np.int64))
+            limit_oid.append(np.full(int(missing.sum()), oid, dtype=np.int64))
+            limit_mjd.append(self.exposures["mjd"][missing])
+            limit_mag.append(self.exposures["limmag"][missing])
+        upper_limits = Table({"oid": np.concatenate(limit_oid) if limit_oid else np.zeros(0, np.int64),
+                              "filtercode": np.full(sum(map(len, limit_oid)), a["filtercode"], dtype="U2"),
+                              "mjd": np.concatenate(limit_mjd) if limit_mjd else np.zeros(0),
+                              "limitmag": np.concatenate(limit_mag) if limit_mag else np.zeros(0, np.float32)})
+        return references, upper_limits
+
     def unmatched(self, ra: float, dec: float, radius_deg: float) -> Table:
         """Unmatched detections (main file and shards) within a cone, sorted by hjd."""
         columns = read_table(self.h5, "unmatched")
@@ -285,6 +320,23 @@ class LightcurveReader:
                 tables.append(snap.lightcurve_table(rows))
         return _stack(tables)
 
+    def plot_context(self, ra: float, dec: float, radius_deg: float) -> tuple[Table, Table]:
+        """Reference magnitudes and upper limits of the objects in a cone
+        (:meth:`MatchfileSnapshot.plot_context`, stacked over the files)."""
+        check_position(ra, dec, radius_deg)
+        references, limits = [], []
+        for path, _ in self.index.files_covering(ra, dec, radius_deg):
+            snap = self.snapshot(path)
+            rows = snap.cone(ra, dec, radius_deg)
+            if len(rows):
+                ref, lim = snap.plot_context(rows)
+                references.append(ref)
+                limits.append(lim)
+        if not references:
+            return _empty_references(), _empty_limits()
+        from astropy.table import vstack
+        return vstack(references), vstack(limits)
+
     def unmatched(self, ra: float, dec: float, radius_deg: float) -> Table:
         """Unmatched (transient) detections within the cone, with their file's filter."""
         check_position(ra, dec, radius_deg)
@@ -297,6 +349,16 @@ class LightcurveReader:
             return Table()
         from astropy.table import vstack
         return vstack(tables)
+
+
+def _empty_references() -> Table:
+    return Table({"oid": np.zeros(0, np.int64), "filtercode": np.zeros(0, "U2"),
+                  "refmag": np.zeros(0, np.float32), "refmagerr": np.zeros(0, np.float32)})
+
+
+def _empty_limits() -> Table:
+    return Table({"oid": np.zeros(0, np.int64), "filtercode": np.zeros(0, "U2"), "mjd": np.zeros(0),
+                  "limitmag": np.zeros(0, np.float32)})
 
 
 def _stack(tables: list[Table]) -> Table:
@@ -314,15 +376,27 @@ _READERS: dict[Path, LightcurveReader] = {}
 _READERS_LOCK = threading.Lock()
 
 
+def _reader(root: str | Path) -> LightcurveReader:
+    root = Path(root).resolve()
+    with _READERS_LOCK:
+        reader = _READERS.get(root)
+        if reader is None:
+            reader = _READERS[root] = LightcurveReader(root)
+        return reader
+
+
 def lightcurve(ra: float, dec: float, radius_arcsec: float, root: str | Path) -> Table:
     """Light curves of the objects within ``radius_arcsec`` of (ra, dec) in the matchfiles under ``root``.
 
     Readers are cached per root, so repeated calls are warm.
     """
-    root = Path(root).resolve()
-    with _READERS_LOCK:
-        reader = _READERS.setdefault(root, LightcurveReader(root))
-    return reader.cone(float(ra), float(dec), float(radius_arcsec) / 3600.0)
+    return _reader(root).cone(float(ra), float(dec), float(radius_arcsec) / 3600.0)
+
+
+def lightcurve_plot_context(ra: float, dec: float, radius_arcsec: float, root: str | Path) -> tuple[Table, Table]:
+    """Reference magnitudes and upper limits of the objects of :func:`lightcurve`'s cone
+    (:meth:`LightcurveReader.plot_context`), for :func:`plot_lightcurve`."""
+    return _reader(root).plot_context(float(ra), float(dec), float(radius_arcsec) / 3600.0)
 
 
 def select(table: Table, fids=None, mag_range=None, mjd_range=None, bad_flags_mask: int = 0,
@@ -414,26 +488,64 @@ def serialise(table: Table, fmt: str) -> tuple[bytes, str]:
     return buffer.getvalue().encode(), FORMATS[fmt]
 
 
-def plot_lightcurve(table: Table, path: str | Path, title: str = "") -> Path:
-    """A PNG of magnitude against HJD, one series per object and filter."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+_FILTER_COLOURS = {"zg": "tab:green", "zr": "tab:red", "zi": "tab:brown"}
 
-    colours = {"zg": "tab:green", "zr": "tab:red", "zi": "tab:brown"}
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for oid in np.unique(np.asarray(table["oid"])) if len(table) else []:
-        rows = table[table["oid"] == oid]
-        code = rows["filtercode"][0]
-        ax.errorbar(rows["hjd"] - 2400000.5, rows["mag"], rows["magerr"], fmt="o", ms=3,
-                    color=colours.get(code), label=f"{oid} {code}")
+
+def lightcurve_figure(table: Table, title: str = "", references: Table | None = None,
+                      upper_limits: Table | None = None):
+    """Magnitude against MJD, one series per object and filter (a matplotlib Figure, Agg).
+
+    Detections are points with error bars at the exposure's MJD (UTC, exposure start; the
+    axis is plain MJD, no offset); ``upper_limits`` (:func:`lightcurve_plot_context`) are
+    downward triangles at the limiting magnitude of each exposure without a detection;
+    ``references`` draw each object's reference-image magnitude as a dashed line. Magnitudes
+    increase downwards.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(8, 4.5))
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot(1, 1, 1)
+    oids = sorted(set(np.asarray(table["oid"]).tolist())) if len(table) else []
+    if references is not None and len(references):
+        oids = sorted(set(oids) | set(np.asarray(references["oid"]).tolist()))
+    for oid in oids:
+        rows = table[table["oid"] == oid] if len(table) else table
+        code = None
+        if len(rows):
+            code = str(rows["filtercode"][0])
+            ax.errorbar(rows["mjd"], rows["mag"], rows["magerr"], fmt="o", ms=3, color=_FILTER_COLOURS.get(code),
+                        label=f"{oid} {code}")
+        if references is not None and len(references):
+            ref = references[references["oid"] == oid]
+            if len(ref) and np.isfinite(ref["refmag"][0]):
+                code = code or str(ref["filtercode"][0])
+                ax.axhline(float(ref["refmag"][0]), color=_FILTER_COLOURS.get(code), linestyle="--",
+                           linewidth=1, label=f"{oid} {code} reference {float(ref['refmag'][0]):.2f}")
+        if upper_limits is not None and len(upper_limits):
+            lim = upper_limits[(upper_limits["oid"] == oid) & np.isfinite(np.asarray(upper_limits["limitmag"], float))]
+            if len(lim):
+                code = code or str(lim["filtercode"][0])
+                ax.plot(lim["mjd"], lim["limitmag"], linestyle="none", marker="v", ms=6, mfc="none",
+                        color=_FILTER_COLOURS.get(code), label=f"{oid} {code} upper limits (5 sigma)")
     ax.invert_yaxis()
-    ax.set_xlabel("HJD - 2400000.5 (d)")
-    ax.set_ylabel("mag")
+    ax.ticklabel_format(axis="x", useOffset=False, style="plain")
+    ax.set_xlabel("MJD (UTC, exposure start)")
+    ax.set_ylabel("magnitude")
     ax.set_title(title or f"{len(table)} points")
-    if len(table):
+    if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    figure.tight_layout()
+    return figure
+
+
+def plot_lightcurve(table: Table, path: str | Path, title: str = "", references: Table | None = None,
+                    upper_limits: Table | None = None) -> Path:
+    """Write :func:`lightcurve_figure` as a PNG (atomically); returns its path."""
+    from pipeline.formats.atomic import atomic_path
+
+    figure = lightcurve_figure(table, title, references, upper_limits)
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=100, format="png")
     return Path(path)

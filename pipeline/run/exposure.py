@@ -8,6 +8,7 @@ quadrants to reprocess: failed, never finished, or retryable.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -15,6 +16,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
 from pipeline.core.config import Config
+from pipeline.core.runtime import progress_logging, worker_logging
 from pipeline.formats.exposure import exposure_rcids
 from pipeline.core.image import ImageContractError
 from pipeline.run.quadrant import (QuadrantInputError, failure_record, locate_quadrant, quadrant_dir, quadrant_expid,
@@ -29,9 +31,11 @@ log = logging.getLogger("skydiff.exposure")
 _worker_cfg: Config | None = None
 
 
-def _init_worker(cfg: Config) -> None:
+def _init_worker(cfg: Config, log_queue=None) -> None:
     global _worker_cfg
     _worker_cfg = cfg
+    if log_queue is not None:
+        worker_logging(log_queue)
 
 
 def quadrant_task(exposure: str, rcid: int, cfg: Config, force: bool = False) -> tuple[int, int, str]:
@@ -74,19 +78,22 @@ def run_exposure(exposure: str | os.PathLike, cfg: Config, jobs: int | None = No
     jobs = jobs or len(os.sched_getaffinity(0))
     t0 = time.perf_counter()
     done = 0
-    with ProcessPoolExecutor(max_workers=jobs, initializer=_init_worker, initargs=(cfg,)) as pool:
+    with contextlib.ExitStack() as stack:
+        bar, log_queue = None, None
+        if progress is not None:
+            # The workers' log lines come through the parent, which erases the bar around them.
+            bar, log_queue = stack.enter_context(progress_logging(progress))
+        pool = stack.enter_context(ProcessPoolExecutor(max_workers=jobs, initializer=_init_worker,
+                                                       initargs=(cfg, log_queue)))
         futures = [pool.submit(_task, (exposure, rcid, force)) for rcid in rcids]
         for future in as_completed(futures):
             rcid, code, reason = future.result()
             done += 1
-            if progress is not None:
+            if bar is not None:
                 width = 30
                 filled = int(width * done / len(rcids))
-                print(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{len(rcids)} quadrants, "
-                      f"{time.perf_counter() - t0:.0f} s (rcid {rcid}: exit {code})", end="", file=progress,
-                      flush=True)
-    if progress is not None:
-        print(file=progress)
+                bar.update(f"[{'#' * filled}{'.' * (width - filled)}] {done}/{len(rcids)} quadrants, "
+                           f"{time.perf_counter() - t0:.0f} s (rcid {rcid}: exit {code})")
     summary = exposure_summary(exposure, cfg, rcids)
     summary["wall_s"] = round(time.perf_counter() - t0, 1)
     summary["jobs"] = jobs

@@ -245,15 +245,21 @@ def run_quadrant(exposure: str | os.PathLike, rcid: int, cfg: Config, force: boo
             with SQLiteHistoryStore(history_path, survey=cfg.kafka.survey) as store:
                 images = publish_subtraction(subtraction_out, subtraction.record, result.candidates, result.cutouts,
                                              subtraction.science.header, subtraction.reference, cfg, store, publisher)
-                unacknowledged = publisher.flush() if cfg.kafka.bootstrap_servers else 0
+                if cfg.kafka.bootstrap_servers:
+                    publisher.flush()
+            report = publisher.report
+            # Counted after the flush: every failed delivery, not only what was still queued then.
+            unacknowledged = report.not_acknowledged if cfg.kafka.bootstrap_servers else 0
+            shortfall = report.shortfall()
             publisher.close()
             timings["alerts"] = round(clock() - t0, 3)
             record["alerts"] = {"built": images.alerts, "spooled": images.spooled,
                                 "already_delivered": images.already_delivered, "topic": images.topic,
+                                "delivered": report.delivered, "failed": report.failed,
                                 "unacknowledged": unacknowledged}
             if unacknowledged:
-                return finish(EXIT_RETRY, "alerts", f"{unacknowledged} alert(s) not acknowledged by the broker; "
-                                                     "they wait in the spool (skydiff alerts replay)")
+                return finish(EXIT_RETRY, "alerts", f"{unacknowledged} alert(s) not acknowledged by the broker "
+                                                     f"({shortfall}); they wait in the spool (skydiff alerts replay)")
 
         record["stage"] = "matchfile"
         _write_status(folder, record)

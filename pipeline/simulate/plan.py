@@ -7,7 +7,7 @@ whole airmass range the field reaches.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 import astropy.units as u
@@ -16,6 +16,7 @@ from astropy.time import Time
 from pipeline.core.config import Config
 from pipeline.core.refraction import airmass_at
 from pipeline.simulate.exposure import ExposureSpec
+from pipeline.simulate.fields import DEFAULT_FIELDS, Field
 
 __all__ = ["Field", "night_midpoint", "time_at_hour_angle", "time_at_airmass", "plan_night",
            "exposure_at_airmass", "DEFAULT_FIELDS"]
@@ -23,17 +24,6 @@ __all__ = ["Field", "night_midpoint", "time_at_hour_angle", "time_at_airmass", "
 _SIDEREAL_PER_SOLAR = 1.00273790935
 
 
-@dataclass(frozen=True)
-class Field:
-    """A survey field: id and centre (deg)."""
-
-    fieldid: int
-    ra: float
-    dec: float
-
-
-#: Fields the demo uses: two fields observable on a March night from the site.
-DEFAULT_FIELDS = (Field(600, 150.0, 33.0), Field(750, 205.0, 40.0))
 
 
 def night_midpoint(night: str, cfg: Config) -> Time:

@@ -35,10 +35,13 @@ from pipeline.core.exits import BadInputError
 from pipeline.formats.atomic import write_fits_atomic, write_json_atomic, write_table_atomic
 from pipeline.subtraction.difference import SubtractionResult
 
-__all__ = ["PRODUCT_FILES", "SubtractionOutputError", "read_qa_record", "write_subtraction"]
+__all__ = ["CUTOUT_KINDS", "PRODUCT_FILES", "SubtractionOutputError", "read_candidates", "read_cutouts",
+           "read_qa_record", "write_subtraction"]
 
 #: The files of a complete products folder (``qa.json`` is written last).
 PRODUCT_FILES = ("diff.fits", "scorr.fits", "candidates.ecsv", "cutouts.fits", "qa.json")
+#: The cubes of ``cutouts.fits`` (extension names upper-cased), in ZTF's stamp order.
+CUTOUT_KINDS = ("science", "reference", "difference")
 
 
 class SubtractionOutputError(BadInputError):
@@ -55,6 +58,55 @@ def read_qa_record(outdir: str | os.PathLike) -> dict:
         return json.loads(qa.read_text())
     except (OSError, ValueError) as exc:
         raise SubtractionOutputError(f"{qa}: unreadable QA record ({exc})") from None
+
+
+def read_candidates(outdir: str | os.PathLike):
+    """The ``candidates.ecsv`` table of a products folder (an astropy Table).
+
+    Raises
+    ------
+    SubtractionOutputError
+        The file is missing or unreadable (named).
+    """
+    from astropy.table import Table
+    path = Path(outdir) / "candidates.ecsv"
+    try:
+        return Table.read(path, format="ascii.ecsv")
+    except FileNotFoundError:
+        raise SubtractionOutputError(f"{path}: not found") from None
+    except (OSError, ValueError) as exc:
+        raise SubtractionOutputError(f"{path}: unreadable candidates table ({exc})") from None
+
+
+def read_cutouts(outdir: str | os.PathLike, n_candidates: int | None = None) -> dict[str, np.ndarray]:
+    """The ``cutouts.fits`` cubes of a products folder: kind -> (N, s, s) float32 array.
+
+    ``n_candidates``, when given, is checked against every cube's plane count.
+
+    Raises
+    ------
+    SubtractionOutputError
+        The file is missing, unreadable, lacks a cube or has the wrong number of planes (named).
+    """
+    path = Path(outdir) / "cutouts.fits"
+    cubes = {}
+    try:
+        with fits.open(path, memmap=False) as hdul:
+            for kind in CUTOUT_KINDS:
+                if kind.upper() not in hdul:
+                    raise SubtractionOutputError(f"{path}: no {kind.upper()} extension")
+                data = hdul[kind.upper()].data
+                # A zero-length cube (no candidates) is written without data.
+                cubes[kind] = (np.zeros((0, 0, 0), dtype=np.float32) if data is None
+                               else np.asarray(data, dtype=np.float32))
+    except FileNotFoundError:
+        raise SubtractionOutputError(f"{path}: not found") from None
+    except (OSError, ValueError) as exc:
+        raise SubtractionOutputError(f"{path}: unreadable cutouts ({exc})") from None
+    if n_candidates is not None and any(len(cube) != n_candidates for cube in cubes.values()):
+        raise SubtractionOutputError(f"{path}: {[len(c) for c in cubes.values()]} cutout planes for "
+                                     f"{n_candidates} candidates in {Path(outdir) / 'candidates.ecsv'}")
+    return cubes
 
 
 def _image_hdu(data: np.ndarray, header: fits.Header, cards: list[tuple]) -> fits.PrimaryHDU:

@@ -393,3 +393,35 @@ def test_tail_against_a_dead_broker_is_a_retry_not_success(cfg, caplog):
     for action in (["tail", "--topic", "t"], ["replay"], ["publish", "nowhere"]):
         assert run_skydiff(["alerts", *action, "--bootstrap", "localhost"], cfg) == 2
     assert "--bootstrap: 'localhost' is not host:port" in caplog.text
+
+
+def test_dead_broker_counts_every_failed_delivery_and_logs_each_failure_once(tmp_path, caplog):
+    """Broker down: the report counts every packet not acknowledged (failed deliveries, those
+    in flight at the flush timeout), each connection failure is logged once (librdkafka's own
+    FAIL line and its error event used to give two lines), and a delivery failure reason once."""
+    caplog.set_level(logging.DEBUG, logger="skydiff")
+    kafka = dataclasses.replace(load_config().kafka, bootstrap_servers=f"127.0.0.1:{_closed_port()}",
+                                flush_timeout_s=1.0)
+    _, _, alerts = _alerts(tmp_path, n=12)
+    spool = Spool(tmp_path / "spool")
+    with AlertPublisher(kafka, spool) as publisher:
+        for alert in alerts:
+            publisher.publish("ztf_test", alert["candid"], serialize_alert(alert))
+        publisher.flush()
+        assert publisher.report.not_acknowledged == 12
+        assert publisher.report.failed + publisher.report.in_flight == 12
+    report = publisher.report
+    assert (report.failed, report.in_flight, report.not_acknowledged) == (12, 0, 12)
+    assert "12 deliveries failed" in report.shortfall() and spool.count(PENDING) == 12
+    refused = [r for r in caplog.records if "Connection refused" in r.getMessage()]
+    shown = [r for r in refused if r.levelno >= logging.INFO]
+    fail_lines = [r for r in refused if r.name == "skydiff.alerts.kafka"]
+    events = [r for r in refused if r.name == "skydiff.alerts" and r.levelno == logging.DEBUG]
+    # librdkafka's FAIL line is always demoted; of its error events the first is shown, the
+    # repeats (one per reconnection attempt) counted and summarised at close.
+    assert fail_lines and all(r.levelno == logging.DEBUG for r in fail_lines)
+    assert len(shown) == 2 and all(r.name == "skydiff.alerts" for r in shown)
+    assert f"({len(events) + 1} times in all)" in shown[1].getMessage()
+    not_delivered = [r for r in caplog.records if "not delivered" in r.getMessage() and r.levelno >= logging.INFO]
+    assert len(not_delivered) == 1
+    assert "12 alert deliveries failed" in caplog.text

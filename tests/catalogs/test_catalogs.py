@@ -276,7 +276,7 @@ def test_command_prefetch_from_table_and_info(tmp_path, ra0_catalogue, capsys, c
         status = run_command(["catalogs", "prefetch", "--from-table", str(table_path), "--field", "0.5", "0.0",
                               "--field-size", "1.5", "1.5", "--store", str(store), "--mag-limit", "19"])
     assert status == 0
-    assert any("tile 1/" in record.getMessage() for record in caplog.records)
+    assert any("tile(s) written" in record.getMessage() for record in caplog.records)
     info = read_store_info(store)
     assert info.total_rows > 0 and all(e.mag_limit == 19.0 for e in info.tiles.values())
     assert run_command(["catalogs", "info", "--store", str(store)]) == 0
@@ -294,3 +294,14 @@ def test_command_errors_exit_nonzero_with_a_message(tmp_path, caplog):
         assert run_command(["catalogs", "info", "--store", str(tmp_path / "none")]) == 3
     text = caplog.text
     assert "bad.fits" in text and "give a region" in text and "not a catalogue store" in text
+
+
+def test_prefetch_logs_one_summary_line_not_one_per_tile(tmp_path, ra0_catalogue, caplog):
+    """A field is dozens of tiles: one INFO summary, the per-tile lines at DEBUG."""
+    caplog.set_level(logging.DEBUG, logger="skydiff")
+    result = prefetch_from_table(ra0_catalogue, tmp_path, cone_region(0.0, 0.0, 1.5))
+    assert len(result.written) > 5
+    mine = [r for r in caplog.records if r.name == "skydiff.catalogs"]
+    info = [r for r in mine if r.levelno >= logging.INFO]
+    assert len(info) == 1 and f"{len(result.written)} tile(s) written" in info[0].getMessage()
+    assert sum("tile " in r.getMessage() and r.levelno == logging.DEBUG for r in mine) == len(result.written)

@@ -64,3 +64,81 @@ def test_log_format_is_shared(capsys):
     from pipeline.core.runtime import LOG_FORMAT, setup_logging
     setup_logging()
     assert any(h.formatter and h.formatter._fmt == LOG_FORMAT for h in logging.getLogger().handlers)
+
+
+class _Terminal:
+    """A stream that says it is a terminal and keeps what was written."""
+
+    def __init__(self):
+        self.parts = []
+
+    def isatty(self):
+        return True
+
+    def write(self, text):
+        self.parts.append(text)
+
+    def flush(self):
+        pass
+
+    def screen(self) -> list[str]:
+        """The lines a terminal would show: a carriage return + erase-line restarts the line."""
+        lines = []
+        for raw in "".join(self.parts).split("\n"):
+            lines.append(raw.split("\r\x1b[K")[-1])
+        return [line for line in lines if line]
+
+
+def _log_from_worker(message: str) -> None:
+    import logging
+    logging.getLogger("skydiff.worker").warning(message)
+
+
+def test_progress_bar_and_log_lines_never_share_a_line():
+    """Log lines of this process and of pool workers erase the bar, take their own line, and
+    the bar is drawn again below them (skydiff exposure's progress)."""
+    import logging
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from pipeline.core.runtime import LOG_FORMAT, progress_logging, worker_logging
+
+    terminal = _Terminal()
+    root = logging.getLogger()
+    others = [h for h in root.handlers if getattr(h, "_skydiff", False)]
+    for other in others:
+        root.removeHandler(other)
+    handler = logging.StreamHandler(terminal)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler._skydiff = True          # what setup_logging installs
+    root.addHandler(handler)
+    try:
+        context = multiprocessing.get_context("fork")
+        with progress_logging(terminal, context) as (bar, queue):
+            bar.update("[##........] 1/5 quadrants")
+            logging.getLogger("skydiff.test").warning("a line from the parent")
+            with ProcessPoolExecutor(1, mp_context=context, initializer=worker_logging, initargs=(queue,)) as pool:
+                pool.submit(_log_from_worker, "a line from a worker").result()
+            bar.update("[####......] 2/5 quadrants")
+    finally:
+        root.removeHandler(handler)
+        for other in others:
+            root.addHandler(other)
+    screen = terminal.screen()
+    logs = [line for line in screen if "a line from" in line]
+    assert len(logs) == 2 and all("quadrants" not in line for line in logs)
+    assert all(line.split(" ", 2)[2].startswith("WARNING") for line in logs)     # LOG_FORMAT from column 0
+    assert screen[-1] == "[####......] 2/5 quadrants"
+    assert "a line from the parent\n[##........] 1/5 quadrants" in "".join(terminal.parts)   # redrawn below
+
+
+def test_a_fresh_process_runs_a_command():
+    """`import pipeline` no longer imports astropy: the command line must still set up logging
+    and run in a fresh interpreter (astropy's logger is astropy's own)."""
+    import os
+    env = {**os.environ, "PYTHONPATH": str(REPO)}     # this tree, not an installed copy
+    # A command that loads astropy after the logging set-up (the demo crashed so).
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "reference", "show", "missing-ref.fits"],
+                            capture_output=True, text=True, cwd=REPO, timeout=120, env=env)
+    assert result.returncode == 3, result.stderr
+    assert "missing-ref.fits" in result.stderr and "Traceback" not in result.stderr

@@ -24,8 +24,67 @@ def test_ci_runs_the_readme_test_command():
     assert "exec bash bootstrap.sh test" in CI
 
 
-def test_every_command_is_documented():
-    parser = build_parser()
-    commands = next(a for a in parser._actions if a.dest == "command").choices
-    for name in commands:
-        assert f"`skydiff {name}" in README, name
+def _commands_table() -> list[str]:
+    """The first cell of every row of the README's commands table."""
+    section = README.split("\n## Commands\n", 1)[1].split("\n### Exit statuses", 1)[0]
+    return re.findall(r"^\| `(skydiff [^`]+)` \|", section, re.M)
+
+
+def _sub_commands(parser) -> dict:
+    """Every leaf command of the parser, ``"alerts show"`` etc., with its (sub)parser."""
+    import argparse
+    leaves = {}
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, sub in commands.items():
+        actions = [a for a in sub._actions if isinstance(a, argparse._SubParsersAction)]
+        if actions:
+            for action, leaf in actions[0].choices.items():
+                leaves[f"{name} {action}"] = leaf
+        else:
+            leaves[name] = sub
+    return leaves
+
+
+def test_commands_table_lists_every_command_with_real_options():
+    """The commands table against the parser: every command and sub-command has its row, every
+    row names a real command, and every option a row shows exists (so the table cannot drift)."""
+    leaves = _sub_commands(build_parser())
+    rows = _commands_table()
+    documented = {}
+    for row in rows:
+        words = row.split()
+        key = " ".join(words[1:3]) if " ".join(words[1:3]) in leaves else words[1]
+        assert key in leaves, f"README row `{row}` names no command of the parser"
+        documented[key] = row
+    assert set(leaves) == set(documented), f"missing from the README's commands table: {set(leaves) - set(documented)}"
+    for key, row in documented.items():
+        options = {o for a in leaves[key]._actions for o in a.option_strings}
+        for option in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", row):
+            assert option in options, f"README row `{row}`: {option} is not an option of skydiff {key}"
+
+
+def test_readme_names_references_as_the_code_does():
+    from pipeline.reference.files import reference_filename
+    example = reference_filename(600, 6, 2, "ZTF_r")
+    assert example in README and "ref_f<field:06d>_c<ccd:02d>_q<qid>_<filter>.fits" in README
+    assert "land later" not in README
+
+
+def test_catalogs_command_choices_are_the_catalogue_kinds():
+    """The catalogs command lists its choices without loading the catalogue package (fast --help)."""
+    from catalogs import CATALOG_KINDS, DEFAULT_NSIDE, GAIA, PS1
+    from pipeline.commands.catalogs import STORE_PATH_KEY
+    assert sorted(STORE_PATH_KEY) == sorted(CATALOG_KINDS) and DEFAULT_NSIDE == 64
+    assert (GAIA.tap_table, PS1.tap_table) == ("gaiadr3.gaia_source", "dbo.MeanObjectView")
+
+
+def test_readme_describes_the_shipped_real_bogus_model():
+    """One description of the real-bogus model, the one its training record gives."""
+    from pipeline.subtraction.realbogus import load_default_model
+    model = load_default_model()
+    training = model.training
+    words = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
+    assert f"**Real-bogus.** A random forest ({training['n_trees']} trees) over {len(model.features)} features" in README
+    assert (f"trained with scikit-learn on {training['images']} simulated pairs "
+            f"({words[len(training['plan']['quadrants'])]} quadrants") in " ".join(README.split())
+    assert "logistic regression" not in README.lower()

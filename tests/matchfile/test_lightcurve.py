@@ -130,3 +130,43 @@ def test_commands_on_a_missing_root_exit_3_naming_it(tmp_path, cfg, caplog):
     assert run_skydiff(["lightcurve", "150", "30", "--root", str(missing)], cfg) == 3
     assert run_skydiff(["serve-lightcurves", "--port", "0", "--root", str(missing)], cfg) == 3
     assert str(missing) in caplog.text and "no such directory" in caplog.text
+
+
+def test_plot_in_mjd_with_upper_limits_and_reference_magnitude(root):
+    """The plot a scientist expects: plain MJD (no offset), every epoch without a detection
+    as an upper limit at the exposure's limiting magnitude, and the reference magnitude."""
+    from pipeline.matchfile.lightcurves import lightcurve_figure, lightcurve_plot_context
+
+    root, skies = root
+    sky = skies[0][1]
+    # An object of the first file seen at some epochs but not all (a faint one).
+    counts = {}
+    for i in range(len(sky.reference)):
+        table = lightcurve(float(sky.reference["ra"][i]), float(sky.reference["dec"][i]), 0.5, root)
+        table = table[table["filtercode"] == "zg"]
+        if 0 < len(table) < 3:
+            counts[i] = table
+            break
+    (i, table), = counts.items()
+    ra, dec = float(sky.reference["ra"][i]), float(sky.reference["dec"][i])
+    references, limits = lightcurve_plot_context(ra, dec, 0.5, root)
+    oid = int(table["oid"][0])
+    mine = limits[limits["oid"] == oid]
+    assert len(mine) == 3 - len(table) and not set(np.round(mine["mjd"], 6)) & set(np.round(table["mjd"], 6))
+    ref = references[references["oid"] == oid]
+    assert float(ref["refmag"][0]) == pytest.approx(float(sky.reference["mag"][i]), abs=1e-4)
+    full = lightcurve(ra, dec, 0.5, root)
+    figure = lightcurve_figure(full, "t", references, limits)
+    figure.canvas.draw()
+    ax = figure.axes[0]
+    assert ax.get_xlabel().startswith("MJD") and ax.xaxis.get_major_formatter().get_offset() == ""
+    assert ax.yaxis_inverted()
+    labels = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert f"{oid} zg upper limits (5 sigma)" in labels
+    assert any(label.startswith(f"{oid} zg reference ") for label in labels)
+    triangles = [line for line in ax.lines if line.get_marker() == "v"]
+    assert sum(len(line.get_xdata()) for line in triangles) == len(limits)
+    lo, hi = ax.get_xlim()
+    assert lo < 60000.0 and hi > 60002.0     # the epochs' MJDs, not an offset
+    dashed = [line for line in ax.lines if line.get_linestyle() == "--"]
+    assert float(ref["refmag"][0]) in [line.get_ydata()[0] for line in dashed]
