@@ -13,6 +13,11 @@ which never reads back what it wrote); :func:`publish_products` builds and publi
 alerts of several subtraction output folders in exposure-time order (so a later image's alerts carry the earlier detections in
 ``prv_candidates``) through an :class:`~alerts.publish.AlertPublisher`.
 
+Given the configuration, each alert's ``fp_hists`` come from the difference-image archive
+(``paths.fparchive``, :func:`forced_photometry_history`): forced photometry at the candidate
+on the archived images of the ``forcedphot.history_days`` before the exposure; null without
+an archive.
+
 Every candidate with a finite position and PSF magnitude becomes one alert whose ``candid``
 follows from its ``cand_index`` (:func:`alerts.ids.make_candid`); the schema requires
 ``magpsf``, so a candidate without one (:func:`alertable`) gets none.
@@ -60,7 +65,7 @@ from pipeline.subtraction.products import CUTOUT_KINDS
 
 __all__ = ["AlertProductsError", "ReferenceSummary", "SubtractionProducts", "ImageAlerts",
            "ZTF_NIGHT_EPOCH_MJD", "image_calibration", "alert_context", "cutout_triplets",
-           "alertable", "alerts_from_result", "read_products", "alerts_from_products", "publish_products",
+           "alertable", "forced_photometry_history", "alerts_from_result", "read_products", "alerts_from_products", "publish_products",
            "publish_subtraction"]
 
 log = logging.getLogger("skydiff.alerts")
@@ -267,16 +272,35 @@ def alertable(candidates: Table) -> np.ndarray:
     return keep
 
 
+def forced_photometry_history(context: AlertContext, candidates: Table, cfg) -> list[list[dict]] | None:
+    """The ``fp_hists`` of candidates: forced photometry at their positions on the archived
+    difference images (``paths.fparchive``) of the ``forcedphot.history_days`` before the
+    exposure (the exposure itself excluded); None when there is no archive."""
+    from pipeline.forcedphot.archive import INDEX_NAME, DifferenceArchive
+    from pipeline.forcedphot.lightcurves import forced_photometry, fp_hist_records
+
+    root = cfg.paths.resolve("fparchive")
+    if not (root / INDEX_NAME).is_file():
+        return None
+    table = forced_photometry(DifferenceArchive(root), np.asarray(candidates["ra"], float),
+                              np.asarray(candidates["dec"], float),
+                              (context.jd - cfg.forcedphot.history_days, context.jd), config=cfg.forcedphot)
+    return fp_hist_records(table, len(candidates))
+
+
 def _make_alerts(context: AlertContext, candidates: Table, cubes: Mapping[str, np.ndarray], history_store,
-                 publisher_name: str) -> list[dict]:
-    """Alerts of the alertable rows, each with the cutouts of its own row."""
+                 publisher_name: str, cfg=None) -> list[dict]:
+    """Alerts of the alertable rows, each with the cutouts of its own row (and, given ``cfg``,
+    its forced-photometry history)."""
     triplets = cutout_triplets(cubes, candidates)
     keep = alertable(candidates)
     if not keep.all():
         log.info("pid %d: %d of %d candidates have no finite magpsf/position: no alert for them",
                  context.pid, int((~keep).sum()), len(keep))
-    return make_alerts(context, candidates[keep], [t for t, k in zip(triplets, keep) if k], history_store,
-                       publisher_name)
+    kept = candidates[keep]
+    fp_hists = None if cfg is None else forced_photometry_history(context, kept, cfg)
+    return make_alerts(context, kept, [t for t, k in zip(triplets, keep) if k], history_store,
+                       publisher_name, fp_hists)
 
 
 def alerts_from_result(result, science_header: fits.Header, wcs, reference: Any, cfg, history_store,
@@ -284,7 +308,7 @@ def alerts_from_result(result, science_header: fits.Header, wcs, reference: Any,
     """The context and alert packets of a subtraction held in memory (recorded in the history)."""
     context = alert_context(science_header, wcs, reference, result, cfg)
     alerts = _make_alerts(context, result.candidates, result.cutouts, history_store,
-                          publisher_name or cfg.kafka.publisher)
+                          publisher_name or cfg.kafka.publisher, cfg)
     return context, alerts
 
 
@@ -372,7 +396,7 @@ def _products_alerts(products: SubtractionProducts, cfg, history_store, publishe
     context = alert_context(products.science_header, None, products.reference, products.qa, cfg,
                             outdir=products.outdir)
     alerts = _make_alerts(context, products.candidates, products.cutouts, history_store,
-                          publisher_name or cfg.kafka.publisher)
+                          publisher_name or cfg.kafka.publisher, cfg)
     return context, alerts
 
 
@@ -443,7 +467,7 @@ def publish_subtraction(outdir: str | os.PathLike, qa: Mapping, candidates: Tabl
     ref = reference if isinstance(reference, ReferenceSummary) else ReferenceSummary.of(reference, str(outdir))
     context = alert_context(science_header, None, ref, qa, cfg, outdir=outdir)
     stamps = {name: np.asarray(cubes[name], dtype=np.float32) for name in CUTOUT_KINDS}
-    alerts = _make_alerts(context, candidates, stamps, history_store, publisher_name or cfg.kafka.publisher)
+    alerts = _make_alerts(context, candidates, stamps, history_store, publisher_name or cfg.kafka.publisher, cfg)
     return _publish(context, alerts, publisher, outdir, read_s=0.0, build_s=clock() - t0)
 
 

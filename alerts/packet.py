@@ -30,7 +30,9 @@ pdiffimfilename); else 3. derived: ``pid``/``candid`` (:mod:`alerts.ids`), ``isd
 from the object history (``ndethist``, ``ncovhist``, ``jdstarthist``, ``jdendhist``); else
 null, for the reasons in :data:`NULL_REASONS`.  ``nmtchps`` is 0 unless the table has the
 column (the context stage's PS1 search); ``drbversion`` is the table's column, else the
-context's (empty: the cutouts were not scored).  ``fp_hists`` is null: no forced photometry is run.  ``jd`` is
+context's (empty: the cutouts were not scored).  ``fp_hists`` are the records handed to
+:func:`make_alerts` (:func:`pipeline.forcedphot.lightcurves.fp_hist_records`: forced photometry
+on the archived difference images of the days before), null when none are given (no archive).  ``jd`` is
 the context's ``jd`` as given.
 """
 from __future__ import annotations
@@ -229,17 +231,18 @@ def cutout_fields(triplet: CutoutTriplet | None, candid: int, pid: int, wcs) -> 
     return {kind: stamp_record(getattr(triplet, attr), names[attr], cards, crpix) for kind, attr in STAMP_KINDS}
 
 
-def assemble_alert(record: dict, history: CandidateHistory, cutouts: Mapping[str, Any], publisher: str) -> dict:
-    """One v4.02 alert from its candidate record, history and cutout records."""
+def assemble_alert(record: dict, history: CandidateHistory, cutouts: Mapping[str, Any], publisher: str,
+                   fp_hists: list[dict] | None = None) -> dict:
+    """One v4.02 alert from its candidate record, history, cutout records and forced photometry."""
     record.update(ndethist=history.ndethist, ncovhist=history.ncovhist,
                   jdstarthist=history.jdstarthist, jdendhist=history.jdendhist)
     return {"schemavsn": SCHEMA_VERSION, "publisher": publisher, "objectId": history.object_id,
             "candid": record["candid"], "candidate": record, "prv_candidates": history.prv_candidates,
-            "fp_hists": None, **cutouts}
+            "fp_hists": fp_hists, **cutouts}
 
 
 def make_alerts(context: AlertContext, candidates, cutouts: Sequence[CutoutTriplet | None] | None,
-                store: HistoryStore, publisher: str) -> list[dict]:
+                store: HistoryStore, publisher: str, fp_hists: Sequence[list[dict]] | None = None) -> list[dict]:
     """Alerts for every candidate of one quadrant image, recording them in the history.
 
     Parameters
@@ -254,6 +257,8 @@ def make_alerts(context: AlertContext, candidates, cutouts: Sequence[CutoutTripl
         Object history; the image and its detections are recorded (idempotently).
     publisher : str
         The ``publisher`` field, survey name first (e.g. "ZTF (skydiff)").
+    fp_hists : sequence of list of dict, optional
+        Aligned with the table's rows: each candidate's ``fp_hist`` records; None: null.
 
     Returns
     -------
@@ -263,6 +268,8 @@ def make_alerts(context: AlertContext, candidates, cutouts: Sequence[CutoutTripl
     records = candidate_records(context, candidates)
     if cutouts is not None and len(cutouts) != len(records):
         raise AlertInputError(f"{len(cutouts)} cutout triplets for {len(records)} candidates")
+    if fp_hists is not None and len(fp_hists) != len(records):
+        raise AlertInputError(f"{len(fp_hists)} fp_hists lists for {len(records)} candidates")
     prv_names = schema_field_names("prv_candidate")
     detections = [{name: record[name] for name in prv_names} for record in records]
     histories = store.record_image(image_record(context), detections)
@@ -270,5 +277,5 @@ def make_alerts(context: AlertContext, candidates, cutouts: Sequence[CutoutTripl
     pid = context.pid
     return [assemble_alert(record, history,
                            cutout_fields(None if cutouts is None else cutouts[i], record["candid"], pid, wcs),
-                           publisher)
+                           publisher, None if fp_hists is None else fp_hists[i])
             for i, (record, history) in enumerate(zip(records, histories))]

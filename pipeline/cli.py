@@ -33,6 +33,7 @@ COMMAND_MODULES = [
     "pipeline.commands.alerts",
     "pipeline.commands.matchfile",
     "pipeline.commands.lightcurve",
+    "pipeline.commands.forcedphot",
     "pipeline.commands.priors",
     "pipeline.commands.qa",
     "pipeline.commands.config",

@@ -206,6 +206,16 @@ def _bench_drb(args) -> dict:
     return bench_drb(args.cfg)
 
 
+@benchmark("forcedphot", "forced photometry: pulls against the simulator's truth on transients and empty "
+           "positions (targets: median within +-0.1, std 0.9-1.2), fp_hists of 200 candidates over 30 earlier "
+           "epochs (target: at most 0.5 s) and the service's 1,000 positions x 30 epochs (target: at most 10 s; "
+           "use --repeat 1, it repeats internally; --out keeps the archives)",
+           {"fp_hists_s": 0.5, "service_1000x30_s": 10.0})
+def _bench_forcedphot(args) -> dict:
+    from pipeline.bench.forcedphot import bench_forcedphot
+    return bench_forcedphot(args.cfg, args.out)
+
+
 def register(subparsers, common) -> None:
     p = subparsers.add_parser("bench", parents=[common], help="run a benchmark and print its figures",
                               description="Benchmarks, each on one pinned CPU core, printing stage timings "
@@ -237,7 +247,7 @@ def _unit(name: str) -> str:
         return '"'
     if name.endswith("_megabytes"):
         return "MB"
-    if name.startswith(("n_", "known_", "candidates_")):
+    if name.startswith(("n_", "known_", "candidates_", "pull_")):
         return ""
     return "/s" if name.endswith("_per_s") else "s"
 

@@ -31,6 +31,9 @@ def register(subparsers, common) -> None:
     s.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: loopback only)")
     s.add_argument("--port", type=int, default=8080, metavar="N", help="port (8080)")
     s.add_argument("--root", metavar="DIR", help="matchfile root (default: paths.matchfiles)")
+    s.add_argument("--archive", metavar="DIR",
+                   help="difference-image archive served at /cgi-bin/ZTF/nph_forced_photometry "
+                        "(default: paths.fparchive when it holds an archive)")
     s.set_defaults(func=run_serve)
 
 
@@ -65,8 +68,13 @@ def run_serve(args) -> int:
 
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("binding to %s: the service is reachable from other machines", args.host)
+    from pipeline.forcedphot.archive import INDEX_NAME
+
+    archive = args.archive or args.cfg.paths.resolve("fparchive")
+    if not args.archive and not (archive / INDEX_NAME).is_file():
+        archive = None
     try:
-        serve(_root(args), args.host, args.port)
+        serve(_root(args), args.host, args.port, archive=archive, forced_config=args.cfg.forcedphot)
     except OSError as exc:
         log.error("cannot serve on %s:%d: %s", args.host, args.port, exc.strerror or exc)
         return EXIT_FAILED

@@ -142,6 +142,7 @@ class PathsConfig:
     spool: str = "spool"
     history: str = "history/objects.sqlite"   # alert object history (SQLite, one machine)
     solar_system: str = "solarsystem"          # orbit store orbits.npz + nights/<YYYY-MM-DD>.h5
+    fparchive: str = "fparchive"               # difference-image archive for forced photometry
 
     def resolve(self, name: str) -> Path:
         """Absolute path of the data root ``name`` (one of the fields above)."""
@@ -680,6 +681,34 @@ class MatchfileConfig:
 
 
 @dataclass(frozen=True)
+class ForcedPhotConfig:
+    """``[forcedphot]``: the difference-image archive and forced PSF photometry on it
+    (:mod:`pipeline.forcedphot`: ``fp_hists`` in the alerts, ``skydiff forcedphot``, the
+    service's forced-photometry endpoint)."""
+
+    archive: bool = True                   # the quadrant runner archives every difference image
+    retention_days: float = 60.0           # archived epochs older than this (before the newest) are removed
+    history_days: float = 30.0             # fp_hists: the difference images of this many days before
+    fit_radius_fwhm: float = 1.5           # PSF-fit box half-size in FWHMs of P_D (at least 5 px)
+    nearest_radius_arcsec: float = 5.0     # nearest reference source searched within (ZTF: 5")
+    snr_detection: float = 3.0             # SNT: above it a magnitude, below it an upper limit
+    snr_upper_limit: float = 5.0           # SNU: upper limits at this many sigma
+    lock_timeout_s: float = 120.0          # wait for another writer of the archive index
+
+    def __post_init__(self):
+        if not self.retention_days > 0 or not self.history_days > 0:
+            raise ConfigValueError("forcedphot.retention_days and forcedphot.history_days must be > 0")
+        if not 0.5 <= self.fit_radius_fwhm <= 5:
+            raise ConfigValueError("forcedphot.fit_radius_fwhm must be in [0.5, 5]")
+        if not 0 < self.nearest_radius_arcsec <= 60:
+            raise ConfigValueError("forcedphot.nearest_radius_arcsec must be in (0, 60]")
+        if not (self.snr_detection > 0 and self.snr_upper_limit > 0):
+            raise ConfigValueError("forcedphot.snr_detection and forcedphot.snr_upper_limit must be > 0")
+        if self.lock_timeout_s <= 0:
+            raise ConfigValueError("forcedphot.lock_timeout_s must be > 0")
+
+
+@dataclass(frozen=True)
 class SolarSystemConfig:
     """``[solar_system]``: known minor planets near the candidates (``ssnamenr``, ``ssdistnr``,
     ``ssmagnr``; :mod:`solarsystem`, :mod:`pipeline.context.solar_system`)."""
@@ -773,6 +802,7 @@ class Config:
     matchfile: MatchfileConfig = field(default_factory=MatchfileConfig)
     priors: PriorFitSettings = field(default_factory=PriorFitSettings)
     solar_system: SolarSystemConfig = field(default_factory=SolarSystemConfig)
+    forcedphot: ForcedPhotConfig = field(default_factory=ForcedPhotConfig)
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 

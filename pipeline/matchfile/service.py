@@ -14,6 +14,14 @@ Parameters (names case-insensitive, as in IRSA's API):
 ``FORMAT=VOTABLE|CSV|TSV|HTML|IPAC_TABLE|JSON``   output (VOTable by default)
 ``COLLECTION=<name>``           accepted and ignored (one collection here)
 
+``GET /cgi-bin/ZTF/nph_forced_photometry?<parameters>``: forced PSF photometry on the archived
+difference images (served when the service has an archive, ``paths.fparchive``), one row per
+position and covering epoch with the columns of ``skydiff forcedphot``:
+
+``POS=<ra> <dec>``              a position (deg); repeat, or separate several by ``;`` (at most
+                                ``MAX_FORCED_POSITIONS``)
+``BANDNAME``, ``TIME``, ``FORMAT``, ``COLLECTION``   as above (``TIME`` on the exposure start)
+
 Bad input gets ``400`` with a one-line message, an unexpected failure ``500`` with a
 message (the traceback goes to the server log only).  Binds to 127.0.0.1 by default.
 """
@@ -32,11 +40,15 @@ from pipeline.matchfile.layout import fid_of_band, LayoutError
 from pipeline.core.exits import BadInputError
 
 __all__ = ["QueryError", "LightcurveQuery", "parse_query", "run_query", "make_server", "serve",
-           "LIGHTCURVE_PATH", "MAX_RADIUS_DEG", "HELP_TEXT"]
+           "LIGHTCURVE_PATH", "MAX_RADIUS_DEG", "HELP_TEXT", "FORCED_PATH", "ForcedQuery", "parse_forced_query",
+           "MAX_FORCED_POSITIONS"]
 
 log = logging.getLogger("skydiff.lightcurve_service")
 
 LIGHTCURVE_PATH = "/cgi-bin/ZTF/nph_light_curves"
+FORCED_PATH = "/cgi-bin/ZTF/nph_forced_photometry"
+MAX_FORCED_POSITIONS = 1500   # ZTF's forced-photometry service's limit per request
+_FORCED_KNOWN = {"POS", "BANDNAME", "TIME", "FORMAT", "COLLECTION"}
 MAX_RADIUS_DEG = 0.1          # 6 arcmin: larger cones return whole quadrants of light curves
 MAX_IDS = 1000
 _FORMATS = {"VOTABLE": "votable", "CSV": "csv", "TSV": "tsv", "HTML": "html", "IPAC_TABLE": "ipac_table",
@@ -183,9 +195,88 @@ def run_query(reader: LightcurveReader, query: LightcurveQuery) -> Table:
                   bad_flags_mask=query.bad_flags_mask, nobs_min=query.nobs_min)
 
 
+@dataclass(frozen=True)
+class ForcedQuery:
+    ra: tuple[float, ...]
+    dec: tuple[float, ...]
+    fids: tuple[int, ...] = ()
+    mjd_range: tuple[float, float] | None = None
+    format: str = "votable"
+
+
+def _upper(raw: dict[str, list[str]], known: set[str]) -> dict[str, list[str]]:
+    params: dict[str, list[str]] = {}
+    for name, values in raw.items():
+        params.setdefault(name.upper(), []).extend(values)
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise QueryError(f"unknown parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return params
+
+
+def _bands(params) -> tuple[int, ...]:
+    fids = []
+    band_text = _single(params, "BANDNAME")
+    if band_text:
+        for band in band_text.split(","):
+            if band.strip().lower() not in ("g", "r", "i"):
+                raise QueryError(f"BANDNAME: {band.strip()!r} is not g, r or i")
+            fids.append(fid_of_band(band.strip()))
+    return tuple(sorted(set(fids)))
+
+
+def _format(params) -> str:
+    fmt = (_single(params, "FORMAT") or "VOTABLE").upper()
+    if fmt not in _FORMATS:
+        raise QueryError(f"FORMAT {fmt!r} is not one of {', '.join(_FORMATS)}")
+    return _FORMATS[fmt]
+
+
+def parse_forced_query(raw: dict[str, list[str]]) -> ForcedQuery:
+    """Validate the forced-photometry endpoint's parameters (the light-curve conventions).
+
+    Raises
+    ------
+    QueryError
+        Unknown or repeated parameter, malformed value, a position off the sky, no position
+        or more than :data:`MAX_FORCED_POSITIONS`.
+    """
+    params = _upper(raw, _FORCED_KNOWN)
+    ra, dec = [], []
+    for value in params.get("POS", []):
+        for part in value.split(";"):
+            if not part.strip():
+                continue
+            r, d = _numbers(part, "POS", 2)
+            try:
+                check_position(r, d, 1.0)     # a position: any positive radius passes
+            except ValueError as exc:
+                raise QueryError(f"POS: {exc}") from None
+            ra.append(r)
+            dec.append(d)
+    if not ra:
+        raise QueryError("give POS=<ra> <dec> (deg) at least once")
+    if len(ra) > MAX_FORCED_POSITIONS:
+        raise QueryError(f"POS: {len(ra)} positions; at most {MAX_FORCED_POSITIONS} per request")
+    return ForcedQuery(tuple(ra), tuple(dec), _bands(params), _range(params, "TIME"), _format(params))
+
+
+def run_forced_query(archive, query: ForcedQuery, config) -> Table:
+    """The forced-photometry table a query asks for."""
+    from pipeline.forcedphot.lightcurves import forced_photometry
+
+    jd_range = (-float("inf"), float("inf"))
+    if query.mjd_range is not None:
+        # jd < jd_max in the archive: a microsecond's slack keeps TIME's upper end inclusive.
+        jd_range = (query.mjd_range[0] + 2400000.5, query.mjd_range[1] + 2400000.5 + 1e-6 / 86400)
+    return forced_photometry(archive, query.ra, query.dec, jd_range, query.fids or None, config)
+
+
 class _Handler(BaseHTTPRequestHandler):
     server_version = "skydiff-lightcurves/1"
     reader: LightcurveReader     # set on the subclass made by make_server
+    archive = None               # DifferenceArchive, or None: no forced-photometry endpoint
+    forced_config = None         # ForcedPhotConfig of the archive's measurements
     timeout = REQUEST_TIMEOUT_S  # socket timeout (StreamRequestHandler): half-sent requests end
 
     def log_message(self, format, *args):   # route the access log through logging
@@ -210,6 +301,9 @@ class _Handler(BaseHTTPRequestHandler):
         if url.path in ("/", "/help"):
             self._send(200, HELP_TEXT.encode(), "text/plain; charset=utf-8")
             return
+        if url.path.rstrip("/") == FORCED_PATH:
+            self._forced(url)
+            return
         if url.path.rstrip("/") != LIGHTCURVE_PATH:
             self._error(404, f"no such path {url.path!r}; light curves are at {LIGHTCURVE_PATH}")
             return
@@ -229,22 +323,53 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._send(200, body, content_type)
 
+    def _forced(self, url) -> None:
+        from pipeline.forcedphot.archive import ArchiveError
+
+        if self.archive is None:
+            self._error(404, "no difference-image archive is served here (forced photometry off)")
+            return
+        try:
+            query = parse_forced_query(parse_qs(url.query, keep_blank_values=False, strict_parsing=False))
+            body, content_type = serialise(run_forced_query(self.archive, query, self.forced_config), query.format)
+        except QueryError as exc:
+            self._error(400, str(exc))
+            return
+        except ArchiveError as exc:
+            log.error("archive problem: %s", exc)
+            self._error(500, f"unreadable archive: {exc}")
+            return
+        except Exception:   # never a traceback to the client; the log keeps it
+            log.exception("query %r failed", self.path)
+            self._error(500, "internal error (see the server log)")
+            return
+        self._send(200, body, content_type)
+
     do_HEAD = do_GET
 
 
 def make_server(root: str | Path, host: str = "127.0.0.1", port: int = 0,
-                request_timeout_s: float = REQUEST_TIMEOUT_S) -> ThreadingHTTPServer:
+                request_timeout_s: float = REQUEST_TIMEOUT_S, archive: str | Path | None = None,
+                forced_config=None) -> ThreadingHTTPServer:
     """A threading HTTP server over the matchfiles under ``root`` (port 0 picks a free one).
 
     ``request_timeout_s``: a connection that sends nothing for that long is closed.
+    ``archive``: a difference-image archive root, served at :data:`FORCED_PATH` (measured with
+    ``forced_config``, a :class:`~pipeline.core.config.ForcedPhotConfig`; default its defaults).
 
     Raises
     ------
     pipeline.matchfile.layout.LayoutError
         ``root`` is not a directory.
     """
+    forced = {}
+    if archive is not None:
+        from pipeline.core.config import ForcedPhotConfig
+        from pipeline.forcedphot.archive import DifferenceArchive
+
+        forced = {"archive": DifferenceArchive(archive), "forced_config": forced_config or ForcedPhotConfig()}
     handler = type("LightcurveHandler", (_Handler,), {"reader": LightcurveReader(root),
-                                                      "timeout": float(request_timeout_s)})
+                                                      "timeout": float(request_timeout_s), **forced})
     # socketserver's default listen backlog of 5 drops connections under bursts (1 s SYN retries).
     server_class = type("LightcurveServer", (ThreadingHTTPServer,), {"request_queue_size": 128})
     server = server_class((host, port), handler)
@@ -252,9 +377,10 @@ def make_server(root: str | Path, host: str = "127.0.0.1", port: int = 0,
     return server
 
 
-def serve(root: str | Path, host: str = "127.0.0.1", port: int = 8080) -> None:
-    """Serve until interrupted."""
-    server = make_server(root, host, port)
+def serve(root: str | Path, host: str = "127.0.0.1", port: int = 8080, archive: str | Path | None = None,
+          forced_config=None) -> None:
+    """Serve until interrupted (forced photometry too when ``archive`` is given)."""
+    server = make_server(root, host, port, archive=archive, forced_config=forced_config)
     log.info("serving light curves from %s at http://%s:%d%s", root, *server.server_address[:2], LIGHTCURVE_PATH)
     try:
         server.serve_forever()

@@ -2,7 +2,8 @@
 
 :func:`run_quadrant` takes an exposure (a multi-extension FITS with one HDU per quadrant,
 ``EXTNAME`` ``Q00``..``Q63`` by rcid, or a directory of quadrant files) and an rcid, and
-runs astrometry, subtraction against the quadrant's reference, alerts and the matchfile
+runs astrometry, subtraction against the quadrant's reference (its difference image archived
+for forced photometry, :mod:`pipeline.forcedphot.archive`), alerts and the matchfile
 epoch, each stage writing the same products its own command writes.  Products go under
 ``<paths.outputs>/<expid>/<rcid:02d>/``.  The quadrant's pixels are read once, and what a
 stage computed is handed to the next in memory, never read back from the files it wrote:
@@ -223,6 +224,16 @@ def run_quadrant(exposure: str | os.PathLike, rcid: int, cfg: Config, force: boo
             return finish(subtraction.status, "subtraction", f"exit status {subtraction.status} (see the log)")
         record["subtraction"] = {k: subtraction.record.get(k) for k in ("n_candidates", "n_rb_above_half",
                                                                         "diffmaglim", "zp_science", "zp_source")}
+        if cfg.forcedphot.archive:
+            # Archived before the alerts, which measure the earlier archived epochs (fp_hists).
+            from pipeline.forcedphot.archive import archive_subtraction
+
+            t0 = clock()
+            archived = archive_subtraction(cfg.paths.resolve("fparchive"), subtraction.science.header,
+                                           subtraction.science.wcs, subtraction.result, subtraction.reference,
+                                           cfg.forcedphot)
+            timings["archive"] = round(clock() - t0, 3)
+            record["archive"] = {k: archived[k] for k in ("replaced", "pruned")}
 
         if publish:
             record["stage"] = "alerts"

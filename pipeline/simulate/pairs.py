@@ -32,7 +32,8 @@ from pipeline.simulate.run import simulate_quadrant
 from pipeline.simulate.sky import SkyModel, make_sky
 
 __all__ = ["PairOptions", "SimulatedPair", "pair_sky", "simulate_reference_frames", "simulated_reference",
-           "simulate_science", "simulated_pair", "real_positions", "with_true_wcs", "read_with_true_wcs"]
+           "simulate_science", "simulated_pair", "real_positions", "with_true_wcs", "read_with_true_wcs",
+           "coadd_true_mag"]
 
 
 @dataclass(frozen=True)
@@ -247,3 +248,37 @@ def real_positions(pair: SimulatedPair) -> np.ndarray:
     parts = [np.column_stack([np.asarray(t["x"])[real], np.asarray(t["y"])[real]]),
              np.column_stack([np.asarray(pair.injected["x"]), np.asarray(pair.injected["y"])])]
     return np.vstack(parts)
+
+
+def coadd_true_mag(frames: Table, frame_mags: dict, ids) -> np.ndarray:
+    """True magnitude of objects in a reference coadd: the coadd's weighted mean of their true
+    fluxes over its used frames (for variable stars, and for transients: the simulator's Bazin
+    light curves are faint but finite months before their peak, so a reference season can
+    hold some of a transient's light).
+
+    Parameters
+    ----------
+    frames : Table
+        The reference's ``frames`` (``expid``, ``weight``, ``used``).
+    frame_mags : dict
+        expid -> {object id: true magnitude in that frame}; an object missing from a frame
+        contributes no flux there.
+    ids : array_like
+        Object ids (of one kind: ids are per kind in the truth tables).
+
+    Returns
+    -------
+    ndarray
+        Magnitudes on the frames' scale (inf where no frame holds light of the object).
+    """
+    used = np.asarray(frames["used"], bool)
+    weights = np.asarray(frames["weight"], float)[used]
+    expids = np.asarray(frames["expid"])[used]
+    ids = np.asarray(ids).tolist()
+    flux = np.zeros(len(ids))
+    for weight, expid in zip(weights, expids.tolist()):
+        mags = frame_mags.get(expid, {})
+        flux += weight * np.array([10 ** (-0.4 * mags[i]) if i in mags else 0.0 for i in ids])
+    flux /= weights.sum()
+    with np.errstate(divide="ignore"):
+        return -2.5 * np.log10(flux)
