@@ -307,17 +307,26 @@ class _Handler(BaseHTTPRequestHandler):
         if url.path.rstrip("/") != LIGHTCURVE_PATH:
             self._error(404, f"no such path {url.path!r}; light curves are at {LIGHTCURVE_PATH}")
             return
-        try:
+        def produce():
             query = parse_query(parse_qs(url.query, keep_blank_values=False, strict_parsing=False))
-            body, content_type = serialise(run_query(self.reader, query), query.format)
+            return serialise(run_query(self.reader, query), query.format)
+
+        self._answer(produce, LayoutError, "matchfile")
+
+    def _answer(self, produce, store_error: type[Exception], store_name: str) -> None:
+        """Send what ``produce()`` returns (body, content type): a bad query is a 400 with its
+        message, an unreadable store (``store_error``) or anything else a 500 whose detail stays
+        in the server log, never a traceback to the client."""
+        try:
+            body, content_type = produce()
         except QueryError as exc:
             self._error(400, str(exc))
             return
-        except LayoutError as exc:
-            log.error("matchfile problem: %s", exc)
-            self._error(500, f"unreadable matchfile: {exc}")
+        except store_error as exc:
+            log.error("%s problem: %s", store_name, exc)
+            self._error(500, f"unreadable {store_name}: {exc}")
             return
-        except Exception:   # never a traceback to the client; the log keeps it
+        except Exception:
             log.exception("query %r failed", self.path)
             self._error(500, "internal error (see the server log)")
             return
@@ -329,21 +338,11 @@ class _Handler(BaseHTTPRequestHandler):
         if self.archive is None:
             self._error(404, "no difference-image archive is served here (forced photometry off)")
             return
-        try:
+        def produce():
             query = parse_forced_query(parse_qs(url.query, keep_blank_values=False, strict_parsing=False))
-            body, content_type = serialise(run_forced_query(self.archive, query, self.forced_config), query.format)
-        except QueryError as exc:
-            self._error(400, str(exc))
-            return
-        except ArchiveError as exc:
-            log.error("archive problem: %s", exc)
-            self._error(500, f"unreadable archive: {exc}")
-            return
-        except Exception:   # never a traceback to the client; the log keeps it
-            log.exception("query %r failed", self.path)
-            self._error(500, "internal error (see the server log)")
-            return
-        self._send(200, body, content_type)
+            return serialise(run_forced_query(self.archive, query, self.forced_config), query.format)
+
+        self._answer(produce, ArchiveError, "archive")
 
     do_HEAD = do_GET
 
