@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
@@ -158,6 +159,25 @@ class PublishReport:
         return ", ".join(part for part in parts if part) or "none"
 
 
+def _weak_callback(method):
+    """``method`` (bound) as a callback that does not keep its object alive.
+
+    A producer holding a bound method of the publisher that holds the producer is a reference
+    cycle: an unclosed publisher is then freed by Python's cycle collector, which may destroy
+    the librdkafka handle while its threads still call back into half-collected objects (a
+    segmentation fault; confluent-kafka-python issue 1761).  Without the cycle the producer is
+    freed by reference counting, at a known point, and a callback arriving after the publisher
+    is gone does nothing.
+    """
+    ref = weakref.WeakMethod(method)
+
+    def callback(*args):
+        target = ref()
+        if target is not None:
+            target(*args)
+    return callback
+
+
 class AlertPublisher:
     """Spool-then-produce publisher; one per process.
 
@@ -191,9 +211,10 @@ class AlertPublisher:
         self._producer_errors: dict[str, int] = {}
         self._fatal = False
         self._producer: Producer | None = None
+        self._delivery_callback = _weak_callback(self._on_delivery)
         if kafka.bootstrap_servers:
             conf = producer_config(kafka)
-            conf.update(error_cb=self._on_error, logger=self._kafka_log)
+            conf.update(error_cb=_weak_callback(self._on_error), logger=self._kafka_log)
             try:
                 self._producer = Producer(conf)
             except KafkaException as exc:
@@ -283,7 +304,7 @@ class AlertPublisher:
         deadline = time.monotonic() + max(1.0, self.kafka.flush_timeout_s) * 2
         while True:
             try:
-                self._producer.produce(topic, value=value, key=key, on_delivery=self._on_delivery)
+                self._producer.produce(topic, value=value, key=key, on_delivery=self._delivery_callback)
                 self.report.produced += 1
                 self._producer.poll(0)
                 return PENDING

@@ -192,3 +192,22 @@ def test_publish_benchmark_delivers_everything(tmp_path, broker):
     own = bench_publish(None, n=40, distinct=5, fsync=False)
     for figures, n in ((given, 120), (own, 40)):
         assert figures["delivered"] == figures["delivered_in_spool"] == n and figures["unacknowledged"] == 0
+
+
+def test_an_unclosed_publisher_is_freed_by_reference_counting(tmp_path):
+    """No reference cycle through the producer's callbacks: a publisher left unclosed (an
+    error path) is freed at once, never by the cycle collector destroying a live librdkafka
+    handle whose threads still call back (a segmentation fault)."""
+    import gc
+    import weakref
+
+    gc.disable()
+    try:
+        kafka = KafkaConfig(bootstrap_servers=f"127.0.0.1:{free_port()}", flush_timeout_s=1.0)
+        publisher = AlertPublisher(kafka, Spool(tmp_path / "spool"))
+        gone = weakref.ref(publisher)
+        publisher.spool.close()
+        del publisher
+        assert gone() is None
+    finally:
+        gc.enable()
