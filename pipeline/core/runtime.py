@@ -100,11 +100,20 @@ def configure_runtime() -> None:
 def setup_logging(level: int | str = logging.INFO) -> None:
     """One log format for every command and job."""
     root = logging.getLogger()
-    if not any(getattr(h, "_skydiff", False) for h in root.handlers):
+    ours = [h for h in root.handlers if getattr(h, "_skydiff", False)]
+    if not ours:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
         handler._skydiff = True
         root.addHandler(handler)
+    for handler in ours:
+        # Standard error may have been replaced since the handler was made (a caller running
+        # several commands in one process, a test harness): write to the current one, never
+        # to a stream that may be closed.
+        # (Not setStream: it flushes the old stream, which may be closed.)
+        if isinstance(handler, logging.StreamHandler) and handler.stream is not sys.stderr:
+            with handler.lock:
+                handler.stream = sys.stderr
     root.setLevel(level)
     # Quiet library chatter that would drown the pipeline's own progress lines.  astropy must
     # create its own logger (an AstropyLogger) before anyone asks logging for "astropy".

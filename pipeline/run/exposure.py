@@ -69,9 +69,16 @@ def exposure_expid(exposure: str | os.PathLike) -> int:
 
 
 def run_exposure(exposure: str | os.PathLike, cfg: Config, jobs: int | None = None,
-                 quadrants: list[int] | None = None, force: bool = False, progress=sys.stderr) -> dict:
-    """Process the quadrants of an exposure with a local process pool; returns the summary."""
+                 quadrants: list[int] | None = None, force: bool = False, progress="stderr") -> dict:
+    """Process the quadrants of an exposure with a local process pool; returns the summary.
+
+    ``progress`` is the stream for the progress bar: ``"stderr"`` (the default) is the
+    process's standard error as it is when the call is made (not when this module was
+    imported: a test harness or a caller may have replaced it since), ``None`` draws no bar.
+    """
     exposure = str(exposure)
+    if progress == "stderr":
+        progress = sys.stderr
     rcids = quadrants or exposure_rcids(exposure)
     if not rcids:
         raise QuadrantInputError(f"{exposure}: no quadrant found")
