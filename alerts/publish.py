@@ -356,6 +356,11 @@ class AlertPublisher:
             if self.flush():
                 self._producer.purge()
                 self._producer.poll(0)
+            # Destroy the librdkafka handle here, deterministically: were it left to the
+            # Producer's deallocation, a reference held elsewhere (an exception's traceback
+            # frame) could defer that to the cycle collector, which then destroys a live
+            # handle from whatever thread happens to collect (a crash librdkafka cannot survive).
+            self._producer.close()
             self._producer = None
         for reason, count in self._delivery_errors.items():
             if count > 1:
