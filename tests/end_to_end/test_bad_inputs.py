@@ -174,6 +174,9 @@ FILES = [
                                                  "--refcat", w.path("gaia"), "--out", str(w.out)], 3, "frame.fits"),
     ("priors-build-table-without-columns", lambda w: ["priors", "build", _table(w, "m.fits"), "--out",
                                                       str(w.out / "prior.fits")], 3, "m.fits"),
+    # Palomar never sees declination -80: TELRA/TELDEC at OBSMJD are below the horizon
+    ("astrometry-field-below-horizon", _astrometry(lambda w: w.image("h.fits", TELDEC=-80.0)), 3,
+     "h.fits: the header is inconsistent with the sky: TELRA = 150, TELDEC = -80 is"),
     ("astrometry-refcat-not-a-catalogue", lambda w: ["astrometry", w.solved(), "--refcat", str(w.good), "--out",
                                                      str(w.out)], 3, "good.fits"),
 ]
