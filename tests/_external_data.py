@@ -204,3 +204,18 @@ def wcs_grid_rms_mas(solved: WCS, truth: WCS, n: int = 16) -> tuple[float, float
     b = truth.pixel_to_world(gx.ravel(), gy.ravel())
     sep = a.separation(b).to_value(u.mas)
     return float(np.sqrt(np.mean(sep ** 2))), float(sep.max())
+
+
+def plain_coadd(reference, path: Path, sky_level: float = 150.0) -> Path:
+    """A skydiff reference as another tool would hand it over: the coadd with a sky level
+    added, NaN where no frame covered it, its WCS, the contract's keywords and ``MAGZP``,
+    written with astropy alone: no MASK, RMS, PSF or CATALOG extension, no REFID, JDSTART,
+    JDEND or NFRAMES."""
+    header = fits.Header()
+    for key in ("FIELDID", "CCDID", "QID", "FILTER", "FILTERID", "OBSMJD", "EXPTIME", "EXPID", "PROGRMID", "TELRA",
+                "TELDEC", "AIRMASS", "GAIN", "READNOI", "SATURATE", "MAGZP"):
+        header[key] = reference.header[key]
+    header.update(reference.wcs.to_header(relax=True))
+    data = np.where(reference.coverage > 0, reference.data + sky_level, np.nan).astype(np.float32)
+    fits.PrimaryHDU(data, header).writeto(path)
+    return Path(path)

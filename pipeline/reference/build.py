@@ -431,7 +431,9 @@ def characterize_reference(ref: ReferenceImage, band: FilterConfig, gaia: Table 
     ReferenceImage
         With ``psf``, ``catalog``, ``rms``, the background-subtracted pixels, ``zeropoint``,
         ``fwhm_arcsec``, ``limiting_mag``, a ``refid`` (from the header, else from the
-        field, rcid, filter and a checksum of the pixels) and a header carrying them
+        field, rcid, filter and a checksum of the pixels), the dates the alerts need
+        (``JDSTART``/``JDEND`` from the header, else ``OBSMJD`` and ``OBSMJD + EXPTIME``;
+        ``NFRAMES`` from the header, else 1) and a header carrying them
         (``IMAGETYP = REFERENCE``, ``REFSRC``), ready for :func:`write_reference`.
 
     Raises
@@ -470,7 +472,16 @@ def characterize_reference(ref: ReferenceImage, band: FilterConfig, gaia: Table 
         checksum = int.from_bytes(hashlib.blake2b(np.ascontiguousarray(ref.data).tobytes(), digest_size=4).digest(),
                                   "big")
         refid = make_refid(ref.fieldid, rcid_of(ref.ccdid, ref.qid), FILTER_IDS[ref.filter], [checksum])
+    # the alert fields jdstartref, jdendref and nframesref: the header's, else the contract's dates
+    jdstart, jdend, nframes = ref.jdstart, ref.jdend, ref.nframes
+    obsmjd, exptime = ref.header.get("OBSMJD"), ref.header.get("EXPTIME")
+    dated = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (obsmjd, exptime))
+    if not (math.isfinite(jdstart) and math.isfinite(jdend)) and dated:
+        jdstart, jdend = obsmjd + 2400000.5, obsmjd + 2400000.5 + exptime / 86400.0
     header = ref.header.copy()
+    if nframes < 1:
+        nframes = 1
+        header["NFRAMES"] = (1, "not given: the coadd counts as one frame")
     cards = [("IMAGETYP", "REFERENCE", "reference image"),
              ("REFSRC", "imported", "made elsewhere, characterised by skydiff"),
              ("MAGZP", zeropoint, "zero point, mag for 1 ADU" + (" (fitted to Gaia)" if gaia is not None else "")),
@@ -479,6 +490,8 @@ def characterize_reference(ref: ReferenceImage, band: FilterConfig, gaia: Table 
              ("LIMMAG", result.limiting_mag, "5-sigma point-source limit, mag"),
              ("NOISECOR", factor, "PSF-scale / pixel noise (RMS map scaled by it)"),
              ("BUNIT", "adu", "background-subtracted")]
+    if math.isfinite(jdstart) and math.isfinite(jdend) and "JDSTART" not in ref.header:
+        cards += [("JDSTART", jdstart, "JD of OBSMJD (not given)"), ("JDEND", jdend, "JD of OBSMJD + EXPTIME (not given)")]
     if refid is not None:
         cards.insert(1, ("REFID", refid, "reference id"))
     for key, value, comment in cards:
@@ -488,7 +501,8 @@ def characterize_reference(ref: ReferenceImage, band: FilterConfig, gaia: Table 
     timings = dict(ref.timings, characterize=clock() - t0)
     return replace(ref, data=data, rms=rms, psf=result.psf, catalog=_catalog(result.photometry, zeropoint),
                    zeropoint=zeropoint, refid=refid, fwhm_arcsec=result.psf.fwhm * scale,
-                   limiting_mag=result.limiting_mag, header=header, timings=timings)
+                   limiting_mag=result.limiting_mag, header=header, timings=timings, jdstart=jdstart, jdend=jdend,
+                   nframes=nframes)
 
 
 def _catalog(photometry: Table, zeropoint: float) -> Table:

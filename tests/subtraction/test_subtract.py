@@ -19,6 +19,7 @@ from scipy.spatial import cKDTree
 
 from catalogs import PS1_COLUMNS
 from _cli import run_skydiff
+from _external_data import plain_coadd
 from pipeline.cli import main
 from pipeline.simulate.drb_training import LabelledTriplets, write_folder_triplets
 from pipeline.subtraction.drb import DrbModel, load_default_drb_model
@@ -329,23 +330,6 @@ def test_classtar_separates_stars_from_galaxies(case):
     assert np.median(p[star]) > 0.9 and np.median(p[~star]) < 0.1
 
 
-def _plain_coadd(reference, path):
-    """The reference as another tool would hand it over: the coadd with a sky level added, NaN
-    where no frame covered it, its WCS, the contract's keywords and MAGZP, written with
-    astropy alone; no MASK, RMS, PSF or CATALOG extension, no skydiff keywords."""
-    from pipeline.formats.scamp_head import is_wcs_keyword
-    header = fits.Header()
-    for key in ("FIELDID", "CCDID", "QID", "FILTER", "FILTERID", "OBSMJD", "EXPTIME", "EXPID", "PROGRMID", "TELRA",
-                "TELDEC", "AIRMASS", "GAIN", "READNOI", "SATURATE", "MAGZP"):
-        header[key] = reference.header[key]
-    for card in reference.header.cards:
-        if is_wcs_keyword(card.keyword):
-            header[card.keyword] = card.value
-    data = np.where(reference.coverage > 0, reference.data + 150.0, np.nan).astype(np.float32)
-    fits.PrimaryHDU(data, header).writeto(path)
-    return path
-
-
 def _recovery(pair, result):
     """Injected sources found (S/N >= 8) and the PSF photometry of those at S/N >= 10 against truth."""
     true_flux, snr = _injected_snr(pair, result)
@@ -363,7 +347,7 @@ def _recovery(pair, result):
 def test_a_reference_made_elsewhere_is_imported_and_finds_the_transients_as_the_native_one(setting, tmp_path):
     from pipeline.reference.files import read_reference, reference_filename
     cfg, sky, native = setting
-    plain = _plain_coadd(native, tmp_path / "coadd_from_elsewhere.fits")
+    plain = plain_coadd(native, tmp_path / "coadd_from_elsewhere.fits")
     gaia_path = tmp_path / "gaia.fits"
     sky.gaia_catalogue().write(gaia_path)
     pair = simulate_science(cfg, replace(OPTIONS, science_seeing=2.2, seed=4242), sky)
