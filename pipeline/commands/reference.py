@@ -12,9 +12,11 @@ characterises a coadd made elsewhere and stores it in the same layout under the 
 (:func:`pipeline.reference.files.import_reference`).  ``reference show REF.fits`` prints a
 reference's metadata.
 
-Exit status: 0 every group built; 3 bad input (an unreadable image or reference, no
-image found, a bad Gaia catalogue), nothing written; 4 some group could not be built
-(too few usable frames: the reasons are printed), the others are written; 1 other failures.
+Exit status: 0 every group built (or the reference imported); 3 bad input (an unreadable
+image or reference, no image found, a bad Gaia catalogue, a reference to import that lacks
+an identifying keyword or cannot be characterised), nothing written; 4 some group could not
+be built (too few usable frames: the reasons are printed), the others are written; 1 other
+failures.
 """
 from __future__ import annotations
 
