@@ -17,6 +17,16 @@ Errors: ``sigma(t)^2 = sigma0^2 + (sigma_pm * dt)^2`` per axis (correlations are
 Two-parameter sources (no proper motion) keep their position and get an assumed
 proper-motion dispersion instead of ``sigma_pm``; so do sources whose proper-motion error
 is unknown (a catalogue without error columns), which are still moved by their motion.
+
+Which stars SCAMP may use.  SCAMP applies its ``FLAGS_MASK`` to a ``FILE`` reference
+catalogue exactly as to the detections (a row with ``FLAGS & FLAGS_MASK`` is not loaded),
+and doubles the position error of any row whose ``FLAGS`` is not zero.  So the reference
+table's ``FLAGS`` is 0 for every row: what a catalogue lacks (proper motion, its error, a
+G magnitude) changes only the error model, recorded in the ``MODEL`` column (bits
+``MODEL_*``, which SCAMP does not read).  The only rows left out are those SCAMP cannot
+weigh: a position error that is not a positive finite number after propagation (a null
+``ra_error``/``dec_error``); they are not written at all (a flag would depend on the
+configured mask), and :func:`scamp_reference_table` counts them in its ``NLEFTOUT`` meta.
 """
 from __future__ import annotations
 
@@ -34,8 +44,8 @@ from catalogs.schema import CatalogError, as_gaia_table
 from catalogs.sky import east_north, radec_to_xyz, xyz_to_radec
 
 __all__ = [
-    "DEFAULT_PM_DISPERSION_MAS_YR", "NOMINAL_MAGERR", "FLAG_NO_PROPER_MOTION",
-    "FLAG_NO_PM_ERROR", "FLAG_NO_MAGNITUDE",
+    "DEFAULT_PM_DISPERSION_MAS_YR", "NOMINAL_MAGERR", "MODEL_NO_PROPER_MOTION",
+    "MODEL_NO_PM_ERROR", "MODEL_NO_MAGNITUDE", "NO_USABLE_REFERENCE",
     "epoch_jyear", "propagate_to_epoch", "scamp_reference_table", "write_scamp_reference",
 ]
 
@@ -45,11 +55,14 @@ DEFAULT_PM_DISPERSION_MAS_YR = 5.0
 #: MAGERR written for every reference star: the archive columns carry no G error.  SCAMP
 #: uses MAGERR only for a photometric solution, which the pipeline does not ask of it.
 NOMINAL_MAGERR = 0.01
-#: FLAGS bits of the SCAMP reference table (informative: SCAMP 2.10 does not read FLAGS
-#: from a reference catalogue).
-FLAG_NO_PROPER_MOTION = 1
-FLAG_NO_PM_ERROR = 2
-FLAG_NO_MAGNITUDE = 4
+#: ``MODEL`` bits of the SCAMP reference table: how each row's position and error were
+#: modelled (informative; SCAMP does not read this column, and ``FLAGS`` stays 0).
+MODEL_NO_PROPER_MOTION = 1      # a two-parameter source: kept in place, assumed motion dispersion
+MODEL_NO_PM_ERROR = 2           # moved by its motion, error from the assumed dispersion
+MODEL_NO_MAGNITUDE = 4          # no G: MAG 99 (SCAMP's convention), ranked faintest
+#: The start of the reason given when a catalogue has rows around the footprint but none
+#: SCAMP could use.
+NO_USABLE_REFERENCE = "no usable reference star"
 
 _MAS_TO_RAD = np.radians(1.0 / 3.6e6)
 
@@ -122,26 +135,37 @@ def scamp_reference_table(table: Table, epoch: Time,
     SCAMP reads these two into its per-axis errors (along RA*cos(dec) and Dec; its own
     catalogue loaders project error ellipses onto those axes), so they carry ``ra_error``
     and ``dec_error``; ``MAG`` (Gaia G, 99 when missing, SCAMP's convention), ``MAGERR``
-    (:data:`NOMINAL_MAGERR`), ``OBSDATE`` (the epoch as a decimal Julian year, f8) and
-    ``FLAGS`` (int16, bits ``FLAG_*``).  Positions are propagated with
-    :func:`propagate_to_epoch`.
+    (:data:`NOMINAL_MAGERR`), ``OBSDATE`` (the epoch as a decimal Julian year, f8),
+    ``FLAGS`` (int16, always 0: see the module docstring) and ``MODEL`` (int16, bits
+    ``MODEL_*``).  Positions are propagated with :func:`propagate_to_epoch`.
+
+    Rows SCAMP cannot weigh (no positive finite position error) are left out; their number
+    is ``meta["NLEFTOUT"]`` and ``meta["NINPUT"]`` the number of input rows.  Any
+    optional column (``pmra_error``, ``pmdec_error``) or missing value (proper motion, G)
+    changes only the errors, never which rows are kept.
     """
     moved = propagate_to_epoch(table, epoch, pm_dispersion_mas_yr)
     g_mag = np.asarray(moved["phot_g_mean_mag"], dtype=np.float32)
     no_pm = ~(np.isfinite(moved["pmra"]) & np.isfinite(moved["pmdec"]))
     no_pm_error = ~no_pm & ~(np.isfinite(moved["pmra_error"]) & np.isfinite(moved["pmdec_error"]))
-    flags = (FLAG_NO_PROPER_MOTION * no_pm + FLAG_NO_PM_ERROR * no_pm_error
-             + FLAG_NO_MAGNITUDE * ~np.isfinite(g_mag)).astype(np.int16)
+    model = (MODEL_NO_PROPER_MOTION * no_pm + MODEL_NO_PM_ERROR * no_pm_error
+             + MODEL_NO_MAGNITUDE * ~np.isfinite(g_mag)).astype(np.int16)
     mas_to_deg = 1.0 / 3.6e6
+    err_ra = np.asarray(moved["ra_error"], dtype=np.float64)
+    err_dec = np.asarray(moved["dec_error"], dtype=np.float64)
+    usable = np.isfinite(err_ra) & np.isfinite(err_dec) & (err_ra > 0) & (err_dec > 0)
     ref = Table()
-    ref["X_WORLD"] = np.asarray(moved["ra"], dtype=np.float64) * u.deg
-    ref["Y_WORLD"] = np.asarray(moved["dec"], dtype=np.float64) * u.deg
-    ref["ERRA_WORLD"] = (np.asarray(moved["ra_error"], dtype=np.float64) * mas_to_deg).astype(np.float32) * u.deg
-    ref["ERRB_WORLD"] = (np.asarray(moved["dec_error"], dtype=np.float64) * mas_to_deg).astype(np.float32) * u.deg
-    ref["MAG"] = np.where(np.isfinite(g_mag), g_mag, np.float32(99.0)) * u.mag
+    ref["X_WORLD"] = np.asarray(moved["ra"], dtype=np.float64)[usable] * u.deg
+    ref["Y_WORLD"] = np.asarray(moved["dec"], dtype=np.float64)[usable] * u.deg
+    ref["ERRA_WORLD"] = (err_ra[usable] * mas_to_deg).astype(np.float32) * u.deg
+    ref["ERRB_WORLD"] = (err_dec[usable] * mas_to_deg).astype(np.float32) * u.deg
+    ref["MAG"] = np.where(np.isfinite(g_mag), g_mag, np.float32(99.0))[usable] * u.mag
     ref["MAGERR"] = np.full(len(ref), NOMINAL_MAGERR, dtype=np.float32) * u.mag
     ref["OBSDATE"] = np.full(len(ref), moved.meta["EPOCH"]) * u.yr
-    ref["FLAGS"] = flags
+    ref["FLAGS"] = np.zeros(len(ref), dtype=np.int16)
+    ref["MODEL"] = model[usable]
+    ref.meta["NINPUT"] = len(moved)
+    ref.meta["NLEFTOUT"] = int((~usable).sum())
     return ref
 
 

@@ -27,6 +27,7 @@ from pipeline.astrometry.solve import (AstrometricPrior, AstrometryResult, astro
                                        prior_from_image_header, solve_astrometry)
 from pipeline.core.config import Config
 from pipeline.core.image import QuadrantImage, footprint_corners, read_quadrant, write_quadrant_image
+from pipeline.core.refraction import require_pointing_above_horizon
 from pipeline.core.exits import EXIT_BAD_INPUT, EXIT_OK, EXIT_RETRY, EXIT_UNUSABLE, BadInputError, exit_status_of
 from pipeline.formats.atomic import write_json_atomic
 from pipeline.formats.scamp_head import apply_wcs_header
@@ -62,13 +63,14 @@ class AstrometryRun:
     when the input was rejected), ``result`` the in-memory result (its extraction can be
     reused by the later stages of the same quadrant), ``solved`` the written image with its
     solved WCS as a reader would see it (None when SCAMP gave no WCS; ``solved.path`` is
-    the file).
+    the file), ``error`` the message of a rejected input.
     """
 
     status: int
     record: dict | None
     result: AstrometryResult | None = None
     solved: QuadrantImage | None = None
+    error: str | None = None
 
 
 def run_astrometry(image_path: str | os.PathLike, refcat: str | os.PathLike, prior_path: str | None,
@@ -129,12 +131,13 @@ def solve_quadrant(image: QuadrantImage, name: str, refcat: str | os.PathLike, p
     t0 = time.perf_counter() - read_s
     out = Path(out)
     try:
+        require_pointing_above_horizon(image.meta, cfg.site, image.path)
         prior = load_prior(prior_path, image, cfg)
         corners = footprint_corners(prior.wcs(image.shape), image.shape)
         gaia = catalog_for_footprint(refcat, corners, cfg.astrometry.catalog_margin_deg)
     except (BadInputError, ValueError) as exc:     # a bad prior or catalogue (named in the message)
         log.error("bad input: %s", exc)
-        return AstrometryRun(EXIT_BAD_INPUT, None)
+        return AstrometryRun(EXIT_BAD_INPUT, None, error=str(exc))
     lookup_s = time.perf_counter() - t0 - read_s
 
     out.mkdir(parents=True, exist_ok=True)

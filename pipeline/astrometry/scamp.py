@@ -382,6 +382,10 @@ def parse_scamp_xml(path: str | os.PathLike, log_path: str | os.PathLike | None 
 
 def _verdict(qa: ScampQA, pass_number: int, settings: AstrometryConfig) -> str | None:
     """Why the solution of this pass is unusable, or None if it passes every threshold."""
+    if qa.n_reference_loaded == 0:
+        # every row written was refused by SCAMP (its FLAGS_MASK applies to the references too)
+        return (f"pass {pass_number}: no usable reference star: SCAMP loaded 0 astrometric references "
+                f"from {REFERENCE_NAME}")
     if pass_number == 1 and not (qa.xy_contrast or 0.0) >= settings.min_xy_contrast:
         contrast = "absent" if qa.xy_contrast is None else f"{qa.xy_contrast:.3g}"
         return (f"pass 1 pattern matching failed: XY contrast {contrast} "

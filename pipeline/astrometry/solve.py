@@ -182,6 +182,7 @@ def solve_astrometry(image: QuadrantImage, gaia: Table, prior: AstrometricPrior,
     AstrometryResult
     """
     from catalogs import scamp_reference_table, write_scamp_reference
+    from catalogs.epoch import NO_USABLE_REFERENCE
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -198,8 +199,11 @@ def solve_astrometry(image: QuadrantImage, gaia: Table, prior: AstrometricPrior,
     reasons: list[str] = []
     if len(extraction.catalog) < config.min_detections:
         reasons.append(f"only {len(extraction.catalog)} detections (at least {config.min_detections} needed)")
-    if reference is None or len(reference) == 0:
+    if reference is None:
         reasons.append("no Gaia reference stars around the footprint")
+    elif len(reference) == 0:
+        reasons.append(f"{NO_USABLE_REFERENCE}: all {reference.meta['NINPUT']} Gaia rows around the footprint "
+                       "lack a finite position error (ra_error, dec_error)")
     if reasons:
         return AstrometryResult(False, tuple(reasons), None, None, scamp=None, qa=None, scale=None,
                                 matches=None, **partial)

@@ -7,12 +7,16 @@ astrometry stage's ``*_matches.fits`` and reference files there are skipped), gr
 (:func:`pipeline.reference.files.build_references`) and writes
 ``OUTDIR/ref_f<field>_c<ccd>_q<qid>_<filter>.fits``, printing per group the frames used and
 rejected (with reasons) and the timings; ``--grid-margin`` sets how far the coadd's grid
-extends beyond the best-seeing frame's.  ``reference show REF.fits`` prints a reference's
-metadata.
+extends beyond the best-seeing frame's.  ``reference import FILE [--out OUTDIR] [--refcat GAIA]``
+characterises a coadd made elsewhere and stores it in the same layout under the same name
+(:func:`pipeline.reference.files.import_reference`).  ``reference show REF.fits`` prints a
+reference's metadata.
 
-Exit status: 0 every group built; 3 bad input (an unreadable image or reference, no
-image found, a bad Gaia catalogue), nothing written; 4 some group could not be built
-(too few usable frames: the reasons are printed), the others are written; 1 other failures.
+Exit status: 0 every group built (or the reference imported); 3 bad input (an unreadable
+image or reference, no image found, a bad Gaia catalogue, a reference to import that lacks
+an identifying keyword or cannot be characterised), nothing written; 4 some group could not
+be built (too few usable frames: the reasons are printed), the others are written; 1 other
+failures.
 """
 from __future__ import annotations
 
@@ -54,6 +58,15 @@ def register(subparsers, common) -> None:
                             "images pointed off the grid frame stay covered (default: [reference] "
                             f"grid_margin_px, {ReferenceConfig.grid_margin_px})")
     build.set_defaults(func=run_build)
+    imp = sub.add_parser("import", parents=[common], help="store a reference made elsewhere in skydiff's format",
+                         description="Characterise a coadd made elsewhere (a WCS, the contract's keywords and "
+                                     "MAGZP; no skydiff PSF or catalogue) as a built reference is, and write it "
+                                     "in skydiff's reference layout under the name the quadrant runner looks up.")
+    imp.add_argument("file", metavar="FILE", help="the coadd's FITS file")
+    imp.add_argument("--out", metavar="OUTDIR", help="output folder (default: paths.references)")
+    imp.add_argument("--refcat", metavar="GAIA",
+                     help="Gaia tile store or table: fit the zero point to it (default: keep the header's MAGZP)")
+    imp.set_defaults(func=run_import)
     show = sub.add_parser("show", parents=[common], help="print a reference's metadata",
                           description="Print the metadata, frame table and catalogue summary of a reference.")
     show.add_argument("reference", metavar="REF.fits")
@@ -101,6 +114,17 @@ def run_build(args) -> int:
     for summary in summaries:
         _print_summary(summary)
     return status
+
+
+def run_import(args) -> int:
+    """0 stored; a reference that cannot be read or characterised is bad input (3)."""
+    from pipeline.reference.files import import_reference
+    path, ref = import_reference(args.file, args.cfg, out=args.out, refcat=args.refcat)
+    print(f"wrote {path}: refid {ref.refid}, zero point {ref.zeropoint:.3f} "
+          f"({'Gaia' if args.refcat else 'MAGZP'}), seeing {ref.fwhm_arcsec:.2f}\", limiting mag "
+          f"{ref.limiting_mag:.2f}, {len(ref.catalog)} sources, noise correlation "
+          f"{ref.header.get('NOISECOR', 1.0):.2f}")
+    return EXIT_OK
 
 
 def run_show(args) -> int:

@@ -25,8 +25,14 @@ from astropy.coordinates import AltAz, EarthLocation, SkyCoord
 from astropy.time import Time
 
 from pipeline.core.config import SiteConfig
+from pipeline.core.exits import BadInputError
 
-__all__ = ["RefractionModel", "site_location", "airmass_at", "zenith_distance_of_airmass"]
+__all__ = ["RefractionModel", "BelowHorizonError", "site_location", "airmass_at", "zenith_distance_of_airmass",
+           "require_pointing_above_horizon"]
+
+
+class BelowHorizonError(BadInputError):
+    """A position below the site's horizon at the time given: no image can have been taken."""
 
 
 def site_location(site: SiteConfig) -> EarthLocation:
@@ -91,12 +97,42 @@ def airmass_at(ra_deg, dec_deg, time: Time, site: SiteConfig):
 
     Raises
     ------
-    ValueError
-        When a position is below the horizon (the image cannot have been taken).
+    BelowHorizonError
+        When a position is below the horizon (the image cannot have been taken); a
+        ``ValueError`` and a bad-input error (exit status 3).
     """
     frame = AltAz(obstime=time, location=site_location(site))
     altaz = SkyCoord(ra=np.asarray(ra_deg) * u.deg, dec=np.asarray(dec_deg) * u.deg).transform_to(frame)
     alt = altaz.alt.to_value(u.deg)
     if np.any(alt <= 0):
-        raise ValueError(f"position below the horizon at {time.isot} (altitude {np.min(alt):.1f} deg)")
+        raise BelowHorizonError(f"position below the horizon at {time.isot} (altitude {np.min(alt):.1f} deg)")
     return 1.0 / np.sin(np.deg2rad(alt)), alt, altaz.az.to_value(u.deg)
+
+
+def require_pointing_above_horizon(meta, site: SiteConfig, source) -> float:
+    """The altitude (deg) of an image's pointing at mid-exposure, which must be above the horizon.
+
+    Parameters
+    ----------
+    meta : ImageMeta
+        The image's contract keywords (``TELRA``, ``TELDEC``, ``OBSMJD``, ``EXPTIME``).
+    site : SiteConfig
+        The observatory.
+    source : str or path
+        The file, named in the error.
+
+    Raises
+    ------
+    BelowHorizonError
+        The header puts the field below the horizon: it is inconsistent with the sky (bad
+        input, exit status 3), named with the file and the keywords.
+    """
+    time = meta.obstime
+    frame = AltAz(obstime=time, location=site_location(site))
+    alt = float(SkyCoord(ra=meta.telra * u.deg, dec=meta.teldec * u.deg).transform_to(frame).alt.to_value(u.deg))
+    if not alt > 0.0:
+        raise BelowHorizonError(
+            f"{source}: the header is inconsistent with the sky: TELRA = {meta.telra:g}, TELDEC = {meta.teldec:g} "
+            f"is {-alt:.1f} deg below the horizon at OBSMJD = {meta.obsmjd:g} ({time.isot} UTC at mid-exposure) "
+            f"for the site at longitude {site.longitude_deg:g}, latitude {site.latitude_deg:g} deg ([site])")
+    return alt

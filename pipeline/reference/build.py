@@ -70,7 +70,8 @@ from pipeline.reference.stack import StackResult, stack_frames
 from pipeline.measure.registration import RegistrationError, register_image
 from pipeline.formats.scamp_head import is_wcs_keyword
 
-__all__ = ["ReferenceConfig", "select_frames", "build_reference", "make_refid", "reference_grid"]
+__all__ = ["ReferenceConfig", "select_frames", "build_reference", "make_refid", "reference_grid",
+           "characterize_reference", "noise_correlation_factor"]
 
 _CRPIX = re.compile(r"CRPIX([12])[A-Z]?")
 
@@ -307,7 +308,8 @@ def build_reference(frames: Sequence[QuadrantImage], gaia: Table | None, band: F
     t3 = clock()
     mjd = np.asarray(table["obsmjd"])[used]
     coadd_gaia = None if gaia is None else propagate_to_epoch(gaia, Time(float(np.mean(mjd)), format="mjd"))
-    result, zp_check = _characterize_coadd(stack, grid_wcs, saturate, band, coadd_gaia, config, source)
+    result, zp_check = _characterize_coadd(stack.data, stack.mask, grid_wcs, stack.gain, saturate, stack.rms, band,
+                                           coadd_gaia, config, source, magzp=config.zeropoint)
     timings["coadd"] = clock() - t3
 
     expids = [int(e) for e in np.asarray(table["expid"])[used]]
@@ -326,32 +328,181 @@ def build_reference(frames: Sequence[QuadrantImage], gaia: Table | None, band: F
     return ref
 
 
-def _characterize_coadd(stack: StackResult, wcs, saturate, band, gaia, config, source):
-    """The coadd's characterisation with the weights' noise map, and a free Gaia zero point."""
+def _characterize_coadd(data, mask, wcs, gain, saturate, rms, band, gaia, config, source, magzp=None):
+    """A coadd's characterisation: PSF, PSF-fit photometry, zero point and depth.
+
+    Parameters
+    ----------
+    data, mask, wcs, gain, saturate
+        The coadd (background-subtracted or not: sep's background is taken out).
+    rms : ndarray or None
+        The noise map at PSF scales (a built coadd's weights' map); None: sep's.
+    magzp : float or None
+        The zero point, set (a built coadd's common one, checked against Gaia); None: fitted
+        to ``gaia``.
+
+    Returns
+    -------
+    result : Characterization
+    zp_check : float
+        The zero point fitted to Gaia when ``magzp`` is set (NaN without Gaia or a fit).
+    """
     try:
-        extraction = extract_sources(stack.data, stack.mask, stack.gain, saturate, config.characterize.extraction)
+        extraction = extract_sources(data, mask, gain, saturate, config.characterize.extraction)
     except ExtractionError as exc:
         raise ReferenceError(source, f"coadd extraction failed: {exc}") from None
-    covered = np.isfinite(stack.rms)
-    typical = float(np.median(stack.rms[covered]))
-    # PSF fits and the depth need the noise at PSF scales: the weights' map, not sep's
-    # pixel-to-pixel estimate, which resampling lowers (see :mod:`pipeline.reference.stack`).
-    extraction = replace(extraction, rms_map=np.where(covered, stack.rms, typical).astype(np.float32),
-                         background_rms=typical)
-    header = fits.Header({"MAGZP": config.zeropoint})
+    if rms is not None:
+        covered = np.isfinite(rms)
+        typical = float(np.median(rms[covered]))
+        # PSF fits and the depth need the noise at PSF scales: the weights' map, not sep's
+        # pixel-to-pixel estimate, which resampling lowers (see :mod:`pipeline.reference.stack`).
+        extraction = replace(extraction, rms_map=np.where(covered, rms, typical).astype(np.float32),
+                             background_rms=typical)
+    header = fits.Header({"MAGZP": magzp}) if magzp is not None else None
     try:
-        result = characterize_image(stack.data, stack.mask, wcs, stack.gain, saturate, band, gaia,
+        result = characterize_image(data, mask, wcs, gain, saturate, band, gaia,
                                     header=header, config=config.characterize, extraction=extraction)
     except ValueError as exc:   # CharacterizeError, or a stage's own ValueError
         raise ReferenceError(source, f"coadd characterization failed: {exc}") from None
+    if result.photcal is None:
+        raise ReferenceError(source, "no zero point: no Gaia catalogue and no MAGZP")
     zp_check = math.nan
-    if gaia is not None:
+    if gaia is not None and magzp is not None:
         try:
             zp_check = calibrate_zeropoint(result.photometry, wcs, gaia, band,
                                            config=config.characterize.photcal).magzpsci
         except PhotCalError:
             pass  # the check is reported as NaN; the coadd's zero point is set, not fitted
     return result, zp_check
+
+
+def noise_correlation_factor(data: np.ndarray, usable: np.ndarray, rms_map: np.ndarray, size: int) -> float:
+    """How much the noise at PSF scales exceeds the pixel-to-pixel noise (1 for white noise).
+
+    A coadd made by resampling has correlated noise: sep's RMS map (pixel-to-pixel)
+    underestimates the noise of a PSF-sized sum, which ZOGY and PSF fits need.  The sky's
+    ``size`` x ``size`` box sums, in units of the RMS map, scatter by ``size`` times this
+    factor (robust scatter over the usable pixels, sources clipped).
+    """
+    from scipy.ndimage import uniform_filter
+    from astropy.stats import sigma_clipped_stats
+
+    size = max(int(size), 2)
+    z = np.where(usable, data / np.where(rms_map > 0, rms_map, np.inf), 0.0)
+    box = uniform_filter(z, size, mode="constant") * size          # box sum / size
+    inside = uniform_filter(usable.astype(np.float32), size, mode="constant") > 0.999
+    inside[:size, :] = inside[-size:, :] = False
+    inside[:, :size] = inside[:, -size:] = False
+    step = max(1, size)
+    sample_box, sample_pix = box[inside][::step], z[inside][::step]
+    if sample_box.size < 1000:
+        return 1.0
+    _, _, std_box = sigma_clipped_stats(sample_box, sigma=3.0, stdfunc="mad_std")
+    _, _, std_pix = sigma_clipped_stats(sample_pix, sigma=3.0, stdfunc="mad_std")
+    return float(max(std_box / std_pix, 1.0)) if std_pix > 0 else 1.0
+
+
+def characterize_reference(ref: ReferenceImage, band: FilterConfig, gaia: Table | None,
+                           config: ReferenceConfig = ReferenceConfig()) -> ReferenceImage:
+    """A reference made elsewhere (a plain coadd), characterised as a built coadd is.
+
+    A reference that already has skydiff's PSF and catalogue is returned as is.  Otherwise
+    the coadd is characterised with the function the build uses on its own coadds: sep
+    extraction (its background taken out of the pixels), the empirical PSF, PSF-fit
+    catalogue, zero point and 5-sigma depth.  The zero point is fitted to ``gaia`` when
+    given, else the header's ``MAGZP`` is kept.  The noise map is the file's ``RMS`` when
+    it has one, else sep's pixel-to-pixel map scaled by :func:`noise_correlation_factor`
+    (a resampled coadd's noise is correlated).
+
+    Parameters
+    ----------
+    ref : ReferenceImage
+        As :func:`pipeline.reference.files.read_reference` reads a plain image (WCS,
+        ``MAGZP``, the contract's ``GAIN`` and ``SATURATE``).
+    band : FilterConfig
+        The reference's filter.
+    gaia : Table or None
+        Gaia rows over the reference at its epoch, or None (zero point from ``MAGZP``).
+    config : ReferenceConfig
+        Its ``characterize`` section is the build's.
+
+    Returns
+    -------
+    ReferenceImage
+        With ``psf``, ``catalog``, ``rms``, the background-subtracted pixels, ``zeropoint``,
+        ``fwhm_arcsec``, ``limiting_mag``, a ``refid`` (from the header, else from the
+        field, rcid, filter and a checksum of the pixels), the dates the alerts need
+        (``JDSTART``/``JDEND`` from the header, else ``OBSMJD`` and ``OBSMJD + EXPTIME``;
+        ``NFRAMES`` from the header, else 1) and a header carrying them
+        (``IMAGETYP = REFERENCE``, ``REFSRC``), ready for :func:`write_reference`.
+
+    Raises
+    ------
+    ReferenceError
+        No usable ``GAIN`` or ``SATURATE``, or the coadd cannot be characterised (the
+        message names the file and the stage).
+    """
+    if ref.psf is not None and ref.catalog is not None:
+        return ref
+    source = ref.path or "<reference>"
+    clock = time.perf_counter
+    t0 = clock()
+    for key, value in (("GAIN", ref.gain), ("SATURATE", ref.saturate)):
+        if not (math.isfinite(value) and value > 0):
+            raise ReferenceError(source, f"a reference without skydiff's PSF and catalogue needs a positive {key} "
+                                         "to be characterised")
+    magzp = None if gaia is not None else ref.zeropoint
+    result, _ = _characterize_coadd(ref.data, ref.mask, ref.wcs, ref.gain, ref.saturate, ref.rms, band, gaia,
+                                    config, source, magzp=magzp)
+    extraction = result.extraction
+    zeropoint = float(result.photcal.magzpsci)
+    data = (ref.data - extraction.background_map).astype(np.float32)
+    rms, factor = ref.rms, 1.0
+    if rms is None:
+        usable = (ref.mask == 0) & np.isfinite(ref.data)
+        factor = noise_correlation_factor(data, usable, extraction.rms_map, int(round(result.psf.fwhm)) or 2)
+        rms = (extraction.rms_map * factor).astype(np.float32)
+        if factor > 1.0:
+            # the depth and the catalogue's errors were computed with the pixel-to-pixel noise
+            result, _ = _characterize_coadd(ref.data, ref.mask, ref.wcs, ref.gain, ref.saturate, rms, band, gaia,
+                                            config, source, magzp=zeropoint)
+    scale = _pixel_scale_arcsec(ref.wcs)
+    refid = ref.refid
+    if refid is None and None not in (ref.fieldid, ref.ccdid, ref.qid) and ref.filter in FILTER_IDS:
+        checksum = int.from_bytes(hashlib.blake2b(np.ascontiguousarray(ref.data).tobytes(), digest_size=4).digest(),
+                                  "big")
+        refid = make_refid(ref.fieldid, rcid_of(ref.ccdid, ref.qid), FILTER_IDS[ref.filter], [checksum])
+    # the alert fields jdstartref, jdendref and nframesref: the header's, else the contract's dates
+    jdstart, jdend, nframes = ref.jdstart, ref.jdend, ref.nframes
+    obsmjd, exptime = ref.header.get("OBSMJD"), ref.header.get("EXPTIME")
+    dated = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (obsmjd, exptime))
+    if not (math.isfinite(jdstart) and math.isfinite(jdend)) and dated:
+        jdstart, jdend = obsmjd + 2400000.5, obsmjd + 2400000.5 + exptime / 86400.0
+    header = ref.header.copy()
+    if nframes < 1:
+        nframes = 1
+        header["NFRAMES"] = (1, "not given: the coadd counts as one frame")
+    cards = [("IMAGETYP", "REFERENCE", "reference image"),
+             ("REFSRC", "imported", "made elsewhere, characterised by skydiff"),
+             ("MAGZP", zeropoint, "zero point, mag for 1 ADU" + (" (fitted to Gaia)" if gaia is not None else "")),
+             ("CLRCOEFF", float(result.photcal.clrcoeff), "colour coefficient on Gaia BP-RP"),
+             ("SEEING", result.psf.fwhm * scale, "PSF FWHM, arcsec"), ("FWHM", result.psf.fwhm, "PSF FWHM, px"),
+             ("LIMMAG", result.limiting_mag, "5-sigma point-source limit, mag"),
+             ("NOISECOR", factor, "PSF-scale / pixel noise (RMS map scaled by it)"),
+             ("BUNIT", "adu", "background-subtracted")]
+    if math.isfinite(jdstart) and math.isfinite(jdend) and "JDSTART" not in ref.header:
+        cards += [("JDSTART", jdstart, "JD of OBSMJD (not given)"), ("JDEND", jdend, "JD of OBSMJD + EXPTIME (not given)")]
+    if refid is not None:
+        cards.insert(1, ("REFID", refid, "reference id"))
+    for key, value, comment in cards:
+        header[key] = (value.item() if isinstance(value, np.generic) else value, comment)
+    for key in ("BZERO", "BSCALE", "BLANK"):
+        header.remove(key, ignore_missing=True)
+    timings = dict(ref.timings, characterize=clock() - t0)
+    return replace(ref, data=data, rms=rms, psf=result.psf, catalog=_catalog(result.photometry, zeropoint),
+                   zeropoint=zeropoint, refid=refid, fwhm_arcsec=result.psf.fwhm * scale,
+                   limiting_mag=result.limiting_mag, header=header, timings=timings, jdstart=jdstart, jdend=jdend,
+                   nframes=nframes)
 
 
 def _catalog(photometry: Table, zeropoint: float) -> Table:

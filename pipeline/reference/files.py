@@ -22,7 +22,11 @@ One FITS file, written atomically by :func:`write_reference` and validated by
   frame, used or not, with the reason).
 
 Every part but the primary image is optional: a plain image with a WCS and ``MAGZP`` reads
-as a reference without noise map, PSF or catalogue.
+as a reference without noise map, PSF or catalogue.  Such a reference made elsewhere is
+characterised when it is used (:func:`characterized_reference`: PSF, PSF-fit catalogue,
+zero point from Gaia or ``MAGZP``, by the build's own coadd characterisation), and
+:func:`import_reference` (``skydiff reference import``) writes it in this layout once, with
+``IMAGETYP = REFERENCE`` and ``REFSRC = 'imported'``.
 
 A reference of field F, CCD C, quadrant Q and filter B is named :func:`reference_filename`
 ``ref_f<F>_c<C>_q<Q>_<B>.fits``: the quadrant runner looks for it under that name in
@@ -54,7 +58,8 @@ from pipeline.formats.scamp_head import is_wcs_keyword
 from pipeline.reference.model import CATALOG_COLUMNS, ReferenceError, ReferenceImage
 
 __all__ = ["primary_header", "write_reference", "read_reference", "reference_filename", "write_reference_into",
-           "collect_images", "read_groups", "build_references"]
+           "collect_images", "read_groups", "build_references", "reference_epoch", "characterized_reference",
+           "import_reference"]
 
 log = logging.getLogger("skydiff.reference")
 
@@ -339,3 +344,78 @@ def build_references(groups: dict, refcat, out, cfg, config=None) -> tuple[int, 
         summary.update(path=str(path), reference=ref)
         summaries.append(summary)
     return status, summaries
+
+
+def reference_epoch(ref: ReferenceImage):
+    """The epoch of a reference's stars: the middle of ``JDSTART``-``JDEND``, else ``OBSMJD``
+    (None when the header has neither)."""
+    from astropy.time import Time
+    if math.isfinite(ref.jdstart) and math.isfinite(ref.jdend):
+        return Time(0.5 * (ref.jdstart + ref.jdend), format="jd", scale="utc")
+    obsmjd = ref.header.get("OBSMJD")
+    if isinstance(obsmjd, (int, float)) and not isinstance(obsmjd, bool) and math.isfinite(obsmjd):
+        return Time(float(obsmjd), format="mjd", scale="utc")
+    return None
+
+
+def characterized_reference(ref: ReferenceImage, band, cfg, refcat=None) -> ReferenceImage:
+    """``ref`` itself when it has skydiff's PSF and catalogue, else ``ref`` characterised
+    (:func:`pipeline.reference.build.characterize_reference`) with its zero point fitted to
+    the Gaia rows of ``refcat`` over its footprint (propagated to :func:`reference_epoch`),
+    or, without ``refcat``, its ``MAGZP``.
+
+    Raises
+    ------
+    ReferenceError, catalogs.CatalogError
+        The reference cannot be characterised, or the catalogue does not cover it.
+    """
+    if ref.psf is not None and ref.catalog is not None:
+        return ref
+    from catalogs import catalog_for_footprint, propagate_to_epoch
+    from pipeline.reference.build import characterize_reference
+    gaia = None
+    if refcat is not None:
+        gaia = catalog_for_footprint(refcat, footprint_corners(ref.wcs, ref.shape), cfg.reference.gaia_margin_deg)
+        epoch = reference_epoch(ref)
+        if epoch is not None:
+            gaia = propagate_to_epoch(gaia, epoch)
+    log.info("%s: no skydiff PSF and catalogue; characterising it (zero point from %s)", ref.path,
+             "Gaia" if gaia is not None else "MAGZP")
+    return characterize_reference(ref, band, gaia, cfg.reference)
+
+
+def import_reference(path: str | os.PathLike, cfg, out=None, refcat=None) -> tuple[Path, ReferenceImage]:
+    """Store a reference made elsewhere in skydiff's format, for reuse.
+
+    Parameters
+    ----------
+    path : path-like
+        A coadd with a WCS, the contract's ``FIELDID``, ``CCDID``, ``QID``, ``FILTER``,
+        ``GAIN``, ``SATURATE`` and ``MAGZP`` (no skydiff extensions needed).
+    cfg : Config
+    out : path-like, optional
+        The folder (default ``paths.references``); the file is named
+        :func:`reference_filename`, as the quadrant runner looks it up.
+    refcat : path-like, optional
+        Gaia store or table: the zero point is fitted to it (else ``MAGZP`` is kept).
+
+    Returns
+    -------
+    (path written, the characterised reference)
+
+    Raises
+    ------
+    ReferenceError
+        Unreadable, missing identifiers or a filter not configured, or not characterisable.
+    """
+    ref = read_reference(path)
+    missing = [key for key, value in (("FIELDID", ref.fieldid), ("CCDID", ref.ccdid), ("QID", ref.qid),
+                                      ("FILTER", ref.filter)) if value is None]
+    if missing:
+        raise ReferenceError(path, f"missing keyword(s) {', '.join(missing)}: a stored reference is named by them")
+    if ref.filter not in cfg.instrument.filters or ref.filter not in FILTER_IDS:
+        raise ReferenceError(path, f"FILTER {ref.filter!r} is not a configured filter")
+    ref = characterized_reference(ref, cfg.instrument.filters[ref.filter], cfg, refcat)
+    folder = Path(cfg.paths.resolve("references") if out is None else out)
+    folder.mkdir(parents=True, exist_ok=True)
+    return write_reference_into(folder, ref), ref

@@ -203,7 +203,8 @@ def run_quadrant(exposure: str | os.PathLike, rcid: int, cfg: Config, force: boo
         record["astrometry"] = None if qa is None else {
             k: qa.get(k) for k in ("usable", "reasons", "rms_ra_mas", "rms_dec_mas", "n_matched")}
         if astrometry.status != EXIT_OK:
-            reasons = "; ".join((qa or {}).get("reasons", [])) or f"exit status {astrometry.status}"
+            reasons = ("; ".join((qa or {}).get("reasons", [])) or astrometry.error
+                       or f"exit status {astrometry.status}")
             return finish(astrometry.status, "astrometry", reasons)
 
         record["stage"] = "subtraction"

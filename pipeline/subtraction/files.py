@@ -49,15 +49,19 @@ def _subtraction_inputs(science: QuadrantImage, reference_path: str | os.PathLik
                         refcat: str | os.PathLike | None):
     """The reference, the Gaia calibrators (or None) and the filter of a science image.
 
+    A reference without skydiff's PSF and catalogue (made elsewhere) is characterised
+    (:func:`pipeline.reference.files.characterized_reference`).
+
     Raises
     ------
     BadInputError
-        No WCS, an unreadable reference or catalogue, a filter not configured.
+        No WCS, an unreadable reference or catalogue, a filter not configured, a reference
+        that cannot be characterised.
     UnusableImageError
         Astrometry marked the image unusable (``ASTRUSE = F``).
     """
     from catalogs import catalog_for_image
-    from pipeline.reference.files import read_reference
+    from pipeline.reference.files import characterized_reference, read_reference
 
     if science.wcs is None:
         raise ImageContractError(science.path, "no WCS (run `skydiff astrometry` first)")
@@ -70,6 +74,8 @@ def _subtraction_inputs(science: QuadrantImage, reference_path: str | os.PathLik
         band = cfg.instrument.filters[science.meta.filter]
     except KeyError:
         raise ImageContractError(science.path, f"filter {science.meta.filter} is not configured") from None
+    # a reference made elsewhere (no skydiff PSF and catalogue) is characterised here
+    reference = characterized_reference(reference, band, cfg, refcat)
     return reference, gaia, band
 
 

@@ -240,9 +240,10 @@ def test_scamp_reference_table_and_file(tmp_path):
     np.testing.assert_allclose(ref["ERRA_WORLD"], moved["ra_error"] / 3.6e6, rtol=1e-6)
     np.testing.assert_allclose(ref["ERRB_WORLD"], moved["dec_error"] / 3.6e6, rtol=1e-6)
     np.testing.assert_allclose(ref["OBSDATE"], epoch.tcb.jyear)
-    assert ref["MAG"][7] == 99.0 and ref["FLAGS"][7] & catalogs.epoch.FLAG_NO_MAGNITUDE
+    assert ref["MAG"][7] == 99.0 and ref["MODEL"][7] & catalogs.epoch.MODEL_NO_MAGNITUDE
     two = ~np.isfinite(table["pmra"])
-    assert np.all(ref["FLAGS"][two] & catalogs.epoch.FLAG_NO_PROPER_MOTION)
+    assert np.all(ref["MODEL"][two] & catalogs.epoch.MODEL_NO_PROPER_MOTION)
+    assert not np.any(ref["FLAGS"]) and len(ref) == len(table) and ref.meta["NLEFTOUT"] == 0
     assert ref["FLAGS"].dtype == np.int16 and ref["X_WORLD"].unit == u.deg
     path = write_scamp_reference(tmp_path / "ref.ldac", ref)
     back, header = read_ldac(path)
@@ -253,6 +254,38 @@ def test_scamp_reference_table_and_file(tmp_path):
         assert hdul["LDAC_OBJECTS"].header["TUNIT1"] == "deg"
     with pytest.raises(CatalogError, match="no reference stars"):
         write_scamp_reference(tmp_path / "empty.ldac", ref[:0])
+
+
+def test_a_table_without_optional_columns_flags_no_row():
+    """pmra_error/pmdec_error absent (or proper motion, G missing) change only the errors:
+    SCAMP applies FLAGS_MASK to the references too, so no row may carry a FLAGS bit."""
+    full = propagation_sample()
+    full["phot_g_mean_mag"][3] = np.nan
+    lean = full.copy()
+    del lean["pmra_error"], lean["pmdec_error"]
+    epoch = Time("2024-07-01T06:00:00", scale="utc")
+    with_errors, without = scamp_reference_table(full, epoch), scamp_reference_table(lean, epoch)
+    assert len(without) == len(with_errors) == len(full)
+    assert not np.any(without["FLAGS"]) and not np.any(with_errors["FLAGS"])
+    np.testing.assert_array_equal(without["X_WORLD"], with_errors["X_WORLD"])
+    moving = np.isfinite(full["pmra"])
+    assert np.all(without["MODEL"][moving] & catalogs.epoch.MODEL_NO_PM_ERROR)
+    # the error model: the assumed 5 mas/yr dispersion instead of the measured pm error
+    dt = epoch.tcb.jyear - 2016.0
+    expected = np.hypot(np.asarray(full["ra_error"], float), 5.0 * dt) / 3.6e6
+    np.testing.assert_allclose(without["ERRA_WORLD"], expected, rtol=1e-5)
+    assert np.all(without["ERRA_WORLD"][moving] >= with_errors["ERRA_WORLD"][moving])
+
+
+def test_rows_scamp_cannot_weigh_are_left_out_and_counted():
+    table = propagation_sample()
+    table["ra_error"][[4, 9]] = np.nan
+    table["dec_error"][11] = np.nan
+    ref = scamp_reference_table(table, Time("2024-07-01T06:00:00", scale="utc"))
+    assert len(ref) == len(table) - 3 and ref.meta["NLEFTOUT"] == 3 and ref.meta["NINPUT"] == len(table)
+    assert np.all(np.isfinite(ref["ERRA_WORLD"])) and np.all(ref["ERRB_WORLD"] > 0)
+    table["ra_error"][:] = np.nan
+    assert len(scamp_reference_table(table, Time(2024.5, format="jyear"))) == 0
 
 
 # ---- command --------------------------------------------------------------------------

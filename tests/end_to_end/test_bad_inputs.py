@@ -66,10 +66,11 @@ class World:
     def image(self, name: str, **changes) -> str:
         return str(_image(self.root / name, _header(**changes)))
 
-    def solved(self, name: str = "solved.fits") -> str:
+    def solved(self, name: str = "solved.fits", **changes) -> str:
         """The valid image with a WCS (a first guess, or a solution with ASTRUSE = T)."""
         return self.image(name, CTYPE1="RA---TAN", CTYPE2="DEC--TAN", CRVAL1=150.0, CRVAL2=33.0, CRPIX1=25.5,
-                          CRPIX2=20.5, CD1_1=-2.811e-4, CD1_2=0.0, CD2_1=0.0, CD2_2=2.811e-4, ASTRUSE=True)
+                          CRPIX2=20.5, CD1_1=-2.811e-4, CD1_2=0.0, CD2_1=0.0, CD2_2=2.811e-4, ASTRUSE=True,
+                          **changes)
 
 
 def _astrometry(image_of):
@@ -159,6 +160,15 @@ FILES = [
     ("lightcurve-missing-root", lambda w: ["lightcurve", "150", "33", "--root", w.path("mf")], 3, "mf"),
     ("subtract-reference-without-psf", lambda w: ["subtract", w.solved(), w.solved("ref.fits"), "--out",
                                                   str(w.out)], 3, "ref.fits"),
+    # a reference made elsewhere is characterised on the fly: one without a star cannot be
+    ("subtract-reference-without-stars", lambda w: ["subtract", w.solved(), w.solved("ref.fits", MAGZP=27.0),
+                                                    "--out", str(w.out)], 3, "ref.fits"),
+    ("reference-import-missing", lambda w: ["reference", "import", w.path("coadd.fits"), "--out", str(w.out)], 3,
+     "coadd.fits"),
+    ("reference-import-without-stars", lambda w: ["reference", "import", w.solved("coadd.fits", MAGZP=27.0), "--out",
+                                                  str(w.out)], 3, "coadd.fits"),
+    ("reference-import-without-magzp", lambda w: ["reference", "import", w.solved("coadd.fits"), "--out",
+                                                  str(w.out)], 3, "MAGZP"),
     ("alerts-publish-corrupt-qa", lambda w: ["alerts", "publish", _folder_with(w, "qa.json", "{broken"), "--spool",
                                              w.path("spool"), "--history", w.path("h.sqlite")], 3, "qa.json"),
     ("alerts-publish-science-gone", lambda w: ["alerts", "publish", _folder_with(
@@ -174,6 +184,9 @@ FILES = [
                                                  "--refcat", w.path("gaia"), "--out", str(w.out)], 3, "frame.fits"),
     ("priors-build-table-without-columns", lambda w: ["priors", "build", _table(w, "m.fits"), "--out",
                                                       str(w.out / "prior.fits")], 3, "m.fits"),
+    # Palomar never sees declination -80: TELRA/TELDEC at OBSMJD are below the horizon
+    ("astrometry-field-below-horizon", _astrometry(lambda w: w.image("h.fits", TELDEC=-80.0)), 3,
+     "h.fits: the header is inconsistent with the sky: TELRA = 150, TELDEC = -80 is"),
     ("astrometry-refcat-not-a-catalogue", lambda w: ["astrometry", w.solved(), "--refcat", str(w.good), "--out",
                                                      str(w.out)], 3, "good.fits"),
 ]

@@ -164,3 +164,40 @@ def test_products_made_from_relative_paths_publish_from_anywhere(world, tmp_path
     monkeypatch.chdir(tmp_path)
     assert main(["alerts", "publish", "--config", str(config), str(out), "--spool", str(tmp_path / "spool"),
                  "--history", str(tmp_path / "history.sqlite")]) == 0
+
+
+def test_a_reference_made_elsewhere_is_imported_and_serves_the_quadrant_runner(survey21, tmp_path):
+    """The session survey's reference stripped to a plain coadd (tests/_external_data.py),
+    stored by ``skydiff reference import`` into ``paths.references`` (found by the runner's
+    own lookup), then a science quadrant through every stage: the simulated transients on it
+    are found with their true magnitudes, and alerts are built."""
+    from astropy.io import fits
+    from _cli import run_skydiff
+    from _external_data import plain_coadd
+    from pipeline.reference.files import read_reference
+    from pipeline.run.quadrant import run_quadrant
+
+    native_path = next(survey21.cfg.paths.resolve("references").glob("ref_*.fits"))
+    plain = plain_coadd(read_reference(native_path), tmp_path / "coadd.fits")
+    cfg = survey21.cfg.replace(paths__references=str(tmp_path / "refs"), paths__outputs=str(tmp_path / "outputs"),
+                               paths__spool=str(tmp_path / "spool"), paths__history=str(tmp_path / "history.sqlite"),
+                               paths__matchfiles=str(tmp_path / "matchfiles"))
+    assert run_skydiff(["reference", "import", str(plain), "--refcat", str(cfg.paths.resolve("catalogs"))], cfg) == 0
+    assert (tmp_path / "refs" / native_path.name).exists()
+    expid = survey21.science[0]
+    code, record = run_quadrant(survey21.exposures[expid], RCID, cfg)
+    assert code == 0, record
+    assert record["alerts"]["built"] == record["alerts"]["spooled"] > 0
+    candidates = Table.read(tmp_path / "outputs" / str(expid) / f"{RCID:02d}" / "subtraction" / "candidates.ecsv")
+    (truth_path,) = (survey21.cfg.paths.resolve("root") / "sim" / "truth" / str(expid)).glob("*_truth.fits")
+    with fits.open(truth_path) as hdul:
+        truth = Table(hdul["TRUTH"].data)
+    transients = truth[(truth["kind"] == "transient") & (truth["mag"] < 20.0)]
+    tree = cKDTree(np.column_stack([candidates["xpos"], candidates["ypos"]]))
+    dist, index = tree.query(np.column_stack([transients["x"], transients["y"]]))
+    found = (dist <= 2.0) & np.asarray(candidates["isdiffpos"])[index]
+    delta = np.asarray(candidates["magpsf"])[index[found]] - np.asarray(transients["mag"])[found]
+    print(f"\nimported reference, quadrant runner: {found.sum()} of {len(transients)} simulated transients "
+          f"(r < 20) found; magpsf - true mag: median {np.median(delta):+.3f}, max |.| {np.max(np.abs(delta)):.3f}")
+    assert len(transients) >= 3 and found.mean() >= 0.9
+    assert abs(np.median(delta)) < 0.05

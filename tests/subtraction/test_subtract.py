@@ -19,6 +19,7 @@ from scipy.spatial import cKDTree
 
 from catalogs import PS1_COLUMNS
 from _cli import run_skydiff
+from _external_data import plain_coadd
 from pipeline.cli import main
 from pipeline.simulate.drb_training import LabelledTriplets, write_folder_triplets
 from pipeline.subtraction.drb import DrbModel, load_default_drb_model
@@ -327,3 +328,59 @@ def test_classtar_separates_stars_from_galaxies(case):
     auc = roc_auc_score(star, p)
     assert auc >= 0.95, (name, auc)
     assert np.median(p[star]) > 0.9 and np.median(p[~star]) < 0.1
+
+
+def _recovery(pair, result):
+    """Injected sources found (S/N >= 8) and the PSF photometry of those at S/N >= 10 against truth."""
+    true_flux, snr = _injected_snr(pair, result)
+    dist, index = _nearest_candidate(pair, result.candidates)
+    found = (dist <= 2.0) & np.asarray(result.candidates["isdiffpos"])[index]
+    use = found & (snr >= 10)
+    true_mag = pair.zeropoint - 2.5 * np.log10(np.asarray(pair.injected["flux_adu"])[use])
+    delta = np.asarray(result.candidates["magpsf"])[index[use]] - true_mag
+    pull = delta / np.asarray(result.candidates["sigmapsf"])[index[use]]
+    return dict(found=round(float(found[snr >= 8].mean()), 3), n=int((snr >= 8).sum()),
+                dmag=round(float(np.median(delta)), 4), scatter=round(float(np.std(delta)), 4),
+                pull=round(float(pull.std()), 3))
+
+
+def test_a_reference_made_elsewhere_is_imported_and_finds_the_transients_as_the_native_one(setting, tmp_path):
+    from pipeline.reference.files import read_reference, reference_filename
+    cfg, sky, native = setting
+    plain = plain_coadd(native, tmp_path / "coadd_from_elsewhere.fits")
+    gaia_path = tmp_path / "gaia.fits"
+    sky.gaia_catalogue().write(gaia_path)
+    pair = simulate_science(cfg, replace(OPTIONS, science_seeing=2.2, seed=4242), sky)
+
+    # the plain coadd fails nowhere: characterised on the fly by `skydiff subtract`
+    science_path = tmp_path / "science.fits"
+    write_quadrant(science_path, pair.science.data, pair.science.header, pair.science.mask)
+    assert main(["subtract", str(science_path), str(plain), "--out", str(tmp_path / "fly"),
+                 "--refcat", str(gaia_path)]) == 0
+    on_the_fly = Table.read(tmp_path / "fly" / "candidates.ecsv")
+
+    # stored once in skydiff's format, under the name the quadrant runner looks up
+    store = tmp_path / "references"
+    assert main(["reference", "import", str(plain), "--out", str(store), "--refcat", str(gaia_path)]) == 0
+    m = native
+    stored = store / reference_filename(m.fieldid, m.ccdid, m.qid, m.filter)
+    imported = read_reference(stored)
+    assert imported.psf is not None and imported.catalog is not None and imported.rms is not None
+    assert imported.header["IMAGETYP"] == "REFERENCE" and imported.refid is not None
+    assert abs(imported.zeropoint - native.zeropoint) < 0.02            # fitted to Gaia: 27.0 by construction
+    assert abs(imported.psf.fwhm - native.psf.fwhm) < 0.05 * native.psf.fwhm
+    assert len(imported.catalog) > 0.8 * len(native.catalog)
+
+    with_native, with_imported = _recovery(pair, subtract_pair(pair, native)), \
+        _recovery(pair, subtract_pair(pair, imported))
+    print("injected transients, native vs imported reference:", with_native, with_imported,
+          "on the fly:", len(on_the_fly), "candidates; NOISECOR", imported.header["NOISECOR"])
+    assert with_imported["n"] >= 40
+    assert with_imported["found"] >= with_native["found"] - 0.03 and with_imported["found"] >= 0.95
+    assert abs(with_imported["dmag"]) < 0.02 and abs(with_imported["dmag"] - with_native["dmag"]) < 0.015
+    assert with_imported["scatter"] <= 1.15 * with_native["scatter"]
+    assert abs(with_imported["pull"] - with_native["pull"]) < 0.1          # errors as the native ones
+    # the plain file given straight to `skydiff subtract` finds them too
+    dist, _ = cKDTree(np.column_stack([on_the_fly["xpos"], on_the_fly["ypos"]])).query(
+        np.column_stack([pair.injected["x"], pair.injected["y"]]))
+    assert np.mean(dist[pair.injected["snr_sky"] > 15] <= 2.0) >= 0.95
