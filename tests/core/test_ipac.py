@@ -127,3 +127,14 @@ def test_folder_exposure_of_pairs(tmp_path):
     path, hdu = locate_quadrant(folder, 63)
     assert hdu is None and path.name.endswith("_c16_o_q4_sciimg.fits.fz")
     assert read_quadrant(path).meta.rcid == 63
+
+
+def test_watcher_sees_a_folder_of_gzipped_pairs(tmp_path):
+    """``skydiff watch`` takes a folder exposure of .fits.gz pairs (no FITS block structure)."""
+    from slurm.watch import exposure_signature
+
+    science, masked = write_ipac_quadrant(_image(), tmp_path / "exp", "gz")
+    signature = exposure_signature(tmp_path / "exp")
+    assert signature is not None and {name for name, *_ in signature} == {science.name, masked.name}
+    (tmp_path / "exp" / "partial.fits").write_bytes(b"x" * 100)       # a plain FITS still being written
+    assert exposure_signature(tmp_path / "exp") is None
