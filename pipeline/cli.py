@@ -18,6 +18,7 @@ from pipeline.core.runtime import setup_logging
 
 # Modules providing commands, in the order ``skydiff --help`` lists them.
 COMMAND_MODULES = [
+    "pipeline.commands.init",
     "pipeline.commands.demo",
     "pipeline.commands.simulate",
     "pipeline.commands.astrometry",

@@ -19,11 +19,13 @@ never ran) and the exposure is submitted afresh.  One left in ``submitted`` is r
 
 Complete exposures
 ------------------
-An exposure is a ``*.fits``/``*.fits.fz`` file or a folder of them; hidden and ``.tmp``
+An exposure is a ``*.fits``/``*.fits.fz``/``*.fits.gz`` file or a folder of them (IPAC's
+``sciimg``/``mskimg`` pairs among them); hidden and ``.tmp``
 names (atomic writers' temporary files) are ignored.  With ``marker_suffix`` (e.g.
 ``.done``) an exposure counts only once ``<exposure><suffix>`` exists.  Otherwise it must
 look the same (every file's size and modification time) over ``settle_s`` and across two
-scans, and every FITS file's size must be whole 2880-byte blocks.
+scans, and every FITS file's size must be whole 2880-byte blocks (a gzipped one has none:
+the settle time alone decides).
 """
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ __all__ = ["WatchSettings", "SubmissionLedger", "ExposureWatcher", "WatcherBusyE
 log = logging.getLogger("skydiff.watch")
 
 FITS_BLOCK = 2880
-FITS_SUFFIXES = (".fits", ".fits.fz")
+FITS_SUFFIXES = (".fits", ".fits.fz", ".fits.gz")   # .gz: IPAC's products as IRSA may serve them
 
 
 class WatcherBusyError(RuntimeError):
@@ -141,7 +143,8 @@ def exposure_signature(path: Path) -> tuple | None:
             st = file.stat()
         except FileNotFoundError:
             return None
-        if st.st_size == 0 or st.st_size % FITS_BLOCK:
+        # A gzipped file has no block structure: only the settle time tells it is complete.
+        if st.st_size == 0 or (st.st_size % FITS_BLOCK and not file.name.endswith(".gz")):
             return None
         signature.append((file.name, st.st_size, st.st_mtime_ns))
     return tuple(signature)

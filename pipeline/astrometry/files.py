@@ -100,7 +100,8 @@ def solve_quadrant_file(image_path: str | os.PathLike, refcat: str | os.PathLike
     """:func:`run_astrometry`, also handing over the in-memory result (:class:`AstrometryRun`)."""
     t0 = time.perf_counter()
     image = read_quadrant(image_path)
-    return solve_quadrant(image, Path(image_path).name, refcat, prior_path, out, cfg, plots, keep_workdir,
+    name = Path(image_path).name.removesuffix(".fz").removesuffix(".gz")    # written uncompressed
+    return solve_quadrant(image, name, refcat, prior_path, out, cfg, plots, keep_workdir,
                           read_s=time.perf_counter() - t0)
 
 

@@ -21,7 +21,8 @@ def register(subparsers, common) -> None:
                            description="Fit a prior from matched star tables (FITS or ECSV; columns "
                                        "expid rcid x y ra dec telra teldec obsmjd airmass).")
     build.add_argument("matches", nargs="+", metavar="MATCHES", help="matched star tables")
-    build.add_argument("--out", required=True, metavar="PRIOR.fits", help="prior file to write")
+    build.add_argument("--out", metavar="PRIOR.fits",
+                       help="prior file to write (default: paths.priors/prior.fits, where skydiff quadrant looks)")
     build.add_argument("--max-airmass", type=float,
                        help="drop exposures above this airmass (default: [priors] max_airmass, "
                             f"{PriorFitSettings.max_airmass})")
@@ -49,6 +50,9 @@ def run_build(args) -> int:
     if args.degree is not None:
         settings = replace(settings, degree=args.degree)
     prior = fit_prior(matches, args.cfg, settings, source=", ".join(args.matches))
+    if args.out is None:
+        from priors.store import PRIOR_FILENAME
+        args.out = str(args.cfg.paths.resolve("priors") / PRIOR_FILENAME)
     write_prior(args.out, prior)
     p = prior.provenance
     log.info("wrote %s: %d exposures (airmass %.2f-%.2f), %d stars, rms %.3f arcsec per axis",

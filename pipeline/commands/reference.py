@@ -47,9 +47,11 @@ def register(subparsers, common) -> None:
                            description="Group solved quadrant images by field, CCD, quadrant and filter and "
                                        "build one reference per group.")
     build.add_argument("images", nargs="+", metavar="IMAGES", help="solved quadrant FITS files or directories")
-    build.add_argument("--refcat", required=True, metavar="GAIA",
-                       help="Gaia tile store directory, or a FITS table with the Gaia archive's column names")
-    build.add_argument("--out", required=True, metavar="OUTDIR", help="output folder")
+    build.add_argument("--refcat", metavar="GAIA",
+                       help="Gaia tile store directory, or a FITS table with the Gaia archive's column names "
+                            "(default: paths.catalogs)")
+    build.add_argument("--out", metavar="OUTDIR",
+                       help="output folder (default: paths.references, where skydiff quadrant looks)")
     build.add_argument("--max-frames", type=int, metavar="N",
                        help="coadd at most this many (the deepest) frames (default: [reference] max_frames, "
                             f"{ReferenceConfig.max_frames})")
@@ -110,7 +112,9 @@ def run_build(args) -> int:
     if not groups:
         log.error("bad input: no quadrant image in %s", " ".join(args.images))
         return EXIT_BAD_INPUT
-    status, summaries = build_references(groups, args.refcat, args.out, args.cfg, config)
+    refcat = args.refcat or args.cfg.paths.resolve("catalogs")
+    out = args.out or args.cfg.paths.resolve("references")
+    status, summaries = build_references(groups, refcat, out, args.cfg, config)
     for summary in summaries:
         _print_summary(summary)
     return status

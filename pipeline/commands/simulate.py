@@ -46,6 +46,12 @@ def register(subparsers, common) -> None:
     p.add_argument("--jobs", type=int, default=1, metavar="N", help="worker processes")
     p.add_argument("--mef", action="store_true",
                    help="also write each exposure as one multi-extension file exposures/<night>/<expid>.fits")
+    p.add_argument("--layout", choices=("native", "ipac"), default="native",
+                   help="quadrant files: the input contract's (native, with a MASK extension), or ZTF's own "
+                        "IPAC products, a ztf_<filefracday>_<field>_<filter>_c<CC>_o_q<Q>_sciimg.fits with its "
+                        "_mskimg.fits per quadrant (IPAC's mask bits)")
+    p.add_argument("--compress", choices=("none", "fz", "gz"), default="none",
+                   help="with --layout ipac: write .fits.fz (lossless tile compression) or .fits.gz")
     p.add_argument("--reference-nights", type=int, default=0, metavar="N",
                    help="also simulate N nights of a season 120 days earlier (airmass <= 1.3) for references")
     p.set_defaults(func=run)
@@ -83,6 +89,10 @@ def run(args) -> int:
     try:
         fields = [_field(text) for text in args.fields] if args.fields else list(DEFAULT_FIELDS)
         nights = _nights(args.start_night, args.nights)
+        if args.compress != "none" and args.layout != "ipac":
+            raise ValueError("--compress applies to --layout ipac only")
+        if args.mef and args.layout == "ipac":
+            raise ValueError("--mef writes the native layout; it cannot be combined with --layout ipac")
         if args.epochs_per_night < 1 or args.jobs < 1:
             raise ValueError("--epochs-per-night and --jobs must be at least 1")
         reference_nights = _nights(_days_before(args.start_night, 120), args.reference_nights, step=3)
@@ -104,5 +114,13 @@ def run(args) -> int:
             if folder.is_dir():
                 write_exposure_mef(sorted(folder.glob("*.fits")), folder.parent / f"{folder.name}.fits")
         print("multi-extension exposures: exposures/<night>/<expid>.fits")
+    if args.layout == "ipac":
+        from pipeline.formats.exposure import write_exposure_ipac
+        for folder in sorted(Path(args.out, "exposures").glob("*/*")):
+            if folder.is_dir():
+                write_exposure_ipac(sorted(folder.glob("*.fits")), folder, args.compress, remove=True)
+        print("IPAC layout: exposures/<night>/<expid>/ztf_<filefracday>_<field>_<filter>_c<CC>_o_q<Q>_sciimg.fits"
+              + {"none": "", "fz": ".fz", "gz": ".gz"}[args.compress] + " and _mskimg (truth files keep the "
+              "native names)")
     print(f"written under {args.out}: exposures/, gaia/gaia_catalog.fits, truth/, simulation.json")
     return 0

@@ -211,7 +211,9 @@ def read_quadrant(path: str | os.PathLike, hdu: int | str | None = None) -> Quad
     hdu : int or str, optional
         The image HDU; default: the primary HDU if it has data, else the first image
         extension that is not ``MASK``.  Its mask is the extension ``<EXTNAME>_MASK`` when
-        the file has one (a multi-extension exposure), else ``MASK``.
+        the file has one (a multi-extension exposure), else ``MASK``.  A file named as
+        IPAC names a science image (``ztf_..._sciimg.fits``, also ``.fz``/``.gz``) is read
+        with its ``mskimg`` sibling by :func:`pipeline.core.ipac.read_ipac_quadrant`.
 
     Raises
     ------
@@ -220,6 +222,11 @@ def read_quadrant(path: str | os.PathLike, hdu: int | str | None = None) -> Quad
         a mask of the wrong shape, or an image that is entirely NaN.
     """
     source = str(path)
+    if hdu is None:
+        # ZTF's own products (IPAC's sciimg with its separate mskimg) are recognised by name.
+        from pipeline.core import ipac
+        if ipac.is_sciimg(path):
+            return ipac.read_ipac_quadrant(path)
     try:
         with fits.open(path, memmap=False) as hdul:
             hdul.verify("silentfix")

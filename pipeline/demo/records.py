@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 from collections import Counter
 from pathlib import Path
 
@@ -207,10 +208,12 @@ def _most_variable(paths: list[Path]) -> tuple[float, float] | None:
     return best
 
 
-def pick_variable_lightcurve(root: Path, matchfiles: list[Path], variables: Table | None) -> dict | None:
+def pick_variable_lightcurve(root: Path, matchfiles: list[Path], variables: Table | None,
+                             config: Path | None = None) -> dict | None:
     """A light curve worth looking at: the simulated variable star (``variables``: id, ra,
     dec) with the most unflagged epochs, the largest magnitude range breaking ties; without
-    truth, the most variable object with the most epochs."""
+    truth, the most variable object with the most epochs.  Its ``command`` names the
+    configuration file ``config`` when given (the matchfile root otherwise)."""
     candidates = [] if variables is None else list(zip(variables["ra"], variables["dec"]))
     if not candidates:
         position = _most_variable(matchfiles)
@@ -233,10 +236,11 @@ def pick_variable_lightcurve(root: Path, matchfiles: list[Path], variables: Tabl
             "filters": sorted(set(str(f) for f in best["filtercode"])), "epochs": len(best),
             "mag_min": round(float(np.min(best["mag"])), 3), "mag_max": round(float(np.max(best["mag"])), 3),
             "simulated_variable": variables is not None and len(variables) > 0,
-            "command": f"skydiff lightcurve {ra:.6f} {dec:.6f} --root {root}"}
+            "command": shlex.join(["skydiff", "lightcurve", f"{ra:.6f}", f"{dec:.6f}",
+                                   *(["--config", str(config)] if config is not None else ["--root", str(root)])])}
 
 
-def matchfiles_summary(survey: SimulatedSurvey, subtractions: list[dict]) -> dict:
+def matchfiles_summary(survey: SimulatedSurvey, subtractions: list[dict], config: Path | None = None) -> dict:
     """The matchfiles the runner seeded and filled, with a light curve to look at.
 
     Returns ``root``, ``matchfiles`` (path, epochs, photometry and unmatched rows of each,
@@ -267,7 +271,7 @@ def matchfiles_summary(survey: SimulatedSurvey, subtractions: list[dict]) -> dic
     variables = _variable_stars([survey.truth_path(r["science"]) for r in subtractions if r.get("science")])
     return {"root": str(root), "matchfiles": files, "epochs_appended": len(append_s), "failed": failed,
             "append_s": round(float(np.mean(append_s)), 3) if append_s else 0.0,
-            "lightcurve": pick_variable_lightcurve(root, paths, variables) if paths else None}
+            "lightcurve": pick_variable_lightcurve(root, paths, variables, config) if paths else None}
 
 
 def stage_seconds(survey: SimulatedSurvey) -> dict[str, float]:

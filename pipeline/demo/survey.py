@@ -6,9 +6,11 @@ takes it through the pipeline as the survey would, every quadrant through
 :func:`pipeline.run.exposure.run_exposure` (astrometry, subtraction, alerts, matchfile
 epoch, with a status record per quadrant):
 
-1. writes its configuration, every data root inside the work directory, to
-   ``<workdir>/skydiff.toml``: ``skydiff quadrant/exposure --config <workdir>/skydiff.toml``
-   work on the demo's data afterwards;
+1. makes the work directory a workspace (:mod:`pipeline.core.workspace`, as ``skydiff init``
+   does: every data root under it) and writes its configuration to
+   ``<workdir>/skydiff.toml``: the summary's "next commands" (``skydiff quadrant``,
+   ``exposure``, ``lightcurve``, ... with ``--config`` and absolute paths) run on the demo's
+   data afterwards, from any working directory;
 2. simulates the survey (``<workdir>/sim``) and prefetches its Gaia catalogue into the tile
    store (``catalogs/``) and its PS1-like catalogue into ``catalogs-ps1/``;
 3. fits a focal-plane distortion prior from simulated low-airmass exposures and puts it
@@ -32,21 +34,24 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.core.config import Config, PathsConfig, config_to_toml
+from pipeline.core.config import Config, config_to_toml
+from pipeline.core.workspace import CONFIG_FILE, workspace_config
 from pipeline.demo import records
 from pipeline.simulate.plan import DEFAULT_FIELDS
 from pipeline.simulate.survey import build_season_references, simulate_survey, solve_reference_season
 
 log = logging.getLogger("skydiff.demo")
 
-__all__ = ["DemoOptions", "DemoSummary", "demo_config", "run_demo", "format_summary"]
+__all__ = ["DemoOptions", "DemoSummary", "demo_config", "run_demo", "format_summary", "next_commands",
+           "NEXT_COMMANDS"]
 
-#: The configuration the demo writes into its work directory.
-CONFIG_FILE = "skydiff.toml"
+#: The summary's heading of the commands it proposes, one per following line (indented).
+NEXT_COMMANDS = "next commands (run as printed, from any directory):"
 
 
 @dataclass(frozen=True)
@@ -77,12 +82,31 @@ class DemoSummary:
     alerts: dict = field(default_factory=dict)
     matchfiles: dict = field(default_factory=dict)
     products: dict[str, str] = field(default_factory=dict)
+    next_commands: list[str] = field(default_factory=list)
 
 
 def demo_config(cfg: Config, workdir: str | Path) -> Config:
     """``cfg`` with every data root (catalogues, prior, references, outputs, matchfiles,
-    spool, alert history) inside ``workdir``."""
-    return cfg.replace(paths=PathsConfig(root=str(Path(workdir).resolve())))
+    spool, alert history) inside ``workdir``: the workspace ``skydiff init workdir`` makes."""
+    return workspace_config(cfg, workdir)
+
+
+def next_commands(config: Path, exposure: Path, rcid: int, subtraction: Path | None,
+                  lightcurve: dict | None) -> list[str]:
+    """The commands the demo's summary proposes on its data, each with ``--config`` and
+    absolute paths (so they run as printed from any working directory): the exposure's
+    summary, one quadrant rerun, the exposure through the local executor (its quadrants are
+    finished: it reports them), the quadrant's candidates, the light curve to look at."""
+    config, exposure = str(config), str(exposure)
+    commands = [["skydiff", "exposure-summary", "--config", config, exposure],
+                ["skydiff", "quadrant", "--config", config, exposure, "--quadrant", str(rcid), "--force"],
+                ["skydiff", "exposure", "--config", config, exposure]]
+    if subtraction is not None:
+        commands.append(["skydiff", "candidates", "list", "--config", config, str(subtraction), "--rb-min", "0.5"])
+    lines = [shlex.join(c) for c in commands]
+    if lightcurve:
+        lines.append(lightcurve["command"])
+    return lines
 
 
 def _preload_stage_modules() -> None:
@@ -153,7 +177,7 @@ def run_demo(cfg: Config, workdir: str | Path, options: DemoOptions = DemoOption
     summary.astrometry = records.astrometry_records(survey)
     summary.subtractions = records.subtraction_records(survey)
     summary.alerts = records.alerts_summary(cfg, summary.subtractions)
-    summary.matchfiles = records.matchfiles_summary(survey, summary.subtractions)
+    summary.matchfiles = records.matchfiles_summary(survey, summary.subtractions, config_path)
     summary.runner_stages = records.stage_seconds(survey)
     for name in ("astrometry", "references", "subtractions", "alerts", "matchfiles"):
         (qa / f"{name}.json").write_text(json.dumps(getattr(summary, name), indent=1))
@@ -163,6 +187,12 @@ def run_demo(cfg: Config, workdir: str | Path, options: DemoOptions = DemoOption
         "scale vs airmass plot": str(records.plot_scale_vs_airmass(cfg, summary.astrometry,
                                                                    qa / "scale_vs_airmass.png")),
         "QA records": str(qa), "alert spool": summary.alerts["spool"], "matchfiles": summary.matchfiles["root"]})
+    last = survey.science_expids[-1]
+    rcid = options.quadrants[0]
+    done = next((Path(r["outdir"]) for r in summary.subtractions
+                 if r["subtracted"] and r["expid"] == last and r["rcid"] == rcid), None)
+    summary.next_commands = next_commands(config_path, survey.exposures[last], rcid, done,
+                                          summary.matchfiles.get("lightcurve"))
     lap("summary")
     return summary
 
@@ -241,7 +271,8 @@ def format_summary(summary: DemoSummary) -> str:
     lines = [
         "skydiff demo summary",
         f"  work directory      {summary.workdir}",
-        f"  configuration       {summary.config} (skydiff quadrant/exposure --config {summary.config} ...)",
+        f"  configuration       {summary.config} (a workspace, as skydiff init makes: "
+        f"skydiff COMMAND --config {shlex.quote(str(summary.config))} ...)",
         f"  simulated           {sim['n_exposures']} exposures x {len(sim['quadrants'])} quadrants = "
         f"{sim['n_quadrant_images']} images; {sim['n_stars']} stars, {sim['n_galaxies']} galaxies, "
         f"{sim['n_transients']} transients in the field",
@@ -265,4 +296,7 @@ def format_summary(summary: DemoSummary) -> str:
     lines.append("  stage timings (s)   " + ", ".join(f"{k} {v:.1f}" for k, v in summary.stages.items()))
     lines.append("  runner stages (s, summed over quadrants)  "
                  + ", ".join(f"{k} {v:.1f}" for k, v in summary.runner_stages.items()))
+    if summary.next_commands:
+        lines.append(f"  {NEXT_COMMANDS}")
+        lines += [f"    {command}" for command in summary.next_commands]
     return "\n".join(lines)

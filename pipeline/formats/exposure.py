@@ -3,7 +3,8 @@
 A multi-extension exposure has an empty primary HDU carrying the exposure's keywords and,
 per quadrant, an image extension ``Qnn`` (nn = rcid, 00-63) with the quadrant's own header
 (the input contract) and a mask extension ``Qnn_MASK``.  A folder exposure holds one
-quadrant file per rcid (what ``skydiff simulate`` writes); either form is accepted by
+quadrant file per rcid (what ``skydiff simulate`` writes), or IPAC's ``sciimg``/``mskimg``
+pairs (:mod:`pipeline.core.ipac`, ``skydiff simulate --layout ipac``); each form is accepted by
 ``skydiff quadrant``, ``skydiff exposure`` and ``skydiff submit``.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pipeline.core.exits import BadInputError
 from pipeline.core.image import read_quadrant
 from pipeline.formats.atomic import write_fits_atomic
 
-__all__ = ["write_exposure_mef", "exposure_rcids", "EXPOSURE_KEYWORDS", "ExposureInputError"]
+__all__ = ["write_exposure_mef", "write_exposure_ipac", "exposure_rcids", "EXPOSURE_KEYWORDS", "ExposureInputError"]
 
 log = logging.getLogger("skydiff.exposure")
 
@@ -53,12 +54,33 @@ def write_exposure_mef(quadrant_files: Iterable[str | os.PathLike], path: str | 
     return write_fits_atomic(fits.HDUList(hdus), path)
 
 
+def write_exposure_ipac(quadrant_files: Iterable[str | os.PathLike], folder: str | os.PathLike,
+                        compression: str = "none", remove: bool = False) -> list[Path]:
+    """Write quadrant files of the contract as IPAC's ``sciimg``/``mskimg`` pairs in ``folder``
+    (:func:`pipeline.core.ipac.write_ipac_quadrant`); with ``remove`` each quadrant file is
+    deleted once its pair is written (a folder exposure then holds one layout).  Returns the
+    science images written."""
+    from pipeline.core.ipac import write_ipac_quadrant
+
+    written = []
+    for path in sorted(Path(p) for p in quadrant_files):
+        science, _ = write_ipac_quadrant(read_quadrant(path), folder, compression)
+        written.append(science)
+        if remove and path.resolve() != science.resolve():
+            path.unlink()
+    return written
+
+
 def exposure_rcids(exposure: str | os.PathLike) -> list[int]:
     """The rcids an exposure (MEF file or folder) holds."""
     exposure = Path(exposure)
     rcids = set()
     if exposure.is_dir():
+        from pipeline.core.ipac import sciimg_files, sciimg_rcid
+        rcids.update(sciimg_rcid(path) for path in sciimg_files(exposure))
         for path in exposure.glob("*.fits"):
+            if path.name.endswith(("_sciimg.fits", "_mskimg.fits")):
+                continue       # IPAC's layout: named above by the science images, masks aside
             try:
                 header = fits.getheader(path, 0)
                 if "RCID" not in header:

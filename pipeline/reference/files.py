@@ -255,8 +255,9 @@ def collect_images(paths) -> list[Path]:
     for name in paths:
         path = Path(name)
         if path.is_dir():
+            # IPAC's masks (``*_mskimg.fits``) are read with their science images, not as images.
             files.extend(sorted(p for p in path.iterdir()
-                                if p.is_file() and p.name.endswith(_IMAGE_SUFFIXES)))
+                                if p.is_file() and p.name.endswith(_IMAGE_SUFFIXES) and "_mskimg.fits" not in p.name))
         elif path.exists():
             files.append(path)
         else:

@@ -82,8 +82,15 @@ def locate_quadrant(exposure: str | os.PathLike, rcid: int) -> tuple[Path, int |
     """(file, HDU) of quadrant ``rcid`` in an exposure (MEF file or directory)."""
     exposure = Path(exposure)
     if exposure.is_dir():
+        from pipeline.core.ipac import sciimg_files, sciimg_rcid
+        # IPAC's layout: the rcid is in the science image's name; its mskimg is no quadrant.
+        for path in sciimg_files(exposure):
+            if sciimg_rcid(path) == rcid:
+                return path, None
         unreadable = []
         for path in sorted(exposure.glob("*.fits")):
+            if path.name.endswith(("_sciimg.fits", "_mskimg.fits")):
+                continue
             try:
                 header = fits.getheader(path, 0)
                 if "RCID" not in header:
@@ -195,7 +202,9 @@ def run_quadrant(exposure: str | os.PathLike, rcid: int, cfg: Config, force: boo
         _write_status(folder, record)
         t0 = clock()
         # A quadrant of a multi-extension exposure is named as a single-quadrant file would be.
-        name = path.name if hdu is None else f"ztf_{meta.expid}_c{meta.ccdid:02d}_q{meta.qid}.fits"
+        # The solved image is written uncompressed, so a compressed input's name loses .fz/.gz.
+        name = path.name.removesuffix(".fz").removesuffix(".gz") if hdu is None \
+            else f"ztf_{meta.expid}_c{meta.ccdid:02d}_q{meta.qid}.fits"
         astrometry = solve_quadrant(image, name, cfg.paths.resolve("catalogs"), _prior_path(cfg),
                                     folder / "astrometry", cfg)
         timings["astrometry"] = round(clock() - t0, 3)

@@ -88,3 +88,23 @@ def test_readme_describes_the_shipped_real_bogus_model():
     assert (f"trained with scikit-learn on {training['images']} simulated pairs "
             f"({words[len(training['plan']['quadrants'])]} quadrants") in " ".join(README.split())
     assert "logistic regression" not in README.lower()
+
+
+def test_survey_walk_is_real_commands():
+    """Every command of the README's walk from a survey's images to nightly running parses with
+    the command-line parser (its options and arguments exist), and the walk covers the steps."""
+    import shlex
+    section = README.split("\n## From a survey's own images to nightly running\n", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    parser = build_parser()
+    seen = []
+    for line in block.splitlines():
+        words = shlex.split(line, comments=True)
+        if not words or words[0] != "skydiff":
+            continue
+        args = parser.parse_args(words[1:])      # argparse exits (a failed test) on a bad line
+        seen.append(" ".join(words[1:3]) if hasattr(args, f"{words[1]}_command") or words[1] in
+                    ("catalogs", "solarsystem", "priors", "reference", "matchfile", "alerts") else words[1])
+    for step in ("init", "catalogs prefetch", "solarsystem ingest", "exposure", "priors build", "reference build",
+                 "matchfile seed", "solarsystem prepare", "watch", "submit", "lightcurve"):
+        assert step in seen, step

@@ -6,6 +6,7 @@ spool), the matchfile, and the configuration it writes for the runner's commands
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 from astropy.table import Table
@@ -15,10 +16,10 @@ from alerts.schema import read_alert_file, validate_alert
 
 from pipeline.cli import main
 from pipeline.core.config import load_config
-from pipeline.demo.survey import DemoOptions, format_summary, run_demo
+from pipeline.demo.survey import NEXT_COMMANDS, DemoOptions, format_summary, run_demo
 
 
-def test_demo_runs_the_survey_through_the_quadrant_runner(tmp_path, capsys):
+def test_demo_runs_the_survey_through_the_quadrant_runner(tmp_path, tmp_path_factory, monkeypatch, capsys):
     workdir = tmp_path.resolve()
     options = DemoOptions(nights=("2026-03-15",), filters=("ZTF_r",), epochs_per_night=2, quadrants=(21,),
                           reference_nights=("2025-11-18", "2025-11-21"), jobs=2)
@@ -81,3 +82,21 @@ def test_demo_runs_the_survey_through_the_quadrant_runner(tmp_path, capsys):
     assert main(["quadrant", "--config", str(summary.config), str(exposure), "--quadrant", "21"]) == 0
     status = json.loads((workdir / "outputs" / str(expid) / "21" / "status.json").read_text())
     assert status["state"] == "finished" and status["attempt"] == 1      # finished: left alone
+
+    # The summary's next commands run as printed (parsed from the printed text), from another
+    # working directory: the quadrant rerun, the exposure, the candidates, the light curve.
+    printed = text.split(NEXT_COMMANDS, 1)[1].splitlines()[1:]
+    commands = [shlex.split(line) for line in printed if line.startswith("    skydiff ")]
+    assert [c[1] for c in commands] == ["exposure-summary", "quadrant", "exposure", "candidates", "lightcurve"]
+    monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))
+    for command in commands:
+        capsys.readouterr()
+        assert main(command[1:]) == 0, command
+        out = capsys.readouterr().out
+        if command[1] == "lightcurve":
+            assert str(matchfiles["lightcurve"]["oid"]) in out
+        if command[1] == "candidates":
+            assert out.count("\n") >= 2
+    later = summary.subtractions[-1]["expid"]
+    status = json.loads((workdir / "outputs" / str(later) / "21" / "status.json").read_text())
+    assert status["state"] == "finished" and status["attempt"] == 2      # the forced rerun ran

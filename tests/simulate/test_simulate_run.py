@@ -130,3 +130,28 @@ def test_simulate_command_runs_and_summarises(cfg, tmp_path, capsys):
     bad = parser.parse_args(["simulate", "--out", str(tmp_path), "--fields", "12345"])
     bad.cfg = cfg
     assert bad.func(bad) == 2
+
+
+def test_simulate_command_writes_the_ipac_layout(cfg, tmp_path, capsys):
+    """``--layout ipac``: one sciimg/mskimg pair per quadrant, read back as the quadrant."""
+    from pipeline.core.image import read_quadrant
+    from pipeline.formats.exposure import exposure_rcids
+
+    parser = argparse.ArgumentParser()
+    common = argparse.ArgumentParser(add_help=False)
+    simulate_command.register(parser.add_subparsers(dest="command"), common)
+    args = parser.parse_args(["simulate", "--out", str(tmp_path), "--fields", "600:150:33", "--filters", "r",
+                              "--epochs-per-night", "1", "--quadrants", "5", "--seed", "7", "--layout", "ipac",
+                              "--compress", "fz"])
+    args.cfg = cfg
+    assert args.func(args) == 0
+    (folder,) = [p for p in (tmp_path / "exposures").glob("*/*") if p.is_dir()]
+    names = sorted(p.name for p in folder.iterdir())
+    assert len(names) == 2 and names[0].endswith("_zr_c02_o_q2_mskimg.fits.fz") and names[1].endswith("_sciimg.fits.fz")
+    assert exposure_rcids(folder) == [5]
+    image = read_quadrant(folder / names[1])
+    assert image.meta.rcid == 5 and image.meta.filter == "ZTF_r" and image.mask.any()
+    for bad in (["--compress", "gz"], ["--layout", "ipac", "--mef"]):
+        args = parser.parse_args(["simulate", "--out", str(tmp_path / "x"), "--quadrants", "5", *bad])
+        args.cfg = cfg
+        assert args.func(args) == 2
