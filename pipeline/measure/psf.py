@@ -46,7 +46,8 @@ from scipy.spatial import cKDTree
 
 from pipeline.core.config import PSFConfig
 
-__all__ = ["PSFConfig", "PSFModel", "PSFError", "build_psf", "select_psf_stars", "fwhm_of_stamp", "pixel_values"]
+__all__ = ["PSFConfig", "PSFModel", "PSFError", "build_psf", "select_psf_stars", "fwhm_of_stamp", "pixel_values",
+           "fourier_shift", "phase_centres", "nearest_phase"]
 
 _SHIFT_MARGIN = 6
 
@@ -245,6 +246,26 @@ def fourier_shift(stamps: np.ndarray, dx, dy, derivatives: bool = False):
     d_dx = scipy.fft.irfft2(spectrum * (-2j * np.pi * kx), s=(size, size), workers=1)
     d_dy = scipy.fft.irfft2(spectrum * (-2j * np.pi * ky), s=(size, size), workers=1)
     return shifted, d_dx, d_dy
+
+
+def phase_centres(n: int) -> np.ndarray:
+    """The ``n`` sub-pixel phases (px) at which a phase-sampled PSF is tabulated: the
+    centres of ``n`` equal bins of [-0.5, 0.5] (0 alone for ``n = 1``)."""
+    return (np.arange(n) + 0.5) / n - 0.5
+
+
+def nearest_phase(d, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Index of the tabulated phase (:func:`phase_centres`) nearest to each offset ``d``
+    (px, within [-0.5, 0.5]) and the remainder ``d - phase`` (at most ``0.5 / n``).
+
+    A pixel-sampled PSF near Nyquist sampling is not band-limited: a Fourier shift of the
+    centred stamp by a large fraction of a pixel aliases (a FWHM of 2 px loses 0.2-0.4 %
+    of the fitted flux at half a pixel, 1.6 px over 1 %), whereas the shift by the
+    remainder from the nearest tabulated phase loses little.
+    """
+    d = np.asarray(d, dtype=np.float64)
+    index = np.clip(np.floor((d + 0.5) * n), 0, n - 1).astype(np.int64)
+    return index, d - phase_centres(n)[index]
 
 
 def _moffat_values(moffat, dx, dy):
