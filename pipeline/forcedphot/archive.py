@@ -16,7 +16,9 @@ Layout under the archive root (``paths.fparchive``), format version :data:`ARCHI
     ``DIFF`` ZOGY's D (unit background variance; pixels flagged near bad ones set to NaN)
     with the science WCS, ``FLUXUNC`` ZOGY's ``alpha_std`` (1-sigma flux of a point source
     at each pixel, common system, background + source + registration noise), ``PSFD`` the
-    tiles' P_D stacked (ntiles, S, S), ``TILES`` (y0, y1, x0, x1, f_d, f_s, fwhm per tile).
+    tiles' P_D tabulated at n x n sub-pixel phases (ntiles, n, n, S, S; ``ZogyTile.psf_d_phased``;
+    format version 1 stored the centred P_D only, (ntiles, S, S), read as n = 1),
+    ``TILES`` (y0, y1, x0, x1, f_d, f_s, fwhm per tile).
 ``refcat/<refid>.fits``
     The reference's PSF-fit catalogue (ra, dec, mag, magerr, chi, sharp), for the nearest
     reference source of every forced measurement, written once per reference.
@@ -49,7 +51,7 @@ __all__ = ["ARCHIVE_VERSION", "INDEX_NAME", "ArchiveError", "ArchivedEpoch", "Di
 
 log = logging.getLogger("skydiff.fparchive")
 
-ARCHIVE_VERSION = 1
+ARCHIVE_VERSION = 2
 INDEX_NAME = "index.sqlite"
 _REFCAT_COLUMNS = ("ra", "dec", "mag", "magerr", "chi", "sharp")
 _SCHEMA = """
@@ -189,11 +191,14 @@ def archive_subtraction(root: str | os.PathLike, science_header: fits.Header, wc
     for key in ("expid", "rcid", "field", "fid", "refid", "jd"):
         primary.header[key.upper()] = fields[key]
     size = max(t.psf_d.shape[0] for t in zogy.tiles)
-    psf_cube = np.zeros((len(zogy.tiles), size, size), dtype=np.float32)
+    phases = max(t.phased.shape[0] for t in zogy.tiles)
+    psf_cube = np.zeros((len(zogy.tiles), phases, phases, size, size), dtype=np.float32)
     for k, tile in enumerate(zogy.tiles):
         s = tile.psf_d.shape[0]
         o = (size - s) // 2
-        psf_cube[k, o:o + s, o:o + s] = tile.psf_d
+        if tile.phased.shape[0] != phases:
+            raise ArchiveError(f"tiles of exposure {fields['expid']} have P_D at different numbers of phases")
+        psf_cube[k, :, :, o:o + s, o:o + s] = tile.phased
     tiles = Table({"y0": [t.y0 for t in zogy.tiles], "y1": [t.y1 for t in zogy.tiles],
                    "x0": [t.x0 for t in zogy.tiles], "x1": [t.x1 for t in zogy.tiles],
                    "f_d": [float(t.f_d) for t in zogy.tiles], "f_s": [float(t.f_s) for t in zogy.tiles],
@@ -306,7 +311,7 @@ class EpochArrays:
 
     diff: np.ndarray
     fluxunc: np.ndarray
-    psf: np.ndarray
+    psf: np.ndarray         # P_D per tile and sub-pixel phase, (ntiles, n, n, S, S)
     tiles: dict
 
     @classmethod
@@ -317,10 +322,12 @@ class EpochArrays:
         try:
             diff = np.memmap(epoch.path, dtype=">f4", mode="r", offset=offsets["DIFF"], shape=shape)
             fluxunc = np.memmap(epoch.path, dtype=">f4", mode="r", offset=offsets["FLUXUNC"], shape=shape)
-            psf = np.array(np.memmap(epoch.path, dtype=">f4", mode="r", offset=offsets["PSFD"],
-                                     shape=tuple(layout["psf_shape"])), dtype=np.float64)
+            psf = np.memmap(epoch.path, dtype=">f4", mode="r", offset=offsets["PSFD"],
+                            shape=tuple(layout["psf_shape"]))
         except (OSError, ValueError) as exc:
             raise ArchiveError(f"{epoch.path}: archived difference image unreadable ({exc})") from None
+        if psf.ndim == 3:           # format version 1: the centred P_D only
+            psf = psf[:, None, None]
         tiles = {k: np.asarray(v) for k, v in layout["tiles"].items()}
         return cls(diff, fluxunc, psf, tiles)
 

@@ -28,6 +28,7 @@ from astropy.table import Table
 from pipeline.core.config import ForcedPhotConfig
 from pipeline.forcedphot.archive import DifferenceArchive, _unit
 from pipeline.forcedphot.measure import FIT_STATUS, fit_half_size, forced_psf_fit
+from pipeline.measure.psf import nearest_phase
 
 __all__ = ["PROCSTATUS", "MISSING", "FORCED_COLUMNS", "forced_photometry", "fp_hist_records",
            "plot_forced_lightcurve"]
@@ -125,8 +126,13 @@ def _measure_epoch(archive: DifferenceArchive, epoch, index: np.ndarray, ra: np.
     stamps, inside = arrays.stamps(arrays.diff, col, row, half)
     meta = epoch.meta
     diff_rms = meta.get("diff_rms") or 1.0
-    fit = forced_psf_fit(stamps, inside, arrays.psf[tile], tiles["f_d"][tile], tiles["f_s"][tile],
-                         x - col, y - row, diff_rms, np.asarray(arrays.fluxunc[row, col], dtype=np.float64))
+    # P_D at the tabulated sub-pixel phase nearest to each position (read from the memory
+    # map at that phase only), shifted by the remainder in the fit.
+    phases = arrays.psf.shape[1]
+    ix, dx = nearest_phase(x - col, phases)
+    iy, dy = nearest_phase(y - row, phases)
+    fit = forced_psf_fit(stamps, inside, arrays.psf[tile, iy, ix], tiles["f_d"][tile], tiles["f_s"][tile],
+                         dx, dy, diff_rms, np.asarray(arrays.fluxunc[row, col], dtype=np.float64))
     scale = 10 ** (0.4 * (meta["magzpsci"] - meta["magzpref"]))
     flux, unc = fit["flux"] * scale, fit["fluxerr"] * scale
     measured = np.isfinite(flux) & np.isfinite(unc) & (unc > 0)

@@ -2,9 +2,12 @@ r"""Forced PSF photometry on a ZOGY proper difference image (pure).
 
 ZOGY's D has white noise of unit variance and the PSF P_D (one per subtraction tile, unit
 sum); a point source of flux f in the common photometric system adds ``f F_D P_D`` to it.
-The optimal flux at a fixed position is therefore the amplitude of P_D, Fourier-shifted to
-the sub-pixel position, fitted to D and divided by F_D (ZOGY eqs. 41-42, the same estimator
-as the candidates' ``flux``):
+The optimal flux at a fixed position is therefore the amplitude of P_D at the sub-pixel
+position, fitted to D and divided by F_D (ZOGY eqs. 41-42, the same estimator as the
+candidates' ``flux``).  P_D at the position is the tile's P_D tabulated at the nearest
+sub-pixel phase (made from the science PSF evaluated at that phase), Fourier-shifted by
+the remainder (at most 0.1 px): shifting the centred P_D by up to half a pixel instead
+aliases a near-Nyquist-sampled PSF and fitted bright fluxes 0.2-0.5 % low.
 
 .. math:: \hat f = \frac{\sum_i P_i D_i}{F_D \sum_i P_i^2},\qquad
           \sigma_{\rm bkg}^2 = \frac{s_D^2}{F_D^2 \sum_i P_i^2}
@@ -24,7 +27,7 @@ import math
 
 import numpy as np
 
-from pipeline.measure.psf import fourier_shift
+from pipeline.measure.psf import fourier_shift, nearest_phase
 
 __all__ = ["FIT_STATUS", "fit_half_size", "forced_psf_fit"]
 
@@ -53,8 +56,10 @@ def forced_psf_fit(stamps: np.ndarray, inside: np.ndarray, psf_d: np.ndarray, f_
         D around each position, centred on the pixel nearest to it (NaN: unusable pixel).
     inside : (N, S, S) bool ndarray
         Whether each stamp pixel lies on the image.
-    psf_d : (N, P, P) ndarray
-        P_D of each position's tile (P >= S, odd, centred).
+    psf_d : (N, n, n, P, P) or (N, P, P) ndarray
+        P_D of each position's tile tabulated at the sub-pixel phases of
+        :func:`pipeline.measure.psf.phase_centres` (``ZogyTile.psf_d_phased``), or centred
+        only (P >= S, odd); a memory map is read only at the phases used.
     f_d, f_s : (N,) array_like
         The tiles' flux scalings of D and of S.
     dx, dy : (N,) array_like
@@ -76,6 +81,12 @@ def forced_psf_fit(stamps: np.ndarray, inside: np.ndarray, psf_d: np.ndarray, f_
         empty = np.zeros(0)
         return {"flux": empty, "fluxerr": empty, "chi2": empty, "npix": np.zeros(0, int), "status": status}
     c, h = psf_d.shape[-1] // 2, size // 2
+    dx = np.asarray(dx, dtype=np.float64)
+    dy = np.asarray(dy, dtype=np.float64)
+    if psf_d.ndim == 5:
+        ix, dx = nearest_phase(dx, psf_d.shape[2])
+        iy, dy = nearest_phase(dy, psf_d.shape[1])
+        psf_d = psf_d[np.arange(n), iy, ix]
     # The shift is done on P_D cropped to the fit box plus a margin (the transform's cost
     # goes with the stamp's area: 3x less for the usual box); the margin keeps the crop's
     # wrap-around, where P_D is ~1e-3 of its peak, away from the fitted pixels.

@@ -396,6 +396,12 @@ def subtract_images(data: np.ndarray, mask: np.ndarray, header, wcs, reference, 
     def psf_new_at(x: float, y: float) -> np.ndarray:
         return psf_new.stamp(float(round(x)) + 1.0, float(round(y)) + 1.0).astype(np.float32)
 
+    def psf_new_phased_at(x: float, y: float, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
+        # The model's analytic part is exact at any phase; only its small residual table
+        # is Fourier-shifted (pipeline.measure.psf.PSFModel.evaluate).
+        n = len(dx)
+        return psf_new.evaluate(np.full(n, float(round(x)) + 1.0), np.full(n, float(round(y)) + 1.0), dx, dy)
+
     def psf_ref_at(x: float, y: float) -> np.ndarray:
         return registered_psf_stamp(reference.psf, registered, x, y, order)
 
@@ -415,7 +421,8 @@ def subtract_images(data: np.ndarray, mask: np.ndarray, header, wcs, reference, 
         result = zogy_subtract_tiled(new, ref, psf_new_at, psf_ref_at, science.extraction.rms_map,
                                      sigma_ref, 10 ** (0.4 * (zp_new - zp_ref)), 1.0,
                                      astrometric_sigma=ast, mask=bad, gain_new=gain,
-                                     gain_ref=float(reference.gain), config=zogy_config)
+                                     gain_ref=float(reference.gain), config=zogy_config,
+                                     psf_new_phased_at=psf_new_phased_at)
     except ZogyInputError as exc:
         raise SubtractionError(f"ZOGY: {exc}") from None
     timings["zogy"] = clock() - t3

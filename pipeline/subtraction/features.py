@@ -15,8 +15,8 @@ from astropy.table import Table
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from pipeline.measure.psf import fourier_shift, fwhm_of_stamp
-from pipeline.subtraction.zogy import ZogyResult
+from pipeline.measure.psf import fwhm_of_stamp
+from pipeline.subtraction.zogy import ZogyResult, phased_psf_d
 
 _FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 _REFERENCE_COLUMNS = ("ra", "dec", "mag", "magerr", "sharp", "chi")
@@ -68,6 +68,7 @@ class _TileOptics:
     f_s: float
     sigma: float              # Gaussian-equivalent sigma of P_D (FWHM / 2.3548)
     encircled: float          # P_D's light within the aperture radius
+    phased: np.ndarray        # P_D at the tabulated sub-pixel phases (n, n, S, S)
 
 
 def _tile_optics(zogy: ZogyResult, radius: float, used) -> list[_TileOptics | None]:
@@ -83,7 +84,7 @@ def _tile_optics(zogy: ZogyResult, radius: float, used) -> list[_TileOptics | No
                                  "measurable FWHM (stamp too small?)")
         encircled, _, _ = sep.sum_circle(psf, [float(c)], [float(c)], radius, subpix=0)
         optics[k] = _TileOptics(psf, tile.f_d, tile.f_s, fwhm / _FWHM_PER_SIGMA,
-                                float(encircled[0]) / float(psf.sum()))
+                                float(encircled[0]) / float(psf.sum()), np.asarray(tile.phased, dtype=np.float64))
     return optics
 
 
@@ -163,18 +164,19 @@ def _shape(d_stamps, usable, x, y, row, col, sigma_w):
 
 
 def _psf_fit(d_stamps, usable, x, y, row, col, optics, tile):
-    """PSF-fit flux (common system), chipsf and sharpnessdiff from fits of the shifted P_D
-    (and its Laplacian) to D."""
+    """PSF-fit flux (common system), chipsf and sharpnessdiff from fits of P_D at the
+    sub-pixel position (the nearest tabulated phase, shifted by the remainder) and its
+    Laplacian to D."""
     n, size = len(x), d_stamps.shape[-1]
     half = size // 2
     chi2, sharp, flux = np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan)
     laplace = np.array([[[0, 1, 0], [1, -4, 1], [0, 1, 0]]], dtype=np.float64)
     for k in np.unique(tile):
         sel = np.flatnonzero(tile == k)
-        psf = optics[k].psf_d
-        c = psf.shape[0] // 2
-        models = fourier_shift(np.broadcast_to(psf, (len(sel), *psf.shape)), x[sel] - col[sel],
-                               y[sel] - row[sel])
+        phased = optics[k].phased
+        c = phased.shape[-1] // 2
+        models = phased_psf_d(np.broadcast_to(phased, (len(sel), *phased.shape)), x[sel] - col[sel],
+                              y[sel] - row[sel])
         h = min(half, c)
         model = models[:, c - h: c + h + 1, c - h: c + h + 1]
         lap = ndimage.correlate(model, laplace, mode="constant")

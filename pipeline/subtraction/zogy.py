@@ -47,10 +47,37 @@ from pipeline.subtraction.zogy_tile import ZogyKernels, subtract_tile, zogy_kern
 
 __all__ = [
     "ZogyConfig", "ZogyTile", "ZogyResult", "zogy_subtract", "zogy_subtract_tiled",
-    "flux_scale_from_zeropoint", "measure_flux", "ZogyInputError",
+    "flux_scale_from_zeropoint", "measure_flux", "ZogyInputError", "phased_psf_d",
 ]
 
 PsfAt = Callable[[float, float], np.ndarray]
+#: ``psf(x, y, dx, dy) -> (m, S, S)``: the PSF of pixel (x, y) centred at sub-pixel offsets
+#: (dx[k], dy[k]) from the stamp's central pixel, on the scale of the centred stamp.
+PsfPhasedAt = Callable[[float, float, np.ndarray, np.ndarray], np.ndarray]
+
+
+def phased_psf_d(phased: np.ndarray, dx, dy) -> np.ndarray:
+    """P_D of point sources at sub-pixel offsets (dx, dy) (each within [-0.5, 0.5]) from
+    the central pixel: the nearest tabulated phase's P_D, Fourier-shifted by the remainder.
+
+    Parameters
+    ----------
+    phased : ndarray, shape (N, n, n, S, S)
+        Each source's tile's ``psf_d_phased`` (a memory map is read only where used).
+    dx, dy : array_like, shape (N,)
+
+    Returns
+    -------
+    ndarray, shape (N, S, S), float64
+    """
+    from pipeline.measure.psf import fourier_shift, nearest_phase
+
+    n = phased.shape[1]
+    ix, rx = nearest_phase(dx, n)
+    iy, ry = nearest_phase(dy, n)
+    rows = np.arange(phased.shape[0])
+    base = np.asarray(phased[rows, iy, ix], dtype=np.float64)
+    return fourier_shift(base, rx, ry)
 
 
 class ZogyInputError(ValueError):
@@ -59,7 +86,13 @@ class ZogyInputError(ValueError):
 
 @dataclass(frozen=True)
 class ZogyTile:
-    """One tile: its inner region ``[y0:y1, x0:x1]`` and its ZOGY normalisations."""
+    """One tile: its inner region ``[y0:y1, x0:x1]`` and its ZOGY normalisations.
+
+    ``psf_d_phased`` (n, n, S, S): P_D at the sub-pixel phases of
+    :func:`pipeline.measure.psf.phase_centres` (``psf_d[None, None]`` without a
+    phase-sampled new-image PSF); a PSF fit at a position takes the nearest phase's and
+    Fourier-shifts it by the remainder (:func:`phased_psf_d`).
+    """
 
     y0: int
     y1: int
@@ -70,6 +103,12 @@ class ZogyTile:
     f_s: float
     sigma_new: float
     sigma_ref: float
+    psf_d_phased: np.ndarray | None = None
+
+    @property
+    def phased(self) -> np.ndarray:
+        """``psf_d_phased``, or the centred P_D as the only phase."""
+        return self.psf_d[None, None] if self.psf_d_phased is None else self.psf_d_phased
 
 
 @dataclass(frozen=True)
@@ -247,7 +286,8 @@ def zogy_subtract_tiled(new: np.ndarray, ref: np.ndarray, psf_new_at: PsfAt,
                         astrometric_sigma: tuple[float, float] = (0.0, 0.0),
                         mask: np.ndarray | None = None, gain_new: float = 1.0,
                         gain_ref: float = 1.0,
-                        config: ZogyConfig = ZogyConfig()) -> ZogyResult:
+                        config: ZogyConfig = ZogyConfig(),
+                        psf_new_phased_at: PsfPhasedAt | None = None) -> ZogyResult:
     """ZOGY subtraction in overlapping tiles, each with the PSFs at its centre.
 
     Parameters
@@ -269,11 +309,18 @@ def zogy_subtract_tiled(new: np.ndarray, ref: np.ndarray, psf_new_at: PsfAt,
     gain_new, gain_ref : float
         Gains (e-/ADU) for the default source variance.
     config : ZogyConfig
+    psf_new_phased_at : callable, optional
+        ``psf(x, y, dx, dy) -> (m, S, S)``: the new image's PSF at pixel (x, y) centred at
+        sub-pixel offsets, unnormalised (on the scale of ``psf_new_at``'s stamp); each
+        tile's P_D is then tabulated at ``config.psf_d_phases`` phases per axis
+        (``ZogyTile.psf_d_phased``).  Without it only the centred P_D exists.
 
     Returns
     -------
     ZogyResult
     """
+    from pipeline.measure.psf import phase_centres
+
     clock = time.perf_counter
     t_start = clock()
     shape = np.shape(new)
@@ -306,12 +353,23 @@ def zogy_subtract_tiled(new: np.ndarray, ref: np.ndarray, psf_new_at: PsfAt,
             wx0, wx1 = max(x0 - margin, 0), min(x1 + margin, shape[1])
             fft_w = sfft.next_fast_len(x1 - x0 + 2 * margin, real=True)
             xc, yc = (x0 + x1 - 1) / 2, (y0 + y1 - 1) / 2
-            psf_n = _check_psf(f"psf_new_at({xc}, {yc})", psf_new_at(xc, yc), config.overlap)
+            raw_n = np.asarray(psf_new_at(xc, yc), dtype=np.float64)
+            psf_n = _check_psf(f"psf_new_at({xc}, {yc})", raw_n, config.overlap)
+            phased_n = None
+            if psf_new_phased_at is not None and config.psf_d_phases > 1:
+                n_ph = config.psf_d_phases
+                gy, gx = np.meshgrid(phase_centres(n_ph), phase_centres(n_ph), indexing="ij")
+                phased_n = np.asarray(psf_new_phased_at(xc, yc, gx.ravel(), gy.ravel()), dtype=np.float64)
+                if phased_n.shape != (n_ph * n_ph, *psf_n.shape) or not np.all(np.isfinite(phased_n)):
+                    raise ZogyInputError(f"psf_new_phased_at({xc}, {yc}): expected finite stamps of shape "
+                                         f"{(n_ph * n_ph, *psf_n.shape)}, got {phased_n.shape}")
+                phased_n = (phased_n / raw_n.sum()).reshape(n_ph, n_ph, *psf_n.shape)
             psf_r = _check_psf(f"psf_ref_at({xc}, {yc})", psf_ref_at(xc, yc), config.overlap)
             widest_stamp = max(widest_stamp, *psf_n.shape, *psf_r.shape)
             s_n = _tile_sigma("sigma_new", sigma_new, y0, y1, x0, x1)
             s_r = _tile_sigma("sigma_ref", sigma_ref, y0, y1, x0, x1)
-            kernels: ZogyKernels = zogy_kernels(psf_n, psf_r, s_n, s_r, fz_new, fz_ref, grid)
+            kernels: ZogyKernels = zogy_kernels(psf_n, psf_r, s_n, s_r, fz_new, fz_ref, grid,
+                                                psf_new_phased=phased_n)
             window = (slice(wy0, wy1), slice(wx0, wx1))
             inner = (slice(y0 - wy0, y1 - wy0), slice(x0 - wx0, x1 - wx0))
             timings["kernels"] = timings.get("kernels", 0.0) + (clock() - t0)
@@ -328,7 +386,7 @@ def zogy_subtract_tiled(new: np.ndarray, ref: np.ndarray, psf_new_at: PsfAt,
             np.multiply(products.score, np.float32(1 / kernels.f_s), out=out["alpha"][target])
             np.multiply(std, np.float32(1 / kernels.f_s), out=out["alpha_std"][target])
             tiles.append(ZogyTile(y0, y1, x0, x1, kernels.psf_d, kernels.f_d, kernels.f_s,
-                                  s_n, s_r))
+                                  s_n, s_r, kernels.psf_d_phased))
             timings["stitch"] = timings.get("stitch", 0.0) + (clock() - t1)
 
     t2 = clock()

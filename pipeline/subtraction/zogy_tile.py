@@ -71,6 +71,11 @@ class ZogyKernels:
         background-only variance of S.
     psf_d : ndarray
         PSF of D (eq. 14), normalised to sum 1, same shape as the new image's stamp.
+    psf_d_phased : ndarray, shape (n, n, S, S)
+        P_D of a point source at the sub-pixel phases ``(phase_centres(n)[j],
+        phase_centres(n)[i])`` (dy, dx) from the central pixel, from the new image's PSF
+        evaluated at those phases (on ``psf_d``'s scale); ``psf_d[None, None]`` when no
+        phase-sampled PSF was given.
     kn2, kr2 : ndarray
         Squares of the real-space kernels k_n, k_r (eqs. 26-27), centred, odd-sided,
         cropped to their support; convolving the source variance images with them gives
@@ -82,14 +87,22 @@ class ZogyKernels:
     psf_d: np.ndarray
     kn2: np.ndarray
     kr2: np.ndarray
+    psf_d_phased: np.ndarray
 
 
 def zogy_kernels(psf_new: np.ndarray, psf_ref: np.ndarray, sigma_new: float,
-                 sigma_ref: float, fz_new: float, fz_ref: float, grid: int) -> ZogyKernels:
+                 sigma_ref: float, fz_new: float, fz_ref: float, grid: int,
+                 psf_new_phased: np.ndarray | None = None) -> ZogyKernels:
     """Kernels, P_D, F_D and F_S on a ``grid`` x ``grid`` float64 grid.
 
     The grid must hold the kernels' support (a few PSF widths); the discrete sums are
     then exact, whatever the size of the image they are applied to.
+
+    ``psf_new_phased`` (n, n, S, S), optional: the new image's PSF centred at the sub-pixel
+    phases of :func:`pipeline.measure.psf.phase_centres` (on ``psf_new``'s scale).  A
+    source at phase p appears in D as ``K * P_n(p)`` (K the kernel applied to N), so
+    P_D at that phase comes from P_n(p) itself rather than from shifting the centred
+    P_D, which aliases for a near-Nyquist-sampled PSF.
     """
     shape = (grid, grid)
     pn = np.fft.rfft2(_embed_centred(psf_new.astype(np.float64), shape))
@@ -111,9 +124,20 @@ def zogy_kernels(psf_new: np.ndarray, psf_ref: np.ndarray, sigma_new: float,
     h, w = psf_new.shape
     c = grid // 2
     psf_d = pd_full[c - h // 2: c - h // 2 + h, c - w // 2: c - w // 2 + w]
-    return ZogyKernels(f_d=float(f_d), f_s=f_s, psf_d=psf_d / psf_d.sum(),
+    norm = psf_d.sum()
+    if psf_new_phased is None:
+        phased = (psf_d / norm)[None, None]
+    else:
+        n = psf_new_phased.shape[0]
+        stack = psf_new_phased.reshape(n * n, h, w).astype(np.float64)
+        embedded = np.zeros((n * n, *shape))
+        embedded[:, ((np.arange(h) - h // 2) % grid)[:, None], ((np.arange(w) - w // 2) % grid)[None, :]] = stack
+        transfer = fz_new * fz_ref * pr / (f_d * np.sqrt(den))
+        full = np.fft.fftshift(np.fft.irfft2(np.fft.rfft2(embedded) * transfer, s=shape), axes=(-2, -1))
+        phased = (full[:, c - h // 2: c - h // 2 + h, c - w // 2: c - w // 2 + w] / norm).reshape(n, n, h, w)
+    return ZogyKernels(f_d=float(f_d), f_s=f_s, psf_d=psf_d / norm,
                        kn2=_crop_compact(np.fft.fftshift(kn**2)),
-                       kr2=_crop_compact(np.fft.fftshift(kr**2)))
+                       kr2=_crop_compact(np.fft.fftshift(kr**2)), psf_d_phased=phased)
 
 
 def _crop_compact(image: np.ndarray, lost: float = 1e-5) -> np.ndarray:
