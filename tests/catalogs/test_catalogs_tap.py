@@ -34,10 +34,14 @@ _ERROR_DOC = b"""<?xml version="1.0" encoding="UTF-8"?>
 
 class FakeGaiaArchive:
     """Answers ``/tap/sync`` like the Gaia archive: parses the cone and G limit of the ADQL
-    and returns the matching synthetic rows as a VOTable (nulls for two-parameter motions)."""
+    and returns the matching synthetic rows as a VOTable (nulls for two-parameter motions),
+    serialised as ``TABLEDATA`` (XML cells) or ``BINARY2`` (base64 with a null mask), the two
+    forms TAP services answer in."""
 
-    def __init__(self, catalogue: Table, mode: str = "ok", row_cap: int | None = None):
+    def __init__(self, catalogue: Table, mode: str = "ok", row_cap: int | None = None,
+                 serialization: str = "tabledata"):
         self.catalogue, self.mode, self.row_cap = catalogue, mode, row_cap
+        self.serialization = serialization
         self.stars = SkyCoord(catalogue["ra"] * u.deg, catalogue["dec"] * u.deg)
         self.requests: list[dict] = []
         self.release = threading.Event()
@@ -86,8 +90,7 @@ class FakeGaiaArchive:
         overflow = self.row_cap is not None and len(rows) > self.row_cap
         return 200, self.votable(rows[: self.row_cap] if overflow else rows, overflow)
 
-    @staticmethod
-    def votable(rows: Table, overflow: bool) -> bytes:
+    def votable(self, rows: Table, overflow: bool) -> bytes:
         served = Table()
         for name in rows.colnames:
             values = np.asarray(rows[name])
@@ -101,7 +104,7 @@ class FakeGaiaArchive:
         if overflow:
             resource.infos.append(Info(name="QUERY_STATUS", value="OVERFLOW"))
         buffer = io.BytesIO()
-        votable.to_xml(buffer)
+        votable.to_xml(buffer, tabledata_format=self.serialization)
         return buffer.getvalue()
 
     def __enter__(self):
@@ -139,6 +142,22 @@ def test_tap_prefetch_builds_a_store_with_every_source(tmp_path, sky):
     assert 0 < two_parameter.sum() < len(found)                   # VOTable nulls became NaN
     assert np.all(np.isnan(np.asarray(found["pmra_error"])[two_parameter]))
     assert "FROM gaiadr3.gaia_source" in archive.requests[0]["QUERY"]
+
+
+def test_binary2_answers_are_read_as_tabledata_ones(tmp_path, sky):
+    region = cone_region(10.0, 20.0, 0.3)
+    stores = {}
+    for serialization in ("tabledata", "binary2"):
+        with FakeGaiaArchive(sky, serialization=serialization) as archive:
+            prefetch_from_tap(archive.url, tmp_path / serialization, region, mag_limit=20.0, timeout_s=10)
+        stores[serialization] = catalog_for_footprint(tmp_path / serialization, [(10.0, 20.0)], 0.25)
+    text, binary = stores["tabledata"], stores["binary2"]
+    assert set(np.asarray(binary["source_id"]).tolist()) == truth_in_cone(sky, 10.0, 20.0, 0.25, 20.0)
+    text.sort("source_id")
+    binary.sort("source_id")
+    for name in text.colnames:
+        assert np.array_equal(np.asarray(text[name]), np.asarray(binary[name]), equal_nan=True), name
+    assert np.isnan(np.asarray(binary["pmra"])).any()                # BINARY2 nulls became NaN too
 
 
 def test_tap_prefetch_resumes_and_overwrites_on_request(tmp_path, sky):
