@@ -36,6 +36,7 @@ names with ``UPDATE id_counters ... RETURNING``.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import datetime
 import json
 import math
@@ -52,7 +53,7 @@ from alerts.ids import object_id
 from alerts.schema import EncodedRecord, encode_prv_candidate
 from pipeline.core.exits import PipelineError
 
-__all__ = ["ImageRecord", "CandidateHistory", "HistoryStore", "SQLiteHistoryStore", "HistoryError",
+__all__ = ["ImageRecord", "CandidateHistory", "HistoryStore", "SQLHistoryStore", "SQLiteHistoryStore", "HistoryError",
            "MATCH_RADIUS_ARCSEC", "HISTORY_DAYS"]
 
 MATCH_RADIUS_ARCSEC = 1.5
@@ -130,14 +131,6 @@ def _separation_arcsec(ra0, dec0, ra, dec) -> np.ndarray:
     return 2.0 * np.arcsin(np.clip(chord / 2.0, 0.0, 1.0)) / _ARCSEC
 
 
-def _inside(corners: np.ndarray, point: np.ndarray) -> bool:
-    """Whether a unit vector lies inside a convex spherical polygon (corners in edge order)."""
-    normals = np.cross(corners, np.roll(corners, -1, axis=0))
-    sides = normals @ point
-    orientation = np.sign(normals @ corners.mean(axis=0))
-    return bool(np.all(sides * orientation >= 0.0))
-
-
 def _year_of_jd(jd: float) -> int:
     return (datetime.datetime(2000, 1, 1, 12) + datetime.timedelta(days=jd - 2451545.0)).year
 
@@ -172,7 +165,289 @@ def _prv_encoding(entry: Mapping[str, Any]) -> bytes | None:
         return None
 
 
-class SQLiteHistoryStore(HistoryStore):
+@dataclass
+class _Stored:
+    """One detection as the association sees it (read from the store or added by this image)."""
+
+    ra: float
+    dec: float
+    candid: int
+    pid: int
+    jd: float
+    field: int | None
+    rcid: int | None
+    record: str
+    avro: bytes | None
+
+
+class _Covering:
+    """The images listed in one footprint cell, as arrays for a vectorised point-in-polygon test."""
+
+    def __init__(self, rows: list[tuple]):
+        rows = sorted(rows, key=lambda row: row[1])          # (jd, pid, corners, limit, avro), pid order
+        self.rows = rows
+        self.planes = []
+        for _, _, corners, _, _ in rows:
+            corners = np.asarray(json.loads(corners), float)
+            vectors = _unit_vectors(corners[:, 0], corners[:, 1])
+            normals = np.cross(vectors, np.roll(vectors, -1, axis=0))
+            self.planes.append((normals, np.sign(normals @ vectors.mean(axis=0))))
+
+    def covering(self, point: np.ndarray, jd: float) -> list[tuple]:
+        """The rows (jd, pid, limit, avro) of the images taken by ``jd`` whose footprint holds ``point``."""
+        return [(row[0], row[1], row[3], row[4]) for row, (normals, orientation) in zip(self.rows, self.planes)
+                if row[0] <= jd and bool(np.all((normals @ point) * orientation >= 0.0))]
+
+
+class SQLHistoryStore(HistoryStore):
+    """The association over the history tables, shared by the SQLite and PostgreSQL stores.
+
+    One image is one transaction: the image and its footprint cells are written, what the
+    association needs is read in four queries (the candids already stored, the objects and
+    detections in the candidates' HEALPix cells and their 8 neighbours, the images listed in
+    the candidates' footprint cells), the candidates are associated in their order, in
+    memory, exactly as if each were looked up after the previous one was written (a
+    candidate within 1.5 arcsec of an object minted for an earlier candidate of the same
+    image joins it), and the new objects and detections are written in bulk.  Names are
+    minted last, with one ``UPDATE id_counters ... RETURNING`` per year, so a transaction
+    holds its counter row only for its final writes and commit.
+
+    A subclass provides the connection: :meth:`_query`, :meth:`_execute`,
+    :meth:`_execute_many`, :meth:`_begin`, :meth:`_commit`, :meth:`_rollback`, the SQL of a
+    list parameter (:meth:`_in_list`), and :meth:`_lock_cells`, which serialises images on
+    overlapping footprints where the database does not serialise every writer already.
+    Statements are written with ``?`` placeholders.
+    """
+
+    def __init__(self, survey: str):
+        self.survey = survey
+        self._objects_hp = HEALPix(_OBJECT_NSIDE, order="nested")
+        self._images_hp = HEALPix(_IMAGE_NSIDE, order="nested")
+
+    # -- what a backend provides --------------------------------------------------------
+    @abc.abstractmethod
+    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple]:
+        """Rows of one statement."""
+
+    @abc.abstractmethod
+    def _execute(self, sql: str, args: Sequence[Any] = ()) -> int:
+        """Run one statement; the number of rows it changed."""
+
+    @abc.abstractmethod
+    def _execute_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """Run one statement for each row of parameters."""
+
+    @abc.abstractmethod
+    def _begin(self) -> None:
+        """Start the image transaction (waiting for other writers as the backend must)."""
+
+    @abc.abstractmethod
+    def _commit(self) -> None:
+        """Commit the image transaction."""
+
+    @abc.abstractmethod
+    def _rollback(self) -> None:
+        """Roll the image transaction back."""
+
+    @abc.abstractmethod
+    def _in_list(self, column: str) -> str:
+        """SQL testing ``column`` against one list parameter (see :meth:`_list_arg`)."""
+
+    def _list_arg(self, values: Sequence[int]) -> Any:
+        """The parameter :meth:`_in_list` expects for ``values``."""
+        return [int(v) for v in values]
+
+    def _lock_cells(self, cells: Sequence[int]) -> None:
+        """Serialise this transaction with every other one touching ``cells`` (footprint
+        cells at nside 64, ascending); nothing to do where the transaction locks the store."""
+
+    # -- spatial helpers -------------------------------------------------------------
+    def _object_cells(self, ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
+        return np.atleast_1d(self._objects_hp.lonlat_to_healpix(ra * u.deg, dec * u.deg)).astype(np.int64)
+
+    def _search_cells(self, centres: np.ndarray) -> list[list[int]]:
+        """For each cell: itself and its 8 neighbours (a 1.5 arcsec search never leaves them)."""
+        if not len(centres):
+            return []
+        neighbours = np.atleast_2d(np.asarray(self._objects_hp.neighbours(centres))).reshape(8, len(centres))
+        return [[int(c)] + [int(n) for n in neighbours[:, i] if n >= 0] for i, c in enumerate(centres)]
+
+    def _footprint_cells(self, corners: list[list[float]]) -> list[int]:
+        """The nside-64 cells an image is listed in: a cone around its corners, with a margin."""
+        vectors = _unit_vectors([c[0] for c in corners], [c[1] for c in corners])
+        centre = vectors.mean(axis=0)
+        centre /= np.linalg.norm(centre)
+        radius = float(np.max(np.arccos(np.clip(vectors @ centre, -1, 1))))
+        lon, lat = math.atan2(centre[1], centre[0]), math.asin(centre[2])
+        cells = self._images_hp.cone_search_lonlat(
+            lon * u.rad, lat * u.rad, (radius * u.rad + 2 * self._images_hp.pixel_resolution).to(u.deg))
+        return sorted({int(c) for c in cells})
+
+    # -- the image transaction ---------------------------------------------------------
+    def _insert_image(self, image: ImageRecord, corners: list[list[float]], cells: list[int]) -> None:
+        inserted = self._execute(
+            "INSERT INTO images (pid, jd, field, rcid, corners, upper_limit, upper_limit_avro) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (pid) DO NOTHING",
+            (int(image.pid), float(image.jd), image.field, image.rcid, json.dumps(corners),
+             json.dumps(dict(image.upper_limit)), _prv_encoding(image.upper_limit)))
+        if inserted:
+            self._execute_many("INSERT INTO image_cells (hpix, pid) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                               [(c, int(image.pid)) for c in cells])
+
+    def _mint(self, years: list[int]) -> list[str]:
+        """Names for new objects of these years (in this order), from the per-year counters."""
+        names: list[str | None] = [None] * len(years)
+        for year in sorted(set(years)):
+            slots = [i for i, y in enumerate(years) if y == year]
+            self._execute("INSERT INTO id_counters (year, next_serial) VALUES (?, 0) ON CONFLICT (year) DO NOTHING",
+                          (year,))
+            (first,), = self._query("UPDATE id_counters SET next_serial = next_serial + ? WHERE year = ? "
+                                    "RETURNING next_serial - ?", (len(slots), year, len(slots)))
+            for k, slot in enumerate(slots):
+                names[slot] = object_id(self.survey, year, int(first) + k)
+        return names  # type: ignore[return-value]
+
+    def record_image(self, image: ImageRecord, detections: Sequence[Mapping[str, Any]]) -> list[CandidateHistory]:
+        corners = [[float(ra), float(dec)] for ra, dec in image.footprint]
+        if len(corners) < 3:
+            raise ValueError(f"image pid {image.pid}: footprint needs at least 3 corners, got {len(corners)}")
+        dets = list(detections)
+        footprint = self._footprint_cells(corners)
+        ra = np.array([float(d["ra"]) for d in dets])
+        dec = np.array([float(d["dec"]) for d in dets])
+        jds = [float(d["jd"]) for d in dets]
+        cells = self._object_cells(ra, dec) if dets else np.zeros(0, np.int64)
+        search = self._search_cells(cells)
+        image_cells = (np.atleast_1d(self._images_hp.lonlat_to_healpix(ra * u.deg, dec * u.deg)).astype(np.int64)
+                       if dets else np.zeros(0, np.int64))
+        lock = set(footprint) | {int(c) for c in image_cells}
+        if len(image_cells):
+            lock |= {int(n) for n in np.ravel(self._images_hp.neighbours(image_cells)) if n >= 0}
+        self._begin()
+        try:
+            self._lock_cells(sorted(lock))
+            self._insert_image(image, corners, footprint)
+            plan = self._read_and_associate(int(image.pid), dets, ra, dec, jds, cells, search, image_cells)
+            names = self._mint([year for year, *_ in plan.new_objects])
+            self._execute_many("INSERT INTO objects (object_id, ra, dec, hpix, first_jd) VALUES (?, ?, ?, ?, ?)",
+                               [(name, o_ra, o_dec, hpix, jd)
+                                for name, (_, o_ra, o_dec, hpix, jd) in zip(names, plan.new_objects)])
+            self._execute_many(
+                "INSERT INTO detections (candid, object_id, pid, jd, ra, dec, hpix, field, rcid, record, avro) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (candid) DO NOTHING",
+                [(row.candid, plan.name(ref, names), int(image.pid), row.jd, row.ra, row.dec, int(cells[i]),
+                  row.field, row.rcid, row.record, row.avro) for i, ref, row in plan.inserts])
+            self._commit()
+        except BaseException:
+            self._rollback()
+            raise
+        return [dataclasses.replace(history, object_id=plan.name(ref, names)) for ref, history in plan.histories]
+
+    def _read_and_associate(self, pid, dets, ra, dec, jds, cells, search, image_cells) -> "_Plan":
+        """Read what the image's candidates need and associate them in order (nothing written)."""
+        plan = _Plan()
+        if not dets:
+            return plan
+        candids = [int(d["candid"]) for d in dets]
+        known: dict[int, Any] = {int(c): name for c, name in self._query(
+            f"SELECT candid, object_id FROM detections WHERE {self._in_list('candid')}", (self._list_arg(candids),))}
+        wanted = sorted({c for cs in search for c in cs})
+        objects: dict[int, list[tuple]] = {}
+        for o_ra, o_dec, name, hpix in self._query(
+                f"SELECT ra, dec, object_id, hpix FROM objects WHERE {self._in_list('hpix')}",
+                (self._list_arg(wanted),)):
+            objects.setdefault(int(hpix), []).append((float(o_ra), float(o_dec), name))
+        stored: dict[int, list[_Stored]] = {}
+        for row in self._query(
+                "SELECT ra, dec, candid, pid, jd, field, rcid, record, avro, hpix FROM detections "
+                f"WHERE {self._in_list('hpix')} AND jd <= ?", (self._list_arg(wanted), max(jds))):
+            stored.setdefault(int(row[9]), []).append(
+                _Stored(float(row[0]), float(row[1]), int(row[2]), int(row[3]), float(row[4]), row[5], row[6],
+                        row[7], None if row[8] is None else bytes(row[8])))
+        images: dict[int, list[tuple]] = {}
+        for hpix, *row in self._query(
+                "SELECT c.hpix, i.jd, i.pid, i.corners, i.upper_limit, i.upper_limit_avro FROM image_cells c "
+                f"JOIN images i ON i.pid = c.pid WHERE {self._in_list('c.hpix')} AND i.jd <= ?",
+                (self._list_arg(sorted({int(c) for c in image_cells})), max(jds))):
+            images.setdefault(int(hpix), []).append(
+                (float(row[0]), int(row[1]), row[2], row[3], None if row[4] is None else bytes(row[4])))
+        covering = {cell: _Covering(rows) for cell, rows in images.items()}
+        points = _unit_vectors(ra, dec).reshape(-1, 3)
+        for i, det in enumerate(dets):
+            candid, jd = candids[i], jds[i]
+            new = False
+            if candid in known:
+                ref = known[candid]
+            else:
+                near = _nearest(ra[i], dec[i], [o for c in search[i] for o in objects.get(c, ())])
+                if near is not None:
+                    ref = near
+                else:
+                    ref = len(plan.new_objects)
+                    new = True
+                    plan.new_objects.append((_year_of_jd(jd), float(ra[i]), float(dec[i]), int(cells[i]), jd))
+                    objects.setdefault(int(cells[i]), []).append((float(ra[i]), float(dec[i]), ref))
+                row = _Stored(float(ra[i]), float(dec[i]), candid, pid, jd,
+                              det.get("field"), det.get("rcid"), json.dumps(dict(det)), _prv_encoding(det))
+                known[candid] = ref
+                plan.inserts.append((i, ref, row))
+                stored.setdefault(int(cells[i]), []).append(row)
+            rows = [r for c in search[i] for r in stored.get(c, ()) if r.jd <= jd]
+            images_here = covering.get(int(image_cells[i]))
+            plan.histories.append((ref, _history(det, rows, [] if images_here is None
+                                                 else images_here.covering(points[i], jd), new)))
+        return plan
+
+
+@dataclass
+class _Plan:
+    """An image's association before names are minted: new objects (year, ra, dec, hpix,
+    jd) in minting order, the detections to insert and each candidate's history, each with
+    its object as a name or the index of a new object."""
+
+    new_objects: list[tuple] = field(default_factory=list)
+    inserts: list[tuple[int, Any, _Stored]] = field(default_factory=list)
+    histories: list[tuple[Any, CandidateHistory]] = field(default_factory=list)
+
+    @staticmethod
+    def name(ref: Any, minted: list[str]) -> str:
+        return ref if isinstance(ref, str) else minted[ref]
+
+
+def _nearest(ra: float, dec: float, objects: list[tuple]) -> Any:
+    """The object (name or new-object index) nearest to (ra, dec) within the match radius."""
+    if not objects:
+        return None
+    sep = np.atleast_1d(_separation_arcsec(ra, dec, [o[0] for o in objects], [o[1] for o in objects]))
+    best = min(((float(s), i) for i, s in enumerate(sep) if s <= MATCH_RADIUS_ARCSEC),
+               key=lambda entry: (entry[0], str(objects[entry[1]][2])), default=None)
+    return None if best is None else objects[best[1]][2]
+
+
+def _history(det: Mapping[str, Any], rows: list[_Stored], covering: list[tuple], new: bool) -> CandidateHistory:
+    """A candidate's history from the detections in its cells (taken by its time) and the
+    images covering it; the object name is filled in once minted."""
+    jd, start = float(det["jd"]), float(det["jd"]) - HISTORY_DAYS
+    near = []
+    if rows:
+        sep = np.atleast_1d(_separation_arcsec(det["ra"], det["dec"], [r.ra for r in rows], [r.dec for r in rows]))
+        near = [r for s, r in sorted(((float(s), r) for s, r in zip(sep, rows) if s <= MATCH_RADIUS_ARCSEC),
+                                     key=lambda entry: (entry[0], entry[1].candid))]
+    same_channel = [r.jd for r in near if r.field == det.get("field") and r.rcid == det.get("rcid")]
+    detected_pids = {r.pid for r in near}
+    previous = [(r.jd, EncodedRecord(json.loads(r.record), r.avro)) for r in near
+                if start <= r.jd < jd and r.candid != det["candid"]]
+    previous += [(row_jd, EncodedRecord(json.loads(limit), avro)) for row_jd, pid, limit, avro in covering
+                 if start <= row_jd < jd and pid not in detected_pids]
+    previous.sort(key=lambda entry: entry[0])
+    return CandidateHistory(
+        object_id="", prv_candidates=[entry for _, entry in previous],
+        ndethist=len(same_channel), ncovhist=len(covering),
+        jdstarthist=min(same_channel) if same_channel else None,
+        jdendhist=max(same_channel) if same_channel else None, new_object=new)
+
+
+class SQLiteHistoryStore(SQLHistoryStore):
     """The embedded history store: one SQLite file (WAL), shared by processes on one machine.
 
     Parameters
@@ -186,8 +461,8 @@ class SQLiteHistoryStore(HistoryStore):
     """
 
     def __init__(self, path: str | Path, survey: str = "ztf", busy_timeout_s: float = 60.0):
+        super().__init__(survey)
         self.path = Path(path)
-        self.survey = survey
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None)
@@ -201,116 +476,33 @@ class SQLiteHistoryStore(HistoryStore):
             self._db.execute("COMMIT")
         except sqlite3.DatabaseError as exc:
             raise HistoryError(f"{self.path}: cannot open the history database: {exc}") from None
-        self._objects_hp = HEALPix(_OBJECT_NSIDE, order="nested")
-        self._images_hp = HEALPix(_IMAGE_NSIDE, order="nested")
 
     def close(self) -> None:
         self._db.close()
 
-    # -- spatial helpers -------------------------------------------------------------
-    def _object_cell(self, ra: float, dec: float) -> int:
-        return int(self._objects_hp.lonlat_to_healpix(ra * u.deg, dec * u.deg))
+    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple]:
+        return self._db.execute(sql, args).fetchall()
 
-    def _search_cells(self, ra: float, dec: float) -> list[int]:
-        centre = self._object_cell(ra, dec)
-        neighbours = self._objects_hp.neighbours(centre)
-        return [centre] + [int(n) for n in np.ravel(neighbours) if n >= 0]
+    def _execute(self, sql: str, args: Sequence[Any] = ()) -> int:
+        return self._db.execute(sql, args).rowcount
 
-    def _near(self, table: str, columns: str, ra: float, dec: float, extra: str = "", args=()) -> list:
-        cells = self._search_cells(ra, dec)
-        rows = self._db.execute(
-            f"SELECT ra, dec, {columns} FROM {table} WHERE hpix IN ({','.join('?' * len(cells))}) {extra}",
-            (*cells, *args)).fetchall()
-        if not rows:
-            return []
-        sep = _separation_arcsec(ra, dec, [r[0] for r in rows], [r[1] for r in rows])
-        return sorted((float(s), row[2:]) for s, row in zip(np.atleast_1d(sep), rows) if s <= MATCH_RADIUS_ARCSEC)
+    def _execute_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        if rows:
+            self._db.executemany(sql, rows)
 
-    # -- the image transaction ---------------------------------------------------------
-    def _insert_image(self, image: ImageRecord) -> None:
-        corners = [[float(ra), float(dec)] for ra, dec in image.footprint]
-        if len(corners) < 3:
-            raise ValueError(f"image pid {image.pid}: footprint needs at least 3 corners, got {len(corners)}")
-        inserted = self._db.execute(
-            "INSERT OR IGNORE INTO images (pid, jd, field, rcid, corners, upper_limit, upper_limit_avro) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (image.pid, image.jd, image.field, image.rcid, json.dumps(corners),
-             json.dumps(dict(image.upper_limit)), _prv_encoding(image.upper_limit))).rowcount
-        if not inserted:
-            return
-        vectors = _unit_vectors([c[0] for c in corners], [c[1] for c in corners])
-        centre = vectors.mean(axis=0)
-        centre /= np.linalg.norm(centre)
-        radius = float(np.max(np.arccos(np.clip(vectors @ centre, -1, 1))))
-        lon, lat = math.atan2(centre[1], centre[0]), math.asin(centre[2])
-        cells = self._images_hp.cone_search_lonlat(
-            lon * u.rad, lat * u.rad, (radius * u.rad + 2 * self._images_hp.pixel_resolution).to(u.deg))
-        self._db.executemany("INSERT OR IGNORE INTO image_cells VALUES (?, ?)",
-                             [(int(c), image.pid) for c in cells])
-
-    def _covering_images(self, ra: float, dec: float, jd: float) -> list[tuple[float, int, str, bytes | None]]:
-        cell = int(self._images_hp.lonlat_to_healpix(ra * u.deg, dec * u.deg))
-        rows = self._db.execute(
-            "SELECT i.jd, i.pid, i.corners, i.upper_limit, i.upper_limit_avro FROM image_cells c "
-            "JOIN images i USING (pid) WHERE c.hpix = ? AND i.jd <= ?", (cell, jd)).fetchall()
-        point = _unit_vectors(ra, dec)
-        covering = []
-        for row_jd, pid, corners, limit, avro in rows:
-            corners = np.asarray(json.loads(corners))
-            if _inside(_unit_vectors(corners[:, 0], corners[:, 1]), point):
-                covering.append((row_jd, pid, limit, avro))
-        return covering
-
-    def _associate(self, det: Mapping[str, Any]) -> tuple[str, bool]:
-        known = self._db.execute("SELECT object_id FROM detections WHERE candid = ?", (det["candid"],)).fetchone()
-        if known:
-            return known[0], False
-        nearest = self._near("objects", "object_id", det["ra"], det["dec"])
-        if nearest:
-            return nearest[0][1][0], False
-        year = _year_of_jd(det["jd"])
-        self._db.execute("INSERT OR IGNORE INTO id_counters VALUES (?, 0)", (year,))
-        serial = self._db.execute("UPDATE id_counters SET next_serial = next_serial + 1 WHERE year = ? "
-                                  "RETURNING next_serial - 1", (year,)).fetchone()[0]
-        name = object_id(self.survey, year, serial)
-        self._db.execute("INSERT INTO objects VALUES (?, ?, ?, ?, ?)",
-                         (name, det["ra"], det["dec"], self._object_cell(det["ra"], det["dec"]), det["jd"]))
-        return name, True
-
-    def _history(self, det: Mapping[str, Any], name: str, new: bool) -> CandidateHistory:
-        jd, start = det["jd"], det["jd"] - HISTORY_DAYS
-        near = [row for _, row in self._near(
-            "detections", "candid, pid, jd, field, rcid, record, avro", det["ra"], det["dec"], "AND jd <= ?", (jd,))]
-        same_channel = [row[2] for row in near if row[3] == det.get("field") and row[4] == det.get("rcid")]
-        detected_pids = {row[1] for row in near}
-        previous = [(row[2], EncodedRecord(json.loads(row[5]), row[6])) for row in near
-                    if start <= row[2] < jd and row[0] != det["candid"]]
-        covering = self._covering_images(det["ra"], det["dec"], jd)
-        previous += [(row_jd, EncodedRecord(json.loads(limit), avro)) for row_jd, pid, limit, avro in covering
-                     if start <= row_jd < jd and pid not in detected_pids]
-        previous.sort(key=lambda entry: entry[0])
-        return CandidateHistory(
-            object_id=name, prv_candidates=[entry for _, entry in previous],
-            ndethist=len(same_channel), ncovhist=len(covering),
-            jdstarthist=min(same_channel) if same_channel else None,
-            jdendhist=max(same_channel) if same_channel else None, new_object=new)
-
-    def record_image(self, image: ImageRecord, detections: Sequence[Mapping[str, Any]]) -> list[CandidateHistory]:
-        histories = []
+    def _begin(self) -> None:
+        # One writer at a time on the whole file: no cell locks needed.
         self._db.execute("BEGIN IMMEDIATE")
-        try:
-            self._insert_image(image)
-            for det in detections:
-                name, new = self._associate(det)
-                self._db.execute(
-                    "INSERT OR IGNORE INTO detections (candid, object_id, pid, jd, ra, dec, hpix, field, rcid, "
-                    "record, avro) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (det["candid"], name, image.pid, det["jd"], det["ra"], det["dec"],
-                     self._object_cell(det["ra"], det["dec"]), det.get("field"), det.get("rcid"),
-                     json.dumps(dict(det)), _prv_encoding(det)))
-                histories.append(self._history(det, name, new))
-            self._db.execute("COMMIT")
-        except BaseException:
+
+    def _commit(self) -> None:
+        self._db.execute("COMMIT")
+
+    def _rollback(self) -> None:
+        if self._db.in_transaction:
             self._db.execute("ROLLBACK")
-            raise
-        return histories
+
+    def _in_list(self, column: str) -> str:
+        return f"{column} IN (SELECT value FROM json_each(?))"
+
+    def _list_arg(self, values: Sequence[int]) -> Any:
+        return json.dumps([int(v) for v in values])
