@@ -25,13 +25,15 @@ Spatial lookups use HEALPix (nested): detections and objects are indexed at nsid
 (12.9 arcsec cells; a 1.5 arcsec search reads one cell and its 8 neighbours), image
 footprints at nside 64 (0.9 degree cells, each image listed in every cell it touches).
 
-:class:`HistoryStore` is the interface; :class:`SQLiteHistoryStore` the embedded default: one
+:class:`HistoryStore` is the interface; :class:`SQLHistoryStore` the association over the
+tables, shared by both backends.  :class:`SQLiteHistoryStore` is the embedded default: one
 SQLite file in WAL mode with a busy timeout, each image one ``BEGIN IMMEDIATE`` transaction,
 safe for several processes on one machine (never on a shared/network file system: SQLite's
-locking is not reliable there).  A PostgreSQL store for a cluster implements the same two
-methods over the same tables: the image transaction takes ``pg_advisory_xact_lock`` on the
-footprint's HEALPix cells (so overlapping images associate one after the other) and mints
-names with ``UPDATE id_counters ... RETURNING``.
+locking is not reliable there).  :class:`alerts.history_postgres.PostgresHistoryStore`, for a
+cluster, runs the same association over the same tables: the image transaction takes
+``pg_advisory_xact_lock`` on the footprint's HEALPix cells (so overlapping images associate
+one after the other) and mints names with ``UPDATE id_counters ... RETURNING``.
+:func:`open_history_store` opens the one the ``[history]`` configuration names.
 """
 from __future__ import annotations
 
@@ -54,7 +56,7 @@ from alerts.schema import EncodedRecord, encode_prv_candidate
 from pipeline.core.exits import PipelineError
 
 __all__ = ["ImageRecord", "CandidateHistory", "HistoryStore", "SQLHistoryStore", "SQLiteHistoryStore", "HistoryError",
-           "MATCH_RADIUS_ARCSEC", "HISTORY_DAYS"]
+           "MATCH_RADIUS_ARCSEC", "HISTORY_DAYS", "open_history_store"]
 
 MATCH_RADIUS_ARCSEC = 1.5
 HISTORY_DAYS = 30.0
@@ -506,3 +508,24 @@ class SQLiteHistoryStore(SQLHistoryStore):
 
     def _list_arg(self, values: Sequence[int]) -> Any:
         return json.dumps([int(v) for v in values])
+
+
+def open_history_store(history, sqlite_path: str | Path, survey: str) -> HistoryStore:
+    """The store the ``[history]`` section names.
+
+    Parameters
+    ----------
+    history : pipeline.core.config.HistoryConfig
+        ``url`` set: the PostgreSQL store there (:mod:`alerts.history_postgres`); empty: the
+        SQLite file ``sqlite_path``.
+    sqlite_path : str or Path
+        The SQLite file (``paths.history``, or a command's ``--history``).
+    survey : str
+        Prefix of minted object names.
+    """
+    if history.url:
+        from alerts.history_postgres import PostgresHistoryStore
+
+        return PostgresHistoryStore(history.url, survey=survey, connect_timeout_s=history.connect_timeout_s,
+                                    lock_timeout_s=history.lock_timeout_s)
+    return SQLiteHistoryStore(sqlite_path, survey=survey)
