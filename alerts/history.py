@@ -182,23 +182,42 @@ class _Stored:
     avro: bytes | None
 
 
-class _Covering:
-    """The images listed in one footprint cell, as arrays for a vectorised point-in-polygon test."""
+def _planes(corners_json: str) -> tuple[np.ndarray, np.ndarray]:
+    """A convex footprint's edge planes: their normals and on which side the inside lies."""
+    corners = np.asarray(json.loads(corners_json), float)
+    vectors = _unit_vectors(corners[:, 0], corners[:, 1])
+    normals = np.cross(vectors, np.roll(vectors, -1, axis=0))
+    return normals, np.sign(normals @ vectors.mean(axis=0))
 
-    def __init__(self, rows: list[tuple]):
-        rows = sorted(rows, key=lambda row: row[1])          # (jd, pid, corners, limit, avro), pid order
-        self.rows = rows
-        self.planes = []
-        for _, _, corners, _, _ in rows:
-            corners = np.asarray(json.loads(corners), float)
-            vectors = _unit_vectors(corners[:, 0], corners[:, 1])
-            normals = np.cross(vectors, np.roll(vectors, -1, axis=0))
-            self.planes.append((normals, np.sign(normals @ vectors.mean(axis=0))))
 
-    def covering(self, point: np.ndarray, jd: float) -> list[tuple]:
-        """The rows (jd, pid, limit, avro) of the images taken by ``jd`` whose footprint holds ``point``."""
-        return [(row[0], row[1], row[3], row[4]) for row, (normals, orientation) in zip(self.rows, self.planes)
-                if row[0] <= jd and bool(np.all((normals @ point) * orientation >= 0.0))]
+def _covering_images(images: Mapping[int, list[tuple]], cells: np.ndarray, points: np.ndarray,
+                     jds: Sequence[float]) -> list[list[tuple]]:
+    """For each candidate: the images (jd, pid, limit, avro), in pid order, taken by its time
+    whose footprint holds it; ``images`` lists (jd, pid, corners, limit, avro) per footprint
+    cell, ``cells`` is each candidate's footprint cell and ``points`` its unit vector."""
+    covering: list[list[tuple]] = [[] for _ in range(len(points))]
+    planes: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    jds = np.asarray(jds, float)
+    for cell, rows in images.items():
+        members = np.flatnonzero(cells == cell)
+        if not members.size or not rows:
+            continue
+        rows = sorted(rows, key=lambda row: row[1])
+        for row in rows:
+            if row[1] not in planes:
+                planes[row[1]] = _planes(row[2])
+        k = max(len(planes[row[1]][0]) for row in rows)
+        normals = np.zeros((len(rows), k, 3))
+        orientation = np.zeros((len(rows), k))          # padding: 0 on either side counts as inside
+        for j, row in enumerate(rows):
+            n, o = planes[row[1]]
+            normals[j, :len(n)], orientation[j, :len(o)] = n, o
+        sides = np.einsum("ikc,dc->dik", normals, points[members]) * orientation[None]
+        taken = np.array([row[0] for row in rows])[None, :] <= jds[members][:, None]
+        inside = np.all(sides >= 0.0, axis=2) & taken
+        for a, i in enumerate(members):
+            covering[i] = [(rows[j][0], rows[j][1], rows[j][3], rows[j][4]) for j in np.flatnonzero(inside[a])]
+    return covering
 
 
 class SQLHistoryStore(HistoryStore):
@@ -264,7 +283,8 @@ class SQLHistoryStore(HistoryStore):
         cells at nside 64, ascending); nothing to do where the transaction locks the store."""
 
     # -- spatial helpers -------------------------------------------------------------
-    def _object_cells(self, ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
+    def object_cells(self, ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
+        """The nside-16384 cells detections and objects at (ra, dec) are indexed under."""
         return np.atleast_1d(self._objects_hp.lonlat_to_healpix(ra * u.deg, dec * u.deg)).astype(np.int64)
 
     def _search_cells(self, centres: np.ndarray) -> list[list[int]]:
@@ -274,7 +294,7 @@ class SQLHistoryStore(HistoryStore):
         neighbours = np.atleast_2d(np.asarray(self._objects_hp.neighbours(centres))).reshape(8, len(centres))
         return [[int(c)] + [int(n) for n in neighbours[:, i] if n >= 0] for i, c in enumerate(centres)]
 
-    def _footprint_cells(self, corners: list[list[float]]) -> list[int]:
+    def footprint_cells(self, corners: list[list[float]]) -> list[int]:
         """The nside-64 cells an image is listed in: a cone around its corners, with a margin."""
         vectors = _unit_vectors([c[0] for c in corners], [c[1] for c in corners])
         centre = vectors.mean(axis=0)
@@ -314,11 +334,11 @@ class SQLHistoryStore(HistoryStore):
         if len(corners) < 3:
             raise ValueError(f"image pid {image.pid}: footprint needs at least 3 corners, got {len(corners)}")
         dets = list(detections)
-        footprint = self._footprint_cells(corners)
+        footprint = self.footprint_cells(corners)
         ra = np.array([float(d["ra"]) for d in dets])
         dec = np.array([float(d["dec"]) for d in dets])
         jds = [float(d["jd"]) for d in dets]
-        cells = self._object_cells(ra, dec) if dets else np.zeros(0, np.int64)
+        cells = self.object_cells(ra, dec) if dets else np.zeros(0, np.int64)
         search = self._search_cells(cells)
         image_cells = (np.atleast_1d(self._images_hp.lonlat_to_healpix(ra * u.deg, dec * u.deg)).astype(np.int64)
                        if dets else np.zeros(0, np.int64))
@@ -373,8 +393,7 @@ class SQLHistoryStore(HistoryStore):
                 (self._list_arg(sorted({int(c) for c in image_cells})), max(jds))):
             images.setdefault(int(hpix), []).append(
                 (float(row[0]), int(row[1]), row[2], row[3], None if row[4] is None else bytes(row[4])))
-        covering = {cell: _Covering(rows) for cell, rows in images.items()}
-        points = _unit_vectors(ra, dec).reshape(-1, 3)
+        covering = _covering_images(images, image_cells, _unit_vectors(ra, dec).reshape(-1, 3), jds)
         for i, det in enumerate(dets):
             candid, jd = candids[i], jds[i]
             new = False
@@ -395,9 +414,7 @@ class SQLHistoryStore(HistoryStore):
                 plan.inserts.append((i, ref, row))
                 stored.setdefault(int(cells[i]), []).append(row)
             rows = [r for c in search[i] for r in stored.get(c, ()) if r.jd <= jd]
-            images_here = covering.get(int(image_cells[i]))
-            plan.histories.append((ref, _history(det, rows, [] if images_here is None
-                                                 else images_here.covering(points[i], jd), new)))
+            plan.histories.append((ref, _history(det, rows, covering[i], new)))
         return plan
 
 

@@ -46,7 +46,7 @@ from pipeline.core.config import redacted_url
 from pipeline.core.exits import RetryableError, UsageError
 
 __all__ = ["PostgresHistoryStore", "HistoryUnavailableError", "MIGRATIONS", "SCHEMA_VERSION", "ensure_schema",
-           "migrate_sqlite", "MigrationReport", "connect"]
+           "migrate_sqlite", "MigrationReport", "connect", "TABLE_COLUMNS"]
 
 log = logging.getLogger("skydiff.history")
 
@@ -76,8 +76,8 @@ CREATE TABLE id_counters (year INTEGER PRIMARY KEY, next_serial BIGINT NOT NULL)
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
-# Columns of each table in the order COPY and the SQLite copy use them.
-_COLUMNS = {
+#: Columns of each table, in the order COPY and the SQLite copy use them.
+TABLE_COLUMNS = {
     "objects": ("object_id", "ra", "dec", "hpix", "first_jd"),
     "detections": ("candid", "object_id", "pid", "jd", "ra", "dec", "hpix", "field", "rcid", "record", "avro"),
     "images": ("pid", "jd", "field", "rcid", "corners", "upper_limit", "upper_limit_avro"),
@@ -240,7 +240,7 @@ class MigrationReport(dict):
 
 def _sqlite_rows(source: sqlite3.Connection, table: str) -> Iterator[tuple]:
     present = {row[1] for row in source.execute(f"PRAGMA table_info({table})")}
-    columns = ", ".join(c if c in present else "NULL" for c in _COLUMNS[table])
+    columns = ", ".join(c if c in present else "NULL" for c in TABLE_COLUMNS[table])
     yield from source.execute(f"SELECT {columns} FROM {table}")
 
 
@@ -271,7 +271,7 @@ def migrate_sqlite(sqlite_path: str | Path, url: str, connect_timeout_s: float =
         tables = {row[0] for row in source.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     except sqlite3.DatabaseError as exc:
         raise BadInputError(f"{path}: not a SQLite history database: {exc}") from None
-    missing = sorted(set(_COLUMNS) - tables)
+    missing = sorted(set(TABLE_COLUMNS) - tables)
     if missing:
         source.close()
         raise BadInputError(f"{path}: not a skydiff history database (no table {', '.join(missing)})")
@@ -280,7 +280,7 @@ def migrate_sqlite(sqlite_path: str | Path, url: str, connect_timeout_s: float =
     try:
         ensure_schema(db, url)
         with db.transaction():
-            for table, columns in _COLUMNS.items():
+            for table, columns in TABLE_COLUMNS.items():
                 names = ", ".join(columns)
                 db.execute(f"CREATE TEMPORARY TABLE incoming_{table} (LIKE {table}) ON COMMIT DROP")
                 found = 0

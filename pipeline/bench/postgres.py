@@ -1,4 +1,5 @@
-"""A real PostgreSQL server (Debian's ``postgresql``, installed by ``bootstrap.sh``) on loopback for tests.
+"""A private PostgreSQL server (Debian's ``postgresql``, installed by ``bootstrap.sh``) on loopback,
+for the tests (the ``postgres`` fixture of tests/conftest.py) and ``skydiff bench history``.
 
 :class:`PostgresServer` makes a private cluster with ``initdb`` in a temporary folder, starts it
 with ``pg_ctl`` on 127.0.0.1 and a free port (its Unix socket inside that folder, so it never
@@ -6,7 +7,8 @@ meets a system cluster), with password authentication (scram-sha-256) for one us
 and removes it at the end.  PostgreSQL refuses to run as root: as root, the cluster belongs to
 the ``postgres`` account Debian's package creates, and its programs run through ``runuser``.
 :meth:`PostgresServer.new_database` gives each test a database of its own.  Nothing here is
-specific to the code under test, which only speaks to the server through its URL.
+specific to the code under test, which only speaks to the server through its URL.  Only for
+tests and benchmarks: production points ``[history] url`` at its own server.
 """
 from __future__ import annotations
 
@@ -15,14 +17,13 @@ import os
 import pwd
 import secrets
 import shutil
+import socket
 import subprocess
 import tempfile
 import uuid
 from pathlib import Path
 
 import psycopg
-
-from kafka_broker import free_port
 
 START_TIMEOUT_S = 60
 USER = "skydiff"
@@ -40,6 +41,12 @@ def postgres_bindir() -> Path:
     return Path(initdb).resolve().parent
 
 
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 class PostgresServer:
     """One private PostgreSQL cluster on 127.0.0.1; :attr:`url` reaches its ``skydiff`` database."""
 
@@ -47,7 +54,7 @@ class PostgresServer:
         self.bindir = postgres_bindir()
         self.root = Path(tempfile.mkdtemp(prefix="skydiff-postgres-"))
         self.data = self.root / "data"
-        self.port = free_port()
+        self.port = _free_port()
         self.password = secrets.token_hex(12)
         self._runas: list[str] = []
         if os.geteuid() == 0:
@@ -87,9 +94,9 @@ class PostgresServer:
             db.execute(f"CREATE DATABASE {USER}")
         return self
 
-    def new_database(self) -> str:
+    def new_database(self, prefix: str = "t") -> str:
         """A fresh, empty database; its URL."""
-        name = f"t_{uuid.uuid4().hex[:12]}"
+        name = f"{prefix}_{uuid.uuid4().hex[:12]}"
         with psycopg.connect(self.url("postgres"), autocommit=True) as db:
             db.execute(f"CREATE DATABASE {name}")
         return self.url(name)
