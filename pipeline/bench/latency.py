@@ -56,11 +56,39 @@ def _known_minor_planets(cfg: Config, root: Path, night: str, n_orbits: int = 20
     prepare_solar_system(cfg, mpcorb, [night])
 
 
+def _quadrant_task_peak_mib(cfg: Config, root: Path, expid: int, rcid: int, quadrant) -> float:
+    """Peak resident memory (MiB) of ``skydiff quadrant`` run on one quadrant in a process of its own.
+
+    The task's own maximum resident set as the kernel reports it on ``wait4``: the largest of
+    the task's process and its children (SCAMP), each at its peak.
+    """
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.core.config import config_to_toml
+    from pipeline.core.image import write_quadrant
+
+    config_file = root / "task.toml"
+    config_file.write_text(config_to_toml(cfg, hide_secrets=False))
+    incoming = root / "incoming" / str(expid)
+    write_quadrant(incoming / f"ztf_{expid}_q{rcid:02d}.fits", quadrant.data, quadrant.header, quadrant.mask)
+    task = subprocess.Popen([sys.executable, "-c", "import sys; from pipeline.cli import main; sys.exit(main())",
+                             "quadrant", "--config", str(config_file), str(incoming), "--quadrant", str(rcid)],
+                            stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(task.pid, 0)
+    task.returncode = os.waitstatus_to_exitcode(status)
+    if task.returncode != 0:
+        raise RuntimeError(f"expid {expid}: the quadrant task ended with exit {task.returncode}")
+    return usage.ru_maxrss / 1024.0          # Linux reports kilobytes
+
+
 def bench_latency(cfg: Config | None = None, n_quadrants: int = 3, rcid: int = 21,
                   bootstrap: str | None = None) -> dict:
     """Median and worst latency, file to acknowledged alerts and committed matchfile epoch.
 
-    Returns the latencies (s), the median time of every stage, and the alerts delivered.
+    Returns the latencies (s), the median time of every stage, the alerts delivered, and the
+    peak memory of one more quadrant run as a task of its own (``skydiff quadrant``).
     """
     from pipeline.bench.alerts import local_broker
     from pipeline.core.image import write_quadrant
@@ -97,7 +125,13 @@ def bench_latency(cfg: Config | None = None, n_quadrants: int = 3, rcid: int = 2
                 for name, value in record["timings_s"].items():
                     stages.setdefault(name, []).append(value)
                 delivered += record["alerts"]["built"] - record["alerts"]["unacknowledged"]
+        # One more quadrant as a task of its own, as a Slurm array task runs it: its peak memory.
+        spec = exposure_at_airmass(cfg, options.field, 1.15 + 0.05 * n_quadrants, night=options.science_night,
+                                   seed=options.seed + 500 + n_quadrants)
+        quadrant, _ = simulate_quadrant(spec, rcid, sky, cfg)
+        peak_mib = _quadrant_task_peak_mib(cfg, root, spec.expid, rcid, quadrant)
     return {"quadrants": n_quadrants, "cpu": cpu, "setup_s": round(setup_s, 1),
+            "quadrant_task_peak_mib": round(peak_mib, 1), "sky": cfg.simulation.sky_preset,
             "latency_median_s": round(statistics.median(latencies), 3), "latency_max_s": round(max(latencies), 3),
             "stages_median_s": {k: round(statistics.median(v), 3) for k, v in stages.items()},
             "alerts_acknowledged": delivered, "broker": "given" if bootstrap else "local Tansu on loopback"}

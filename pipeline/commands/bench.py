@@ -259,6 +259,8 @@ def _best(name: str, values: list):
 def _unit(name: str) -> str:
     if name.endswith("_arcsec"):
         return '"'
+    if name.endswith("_mib"):
+        return "MiB"
     if name.endswith("_megabytes"):
         return "MB"
     if name.startswith("ratio"):
