@@ -55,7 +55,7 @@ def bare_sep_extraction(data: np.ndarray, bad: np.ndarray, saturated: np.ndarray
                                     segmap=segmap, subpix=5)
     half_light = np.where(np.isfinite(half_light), half_light, a)
     sigma = np.maximum(2.0 * half_light / 2.35, config.min_window_sigma)
-    sep.winpos(data, x, y, sigma, mask=bad, subpix=11)
+    sep.winpos(data, x, y, sigma, mask=bad, subpix=0)
     return len(objects)
 
 

@@ -253,7 +253,11 @@ def extract_sources(data: np.ndarray, mask: np.ndarray | None, gain: float, satu
     # bright star).  A floor of min_window_sigma px brings that to ~0.002 px for
     # pixel-integrated PSFs at a modest cost in noise; the errors below use the same window.
     window_sigma = np.maximum(2.0 * half_light / 2.35, config.min_window_sigma)
-    xwin, ywin, _ = sep.winpos(subtracted, x, y, window_sigma, mask=bad, subpix=11)
+    # subpix=0: sep weighs the pixels cut by the window's 4-sigma edge by their exact overlap
+    # with the circle, which SExtractor's 11 x 11 sub-sampling (subpix=11) approximates; on a
+    # 33,000-source quadrant the sub-sampling was 60 % of winpos's time, and the positions
+    # moved by 3e-6 px (median) and 1e-4 px (99th percentile) when it was dropped.
+    xwin, ywin, _ = sep.winpos(subtracted, x, y, window_sigma, mask=bad, subpix=0)
     lap("winpos")
 
     keep, n_drift, n_close = _unique_sources(x, y, xwin, ywin, auto["flux"], image.shape, config)
