@@ -34,7 +34,7 @@ def _bench_astrometry(args) -> dict:
 
 @benchmark("extraction", "the extraction stage against the bare sep calls it is built on (background, detection, "
            "flux radius, windowed positions) on one simulated full quadrant, alternated in one process "
-           "(target: ratio at most 1.3; use --repeat 1, it alternates 3 times; --density PRESET)",
+           "(target: ratio at most 1.3 at the plane preset; use --repeat 1, it alternates 4 times; --density PRESET)",
            {"ratio_median": 1.3})
 def _bench_extraction(args) -> dict:
     from pipeline.bench.extraction import bench_extraction
