@@ -443,32 +443,42 @@ def _window_moments(subtracted, rms, bad, gain, xwin, ywin, sigma, half_light, m
             "snr": np.where(np.isfinite(snr), snr, 0.0), "fwhm": fwhm}
 
 
+def _stamps(images, xwin, ywin, h):
+    """(source, row, column) stamps of half-size ``h`` around each source, from every image.
+
+    Returns the stamps, their pixel columns and rows (n, W) and which of those lie within
+    ``h`` of the source's central pixel and on the image.  Stamps are views of the images
+    (the window of every pixel) picked by their first row and column: one gather per image.
+    A stamp reaching past an edge is shifted inside; the pixels it gains, beyond ``h`` of the
+    centre, are marked outside with those off the image.
+    """
+    ny, nx = images[0].shape
+    width = 2 * h + 1
+    offsets = np.arange(width)
+    cx, cy = np.rint(xwin).astype(int), np.rint(ywin).astype(int)
+    if nx >= width and ny >= width:
+        x0, y0 = np.clip(cx - h, 0, nx - width), np.clip(cy - h, 0, ny - width)
+        stamps = [sliding_window_view(a, (width, width))[y0, x0] for a in images]
+    else:
+        x0, y0 = cx - h, cy - h
+        rows = np.clip(y0[:, None] + offsets, 0, ny - 1)[:, :, None]
+        cols = np.clip(x0[:, None] + offsets, 0, nx - 1)[:, None, :]
+        stamps = [a[rows, cols] for a in images]
+    px, py = x0[:, None] + offsets, y0[:, None] + offsets        # (n, W): columns, rows
+    in_x = (np.abs(px - cx[:, None]) <= h) & (px >= 0) & (px < nx)
+    in_y = (np.abs(py - cy[:, None]) <= h) & (py >= 0) & (py < ny)
+    return stamps, px, py, in_x, in_y
+
+
 def _stamp_sums(subtracted, rms, bad, gain, xwin, ywin, sigma, half_light, h):
     """The sums of :func:`_window_moments` for sources sharing the stamp half-size ``h``.
 
     Stamps are (source, row, column); ``dx`` varies along columns only and ``dy`` along rows
     only, so ``sum(a dx^2) = sum_c dx_c^2 sum_r a``, ``sum(a dx dy) = sum_r dy_r sum_c a dx_c``
-    and ``r^2 = dx^2 + dy^2`` splits the same way.
+    and ``r^2 = dx^2 + dy^2`` splits the same way.  The core fit's pixels (within the
+    half-light radius) are taken from smaller stamps holding them all.
     """
-    ny, nx = subtracted.shape
-    width = 2 * h + 1
-    offsets = np.arange(width)
-    cx, cy = np.rint(xwin).astype(int), np.rint(ywin).astype(int)
-    if nx >= width and ny >= width:
-        # Stamps as views of the images (the window of every pixel), picked by their first
-        # row and column: one gather per image.  A stamp reaching past an edge is shifted
-        # inside; the pixels it gains, beyond h of the centre, are masked below with those
-        # off the image.
-        x0, y0 = np.clip(cx - h, 0, nx - width), np.clip(cy - h, 0, ny - width)
-        pix, noise, masked = (sliding_window_view(a, (width, width))[y0, x0] for a in (subtracted, rms, bad))
-    else:
-        x0, y0 = cx - h, cy - h
-        rows = np.clip(y0[:, None] + offsets, 0, ny - 1)[:, :, None]
-        cols = np.clip(x0[:, None] + offsets, 0, nx - 1)[:, None, :]
-        pix, noise, masked = subtracted[rows, cols], rms[rows, cols], bad[rows, cols]
-    px, py = x0[:, None] + offsets, y0[:, None] + offsets        # (n, W): columns, rows
-    in_x = (np.abs(px - cx[:, None]) <= h) & (px >= 0) & (px < nx)
-    in_y = (np.abs(py - cy[:, None]) <= h) & (py >= 0) & (py < ny)
+    (pix, noise, masked), px, py, in_x, in_y = _stamps((subtracted, rms, bad), xwin, ywin, h)
     pix = pix.astype(np.float64)
     var = noise.astype(np.float64) ** 2 + np.maximum(pix, 0.0) / gain
     dx, dy = px - xwin[:, None], py - ywin[:, None]
@@ -481,27 +491,38 @@ def _stamp_sums(subtracted, rms, bad, gain, xwin, ywin, sigma, half_light, h):
     wi = w * pix
     w *= w
     w2v = np.multiply(w, var, out=w)
-    core = (r2 < (half_light ** 2)[:, None, None]) & (pix > 0) & valid
-    wc = np.where(core, pix * pix, 0.0)
-    wcl = wc * np.log(np.where(core, pix, 1.0))
 
-    def moments(a, cross=True):
+    def moments(a, dx, dy, dx2, dy2, cross=True):
         """sum a, sum a dx^2, sum a dy^2 and (``cross``) sum a dx dy."""
         over_rows, over_cols = a.sum(axis=1), a.sum(axis=2)       # (n, W): per column, per row
         xy = (np.einsum("nrc,nc->nr", a, dx) * dy).sum(axis=1) if cross else None
         return over_cols.sum(axis=1), (over_rows * dx2).sum(axis=1), (over_cols * dy2).sum(axis=1), xy
 
     out = {}
-    out["T"], out["Mxx"], out["Myy"], out["Mxy"] = moments(wi)
-    out["E"], out["Cxx"], out["Cyy"], out["Cxy"] = moments(w2v)
-    s0, sxx, syy, _ = moments(wc, cross=False)
+    out["T"], out["Mxx"], out["Myy"], out["Mxy"] = moments(wi, dx, dy, dx2, dy2)
+    out["E"], out["Cxx"], out["Cyy"], out["Cxy"] = moments(w2v, dx, dy, dx2, dy2)
+
+    # Core fit: a pixel within the half-light radius r_h of the window's centre is at most
+    # r_h + 0.5 from the central pixel, so stamps of half-size ceil(max r_h) + 1 hold them all.
+    c = min(h, int(np.ceil(np.max(half_light, initial=0.0))) + 1)
+    if c < h:
+        (pix, masked), px, py, in_x, in_y = _stamps((subtracted, bad), xwin, ywin, c)
+        pix = pix.astype(np.float64)
+        dx, dy = px - xwin[:, None], py - ywin[:, None]
+        dx2, dy2 = dx * dx, dy * dy
+        r2 = dy2[:, :, None] + dx2[:, None, :]
+        valid = (r2 < 16.0 * s2[:, :, None]) & in_y[:, :, None] & in_x[:, None, :] & ~masked
+    core = (r2 < (half_light ** 2)[:, None, None]) & (pix > 0) & valid
+    wc = np.where(core, pix * pix, 0.0)
+    wcl = wc * np.log(np.where(core, pix, 1.0))
+    s0, sxx, syy, _ = moments(wc, dx, dy, dx2, dy2, cross=False)
     wc_rows, wc_cols = wc.sum(axis=1), wc.sum(axis=2)
     out["n"] = core.sum(axis=(1, 2))
     out["S0"], out["S1"] = s0, sxx + syy
     # r^4 = dx^4 + 2 dx^2 dy^2 + dy^4
     out["S2"] = ((wc_rows * dx2 * dx2).sum(axis=1) + (wc_cols * dy2 * dy2).sum(axis=1)
                  + 2.0 * (np.einsum("nrc,nc->nr", wc, dx2) * dy2).sum(axis=1))
-    sy, sxx_l, syy_l, _ = moments(wcl, cross=False)
+    sy, sxx_l, syy_l, _ = moments(wcl, dx, dy, dx2, dy2, cross=False)
     out["Sy"], out["Sxy"] = sy, sxx_l + syy_l
     return out
 
