@@ -3,8 +3,8 @@ and a Pan-STARRS1-like catalogue of its stars and galaxies (:meth:`SkyModel.ps1_
 
 The density is ``[simulation] sky_preset`` (high-latitude, mid-latitude, plane: star counts
 by magnitude as a broken power law, see :data:`pipeline.core.config.SKY_PRESETS`) or the
-custom settings.  Objects are drawn uniformly on the sphere over the union of the fields' footprints
-(7.5 x 7.3 degrees in the tangent plane about each field centre, plus a margin), so the
+custom settings.  Objects are drawn uniformly on the sphere over the union of the fields'
+footprints (7.5 x 7.3 degrees in the tangent plane about each field centre, plus a margin), so the
 density is right where fields overlap and across RA = 0.  Stars carry their *true*
 position at epoch J2016.0 and true proper motion; the Gaia-like catalogue is the truth
 plus Gaia-like errors, with a share of faint stars published as two-parameter solutions
@@ -145,9 +145,7 @@ def _star_mags(rng, n: int, m_min: float, m_max: float, counts: SkyCounts) -> np
         return _power_law_mags(rng, n, m_min, m_max, sf if mb <= m_min else sb)
     lo, hi = 10 ** (sb * (m_min - mb)), 10 ** (sf * (m_max - mb))
     cumulative = lo + rng.random(n) * (hi - lo)
-    with np.errstate(divide="ignore"):
-        log_n = np.log10(cumulative)
-    return mb + log_n / np.where(cumulative <= 1.0, sb, sf)
+    return mb + np.log10(cumulative) / np.where(cumulative <= 1.0, sb, sf)
 
 
 def _gaia_position_error_mas(g: np.ndarray) -> np.ndarray:
