@@ -56,11 +56,67 @@ def _known_minor_planets(cfg: Config, root: Path, night: str, n_orbits: int = 20
     prepare_solar_system(cfg, mpcorb, [night])
 
 
+def _proc_status_mib(pid: int, key: str) -> float:
+    """A memory figure of ``/proc/<pid>/status`` (VmRSS, VmHWM) in MiB; 0 once the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0.0
+
+
+def _children(pid: int) -> list[int]:
+    """Process ids of the children of ``pid`` (SCAMP, while it runs)."""
+    found = []
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            found += [int(c) for c in (task / "children").read_text().split()]
+    except OSError:
+        pass
+    return found
+
+
+def _quadrant_task_peak_mib(cfg: Config, root: Path, expid: int, rcid: int, quadrant) -> tuple[float, float]:
+    """Peak memory (MiB) of ``skydiff quadrant`` run on one quadrant in a process of its own.
+
+    Returns the task process's own high-water mark (``VmHWM``, read while it runs) and the
+    largest sum of the resident sets of the task and its children (SCAMP) seen by sampling
+    every 20 ms.  The kernel's ``ru_maxrss`` of the task is no use here: a child started from
+    this (large) benchmark process is charged the parent's resident set until it execs.
+    """
+    import subprocess
+    import sys
+
+    from pipeline.core.config import config_to_toml
+    from pipeline.core.image import write_quadrant
+
+    config_file = root / "task.toml"
+    config_file.write_text(config_to_toml(cfg, hide_secrets=False))
+    incoming = root / "incoming" / str(expid)
+    write_quadrant(incoming / f"ztf_{expid}_q{rcid:02d}.fits", quadrant.data, quadrant.header, quadrant.mask)
+    task = subprocess.Popen([sys.executable, "-c", "import sys; from pipeline.cli import main; sys.exit(main())",
+                             "quadrant", "--config", str(config_file), str(incoming), "--quadrant", str(rcid)],
+                            stdout=subprocess.DEVNULL)
+    own_hwm = total_peak = 0.0
+    while task.poll() is None:
+        own_hwm = max(own_hwm, _proc_status_mib(task.pid, "VmHWM"))
+        total = _proc_status_mib(task.pid, "VmRSS") + sum(_proc_status_mib(c, "VmRSS") for c in _children(task.pid))
+        total_peak = max(total_peak, total)
+        time.sleep(0.02)
+    if task.returncode != 0:
+        raise RuntimeError(f"expid {expid}: the quadrant task ended with exit {task.returncode}")
+    return own_hwm, total_peak
+
+
 def bench_latency(cfg: Config | None = None, n_quadrants: int = 3, rcid: int = 21,
                   bootstrap: str | None = None) -> dict:
     """Median and worst latency, file to acknowledged alerts and committed matchfile epoch.
 
-    Returns the latencies (s), the median time of every stage, and the alerts delivered.
+    Returns the latencies (s), the median time of every stage, the alerts delivered, and the
+    peak memory of one more quadrant run as a task of its own (``skydiff quadrant``).
     """
     from pipeline.bench.alerts import local_broker
     from pipeline.core.image import write_quadrant
@@ -97,7 +153,14 @@ def bench_latency(cfg: Config | None = None, n_quadrants: int = 3, rcid: int = 2
                 for name, value in record["timings_s"].items():
                     stages.setdefault(name, []).append(value)
                 delivered += record["alerts"]["built"] - record["alerts"]["unacknowledged"]
+        # One more quadrant as a task of its own, as a Slurm array task runs it: its peak memory.
+        spec = exposure_at_airmass(cfg, options.field, 1.15 + 0.05 * n_quadrants, night=options.science_night,
+                                   seed=options.seed + 500 + n_quadrants)
+        quadrant, _ = simulate_quadrant(spec, rcid, sky, cfg)
+        own_mib, total_mib = _quadrant_task_peak_mib(cfg, root, spec.expid, rcid, quadrant)
     return {"quadrants": n_quadrants, "cpu": cpu, "setup_s": round(setup_s, 1),
+            "quadrant_task_hwm_mib": round(own_mib, 1), "quadrant_task_with_scamp_peak_mib": round(total_mib, 1),
+            "sky": cfg.simulation.sky_preset,
             "latency_median_s": round(statistics.median(latencies), 3), "latency_max_s": round(max(latencies), 3),
             "stages_median_s": {k: round(statistics.median(v), 3) for k, v in stages.items()},
             "alerts_acknowledged": delivered, "broker": "given" if bootstrap else "local Tansu on loopback"}

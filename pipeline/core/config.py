@@ -35,7 +35,7 @@ import tomli_w
 from pipeline.core.exits import UsageError
 
 __all__ = [
-    "FilterConfig", "InstrumentConfig", "SiteConfig", "PathsConfig", "SimulationConfig",
+    "FilterConfig", "InstrumentConfig", "SiteConfig", "PathsConfig", "SimulationConfig", "SkyCounts", "SKY_PRESETS",
     "ExtractionConfig", "PSFConfig", "PhotometryConfig", "PhotCalConfig", "CharacterizeConfig",
     "RegistrationConfig", "REGISTRATION_ORDERS", "AstrometryConfig", "StackConfig", "ReferenceConfig",
     "ZogyConfig", "CandidateConfig", "SubtractionConfig", "RealBogusConfig", "ContextConfig", "PriorFitSettings",
@@ -153,12 +153,58 @@ class PathsConfig:
 
 
 @dataclass(frozen=True)
+class SkyCounts:
+    """How many stars and galaxies the simulated sky holds, by magnitude.
+
+    Stars follow a broken power law in G between ``SimulationConfig.g_min_mag`` and
+    ``g_max_mag``: the cumulative count N(<G) grows as 10^(``slope_bright`` G) up to
+    ``break_mag`` and as 10^(``slope_faint`` G) beyond it, with ``stars_per_deg2`` stars in
+    all.  Galaxies: ``galaxies_per_deg2`` with r from 16 to 22 (slope 0.4).
+    """
+
+    stars_per_deg2: float
+    slope_bright: float
+    slope_faint: float
+    break_mag: float
+    galaxies_per_deg2: float
+
+
+#: The named skies of ``[simulation] sky_preset`` (see :class:`SimulationConfig`).  Their shape
+#: by magnitude is the sky-averaged one of two catalogues: the Tycho-2 + UCAC4 all-sky counts
+#: (417, 955 and 2,155 stars per deg^2 brighter than 14, 15 and 16 mag: log N rises 0.36 per
+#: magnitude) and Gaia DR3 (1,811,709,771 sources over 41,253 deg^2, 43,900 per deg^2 to its
+#: limit near G = 21: from G = 16 to 21, log N rises (log 43,900 - log 2,155) / 5 = 0.26 per
+#: magnitude).  Their totals to G = 21 bracket that sky average by Galactic latitude: 5,000
+#: per deg^2 far from the plane (|b| > 50 deg), 20,000 at mid latitudes (|b| ~ 15-30 deg: a
+#: ZTF quadrant at b = -15 deg holds ~12,000 detections) and 60,000 near the plane
+#: (|b| < 10 deg, away from the bulge, where Gaia's counts reach 10^5-10^6 and crowding, not
+#: the count, limits the detections).  These latitude totals and keeping the all-sky shape at
+#: every latitude (the real high-latitude counts flatten more at the faint end, the halo's)
+#: are this simulator's choices, not measurements.  Galaxies: the default sky's density, a
+#: fifth of it in the plane preset for the extinction (A_r of order 1.5 mag at |b| < 10 deg).
+SKY_PRESETS = MappingProxyType({
+    "high-latitude": SkyCounts(5_000.0, 0.36, 0.26, 16.0, 1_500.0),
+    "mid-latitude": SkyCounts(20_000.0, 0.36, 0.26, 16.0, 1_500.0),
+    "plane": SkyCounts(60_000.0, 0.36, 0.26, 16.0, 300.0),
+})
+
+
+@dataclass(frozen=True)
 class SimulationConfig:
-    """Parameters of the sky simulator (``skydiff simulate``)."""
+    """Parameters of the sky simulator (``skydiff simulate``).
+
+    The sky's density is set either by ``sky_preset``, one of :data:`SKY_PRESETS`
+    (``"high-latitude"``, ``"mid-latitude"``, ``"plane"``), or, with ``sky_preset = "custom"``
+    (the default), by ``star_density_per_deg2``, ``star_count_slope`` and
+    ``galaxy_density_per_deg2``; setting a preset together with any of those three is an
+    error.  :meth:`sky_counts` gives the counts in force.
+    """
 
     seed: int = 20260315
-    star_density_per_deg2: float = 5000.0     # Gaia-like stars to g_max_mag
-    galaxy_density_per_deg2: float = 1500.0
+    sky_preset: str = "custom"
+    star_density_per_deg2: float = 5000.0     # Gaia-like stars to g_max_mag ("custom" sky)
+    star_count_slope: float = 0.3             # N(<G) ~ 10^(slope G) ("custom" sky)
+    galaxy_density_per_deg2: float = 1500.0   # ("custom" sky)
     g_min_mag: float = 9.0
     g_max_mag: float = 21.0
     two_parameter_fraction_faint: float = 0.3  # share of G > 19 stars without proper motion
@@ -181,6 +227,31 @@ class SimulationConfig:
     bad_columns_per_quadrant: int = 2
     hot_pixels_per_quadrant: int = 300
     first_guess_wcs_error_arcsec: float = 20.0
+
+    def __post_init__(self):
+        if self.sky_preset != "custom":
+            if self.sky_preset not in SKY_PRESETS:
+                raise ConfigValueError(f"simulation.sky_preset must be 'custom' or one of "
+                                       f"{', '.join(SKY_PRESETS)}, got {self.sky_preset!r}")
+            custom = [name for name in ("star_density_per_deg2", "star_count_slope", "galaxy_density_per_deg2")
+                      if getattr(self, name) != type(self).__dataclass_fields__[name].default]
+            if custom:
+                raise ConfigValueError(f"simulation.sky_preset = {self.sky_preset!r} sets the sky's counts; "
+                                       f"{', '.join('simulation.' + c for c in custom)} apply only with "
+                                       f"sky_preset = 'custom'")
+        for name in ("star_density_per_deg2", "galaxy_density_per_deg2"):
+            if not getattr(self, name) >= 0:
+                raise ConfigValueError(f"simulation.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 < self.star_count_slope <= 1:
+            raise ConfigValueError(f"simulation.star_count_slope must be in (0, 1], got {self.star_count_slope}")
+
+    def sky_counts(self) -> SkyCounts:
+        """The star and galaxy counts in force: the preset's, or the custom settings'."""
+        if self.sky_preset != "custom":
+            return SKY_PRESETS[self.sky_preset]
+        return SkyCounts(self.star_density_per_deg2, self.star_count_slope, self.star_count_slope,
+                         self.g_max_mag, self.galaxy_density_per_deg2)
+
 
 
 # -- stage sections ---------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """The simulated sky: stars (with a Gaia-like catalogue of them), galaxies and transients,
 and a Pan-STARRS1-like catalogue of its stars and galaxies (:meth:`SkyModel.ps1_catalogue`).
 
-Objects are drawn uniformly on the sphere over the union of the fields' footprints
-(7.5 x 7.3 degrees in the tangent plane about each field centre, plus a margin), so the
+The density is ``[simulation] sky_preset`` (high-latitude, mid-latitude, plane: star counts
+by magnitude as a broken power law, see :data:`pipeline.core.config.SKY_PRESETS`) or the
+custom settings.  Objects are drawn uniformly on the sphere over the union of the fields'
+footprints (7.5 x 7.3 degrees in the tangent plane about each field centre, plus a margin), so the
 density is right where fields overlap and across RA = 0.  Stars carry their *true*
 position at epoch J2016.0 and true proper motion; the Gaia-like catalogue is the truth
 plus Gaia-like errors, with a share of faint stars published as two-parameter solutions
@@ -19,7 +21,7 @@ from astropy.table import Table
 from astropy.wcs import WCS
 from scipy.spatial import cKDTree
 
-from pipeline.core.config import Config, FilterConfig
+from pipeline.core.config import Config, FilterConfig, SkyCounts
 from pipeline.formats.tpv import sky_to_tangent
 
 __all__ = ["SkyModel", "make_sky", "propagate_positions", "julian_epoch", "FOOTPRINT_DEG", "PS1_MAG_LIMIT",
@@ -131,6 +133,21 @@ def _power_law_mags(rng, n: int, m_min: float, m_max: float, slope: float) -> np
     return np.log10(lo + rng.random(n) * (hi - lo)) / slope
 
 
+def _star_mags(rng, n: int, m_min: float, m_max: float, counts: SkyCounts) -> np.ndarray:
+    """Magnitudes with the cumulative count N(<m) of :class:`SkyCounts` between m_min and m_max.
+
+    A single power law (the "custom" sky) draws exactly as :func:`_power_law_mags`; a broken one
+    inverts N(<m) = 10^(slope_bright (m - break)) below the break and 10^(slope_faint (m - break))
+    above it (continuous at the break, where N = 1), from one uniform draw per star.
+    """
+    mb, sb, sf = counts.break_mag, counts.slope_bright, counts.slope_faint
+    if mb >= m_max or mb <= m_min or sb == sf:
+        return _power_law_mags(rng, n, m_min, m_max, sf if mb <= m_min else sb)
+    lo, hi = 10 ** (sb * (m_min - mb)), 10 ** (sf * (m_max - mb))
+    cumulative = lo + rng.random(n) * (hi - lo)
+    return mb + np.log10(cumulative) / np.where(cumulative <= 1.0, sb, sf)
+
+
 def _gaia_position_error_mas(g: np.ndarray) -> np.ndarray:
     """Gaia DR3-like per-axis position error at J2016 versus G (0.02 mas bright, 1.5 mas at G=21)."""
     knots_g = [12.0, 15.0, 17.0, 19.0, 20.0, 21.0, 22.0]
@@ -178,9 +195,10 @@ def _ps1_style_ids(ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
 
 def _make_stars(rng, cfg: Config, fields) -> Table:
     sim = cfg.simulation
-    ra, dec, field_index = _uniform_over_fields(rng, fields, sim.star_density_per_deg2)
+    counts = sim.sky_counts()
+    ra, dec, field_index = _uniform_over_fields(rng, fields, counts.stars_per_deg2)
     n = ra.size
-    g = _power_law_mags(rng, n, sim.g_min_mag, sim.g_max_mag, 0.3)
+    g = _star_mags(rng, n, sim.g_min_mag, sim.g_max_mag, counts)
     bp_rp = rng.uniform(0.5, 2.5, n)
     # Proper motions: most stars 1-10 mas/yr (log-normal), 3 % in a tail to a few hundred.
     pm_total = 10 ** rng.normal(0.55, 0.3, n)
@@ -220,7 +238,7 @@ def _make_stars(rng, cfg: Config, fields) -> Table:
 
 
 def _make_galaxies(rng, cfg: Config, fields) -> Table:
-    ra, dec, field_index = _uniform_over_fields(rng, fields, cfg.simulation.galaxy_density_per_deg2)
+    ra, dec, field_index = _uniform_over_fields(rng, fields, cfg.simulation.sky_counts().galaxies_per_deg2)
     n = ra.size
     return Table({
         "galaxy_id": np.arange(n, dtype=np.int64) + 1, "field_index": field_index.astype(np.int16),

@@ -144,3 +144,14 @@ def test_unknown_keys_name_the_file_and_the_likely_key(tmp_path):
     with pytest.raises(ConfigError, match=re.escape(f"{path}: unknown configuration key(s): site.zzz")) as info:
         load_config(path)
     assert "did you mean" not in str(info.value)
+
+
+def test_sky_presets_set_the_counts_and_refuse_custom_densities_beside_them():
+    plane = load_config(overrides={"simulation": {"sky_preset": "plane"}}).simulation
+    assert plane.sky_counts().stars_per_deg2 == 60_000.0
+    custom = load_config().simulation.sky_counts()
+    assert (custom.stars_per_deg2, custom.slope_bright, custom.slope_faint) == (5000.0, 0.3, 0.3)
+    with pytest.raises(ConfigError, match=r"simulation\.star_density_per_deg2"):
+        load_config(overrides={"simulation": {"sky_preset": "plane", "star_density_per_deg2": 100.0}})
+    with pytest.raises(ConfigError, match="high-latitude, mid-latitude, plane"):
+        load_config(overrides={"simulation": {"sky_preset": "galactic-plane"}})

@@ -224,3 +224,26 @@ def test_light_curves_peak_and_average_as_specified():
         base = s["gmag"][i] + 0.35 + 0.55 * s["bp_rp"][i]
         assert curve.mean() == pytest.approx(base, abs=1e-6)
         assert np.ptp(curve) == pytest.approx(s["var_amplitude"][i], rel=1e-3)
+
+
+@pytest.mark.parametrize("preset", ["high-latitude", "plane"])
+def test_sky_presets_follow_their_broken_power_law(preset):
+    from pipeline.core.config import SKY_PRESETS
+    from pipeline.simulate.sky import _star_mags
+    counts = SKY_PRESETS[preset]
+    g = _star_mags(np.random.default_rng(5), 400_000, 9.0, 21.0, counts)
+    assert g.min() >= 9.0 and g.max() <= 21.0
+    # log N(<m) rises slope_bright per magnitude below the break and slope_faint beyond it
+    n = {m: np.sum(g < m) for m in (13.0, 16.0, 19.0, 21.0)}
+    assert np.log10(n[16.0] / n[13.0]) / 3 == pytest.approx(counts.slope_bright, abs=0.01)
+    assert np.log10(n[21.0] / n[19.0]) / 2 == pytest.approx(counts.slope_faint, abs=0.01)
+
+
+def test_custom_sky_draws_as_before_presets_existed():
+    # The default ("custom") sky keeps its single power law and its random stream, so the
+    # simulated data of every other test and benchmark is unchanged.
+    from pipeline.core.config import SkyCounts
+    from pipeline.simulate.sky import _power_law_mags, _star_mags
+    single = SkyCounts(5000.0, 0.3, 0.3, 21.0, 1500.0)
+    np.testing.assert_array_equal(_star_mags(np.random.default_rng(3), 1000, 9.0, 21.0, single),
+                                  _power_law_mags(np.random.default_rng(3), 1000, 9.0, 21.0, 0.3))
