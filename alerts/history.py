@@ -50,6 +50,7 @@ from typing import Any, Mapping, Sequence
 import astropy.units as u
 import numpy as np
 from astropy_healpix import HEALPix
+from scipy.spatial import cKDTree
 
 from alerts.ids import object_id
 from alerts.schema import EncodedRecord, encode_prv_candidate
@@ -191,7 +192,7 @@ def _planes(corners_json: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _covering_images(images: Mapping[int, list[tuple]], cells: np.ndarray, points: np.ndarray,
-                     jds: Sequence[float]) -> list[list[tuple]]:
+                     jds: Sequence[float], planes_of=lambda pid, corners: _planes(corners)) -> list[list[tuple]]:
     """For each candidate: the images (jd, pid, limit, avro), in pid order, taken by its time
     whose footprint holds it; ``images`` lists (jd, pid, corners, limit, avro) per footprint
     cell, ``cells`` is each candidate's footprint cell and ``points`` its unit vector."""
@@ -205,7 +206,7 @@ def _covering_images(images: Mapping[int, list[tuple]], cells: np.ndarray, point
         rows = sorted(rows, key=lambda row: row[1])
         for row in rows:
             if row[1] not in planes:
-                planes[row[1]] = _planes(row[2])
+                planes[row[1]] = planes_of(row[1], row[2])
         k = max(len(planes[row[1]][0]) for row in rows)
         normals = np.zeros((len(rows), k, 3))
         orientation = np.zeros((len(rows), k))          # padding: 0 on either side counts as inside
@@ -244,6 +245,7 @@ class SQLHistoryStore(HistoryStore):
         self.survey = survey
         self._objects_hp = HEALPix(_OBJECT_NSIDE, order="nested")
         self._images_hp = HEALPix(_IMAGE_NSIDE, order="nested")
+        self._planes_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     # -- what a backend provides --------------------------------------------------------
     @abc.abstractmethod
@@ -366,7 +368,13 @@ class SQLHistoryStore(HistoryStore):
         return [dataclasses.replace(history, object_id=plan.name(ref, names)) for ref, history in plan.histories]
 
     def _read_and_associate(self, pid, dets, ra, dec, jds, cells, search, image_cells) -> "_Plan":
-        """Read what the image's candidates need and associate them in order (nothing written)."""
+        """Read what the image's candidates need and associate them in order (nothing written).
+
+        The neighbours within the match radius (stored objects, stored detections, the
+        image's own earlier candidates) are found for every candidate at once with KD-trees
+        over unit vectors; the loop over candidates, which must run in order because a
+        candidate may join an object minted by an earlier one, then only picks among them.
+        """
         plan = _Plan()
         if not dets:
             return plan
@@ -374,18 +382,13 @@ class SQLHistoryStore(HistoryStore):
         known: dict[int, Any] = {int(c): name for c, name in self._query(
             f"SELECT candid, object_id FROM detections WHERE {self._in_list('candid')}", (self._list_arg(candids),))}
         wanted = sorted({c for cs in search for c in cs})
-        objects: dict[int, list[tuple]] = {}
-        for o_ra, o_dec, name, hpix in self._query(
-                f"SELECT ra, dec, object_id, hpix FROM objects WHERE {self._in_list('hpix')}",
-                (self._list_arg(wanted),)):
-            objects.setdefault(int(hpix), []).append((float(o_ra), float(o_dec), name))
-        stored: dict[int, list[_Stored]] = {}
-        for row in self._query(
-                "SELECT ra, dec, candid, pid, jd, field, rcid, record, avro, hpix FROM detections "
-                f"WHERE {self._in_list('hpix')} AND jd <= ?", (self._list_arg(wanted), max(jds))):
-            stored.setdefault(int(row[9]), []).append(
-                _Stored(float(row[0]), float(row[1]), int(row[2]), int(row[3]), float(row[4]), row[5], row[6],
-                        row[7], None if row[8] is None else bytes(row[8])))
+        objects = self._query(f"SELECT ra, dec, object_id FROM objects WHERE {self._in_list('hpix')}",
+                              (self._list_arg(wanted),))
+        stored = [_Stored(float(row[0]), float(row[1]), int(row[2]), int(row[3]), float(row[4]), row[5], row[6],
+                          row[7], None if row[8] is None else bytes(row[8]))
+                  for row in self._query(
+                      "SELECT ra, dec, candid, pid, jd, field, rcid, record, avro FROM detections "
+                      f"WHERE {self._in_list('hpix')} AND jd <= ?", (self._list_arg(wanted), max(jds)))]
         images: dict[int, list[tuple]] = {}
         for hpix, *row in self._query(
                 "SELECT c.hpix, i.jd, i.pid, i.corners, i.upper_limit, i.upper_limit_avro FROM image_cells c "
@@ -393,29 +396,81 @@ class SQLHistoryStore(HistoryStore):
                 (self._list_arg(sorted({int(c) for c in image_cells})), max(jds))):
             images.setdefault(int(hpix), []).append(
                 (float(row[0]), int(row[1]), row[2], row[3], None if row[4] is None else bytes(row[4])))
-        covering = _covering_images(images, image_cells, _unit_vectors(ra, dec).reshape(-1, 3), jds)
+        points = _unit_vectors(ra, dec).reshape(-1, 3)
+        covering = _covering_images(images, image_cells, points, jds, self._planes)
+        near_objects = _neighbours(points, _unit_vectors([o[0] for o in objects], [o[1] for o in objects]))
+        near_stored = _neighbours(points, _unit_vectors([r.ra for r in stored], [r.dec for r in stored]))
+        near_earlier = _neighbours(points, points, earlier_only=True)
+        minted: list[int | None] = [None] * len(dets)        # the new object candidate i minted
+        added: list[_Stored | None] = [None] * len(dets)     # the detection candidate i added
         for i, det in enumerate(dets):
             candid, jd = candids[i], jds[i]
             new = False
             if candid in known:
                 ref = known[candid]
             else:
-                near = _nearest(ra[i], dec[i], [o for c in search[i] for o in objects.get(c, ())])
-                if near is not None:
-                    ref = near
+                # The nearest object within the radius, stored or minted by an earlier candidate
+                # (ties: the smaller name, new objects named by their index as before minting).
+                options = [(sep, str(objects[o][2]), objects[o][2]) for o, sep in near_objects[i]]
+                options += [(sep, str(minted[j]), minted[j]) for j, sep in near_earlier[i] if minted[j] is not None]
+                if options:
+                    ref = min(options, key=lambda option: option[:2])[2]
                 else:
-                    ref = len(plan.new_objects)
+                    ref = minted[i] = len(plan.new_objects)
                     new = True
                     plan.new_objects.append((_year_of_jd(jd), float(ra[i]), float(dec[i]), int(cells[i]), jd))
-                    objects.setdefault(int(cells[i]), []).append((float(ra[i]), float(dec[i]), ref))
-                row = _Stored(float(ra[i]), float(dec[i]), candid, pid, jd,
-                              det.get("field"), det.get("rcid"), json.dumps(dict(det)), _prv_encoding(det))
+                row = added[i] = _Stored(float(ra[i]), float(dec[i]), candid, pid, jd, det.get("field"),
+                                         det.get("rcid"), json.dumps(dict(det)), _prv_encoding(det))
                 known[candid] = ref
                 plan.inserts.append((i, ref, row))
-                stored.setdefault(int(cells[i]), []).append(row)
-            rows = [r for c in search[i] for r in stored.get(c, ()) if r.jd <= jd]
-            plan.histories.append((ref, _history(det, rows, covering[i], new)))
+            near = [(sep, stored[k]) for k, sep in near_stored[i] if stored[k].jd <= jd]
+            near += [(sep, added[j]) for j, sep in near_earlier[i] if added[j] is not None and added[j].jd <= jd]
+            if added[i] is not None:
+                near.append((0.0, added[i]))
+            near.sort(key=lambda entry: (entry[0], entry[1].candid))
+            plan.histories.append((ref, _history(det, [row for _, row in near], covering[i], new)))
         return plan
+
+    def _planes(self, pid: int, corners_json: str) -> tuple[np.ndarray, np.ndarray]:
+        """An image's footprint edge planes, kept per pid (an image's corners never change)."""
+        cache = self._planes_cache
+        if pid not in cache:
+            if len(cache) >= _PLANES_CACHE_SIZE:
+                cache.clear()
+            cache[pid] = _planes(corners_json)
+        return cache[pid]
+
+
+#: Footprints whose edge planes a store keeps (a few MB; cleared when full).
+_PLANES_CACHE_SIZE = 20_000
+
+
+def _neighbours(points: np.ndarray, others: np.ndarray, earlier_only: bool = False) -> list[list[tuple[int, float]]]:
+    """For each of ``points``: the ``others`` within the match radius, as (index, separation
+    in arcsec); with ``earlier_only`` (``others`` is ``points``) only those of a smaller index.
+
+    scipy's KD-tree over unit vectors finds them within the radius's chord (a hair wider);
+    the separations are then computed as :func:`_separation_arcsec` computes them, and the
+    radius applied to those.
+    """
+    found: list[list[tuple[int, float]]] = [[] for _ in range(len(points))]
+    others = np.asarray(others, float).reshape(-1, 3)
+    if not len(points) or not len(others):
+        return found
+    chord = 2.0 * math.sin(MATCH_RADIUS_ARCSEC * _ARCSEC / 2.0) * (1.0 + 1e-6)
+    lists = cKDTree(others).query_ball_point(points, chord)
+    counts = np.fromiter((len(item) for item in lists), np.int64, len(lists))
+    a = np.repeat(np.arange(len(points)), counts)
+    b = np.fromiter((j for item in lists for j in item), np.int64, int(counts.sum()))
+    if earlier_only:
+        keep = b < a
+        a, b = a[keep], b[keep]
+    distance = np.linalg.norm(others[b] - points[a], axis=-1)
+    sep = 2.0 * np.arcsin(np.clip(distance / 2.0, 0.0, 1.0)) / _ARCSEC
+    within = sep <= MATCH_RADIUS_ARCSEC
+    for i, j, s in zip(a[within].tolist(), b[within].tolist(), sep[within].tolist()):
+        found[i].append((j, s))
+    return found
 
 
 @dataclass
@@ -433,25 +488,11 @@ class _Plan:
         return ref if isinstance(ref, str) else minted[ref]
 
 
-def _nearest(ra: float, dec: float, objects: list[tuple]) -> Any:
-    """The object (name or new-object index) nearest to (ra, dec) within the match radius."""
-    if not objects:
-        return None
-    sep = np.atleast_1d(_separation_arcsec(ra, dec, [o[0] for o in objects], [o[1] for o in objects]))
-    best = min(((float(s), i) for i, s in enumerate(sep) if s <= MATCH_RADIUS_ARCSEC),
-               key=lambda entry: (entry[0], str(objects[entry[1]][2])), default=None)
-    return None if best is None else objects[best[1]][2]
-
-
-def _history(det: Mapping[str, Any], rows: list[_Stored], covering: list[tuple], new: bool) -> CandidateHistory:
-    """A candidate's history from the detections in its cells (taken by its time) and the
-    images covering it; the object name is filled in once minted."""
+def _history(det: Mapping[str, Any], near: list[_Stored], covering: list[tuple], new: bool) -> CandidateHistory:
+    """A candidate's history from the detections within the match radius taken by its time
+    (nearest first, then by candid) and the images covering it; the object name is filled in
+    once minted."""
     jd, start = float(det["jd"]), float(det["jd"]) - HISTORY_DAYS
-    near = []
-    if rows:
-        sep = np.atleast_1d(_separation_arcsec(det["ra"], det["dec"], [r.ra for r in rows], [r.dec for r in rows]))
-        near = [r for s, r in sorted(((float(s), r) for s, r in zip(sep, rows) if s <= MATCH_RADIUS_ARCSEC),
-                                     key=lambda entry: (entry[0], entry[1].candid))]
     same_channel = [r.jd for r in near if r.field == det.get("field") and r.rcid == det.get("rcid")]
     detected_pids = {r.pid for r in near}
     previous = [(r.jd, EncodedRecord(json.loads(r.record), r.avro)) for r in near
