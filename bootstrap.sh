@@ -22,6 +22,9 @@ fi
 
 apt_needed=()
 command -v scamp >/dev/null 2>&1 || apt_needed+=(scamp)
+# PostgreSQL (the object history for a cluster; the tests start a private server of it).
+compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || command -v initdb >/dev/null 2>&1 \
+  || apt_needed+=(postgresql)
 "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1 || apt_needed+=(python3-venv)
 if [ ${#apt_needed[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then

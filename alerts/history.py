@@ -25,17 +25,20 @@ Spatial lookups use HEALPix (nested): detections and objects are indexed at nsid
 (12.9 arcsec cells; a 1.5 arcsec search reads one cell and its 8 neighbours), image
 footprints at nside 64 (0.9 degree cells, each image listed in every cell it touches).
 
-:class:`HistoryStore` is the interface; :class:`SQLiteHistoryStore` the embedded default: one
+:class:`HistoryStore` is the interface; :class:`SQLHistoryStore` the association over the
+tables, shared by both backends.  :class:`SQLiteHistoryStore` is the embedded default: one
 SQLite file in WAL mode with a busy timeout, each image one ``BEGIN IMMEDIATE`` transaction,
 safe for several processes on one machine (never on a shared/network file system: SQLite's
-locking is not reliable there).  A PostgreSQL store for a cluster implements the same two
-methods over the same tables: the image transaction takes ``pg_advisory_xact_lock`` on the
-footprint's HEALPix cells (so overlapping images associate one after the other) and mints
-names with ``UPDATE id_counters ... RETURNING``.
+locking is not reliable there).  :class:`alerts.history_postgres.PostgresHistoryStore`, for a
+cluster, runs the same association over the same tables: the image transaction takes
+``pg_advisory_xact_lock`` on the footprint's HEALPix cells (so overlapping images associate
+one after the other) and mints names with ``UPDATE id_counters ... RETURNING``.
+:func:`open_history_store` opens the one the ``[history]`` configuration names.
 """
 from __future__ import annotations
 
 import abc
+import dataclasses
 import datetime
 import json
 import math
@@ -47,13 +50,14 @@ from typing import Any, Mapping, Sequence
 import astropy.units as u
 import numpy as np
 from astropy_healpix import HEALPix
+from scipy.spatial import cKDTree
 
 from alerts.ids import object_id
 from alerts.schema import EncodedRecord, encode_prv_candidate
 from pipeline.core.exits import PipelineError
 
-__all__ = ["ImageRecord", "CandidateHistory", "HistoryStore", "SQLiteHistoryStore", "HistoryError",
-           "MATCH_RADIUS_ARCSEC", "HISTORY_DAYS"]
+__all__ = ["ImageRecord", "CandidateHistory", "HistoryStore", "SQLHistoryStore", "SQLiteHistoryStore", "HistoryError",
+           "MATCH_RADIUS_ARCSEC", "HISTORY_DAYS", "open_history_store"]
 
 MATCH_RADIUS_ARCSEC = 1.5
 HISTORY_DAYS = 30.0
@@ -130,14 +134,6 @@ def _separation_arcsec(ra0, dec0, ra, dec) -> np.ndarray:
     return 2.0 * np.arcsin(np.clip(chord / 2.0, 0.0, 1.0)) / _ARCSEC
 
 
-def _inside(corners: np.ndarray, point: np.ndarray) -> bool:
-    """Whether a unit vector lies inside a convex spherical polygon (corners in edge order)."""
-    normals = np.cross(corners, np.roll(corners, -1, axis=0))
-    sides = normals @ point
-    orientation = np.sign(normals @ corners.mean(axis=0))
-    return bool(np.all(sides * orientation >= 0.0))
-
-
 def _year_of_jd(jd: float) -> int:
     return (datetime.datetime(2000, 1, 1, 12) + datetime.timedelta(days=jd - 2451545.0)).year
 
@@ -172,7 +168,346 @@ def _prv_encoding(entry: Mapping[str, Any]) -> bytes | None:
         return None
 
 
-class SQLiteHistoryStore(HistoryStore):
+@dataclass
+class _Stored:
+    """One detection as the association sees it (read from the store or added by this image)."""
+
+    ra: float
+    dec: float
+    candid: int
+    pid: int
+    jd: float
+    field: int | None
+    rcid: int | None
+    record: str
+    avro: bytes | None
+
+
+def _planes(corners_json: str) -> tuple[np.ndarray, np.ndarray]:
+    """A convex footprint's edge planes: their normals and on which side the inside lies."""
+    corners = np.asarray(json.loads(corners_json), float)
+    vectors = _unit_vectors(corners[:, 0], corners[:, 1])
+    normals = np.cross(vectors, np.roll(vectors, -1, axis=0))
+    return normals, np.sign(normals @ vectors.mean(axis=0))
+
+
+def _covering_images(images: Mapping[int, list[tuple]], cells: np.ndarray, points: np.ndarray,
+                     jds: Sequence[float], planes_of=lambda pid, corners: _planes(corners)) -> list[list[tuple]]:
+    """For each candidate: the images (jd, pid, limit, avro), in pid order, taken by its time
+    whose footprint holds it; ``images`` lists (jd, pid, corners, limit, avro) per footprint
+    cell, ``cells`` is each candidate's footprint cell and ``points`` its unit vector."""
+    covering: list[list[tuple]] = [[] for _ in range(len(points))]
+    planes: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    jds = np.asarray(jds, float)
+    for cell, rows in images.items():
+        members = np.flatnonzero(cells == cell)
+        if not members.size or not rows:
+            continue
+        rows = sorted(rows, key=lambda row: row[1])
+        for row in rows:
+            if row[1] not in planes:
+                planes[row[1]] = planes_of(row[1], row[2])
+        k = max(len(planes[row[1]][0]) for row in rows)
+        normals = np.zeros((len(rows), k, 3))
+        orientation = np.zeros((len(rows), k))          # padding: 0 on either side counts as inside
+        for j, row in enumerate(rows):
+            n, o = planes[row[1]]
+            normals[j, :len(n)], orientation[j, :len(o)] = n, o
+        sides = np.einsum("ikc,dc->dik", normals, points[members]) * orientation[None]
+        taken = np.array([row[0] for row in rows])[None, :] <= jds[members][:, None]
+        inside = np.all(sides >= 0.0, axis=2) & taken
+        for a, i in enumerate(members):
+            covering[i] = [(rows[j][0], rows[j][1], rows[j][3], rows[j][4]) for j in np.flatnonzero(inside[a])]
+    return covering
+
+
+class SQLHistoryStore(HistoryStore):
+    """The association over the history tables, shared by the SQLite and PostgreSQL stores.
+
+    One image is one transaction: the image and its footprint cells are written, what the
+    association needs is read in four queries (the candids already stored, the objects and
+    detections in the candidates' HEALPix cells and their 8 neighbours, the images listed in
+    the candidates' footprint cells), the candidates are associated in their order, in
+    memory, exactly as if each were looked up after the previous one was written (a
+    candidate within 1.5 arcsec of an object minted for an earlier candidate of the same
+    image joins it), and the new objects and detections are written in bulk.  Names are
+    minted last, with one ``UPDATE id_counters ... RETURNING`` per year, so a transaction
+    holds its counter row only for its final writes and commit.
+
+    A subclass provides the connection: :meth:`_query`, :meth:`_execute`,
+    :meth:`_execute_many`, :meth:`_begin`, :meth:`_commit`, :meth:`_rollback`, the SQL of a
+    list parameter (:meth:`_in_list`), and :meth:`_lock_cells`, which serialises images on
+    overlapping footprints where the database does not serialise every writer already.
+    Statements are written with ``?`` placeholders.
+    """
+
+    def __init__(self, survey: str):
+        self.survey = survey
+        self._objects_hp = HEALPix(_OBJECT_NSIDE, order="nested")
+        self._images_hp = HEALPix(_IMAGE_NSIDE, order="nested")
+        self._planes_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    # -- what a backend provides --------------------------------------------------------
+    @abc.abstractmethod
+    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple]:
+        """Rows of one statement."""
+
+    @abc.abstractmethod
+    def _execute(self, sql: str, args: Sequence[Any] = ()) -> int:
+        """Run one statement; the number of rows it changed."""
+
+    @abc.abstractmethod
+    def _execute_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """Run one statement for each row of parameters."""
+
+    @abc.abstractmethod
+    def _begin(self) -> None:
+        """Start the image transaction (waiting for other writers as the backend must)."""
+
+    @abc.abstractmethod
+    def _commit(self) -> None:
+        """Commit the image transaction."""
+
+    @abc.abstractmethod
+    def _rollback(self) -> None:
+        """Roll the image transaction back."""
+
+    @abc.abstractmethod
+    def _in_list(self, column: str) -> str:
+        """SQL testing ``column`` against one list parameter (see :meth:`_list_arg`)."""
+
+    def _list_arg(self, values: Sequence[int]) -> Any:
+        """The parameter :meth:`_in_list` expects for ``values``."""
+        return [int(v) for v in values]
+
+    def _lock_cells(self, cells: Sequence[int]) -> None:
+        """Serialise this transaction with every other one touching ``cells`` (footprint
+        cells at nside 64, ascending); nothing to do where the transaction locks the store."""
+
+    # -- spatial helpers -------------------------------------------------------------
+    def object_cells(self, ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
+        """The nside-16384 cells detections and objects at (ra, dec) are indexed under."""
+        return np.atleast_1d(self._objects_hp.lonlat_to_healpix(ra * u.deg, dec * u.deg)).astype(np.int64)
+
+    def _search_cells(self, centres: np.ndarray) -> list[list[int]]:
+        """For each cell: itself and its 8 neighbours (a 1.5 arcsec search never leaves them)."""
+        if not len(centres):
+            return []
+        neighbours = np.atleast_2d(np.asarray(self._objects_hp.neighbours(centres))).reshape(8, len(centres))
+        return [[int(c)] + [int(n) for n in neighbours[:, i] if n >= 0] for i, c in enumerate(centres)]
+
+    def footprint_cells(self, corners: list[list[float]]) -> list[int]:
+        """The nside-64 cells an image is listed in: a cone around its corners, with a margin."""
+        vectors = _unit_vectors([c[0] for c in corners], [c[1] for c in corners])
+        centre = vectors.mean(axis=0)
+        centre /= np.linalg.norm(centre)
+        radius = float(np.max(np.arccos(np.clip(vectors @ centre, -1, 1))))
+        lon, lat = math.atan2(centre[1], centre[0]), math.asin(centre[2])
+        cells = self._images_hp.cone_search_lonlat(
+            lon * u.rad, lat * u.rad, (radius * u.rad + 2 * self._images_hp.pixel_resolution).to(u.deg))
+        return sorted({int(c) for c in cells})
+
+    # -- the image transaction ---------------------------------------------------------
+    def _insert_image(self, image: ImageRecord, corners: list[list[float]], cells: list[int]) -> None:
+        inserted = self._execute(
+            "INSERT INTO images (pid, jd, field, rcid, corners, upper_limit, upper_limit_avro) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (pid) DO NOTHING",
+            (int(image.pid), float(image.jd), image.field, image.rcid, json.dumps(corners),
+             json.dumps(dict(image.upper_limit)), _prv_encoding(image.upper_limit)))
+        if inserted:
+            self._execute_many("INSERT INTO image_cells (hpix, pid) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                               [(c, int(image.pid)) for c in cells])
+
+    def _mint(self, years: list[int]) -> list[str]:
+        """Names for new objects of these years (in this order), from the per-year counters."""
+        names: list[str | None] = [None] * len(years)
+        for year in sorted(set(years)):
+            slots = [i for i, y in enumerate(years) if y == year]
+            self._execute("INSERT INTO id_counters (year, next_serial) VALUES (?, 0) ON CONFLICT (year) DO NOTHING",
+                          (year,))
+            (first,), = self._query("UPDATE id_counters SET next_serial = next_serial + ? WHERE year = ? "
+                                    "RETURNING next_serial - ?", (len(slots), year, len(slots)))
+            for k, slot in enumerate(slots):
+                names[slot] = object_id(self.survey, year, int(first) + k)
+        return names  # type: ignore[return-value]
+
+    def record_image(self, image: ImageRecord, detections: Sequence[Mapping[str, Any]]) -> list[CandidateHistory]:
+        corners = [[float(ra), float(dec)] for ra, dec in image.footprint]
+        if len(corners) < 3:
+            raise ValueError(f"image pid {image.pid}: footprint needs at least 3 corners, got {len(corners)}")
+        dets = list(detections)
+        footprint = self.footprint_cells(corners)
+        ra = np.array([float(d["ra"]) for d in dets])
+        dec = np.array([float(d["dec"]) for d in dets])
+        jds = [float(d["jd"]) for d in dets]
+        cells = self.object_cells(ra, dec) if dets else np.zeros(0, np.int64)
+        search = self._search_cells(cells)
+        image_cells = (np.atleast_1d(self._images_hp.lonlat_to_healpix(ra * u.deg, dec * u.deg)).astype(np.int64)
+                       if dets else np.zeros(0, np.int64))
+        lock = set(footprint) | {int(c) for c in image_cells}
+        if len(image_cells):
+            lock |= {int(n) for n in np.ravel(self._images_hp.neighbours(image_cells)) if n >= 0}
+        self._begin()
+        try:
+            self._lock_cells(sorted(lock))
+            self._insert_image(image, corners, footprint)
+            plan = self._read_and_associate(int(image.pid), dets, ra, dec, jds, cells, search, image_cells)
+            names = self._mint([year for year, *_ in plan.new_objects])
+            self._execute_many("INSERT INTO objects (object_id, ra, dec, hpix, first_jd) VALUES (?, ?, ?, ?, ?)",
+                               [(name, o_ra, o_dec, hpix, jd)
+                                for name, (_, o_ra, o_dec, hpix, jd) in zip(names, plan.new_objects)])
+            self._execute_many(
+                "INSERT INTO detections (candid, object_id, pid, jd, ra, dec, hpix, field, rcid, record, avro) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (candid) DO NOTHING",
+                [(row.candid, plan.name(ref, names), int(image.pid), row.jd, row.ra, row.dec, int(cells[i]),
+                  row.field, row.rcid, row.record, row.avro) for i, ref, row in plan.inserts])
+            self._commit()
+        except BaseException:
+            self._rollback()
+            raise
+        return [dataclasses.replace(history, object_id=plan.name(ref, names)) for ref, history in plan.histories]
+
+    def _read_and_associate(self, pid, dets, ra, dec, jds, cells, search, image_cells) -> "_Plan":
+        """Read what the image's candidates need and associate them in order (nothing written).
+
+        The neighbours within the match radius (stored objects, stored detections, the
+        image's own earlier candidates) are found for every candidate at once with KD-trees
+        over unit vectors; the loop over candidates, which must run in order because a
+        candidate may join an object minted by an earlier one, then only picks among them.
+        """
+        plan = _Plan()
+        if not dets:
+            return plan
+        candids = [int(d["candid"]) for d in dets]
+        known: dict[int, Any] = {int(c): name for c, name in self._query(
+            f"SELECT candid, object_id FROM detections WHERE {self._in_list('candid')}", (self._list_arg(candids),))}
+        wanted = sorted({c for cs in search for c in cs})
+        objects = self._query(f"SELECT ra, dec, object_id FROM objects WHERE {self._in_list('hpix')}",
+                              (self._list_arg(wanted),))
+        stored = [_Stored(float(row[0]), float(row[1]), int(row[2]), int(row[3]), float(row[4]), row[5], row[6],
+                          row[7], None if row[8] is None else bytes(row[8]))
+                  for row in self._query(
+                      "SELECT ra, dec, candid, pid, jd, field, rcid, record, avro FROM detections "
+                      f"WHERE {self._in_list('hpix')} AND jd <= ?", (self._list_arg(wanted), max(jds)))]
+        images: dict[int, list[tuple]] = {}
+        for hpix, *row in self._query(
+                "SELECT c.hpix, i.jd, i.pid, i.corners, i.upper_limit, i.upper_limit_avro FROM image_cells c "
+                f"JOIN images i ON i.pid = c.pid WHERE {self._in_list('c.hpix')} AND i.jd <= ?",
+                (self._list_arg(sorted({int(c) for c in image_cells})), max(jds))):
+            images.setdefault(int(hpix), []).append(
+                (float(row[0]), int(row[1]), row[2], row[3], None if row[4] is None else bytes(row[4])))
+        points = _unit_vectors(ra, dec).reshape(-1, 3)
+        covering = _covering_images(images, image_cells, points, jds, self._planes)
+        near_objects = _neighbours(points, _unit_vectors([o[0] for o in objects], [o[1] for o in objects]))
+        near_stored = _neighbours(points, _unit_vectors([r.ra for r in stored], [r.dec for r in stored]))
+        near_earlier = _neighbours(points, points, earlier_only=True)
+        minted: list[int | None] = [None] * len(dets)        # the new object candidate i minted
+        added: list[_Stored | None] = [None] * len(dets)     # the detection candidate i added
+        for i, det in enumerate(dets):
+            candid, jd = candids[i], jds[i]
+            new = False
+            if candid in known:
+                ref = known[candid]
+            else:
+                # The nearest object within the radius, stored or minted by an earlier candidate
+                # (ties: the smaller name, new objects named by their index as before minting).
+                options = [(sep, str(objects[o][2]), objects[o][2]) for o, sep in near_objects[i]]
+                options += [(sep, str(minted[j]), minted[j]) for j, sep in near_earlier[i] if minted[j] is not None]
+                if options:
+                    ref = min(options, key=lambda option: option[:2])[2]
+                else:
+                    ref = minted[i] = len(plan.new_objects)
+                    new = True
+                    plan.new_objects.append((_year_of_jd(jd), float(ra[i]), float(dec[i]), int(cells[i]), jd))
+                row = added[i] = _Stored(float(ra[i]), float(dec[i]), candid, pid, jd, det.get("field"),
+                                         det.get("rcid"), json.dumps(dict(det)), _prv_encoding(det))
+                known[candid] = ref
+                plan.inserts.append((i, ref, row))
+            near = [(sep, stored[k]) for k, sep in near_stored[i] if stored[k].jd <= jd]
+            near += [(sep, added[j]) for j, sep in near_earlier[i] if added[j] is not None and added[j].jd <= jd]
+            if added[i] is not None:
+                near.append((0.0, added[i]))
+            near.sort(key=lambda entry: (entry[0], entry[1].candid))
+            plan.histories.append((ref, _history(det, [row for _, row in near], covering[i], new)))
+        return plan
+
+    def _planes(self, pid: int, corners_json: str) -> tuple[np.ndarray, np.ndarray]:
+        """An image's footprint edge planes, kept per pid (an image's corners never change)."""
+        cache = self._planes_cache
+        if pid not in cache:
+            if len(cache) >= _PLANES_CACHE_SIZE:
+                cache.clear()
+            cache[pid] = _planes(corners_json)
+        return cache[pid]
+
+
+#: Footprints whose edge planes a store keeps (a few MB; cleared when full).
+_PLANES_CACHE_SIZE = 20_000
+
+
+def _neighbours(points: np.ndarray, others: np.ndarray, earlier_only: bool = False) -> list[list[tuple[int, float]]]:
+    """For each of ``points``: the ``others`` within the match radius, as (index, separation
+    in arcsec); with ``earlier_only`` (``others`` is ``points``) only those of a smaller index.
+
+    scipy's KD-tree over unit vectors finds them within the radius's chord (a hair wider);
+    the separations are then computed as :func:`_separation_arcsec` computes them, and the
+    radius applied to those.
+    """
+    found: list[list[tuple[int, float]]] = [[] for _ in range(len(points))]
+    others = np.asarray(others, float).reshape(-1, 3)
+    if not len(points) or not len(others):
+        return found
+    chord = 2.0 * math.sin(MATCH_RADIUS_ARCSEC * _ARCSEC / 2.0) * (1.0 + 1e-6)
+    lists = cKDTree(others).query_ball_point(points, chord)
+    counts = np.fromiter((len(item) for item in lists), np.int64, len(lists))
+    a = np.repeat(np.arange(len(points)), counts)
+    b = np.fromiter((j for item in lists for j in item), np.int64, int(counts.sum()))
+    if earlier_only:
+        keep = b < a
+        a, b = a[keep], b[keep]
+    distance = np.linalg.norm(others[b] - points[a], axis=-1)
+    sep = 2.0 * np.arcsin(np.clip(distance / 2.0, 0.0, 1.0)) / _ARCSEC
+    within = sep <= MATCH_RADIUS_ARCSEC
+    for i, j, s in zip(a[within].tolist(), b[within].tolist(), sep[within].tolist()):
+        found[i].append((j, s))
+    return found
+
+
+@dataclass
+class _Plan:
+    """An image's association before names are minted: new objects (year, ra, dec, hpix,
+    jd) in minting order, the detections to insert and each candidate's history, each with
+    its object as a name or the index of a new object."""
+
+    new_objects: list[tuple] = field(default_factory=list)
+    inserts: list[tuple[int, Any, _Stored]] = field(default_factory=list)
+    histories: list[tuple[Any, CandidateHistory]] = field(default_factory=list)
+
+    @staticmethod
+    def name(ref: Any, minted: list[str]) -> str:
+        return ref if isinstance(ref, str) else minted[ref]
+
+
+def _history(det: Mapping[str, Any], near: list[_Stored], covering: list[tuple], new: bool) -> CandidateHistory:
+    """A candidate's history from the detections within the match radius taken by its time
+    (nearest first, then by candid) and the images covering it; the object name is filled in
+    once minted."""
+    jd, start = float(det["jd"]), float(det["jd"]) - HISTORY_DAYS
+    same_channel = [r.jd for r in near if r.field == det.get("field") and r.rcid == det.get("rcid")]
+    detected_pids = {r.pid for r in near}
+    previous = [(r.jd, EncodedRecord(json.loads(r.record), r.avro)) for r in near
+                if start <= r.jd < jd and r.candid != det["candid"]]
+    previous += [(row_jd, EncodedRecord(json.loads(limit), avro)) for row_jd, pid, limit, avro in covering
+                 if start <= row_jd < jd and pid not in detected_pids]
+    previous.sort(key=lambda entry: entry[0])
+    return CandidateHistory(
+        object_id="", prv_candidates=[entry for _, entry in previous],
+        ndethist=len(same_channel), ncovhist=len(covering),
+        jdstarthist=min(same_channel) if same_channel else None,
+        jdendhist=max(same_channel) if same_channel else None, new_object=new)
+
+
+class SQLiteHistoryStore(SQLHistoryStore):
     """The embedded history store: one SQLite file (WAL), shared by processes on one machine.
 
     Parameters
@@ -186,8 +521,8 @@ class SQLiteHistoryStore(HistoryStore):
     """
 
     def __init__(self, path: str | Path, survey: str = "ztf", busy_timeout_s: float = 60.0):
+        super().__init__(survey)
         self.path = Path(path)
-        self.survey = survey
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None)
@@ -201,116 +536,54 @@ class SQLiteHistoryStore(HistoryStore):
             self._db.execute("COMMIT")
         except sqlite3.DatabaseError as exc:
             raise HistoryError(f"{self.path}: cannot open the history database: {exc}") from None
-        self._objects_hp = HEALPix(_OBJECT_NSIDE, order="nested")
-        self._images_hp = HEALPix(_IMAGE_NSIDE, order="nested")
 
     def close(self) -> None:
         self._db.close()
 
-    # -- spatial helpers -------------------------------------------------------------
-    def _object_cell(self, ra: float, dec: float) -> int:
-        return int(self._objects_hp.lonlat_to_healpix(ra * u.deg, dec * u.deg))
+    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple]:
+        return self._db.execute(sql, args).fetchall()
 
-    def _search_cells(self, ra: float, dec: float) -> list[int]:
-        centre = self._object_cell(ra, dec)
-        neighbours = self._objects_hp.neighbours(centre)
-        return [centre] + [int(n) for n in np.ravel(neighbours) if n >= 0]
+    def _execute(self, sql: str, args: Sequence[Any] = ()) -> int:
+        return self._db.execute(sql, args).rowcount
 
-    def _near(self, table: str, columns: str, ra: float, dec: float, extra: str = "", args=()) -> list:
-        cells = self._search_cells(ra, dec)
-        rows = self._db.execute(
-            f"SELECT ra, dec, {columns} FROM {table} WHERE hpix IN ({','.join('?' * len(cells))}) {extra}",
-            (*cells, *args)).fetchall()
-        if not rows:
-            return []
-        sep = _separation_arcsec(ra, dec, [r[0] for r in rows], [r[1] for r in rows])
-        return sorted((float(s), row[2:]) for s, row in zip(np.atleast_1d(sep), rows) if s <= MATCH_RADIUS_ARCSEC)
+    def _execute_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        if rows:
+            self._db.executemany(sql, rows)
 
-    # -- the image transaction ---------------------------------------------------------
-    def _insert_image(self, image: ImageRecord) -> None:
-        corners = [[float(ra), float(dec)] for ra, dec in image.footprint]
-        if len(corners) < 3:
-            raise ValueError(f"image pid {image.pid}: footprint needs at least 3 corners, got {len(corners)}")
-        inserted = self._db.execute(
-            "INSERT OR IGNORE INTO images (pid, jd, field, rcid, corners, upper_limit, upper_limit_avro) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (image.pid, image.jd, image.field, image.rcid, json.dumps(corners),
-             json.dumps(dict(image.upper_limit)), _prv_encoding(image.upper_limit))).rowcount
-        if not inserted:
-            return
-        vectors = _unit_vectors([c[0] for c in corners], [c[1] for c in corners])
-        centre = vectors.mean(axis=0)
-        centre /= np.linalg.norm(centre)
-        radius = float(np.max(np.arccos(np.clip(vectors @ centre, -1, 1))))
-        lon, lat = math.atan2(centre[1], centre[0]), math.asin(centre[2])
-        cells = self._images_hp.cone_search_lonlat(
-            lon * u.rad, lat * u.rad, (radius * u.rad + 2 * self._images_hp.pixel_resolution).to(u.deg))
-        self._db.executemany("INSERT OR IGNORE INTO image_cells VALUES (?, ?)",
-                             [(int(c), image.pid) for c in cells])
-
-    def _covering_images(self, ra: float, dec: float, jd: float) -> list[tuple[float, int, str, bytes | None]]:
-        cell = int(self._images_hp.lonlat_to_healpix(ra * u.deg, dec * u.deg))
-        rows = self._db.execute(
-            "SELECT i.jd, i.pid, i.corners, i.upper_limit, i.upper_limit_avro FROM image_cells c "
-            "JOIN images i USING (pid) WHERE c.hpix = ? AND i.jd <= ?", (cell, jd)).fetchall()
-        point = _unit_vectors(ra, dec)
-        covering = []
-        for row_jd, pid, corners, limit, avro in rows:
-            corners = np.asarray(json.loads(corners))
-            if _inside(_unit_vectors(corners[:, 0], corners[:, 1]), point):
-                covering.append((row_jd, pid, limit, avro))
-        return covering
-
-    def _associate(self, det: Mapping[str, Any]) -> tuple[str, bool]:
-        known = self._db.execute("SELECT object_id FROM detections WHERE candid = ?", (det["candid"],)).fetchone()
-        if known:
-            return known[0], False
-        nearest = self._near("objects", "object_id", det["ra"], det["dec"])
-        if nearest:
-            return nearest[0][1][0], False
-        year = _year_of_jd(det["jd"])
-        self._db.execute("INSERT OR IGNORE INTO id_counters VALUES (?, 0)", (year,))
-        serial = self._db.execute("UPDATE id_counters SET next_serial = next_serial + 1 WHERE year = ? "
-                                  "RETURNING next_serial - 1", (year,)).fetchone()[0]
-        name = object_id(self.survey, year, serial)
-        self._db.execute("INSERT INTO objects VALUES (?, ?, ?, ?, ?)",
-                         (name, det["ra"], det["dec"], self._object_cell(det["ra"], det["dec"]), det["jd"]))
-        return name, True
-
-    def _history(self, det: Mapping[str, Any], name: str, new: bool) -> CandidateHistory:
-        jd, start = det["jd"], det["jd"] - HISTORY_DAYS
-        near = [row for _, row in self._near(
-            "detections", "candid, pid, jd, field, rcid, record, avro", det["ra"], det["dec"], "AND jd <= ?", (jd,))]
-        same_channel = [row[2] for row in near if row[3] == det.get("field") and row[4] == det.get("rcid")]
-        detected_pids = {row[1] for row in near}
-        previous = [(row[2], EncodedRecord(json.loads(row[5]), row[6])) for row in near
-                    if start <= row[2] < jd and row[0] != det["candid"]]
-        covering = self._covering_images(det["ra"], det["dec"], jd)
-        previous += [(row_jd, EncodedRecord(json.loads(limit), avro)) for row_jd, pid, limit, avro in covering
-                     if start <= row_jd < jd and pid not in detected_pids]
-        previous.sort(key=lambda entry: entry[0])
-        return CandidateHistory(
-            object_id=name, prv_candidates=[entry for _, entry in previous],
-            ndethist=len(same_channel), ncovhist=len(covering),
-            jdstarthist=min(same_channel) if same_channel else None,
-            jdendhist=max(same_channel) if same_channel else None, new_object=new)
-
-    def record_image(self, image: ImageRecord, detections: Sequence[Mapping[str, Any]]) -> list[CandidateHistory]:
-        histories = []
+    def _begin(self) -> None:
+        # One writer at a time on the whole file: no cell locks needed.
         self._db.execute("BEGIN IMMEDIATE")
-        try:
-            self._insert_image(image)
-            for det in detections:
-                name, new = self._associate(det)
-                self._db.execute(
-                    "INSERT OR IGNORE INTO detections (candid, object_id, pid, jd, ra, dec, hpix, field, rcid, "
-                    "record, avro) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (det["candid"], name, image.pid, det["jd"], det["ra"], det["dec"],
-                     self._object_cell(det["ra"], det["dec"]), det.get("field"), det.get("rcid"),
-                     json.dumps(dict(det)), _prv_encoding(det)))
-                histories.append(self._history(det, name, new))
-            self._db.execute("COMMIT")
-        except BaseException:
+
+    def _commit(self) -> None:
+        self._db.execute("COMMIT")
+
+    def _rollback(self) -> None:
+        if self._db.in_transaction:
             self._db.execute("ROLLBACK")
-            raise
-        return histories
+
+    def _in_list(self, column: str) -> str:
+        return f"{column} IN (SELECT value FROM json_each(?))"
+
+    def _list_arg(self, values: Sequence[int]) -> Any:
+        return json.dumps([int(v) for v in values])
+
+
+def open_history_store(history, sqlite_path: str | Path, survey: str) -> HistoryStore:
+    """The store the ``[history]`` section names.
+
+    Parameters
+    ----------
+    history : pipeline.core.config.HistoryConfig
+        ``url`` set: the PostgreSQL store there (:mod:`alerts.history_postgres`); empty: the
+        SQLite file ``sqlite_path``.
+    sqlite_path : str or Path
+        The SQLite file (``paths.history``, or a command's ``--history``).
+    survey : str
+        Prefix of minted object names.
+    """
+    if history.url:
+        from alerts.history_postgres import PostgresHistoryStore
+
+        return PostgresHistoryStore(history.url, survey=survey, connect_timeout_s=history.connect_timeout_s,
+                                    lock_timeout_s=history.lock_timeout_s)
+    return SQLiteHistoryStore(sqlite_path, survey=survey)

@@ -32,6 +32,7 @@ COMMAND_MODULES = [
     "pipeline.commands.solarsystem",
     "pipeline.commands.candidates",
     "pipeline.commands.alerts",
+    "pipeline.commands.history",
     "pipeline.commands.matchfile",
     "pipeline.commands.lightcurve",
     "pipeline.commands.forcedphot",

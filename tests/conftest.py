@@ -2,7 +2,8 @@
 
 Every test runs with outbound sockets blocked except loopback (pytest-socket, configured
 in pyproject.toml's addopts); ``import pipeline`` gives this process private astropy
-directories and switches off every astropy download.
+directories and switches off every astropy download.  Tests of the PostgreSQL history share
+one real server on loopback per session (the ``postgres`` fixture, pipeline/bench/postgres.py).
 
 The fake TAP services (tests/catalogs) write VOTables with astropy, whose C TABLEDATA
 writer (``astropy.io.votable.tablewriter``) writes its row terminator one byte past its
@@ -40,3 +41,13 @@ def survey21(tmp_path_factory):
     """The simulated survey of quadrant 21 (tests/_survey.py), built once per session."""
     from _survey import build_survey
     return build_survey(tmp_path_factory.mktemp("survey21"))
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server on loopback (pipeline/bench/postgres.py), shared by the session and
+    stopped at its end; ``postgres.new_database()`` gives a test an empty database's URL."""
+    from pipeline.bench.postgres import PostgresServer
+    server = PostgresServer().start()
+    yield server
+    server.stop()

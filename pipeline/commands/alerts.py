@@ -24,7 +24,8 @@ def register(subparsers, common) -> None:
     publish.add_argument("--bootstrap", metavar="HOST:PORT", help="broker (default: kafka.bootstrap_servers; "
                          "none: packets stay in the spool)")
     publish.add_argument("--spool", metavar="DIR", help="spool folder (default: paths.spool)")
-    publish.add_argument("--history", metavar="FILE", help="object history database (default: paths.history)")
+    publish.add_argument("--history", metavar="FILE", help="object history in this SQLite file (default: the "
+                         "[history] configuration: history.url, else paths.history)")
     publish.set_defaults(func=run_publish)
 
     show = actions.add_parser("show", parents=[common], help="summarise an .avro packet, optionally as a PNG")
@@ -52,7 +53,7 @@ def run_publish(args) -> int:
     import dataclasses
 
     from alerts.from_subtraction import publish_products
-    from alerts.history import SQLiteHistoryStore
+    from alerts.history import SQLiteHistoryStore, open_history_store
     from alerts.publish import AlertPublisher
     from alerts.spool import PENDING, Spool
     from pipeline.core.config import check_bootstrap_servers
@@ -61,8 +62,9 @@ def run_publish(args) -> int:
         cfg.kafka, bootstrap_servers=check_bootstrap_servers(args.bootstrap, "--bootstrap"))
     spool = Spool(args.spool or cfg.paths.resolve("spool"))
     # Bad products (3) and a producer that cannot be used (1) end in pipeline.cli.run_command.
-    with SQLiteHistoryStore(args.history or cfg.paths.resolve("history"), survey=kafka.survey) as store, \
-            AlertPublisher(kafka, spool) as publisher:
+    store = SQLiteHistoryStore(args.history, survey=kafka.survey) if args.history else \
+        open_history_store(cfg.history, cfg.paths.resolve("history"), kafka.survey)
+    with store, AlertPublisher(kafka, spool) as publisher:
         images = publish_products(args.outdirs, cfg, store, publisher)
         publisher.flush()
         report = publisher.report

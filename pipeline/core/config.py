@@ -11,7 +11,7 @@ per stage: ``[extraction]``, ``[characterize]`` (with ``[characterize.psf]``,
 ``[characterize.photometry]``, ``[characterize.photcal]``), ``[registration]``,
 ``[astrometry]``, ``[reference]``, ``[subtraction]`` (with ``[subtraction.zogy]``,
 ``[subtraction.candidates]``), ``[realbogus]``, ``[matchfile]``, ``[priors]``, and the
-delivery: ``[kafka]``, ``[slurm]``.  Each setting has exactly one default, the value
+delivery: ``[history]`` (where the object history lives), ``[kafka]``, ``[slurm]``.  Each setting has exactly one default, the value
 production uses; a stage receives its own section (``cfg.subtraction``, ``cfg.extraction``),
 never the whole tree.  Extraction, characterisation and registration are shared: the
 astrometry stage, the characterisation of every image, the reference build and the
@@ -25,6 +25,7 @@ import difflib
 import tomllib
 import types
 import typing
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -38,8 +39,9 @@ __all__ = [
     "ExtractionConfig", "PSFConfig", "PhotometryConfig", "PhotCalConfig", "CharacterizeConfig",
     "RegistrationConfig", "REGISTRATION_ORDERS", "AstrometryConfig", "StackConfig", "ReferenceConfig",
     "ZogyConfig", "CandidateConfig", "SubtractionConfig", "RealBogusConfig", "ContextConfig", "PriorFitSettings",
-    "MatchfileConfig", "SolarSystemConfig", "KafkaConfig", "SlurmConfig", "Config", "ConfigError", "ConfigValueError",
-    "load_config", "config_to_toml", "DEFAULT_CONFIG", "check_bootstrap_servers",
+    "MatchfileConfig", "SolarSystemConfig", "HistoryConfig", "KafkaConfig", "SlurmConfig", "Config", "ConfigError", "ConfigValueError",
+    "load_config", "config_to_toml", "DEFAULT_CONFIG", "check_bootstrap_servers", "check_history_url",
+    "redacted_url",
 ]
 
 
@@ -140,7 +142,7 @@ class PathsConfig:
     outputs: str = "outputs"
     matchfiles: str = "matchfiles"
     spool: str = "spool"
-    history: str = "history/objects.sqlite"   # alert object history (SQLite, one machine)
+    history: str = "history/objects.sqlite"   # alert object history (SQLite, one machine; see [history])
     solar_system: str = "solarsystem"          # orbit store orbits.npz + nights/<YYYY-MM-DD>.h5
     fparchive: str = "fparchive"               # difference-image archive for forced photometry
 
@@ -812,6 +814,59 @@ class SolarSystemConfig:
             raise ConfigValueError("solar_system.night_half_window_hours must be in (0, 24], lock_timeout_s > 0")
 
 
+#: URL schemes of the PostgreSQL history store (libpq's connection URIs).
+HISTORY_URL_SCHEMES = ("postgresql", "postgres")
+
+
+def redacted_url(url: str) -> str:
+    """``url`` with the password of its user part replaced by ``***`` (safe to log or print)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    user, _, host = parts.netloc.rpartition("@")
+    name = user.split(":", 1)[0]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{name}:***@{host}"))
+
+
+def check_history_url(text: str, name: str = "url") -> str:
+    """``text`` if it is empty (the SQLite file ``paths.history``) or a PostgreSQL URL.
+
+    A malformed URL would otherwise surface only when the first quadrant reaches its alerts.
+    """
+    if not text:
+        return text
+    try:
+        parts = urllib.parse.urlsplit(text)
+        parts.port                              # a non-numeric or out-of-range port raises
+    except ValueError as exc:
+        raise ConfigValueError(f"{name}: {redacted_url(text)!r} is not a URL: {exc}") from None
+    if parts.scheme not in HISTORY_URL_SCHEMES:
+        raise ConfigValueError(f"{name}: {redacted_url(text)!r} is not a postgresql:// URL (leave it empty "
+                               f"for the SQLite file paths.history)")
+    return text
+
+
+@dataclass(frozen=True)
+class HistoryConfig:
+    """``[history]``: where the alert object history lives.
+
+    An empty ``url`` keeps it in the SQLite file ``paths.history``, safe for the processes
+    of one machine; a ``postgresql://user:password@host:port/database`` URL puts it in
+    PostgreSQL, for quadrant tasks on several nodes.  ``connect_timeout_s`` bounds each
+    connection attempt; ``lock_timeout_s`` how long an image waits for the images
+    overlapping it (beyond: a retry, exit 75).
+    """
+
+    url: str = ""
+    connect_timeout_s: float = 10.0
+    lock_timeout_s: float = 120.0
+
+    def __post_init__(self):
+        check_history_url(self.url)
+        if not self.connect_timeout_s > 0 or not self.lock_timeout_s > 0:
+            raise ConfigValueError("history.connect_timeout_s and history.lock_timeout_s must be positive")
+
+
 @dataclass(frozen=True)
 class KafkaConfig:
     """Alert publishing.  An empty ``bootstrap_servers`` keeps alerts in the spool."""
@@ -883,6 +938,7 @@ class Config:
     priors: PriorFitSettings = field(default_factory=PriorFitSettings)
     solar_system: SolarSystemConfig = field(default_factory=SolarSystemConfig)
     forcedphot: ForcedPhotConfig = field(default_factory=ForcedPhotConfig)
+    history: HistoryConfig = field(default_factory=HistoryConfig)
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
@@ -1059,4 +1115,6 @@ def config_to_toml(config: Config, hide_secrets: bool = True) -> str:
     plain = _to_plain(config)
     if hide_secrets and plain["kafka"]["sasl_password"]:
         plain["kafka"]["sasl_password"] = "***"
+    if hide_secrets:
+        plain["history"]["url"] = redacted_url(plain["history"]["url"])
     return tomli_w.dumps(plain)

@@ -152,7 +152,7 @@ def run_quadrant(exposure: str | os.PathLike, rcid: int, cfg: Config, force: boo
     this process never reads back.
     """
     from alerts.from_subtraction import publish_subtraction
-    from alerts.history import SQLiteHistoryStore
+    from alerts.history import open_history_store
     from alerts.publish import AlertPublisher
     from alerts.spool import Spool
     from pipeline.astrometry.files import solve_quadrant
@@ -249,10 +249,8 @@ def run_quadrant(exposure: str | os.PathLike, rcid: int, cfg: Config, force: boo
             record["stage"] = "alerts"
             _write_status(folder, record)
             t0 = clock()
-            history_path = cfg.paths.resolve("history")
-            history_path.parent.mkdir(parents=True, exist_ok=True)
             result = subtraction.result
-            with SQLiteHistoryStore(history_path, survey=cfg.kafka.survey) as store:
+            with open_history_store(cfg.history, cfg.paths.resolve("history"), cfg.kafka.survey) as store:
                 images = publish_subtraction(subtraction_out, subtraction.record, result.candidates, result.cutouts,
                                              subtraction.science.header, subtraction.reference, cfg, store, publisher)
                 if cfg.kafka.bootstrap_servers:

@@ -2,7 +2,7 @@
 
 Every case runs the real command line in-process (``pipeline.cli``) on small inputs and must
 end with the exit status the README's exit-status table gives its kind (2 usage or
-configuration, 3 bad input), a message naming the file or parameter, no traceback, and every
+configuration, 3 bad input, 75 a history database that cannot be reached), a message naming the file or parameter, no traceback, and every
 file that was there before unchanged (each case's output folder holds an earlier product).
 """
 from __future__ import annotations
@@ -246,7 +246,41 @@ QUERIES = [
     ("query-bad-mag-range", "POS=CIRCLE 150 33 0.01&MAG=20", "MAG"),
 ]
 
-CASES = FILES + HEADERS + CONFIGS + USAGE
+
+def _sqlite_history(w) -> str:
+    from alerts.history import SQLiteHistoryStore
+    SQLiteHistoryStore(w.root / "h.sqlite").close()
+    return w.path("h.sqlite")
+
+
+#: No server listens on loopback port 1: the connection is refused at once.  The password
+#: must never reach the message (it is asserted absent in every case).
+_DOWN_URL = "postgresql://u:secretpw@127.0.0.1:1/history"
+HISTORY = [
+    ("history-url-not-postgresql", _toml('[history]\nurl = "mysql://h/db"\n'), 2, "history: url"),
+    ("history-url-bad-port", _toml('[history]\nurl = "postgresql://h:99999/db"\n'), 2, "history: url"),
+    ("history-migrate-missing-sqlite", lambda w: ["history", "migrate", w.path("h.sqlite"), "--to", _DOWN_URL], 3,
+     "h.sqlite"),
+    ("history-migrate-not-sqlite", lambda w: ["history", "migrate", w.write("j.sqlite", "junk\n"), "--to",
+                                              _DOWN_URL], 3, "j.sqlite"),
+    ("history-migrate-not-a-history", lambda w: ["history", "migrate", _table_sqlite(w), "--to", _DOWN_URL], 3,
+     "other.sqlite"),
+    ("history-migrate-no-target", lambda w: ["history", "migrate", _sqlite_history(w)], 2, "--to"),
+    ("history-migrate-bad-target", lambda w: ["history", "migrate", _sqlite_history(w), "--to", "http://h/db"], 2,
+     "--to"),
+    ("history-migrate-server-down", lambda w: ["history", "migrate", _sqlite_history(w), "--to", _DOWN_URL], 75,
+     "postgresql://u:***@127.0.0.1:1/history"),
+]
+
+
+def _table_sqlite(w) -> str:
+    import sqlite3
+    with sqlite3.connect(w.root / "other.sqlite") as db:
+        db.execute("CREATE TABLE t (a INTEGER)")
+    return w.path("other.sqlite")
+
+
+CASES = FILES + HEADERS + CONFIGS + USAGE + HISTORY
 
 
 @pytest.fixture(autouse=True)
@@ -290,11 +324,12 @@ def test_bad_input(name, make_argv, status, named, tmp_path, caplog, capsys):
     assert code in EXIT_TABLE
     assert named in text, f"{name}: the message does not name {named!r}:\n{text}"
     assert "Traceback" not in text
+    assert "secretpw" not in text, f"{name}: a password reached the output"
     after = _tree(tmp_path)
     assert {k: v for k, v in after.items() if k in before} == before, f"{name}: an earlier file changed"
 
 
-_NESTED = {"reference", "priors", "matchfile", "alerts", "candidates", "realbogus", "qa", "catalogs", "solarsystem"}
+_NESTED = {"history", "reference", "priors", "matchfile", "alerts", "candidates", "realbogus", "qa", "catalogs", "solarsystem"}
 
 
 @pytest.mark.parametrize("name, query, named", QUERIES, ids=[q[0] for q in QUERIES])

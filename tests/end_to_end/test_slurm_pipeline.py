@@ -3,7 +3,9 @@
 The simulated survey of tests/_survey.py (one field, quadrant 21: a reference season solved through
 ``skydiff quadrant`` and coadded, three science exposures) is shared by the tests; each test
 has its own outputs, spool, alert history and matchfiles (catalogs and references shared), so
-the same exposure can be processed afresh in each.
+the same exposure can be processed afresh in each.  The Slurm tasks keep the object history in
+a real PostgreSQL server on loopback (``[history] url``, a database per test); the local
+executor they are compared with keeps it in SQLite.
 
 - ``skydiff submit`` runs real ``skydiff quadrant`` array tasks and the real
   ``skydiff exposure-summary`` follow-up; every product is checked and equals the local
@@ -29,6 +31,7 @@ from pathlib import Path
 
 import fastavro
 import numpy as np
+import psycopg
 import pytest
 from astropy.io import fits
 from astropy.table import Table
@@ -74,18 +77,26 @@ def survey(survey21):
     return survey21.cfg, [survey21.exposures[e] for e in survey21.science]
 
 
-def _run_config(cfg, run: Path, **kafka):
-    """The survey's configuration with this run's own outputs, spool, history and matchfiles."""
+def _run_config(cfg, run: Path, history_url: str = "", **kafka):
+    """The survey's configuration with this run's own outputs, spool, history (in PostgreSQL at
+    ``history_url``, else SQLite) and matchfiles."""
     run.mkdir(parents=True, exist_ok=True)
     return cfg.replace(paths__outputs=str(run / "outputs"), paths__spool=str(run / "spool"),
-                       paths__history=str(run / "history" / "objects.sqlite"),
+                       paths__history=str(run / "history" / "objects.sqlite"), history__url=history_url,
                        paths__matchfiles=str(run / "matchfiles"),
                        **{f"kafka__{k}": v for k, v in kafka.items()})
 
 
 def _write_config(cfg, path: Path) -> Path:
-    path.write_text(config_to_toml(cfg))
+    path.write_text(config_to_toml(cfg, hide_secrets=False))     # the tasks need the database password
     return path
+
+
+def _history_detections(cfg) -> list[int]:
+    """Candids the run's PostgreSQL history holds (and no SQLite file was made beside it)."""
+    assert not cfg.paths.resolve("history").exists()
+    with psycopg.connect(cfg.history.url) as db:
+        return [row[0] for row in db.execute("SELECT candid FROM detections")]
 
 
 def _expid(exposure: Path) -> int:
@@ -133,11 +144,11 @@ def _skydiff(*args, config: Path) -> subprocess.CompletedProcess:
                           timeout=JOB_TIMEOUT_S)
 
 
-def test_submit_runs_every_stage_and_equals_the_local_executor(local_slurm, survey, tmp_path):
+def test_submit_runs_every_stage_and_equals_the_local_executor(local_slurm, postgres, survey, tmp_path):
     base, science = survey
     exposure = science[0]
     expid = _expid(exposure)
-    on_slurm = _run_config(base, tmp_path / "slurm")
+    on_slurm = _run_config(base, tmp_path / "slurm", history_url=postgres.new_database())
     local = _run_config(base, tmp_path / "local")
     # The local executor runs beside the Slurm task (one core each).
     local_run = subprocess.Popen([skydiff_executable(), "exposure", str(exposure), "--jobs", "1", "--config",
@@ -160,6 +171,7 @@ def test_submit_runs_every_stage_and_equals_the_local_executor(local_slurm, surv
     assert (on_slurm.paths.resolve("outputs") / "slurm" / exposure_key(exposure) / "config.toml").is_file()
     candids = _spooled(on_slurm, PENDING)
     assert len(candids) == len(set(candids)) == status["alerts"]["built"]
+    assert sorted(_history_detections(on_slurm)) == sorted(candids)
     rows = _matchfile_rows(on_slurm, exposure)
     assert np.count_nonzero(rows["expid"] == expid) == status["matchfile"]["matched"]
     summary = json.loads((on_slurm.paths.resolve("outputs") / str(expid) / "summary.json").read_text())
@@ -245,11 +257,12 @@ def _consume(bootstrap: str, topics: list[str], expected: int, timeout_s: float 
     return candids
 
 
-def test_watcher_killed_and_restarted_processes_each_exposure_once(local_slurm, survey, tmp_path):
+def test_watcher_killed_and_restarted_processes_each_exposure_once(local_slurm, postgres, survey, tmp_path):
     base, science = survey
     broker = KafkaBroker(tmp_path).start()
     try:
-        cfg = _run_config(base, tmp_path / "run", bootstrap_servers=broker.bootstrap)
+        cfg = _run_config(base, tmp_path / "run", history_url=postgres.new_database(),
+                          bootstrap_servers=broker.bootstrap)
         config = _write_config(cfg, tmp_path / "skydiff.toml")
         incoming, staging = tmp_path / "incoming", tmp_path / "staging"
         incoming.mkdir()
@@ -300,6 +313,7 @@ def test_watcher_killed_and_restarted_processes_each_exposure_once(local_slurm, 
         assert len(delivered) == len(set(delivered)) == built
         logged = [r.candid for r in Spool(cfg.paths.resolve("spool"), fsync=False).delivery_log()]
         assert sorted(logged) == sorted(delivered)
+        assert sorted(_history_detections(cfg)) == sorted(delivered)
         on_broker = _consume(broker.bootstrap, sorted(topics), built)
         assert len(on_broker) == built and set(on_broker) == set(delivered)
 
@@ -315,11 +329,11 @@ def test_watcher_killed_and_restarted_processes_each_exposure_once(local_slurm, 
         broker.kill()
 
 
-def test_task_asking_for_a_retry_is_requeued_and_completes(local_slurm, survey, tmp_path):
+def test_task_asking_for_a_retry_is_requeued_and_completes(local_slurm, postgres, survey, tmp_path):
     base, science = survey
     exposure = science[0]
     expid = _expid(exposure)
-    cfg = _run_config(base, tmp_path / "run").replace(slurm__max_retries=1)
+    cfg = _run_config(base, tmp_path / "run", history_url=postgres.new_database()).replace(slurm__max_retries=1)
     attempts = tmp_path / "attempts.txt"
     task = tmp_path / "retry_once_task.sh"
     task.write_text(RETRY_ONCE_TASK)
