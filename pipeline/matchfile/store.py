@@ -335,7 +335,9 @@ def append_epoch(path: str | Path, meta: EpochMeta, photometry: Table, location:
     def fill(h5: h5py.File) -> None:
         h5.attrs.update({"layout_version": LAYOUT_VERSION, "kind": "epoch-shard", "expid": int(meta.expid), **keys})
         for name, columns in tables.items():
-            write_table(h5, name, columns)
+            # A shard lives until the next fold, which reads it once: not compressing it
+            # makes both the append and the fold's reading of it cheaper.
+            write_table(h5, name, columns, compress=False)
 
     folded = 0
     with matchfile_lock(path, config.lock_timeout_s):
