@@ -129,8 +129,8 @@ def _unit_vectors(ra_deg, dec_deg) -> np.ndarray:
     return np.stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)], axis=-1)
 
 
-def _separation_arcsec(ra0, dec0, ra, dec) -> np.ndarray:
-    chord = np.linalg.norm(_unit_vectors(ra, dec) - _unit_vectors(ra0, dec0), axis=-1)
+def _chord_arcsec(chord: np.ndarray) -> np.ndarray:
+    """The angle (arcsec) between unit vectors ``chord`` apart."""
     return 2.0 * np.arcsin(np.clip(chord / 2.0, 0.0, 1.0)) / _ARCSEC
 
 
@@ -192,26 +192,23 @@ def _planes(corners_json: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _covering_images(images: Mapping[int, list[tuple]], cells: np.ndarray, points: np.ndarray,
-                     jds: Sequence[float], planes_of=lambda pid, corners: _planes(corners)) -> list[list[tuple]]:
+                     jds: Sequence[float], planes_of) -> list[list[tuple]]:
     """For each candidate: the images (jd, pid, limit, avro), in pid order, taken by its time
     whose footprint holds it; ``images`` lists (jd, pid, corners, limit, avro) per footprint
-    cell, ``cells`` is each candidate's footprint cell and ``points`` its unit vector."""
+    cell, ``cells`` is each candidate's footprint cell, ``points`` its unit vector, and
+    ``planes_of(pid, corners)`` an image's edge planes (:func:`_planes`)."""
     covering: list[list[tuple]] = [[] for _ in range(len(points))]
-    planes: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     jds = np.asarray(jds, float)
     for cell, rows in images.items():
         members = np.flatnonzero(cells == cell)
         if not members.size or not rows:
             continue
         rows = sorted(rows, key=lambda row: row[1])
-        for row in rows:
-            if row[1] not in planes:
-                planes[row[1]] = planes_of(row[1], row[2])
-        k = max(len(planes[row[1]][0]) for row in rows)
+        planes = [planes_of(row[1], row[2]) for row in rows]
+        k = max(len(n) for n, _ in planes)
         normals = np.zeros((len(rows), k, 3))
         orientation = np.zeros((len(rows), k))          # padding: 0 on either side counts as inside
-        for j, row in enumerate(rows):
-            n, o = planes[row[1]]
+        for j, (n, o) in enumerate(planes):
             normals[j, :len(n)], orientation[j, :len(o)] = n, o
         sides = np.einsum("ikc,dc->dik", normals, points[members]) * orientation[None]
         taken = np.array([row[0] for row in rows])[None, :] <= jds[members][:, None]
@@ -450,8 +447,7 @@ def _neighbours(points: np.ndarray, others: np.ndarray, earlier_only: bool = Fal
     in arcsec); with ``earlier_only`` (``others`` is ``points``) only those of a smaller index.
 
     scipy's KD-tree over unit vectors finds them within the radius's chord (a hair wider);
-    the separations are then computed as :func:`_separation_arcsec` computes them, and the
-    radius applied to those.
+    the radius is then applied to their exact separations.
     """
     found: list[list[tuple[int, float]]] = [[] for _ in range(len(points))]
     others = np.asarray(others, float).reshape(-1, 3)
@@ -465,8 +461,7 @@ def _neighbours(points: np.ndarray, others: np.ndarray, earlier_only: bool = Fal
     if earlier_only:
         keep = b < a
         a, b = a[keep], b[keep]
-    distance = np.linalg.norm(others[b] - points[a], axis=-1)
-    sep = 2.0 * np.arcsin(np.clip(distance / 2.0, 0.0, 1.0)) / _ARCSEC
+    sep = _chord_arcsec(np.linalg.norm(others[b] - points[a], axis=-1))
     within = sep <= MATCH_RADIUS_ARCSEC
     for i, j, s in zip(a[within].tolist(), b[within].tolist(), sep[within].tolist()):
         found[i].append((j, s))
