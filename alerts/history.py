@@ -33,6 +33,20 @@ locking is not reliable there).  :class:`alerts.history_postgres.PostgresHistory
 cluster, runs the same association over the same tables: the image transaction takes
 ``pg_advisory_xact_lock`` on the footprint's HEALPix cells (so overlapping images associate
 one after the other) and mints names with ``UPDATE id_counters ... RETURNING``.
+Images that run at the same time on several nodes associate in time order: the order a
+sequential run would give them, so the same objects, ``prv_candidates`` and ``ndethist``.
+``skydiff submit`` *announces* every quadrant of an exposure before it queues the tasks
+(:meth:`HistoryStore.announce`: the image's pid, jd and the nside-64 cells of its nominal
+footprint, in ``pending_images`` and ``pending_cells``).  Before its transaction an image
+waits while an announced image of an earlier jd shares one of its cells; its own
+announcement is removed in its transaction, and one that will never be recorded (an unusable
+quadrant, a task out of retries) is withdrawn by the task or the exposure's summary job
+(:meth:`HistoryStore.withdraw`).  The wait is bounded (``[history] order_wait_s``): an
+announced image that has not been recorded by then (its job cancelled, its node lost) is
+declared abandoned, its announcement withdrawn with a warning, and the waiting image goes
+on.  Images of one exposure (one jd) never wait on each other; images nobody announced never
+wait.  Exposures must be submitted in time order for the rule to hold (``skydiff watch``
+does).
 :func:`open_history_store` opens the one the ``[history]`` configuration names.
 """
 from __future__ import annotations
@@ -41,8 +55,10 @@ import abc
 import dataclasses
 import datetime
 import json
+import logging
 import math
 import sqlite3
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -56,7 +72,7 @@ from alerts.ids import object_id
 from alerts.schema import EncodedRecord, encode_prv_candidate
 from pipeline.core.exits import PipelineError
 
-__all__ = ["ImageRecord", "CandidateHistory", "HistoryStore", "SQLHistoryStore", "SQLiteHistoryStore", "HistoryError",
+__all__ = ["ImageRecord", "PendingImage", "CandidateHistory", "HistoryStore", "SQLHistoryStore", "SQLiteHistoryStore", "HistoryError",
            "MATCH_RADIUS_ARCSEC", "HISTORY_DAYS", "open_history_store"]
 
 MATCH_RADIUS_ARCSEC = 1.5
@@ -64,6 +80,10 @@ HISTORY_DAYS = 30.0
 _OBJECT_NSIDE = 16384
 _IMAGE_NSIDE = 64
 _ARCSEC = math.pi / (180.0 * 3600.0)
+#: How often an image waiting for an earlier announced image looks again.
+_ORDER_POLL_S = 0.2
+
+log = logging.getLogger("skydiff.history")
 
 
 class HistoryError(PipelineError, RuntimeError):
@@ -85,6 +105,20 @@ class ImageRecord:
     rcid: int
     footprint: tuple[tuple[float, float], ...]
     upper_limit: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class PendingImage:
+    """An image announced before it is processed (see :meth:`HistoryStore.announce`).
+
+    ``footprint`` is its nominal sky footprint (corners in degrees, e.g. from the raw header's
+    WCS: the nside-64 cells it is listed in have a margin of two cells, 1.8 degrees, far more
+    than a raw pointing's error).
+    """
+
+    pid: int
+    jd: float
+    footprint: tuple[tuple[float, float], ...]
 
 
 @dataclass(frozen=True)
@@ -112,6 +146,16 @@ class HistoryStore(abc.ABC):
         ``detections`` are ``prv_candidate``-shaped records with at least ``candid``, ``jd``,
         ``ra``, ``dec``, ``field`` and ``rcid``.  Idempotent per ``candid`` and ``pid``.
         """
+
+    @abc.abstractmethod
+    def announce(self, images: Sequence[PendingImage]) -> int:
+        """Announce images about to be processed, so that later images overlapping them wait
+        for them (the time-order rule of the module docstring); the number announced.
+        Images already recorded are not announced again."""
+
+    @abc.abstractmethod
+    def withdraw(self, pids: Sequence[int]) -> int:
+        """Withdraw announcements of images that will not be recorded; the number withdrawn."""
 
     @abc.abstractmethod
     def close(self) -> None:
@@ -154,6 +198,9 @@ CREATE TABLE IF NOT EXISTS images (
 CREATE TABLE IF NOT EXISTS image_cells (
     hpix INTEGER NOT NULL, pid INTEGER NOT NULL, PRIMARY KEY (hpix, pid)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS id_counters (year INTEGER PRIMARY KEY, next_serial INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS pending_images (pid INTEGER PRIMARY KEY, jd REAL NOT NULL, announced_utc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS pending_cells (
+    hpix INTEGER NOT NULL, pid INTEGER NOT NULL, jd REAL NOT NULL, PRIMARY KEY (hpix, pid)) WITHOUT ROWID;
 """
 #: Columns added after the first release: (table, column, type), added to older databases.
 _ADDED_COLUMNS = (("detections", "avro", "BLOB"), ("images", "upper_limit_avro", "BLOB"))
@@ -238,8 +285,9 @@ class SQLHistoryStore(HistoryStore):
     Statements are written with ``?`` placeholders.
     """
 
-    def __init__(self, survey: str):
+    def __init__(self, survey: str, order_wait_s: float = 600.0):
         self.survey = survey
+        self.order_wait_s = float(order_wait_s)
         self._objects_hp = HEALPix(_OBJECT_NSIDE, order="nested")
         self._images_hp = HEALPix(_IMAGE_NSIDE, order="nested")
         self._planes_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -304,6 +352,81 @@ class SQLHistoryStore(HistoryStore):
             lon * u.rad, lat * u.rad, (radius * u.rad + 2 * self._images_hp.pixel_resolution).to(u.deg))
         return sorted({int(c) for c in cells})
 
+    # -- time order across writers ------------------------------------------------------
+    def announce(self, images: Sequence[PendingImage]) -> int:
+        announced = 0
+        self._begin()
+        try:
+            for image in images:
+                pid = int(image.pid)
+                self._execute("DELETE FROM pending_cells WHERE pid = ?", (pid,))
+                self._execute("DELETE FROM pending_images WHERE pid = ?", (pid,))
+                if self._query("SELECT 1 FROM images WHERE pid = ?", (pid,)):
+                    continue
+                cells = self.footprint_cells([[float(ra), float(dec)] for ra, dec in image.footprint])
+                self._execute("INSERT INTO pending_images (pid, jd, announced_utc) VALUES (?, ?, ?)",
+                              (pid, float(image.jd), datetime.datetime.now(datetime.timezone.utc).isoformat()))
+                self._execute_many("INSERT INTO pending_cells (hpix, pid, jd) VALUES (?, ?, ?)",
+                                   [(c, pid, float(image.jd)) for c in cells])
+                announced += 1
+            self._commit()
+        except BaseException:
+            self._rollback()
+            raise
+        return announced
+
+    def withdraw(self, pids: Sequence[int]) -> int:
+        pids = sorted({int(p) for p in pids})
+        if not pids:
+            return 0
+        self._begin()
+        try:
+            self._execute(f"DELETE FROM pending_cells WHERE {self._in_list('pid')}", (self._list_arg(pids),))
+            withdrawn = self._execute(f"DELETE FROM pending_images WHERE {self._in_list('pid')}",
+                                      (self._list_arg(pids),))
+            self._commit()
+        except BaseException:
+            self._rollback()
+            raise
+        return withdrawn
+
+    def _wait_for_earlier_images(self, pid: int, jd: float, footprint: list[int]) -> None:
+        """Wait while an announced image of an earlier jd shares a footprint cell with this one.
+
+        Polled outside any transaction (nothing is held while waiting).  After
+        ``order_wait_s`` the images still announced are declared abandoned: their
+        announcements are withdrawn (so later images do not wait for them too) and this
+        image goes on.
+        """
+        deadline = time.monotonic() + self.order_wait_s
+        waited_for: set[int] = set()
+        while True:
+            earlier = {int(row[0]) for row in self._query(
+                f"SELECT DISTINCT pid FROM pending_cells WHERE {self._in_list('hpix')} AND jd < ? AND pid <> ?",
+                (self._list_arg(footprint), float(jd), int(pid)))}
+            self._end_read()
+            if not earlier:
+                if waited_for:
+                    log.info("image pid %d: earlier overlapping image(s) %s recorded; associating", pid,
+                             ", ".join(map(str, sorted(waited_for))))
+                return
+            if not waited_for:
+                log.info("image pid %d: waiting for earlier overlapping image(s) %s", pid,
+                         ", ".join(map(str, sorted(earlier))))
+            waited_for |= earlier
+            if time.monotonic() >= deadline:
+                log.warning("image pid %d: earlier overlapping image(s) %s announced but not recorded after %.0f s "
+                            "(history.order_wait_s): declared abandoned, their announcements withdrawn; "
+                            "associating without them", pid, ", ".join(map(str, sorted(earlier))),
+                            self.order_wait_s)
+                self.withdraw(sorted(earlier))
+                return
+            time.sleep(_ORDER_POLL_S)
+
+    def _end_read(self) -> None:
+        """End a read outside the image transaction (PostgreSQL opens one with any statement)."""
+        self._rollback()
+
     # -- the image transaction ---------------------------------------------------------
     def _insert_image(self, image: ImageRecord, corners: list[list[float]], cells: list[int]) -> None:
         inserted = self._execute(
@@ -344,10 +467,15 @@ class SQLHistoryStore(HistoryStore):
         lock = set(footprint) | {int(c) for c in image_cells}
         if len(image_cells):
             lock |= {int(n) for n in np.ravel(self._images_hp.neighbours(image_cells)) if n >= 0}
+        self._wait_for_earlier_images(int(image.pid), float(image.jd), sorted(lock))
         self._begin()
         try:
             self._lock_cells(sorted(lock))
             self._insert_image(image, corners, footprint)
+            # The announcement goes with the record, in one commit: a later image waiting on
+            # it sees both at once.
+            self._execute("DELETE FROM pending_cells WHERE pid = ?", (int(image.pid),))
+            self._execute("DELETE FROM pending_images WHERE pid = ?", (int(image.pid),))
             plan = self._read_and_associate(int(image.pid), dets, ra, dec, jds, cells, search, image_cells)
             names = self._mint([year for year, *_ in plan.new_objects])
             self._execute_many("INSERT INTO objects (object_id, ra, dec, hpix, first_jd) VALUES (?, ?, ?, ?, ?)",
@@ -513,10 +641,13 @@ class SQLiteHistoryStore(SQLHistoryStore):
         Prefix of minted object names (``"ztf"`` gives ``ZTF26aaaaaaa``).
     busy_timeout_s : float
         How long a writer waits for another process's image transaction.
+    order_wait_s : float
+        How long an image waits for earlier overlapping announced images (module docstring).
     """
 
-    def __init__(self, path: str | Path, survey: str = "ztf", busy_timeout_s: float = 60.0):
-        super().__init__(survey)
+    def __init__(self, path: str | Path, survey: str = "ztf", busy_timeout_s: float = 60.0,
+                 order_wait_s: float = 600.0):
+        super().__init__(survey, order_wait_s)
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -580,5 +711,5 @@ def open_history_store(history, sqlite_path: str | Path, survey: str) -> History
         from alerts.history_postgres import PostgresHistoryStore
 
         return PostgresHistoryStore(history.url, survey=survey, connect_timeout_s=history.connect_timeout_s,
-                                    lock_timeout_s=history.lock_timeout_s)
-    return SQLiteHistoryStore(sqlite_path, survey=survey)
+                                    lock_timeout_s=history.lock_timeout_s, order_wait_s=history.order_wait_s)
+    return SQLiteHistoryStore(sqlite_path, survey=survey, order_wait_s=history.order_wait_s)

@@ -73,6 +73,13 @@ CREATE TABLE images (
 CREATE TABLE image_cells (hpix BIGINT NOT NULL, pid BIGINT NOT NULL, PRIMARY KEY (hpix, pid));
 CREATE TABLE id_counters (year INTEGER PRIMARY KEY, next_serial BIGINT NOT NULL);
 """,
+    # Announced images (the time-order rule of alerts.history): transient, never migrated.
+    2: """
+CREATE TABLE pending_images (
+    pid BIGINT PRIMARY KEY, jd DOUBLE PRECISION NOT NULL, announced_utc TEXT NOT NULL);
+CREATE TABLE pending_cells (
+    hpix BIGINT NOT NULL, pid BIGINT NOT NULL, jd DOUBLE PRECISION NOT NULL, PRIMARY KEY (hpix, pid));
+""",
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -157,6 +164,9 @@ class PostgresHistoryStore(SQLHistoryStore):
     lock_timeout_s : float
         How long an image waits for the transactions of overlapping images before giving up
         (:class:`HistoryUnavailableError`, a retry).
+    order_wait_s : float
+        How long an image waits for earlier overlapping announced images
+        (:mod:`alerts.history`'s time-order rule).
 
     Raises
     ------
@@ -167,8 +177,8 @@ class PostgresHistoryStore(SQLHistoryStore):
     """
 
     def __init__(self, url: str, survey: str = "ztf", connect_timeout_s: float = 10.0,
-                 lock_timeout_s: float = 120.0):
-        super().__init__(survey)
+                 lock_timeout_s: float = 120.0, order_wait_s: float = 600.0):
+        super().__init__(survey, order_wait_s)
         self.url = url
         self._db = connect(url, connect_timeout_s)
         try:
@@ -193,6 +203,18 @@ class PostgresHistoryStore(SQLHistoryStore):
             return super().record_image(image, detections)
         except psycopg.Error as exc:
             raise _failure(self.url, f"image pid {image.pid} not recorded", exc) from None
+
+    def announce(self, images):
+        try:
+            return super().announce(images)
+        except psycopg.Error as exc:
+            raise _failure(self.url, "images not announced", exc) from None
+
+    def withdraw(self, pids):
+        try:
+            return super().withdraw(pids)
+        except psycopg.Error as exc:
+            raise _failure(self.url, "announcements not withdrawn", exc) from None
 
     @staticmethod
     def _sql(sql: str) -> str:

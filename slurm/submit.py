@@ -7,6 +7,11 @@ with ``skydiff exposure-summary EXPOSURE --config FILE`` once every task has end
 failed task).  The time limit, partition, CPUs per task and the retry cap on exit 75 come
 from the configuration's ``[slurm]`` section.
 
+Before queueing, the exposure's quadrants are announced to the object history
+(:func:`pipeline.run.exposure.announce_exposure`): tasks of later exposures overlapping them
+wait for them, so concurrent tasks associate as a sequential run would; the summary job
+withdraws what an unrecorded quadrant left.
+
 Each submission has a folder ``<paths.outputs>/slurm/<key>/`` with the effective
 configuration the tasks read (``config.toml``, paths made absolute so a task's working
 directory does not matter) and the jobs' logs.  Job names carry the exposure's key
@@ -114,7 +119,7 @@ def _sbatch(options: list[str], template: str, command: Sequence[str]) -> int:
 
 def submit_exposure(exposure: str | os.PathLike, cfg: Config, quadrants: Iterable[int] | None = None, *,
                     hold: bool = False, task_command: Sequence[str] | None = None,
-                    follow_up_command: Sequence[str] | None = None) -> SubmitResult:
+                    follow_up_command: Sequence[str] | None = None, announce: bool = True) -> SubmitResult:
     """Submit the quadrants' job array and the follow-up summary job of one exposure.
 
     Parameters
@@ -131,6 +136,10 @@ def submit_exposure(exposure: str | os.PathLike, cfg: Config, quadrants: Iterabl
     task_command, follow_up_command : sequence of str, optional
         Replace the default ``skydiff quadrant`` / ``skydiff exposure-summary`` commands
         (``{rcid}`` in the task command becomes the task's rcid).
+    announce : bool
+        Announce the quadrants to the object history before queueing them, so that images
+        running at once on several nodes associate in time order (:mod:`alerts.history`).
+        Exposures must then be submitted in time order.
 
     Returns
     -------
@@ -150,6 +159,10 @@ def submit_exposure(exposure: str | os.PathLike, cfg: Config, quadrants: Iterabl
     workdir = (cfg.paths.resolve("outputs") / "slurm" / key).resolve()
     (workdir / "logs").mkdir(parents=True, exist_ok=True)
     config_file = _write_task_config(cfg, workdir)
+    if announce:
+        # Before any task can start: later overlapping images wait for these in the history.
+        from pipeline.run.exposure import announce_exposure
+        announce_exposure(exposure, cfg, rcids)
 
     slurm = cfg.slurm
     common = [f"--time={slurm.time_limit}", f"--cpus-per-task={slurm.cpus_per_task}",

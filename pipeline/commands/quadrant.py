@@ -69,7 +69,15 @@ def run_all(args) -> int:
 
 
 def run_summary(args) -> int:
-    from pipeline.run.exposure import exposure_summary
+    from pipeline.core.exits import PipelineError
+    from pipeline.run.exposure import exposure_summary, withdraw_exposure
     summary = exposure_summary(args.exposure, args.cfg)
+    try:
+        # After every task has ended: an announcement left now belongs to a quadrant that will
+        # not be recorded, and later overlapping images must not wait for it.
+        withdraw_exposure(args.exposure, args.cfg, [q["rcid"] for q in summary["quadrants"]])
+    except PipelineError as exc:
+        # The later images' bounded wait (history.order_wait_s) covers what is left.
+        logging.getLogger("skydiff.exposure").warning("announcements not withdrawn: %s", exc)
     _print(summary, args.json)
     return EXIT_OK

@@ -854,17 +854,21 @@ class HistoryConfig:
     of one machine; a ``postgresql://user:password@host:port/database`` URL puts it in
     PostgreSQL, for quadrant tasks on several nodes.  ``connect_timeout_s`` bounds each
     connection attempt; ``lock_timeout_s`` how long an image waits for the images
-    overlapping it (beyond: a retry, exit 75).
+    overlapping it (beyond: a retry, exit 75); ``order_wait_s`` how long an image waits for
+    earlier overlapping images that ``skydiff submit`` announced (beyond: they are declared
+    abandoned and it goes on; :mod:`alerts.history`).
     """
 
     url: str = ""
     connect_timeout_s: float = 10.0
     lock_timeout_s: float = 120.0
+    order_wait_s: float = 600.0
 
     def __post_init__(self):
         check_history_url(self.url)
-        if not self.connect_timeout_s > 0 or not self.lock_timeout_s > 0:
-            raise ConfigValueError("history.connect_timeout_s and history.lock_timeout_s must be positive")
+        if not self.connect_timeout_s > 0 or not self.lock_timeout_s > 0 or not self.order_wait_s > 0:
+            raise ConfigValueError("history.connect_timeout_s, history.lock_timeout_s and history.order_wait_s "
+                                   "must be positive")
 
 
 @dataclass(frozen=True)

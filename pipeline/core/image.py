@@ -26,7 +26,7 @@ from pipeline.formats.atomic import write_fits_atomic
 __all__ = [
     "REQUIRED_KEYWORDS", "OPTIONAL_KEYWORDS", "FILTER_IDS", "MASK_BITS",
     "ImageContractError", "QuadrantMeta", "QuadrantImage",
-    "validate_header", "read_quadrant", "quadrant_image", "write_quadrant", "write_quadrant_image",
+    "validate_header", "read_quadrant", "read_quadrant_header", "quadrant_image", "write_quadrant", "write_quadrant_image",
     "rcid_of", "footprint_corners",
 ]
 
@@ -199,6 +199,31 @@ def header_wcs(header: fits.Header) -> WCS | None:
         warnings.simplefilter("ignore", FITSFixedWarning)
         wcs = WCS(header, naxis=2, relax=True)
     return wcs if wcs.has_celestial else None
+
+
+def read_quadrant_header(path: str | os.PathLike, hdu: int | str | None = None) -> fits.Header:
+    """The header of the image :func:`read_quadrant` would read, without its pixels
+    (not validated: :func:`validate_header` does that).
+
+    Raises
+    ------
+    ImageContractError
+        Unreadable or corrupt file, no 2-D image.
+    """
+    source = str(path)
+    if hdu is None:
+        from pipeline.core import ipac
+        if ipac.is_sciimg(path):
+            return ipac.read_ipac_header(path)
+    try:
+        with fits.open(path, memmap=True) as hdul:
+            return _pick_image_hdu(hdul, hdu, source).header.copy()
+    except ImageContractError:
+        raise
+    except FileNotFoundError:
+        raise ImageContractError(source, "file not found") from None
+    except (OSError, ValueError, TypeError, IndexError, KeyError) as exc:
+        raise ImageContractError(source, f"not a readable FITS image ({exc})") from None
 
 
 def read_quadrant(path: str | os.PathLike, hdu: int | str | None = None) -> QuadrantImage:

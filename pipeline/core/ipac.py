@@ -191,6 +191,29 @@ def _read_hdu(path: Path) -> tuple[np.ndarray, fits.Header]:
         return np.asarray(hdu.data), hdu.header.copy()
 
 
+def read_ipac_header(path: str | os.PathLike) -> fits.Header:
+    """The contract header of an IPAC ``sciimg`` (no mask read; the pixels only where the file
+    is compressed and the header must be found through them).
+
+    Raises
+    ------
+    ImageContractError
+        Not an IPAC name, an unreadable file, a header disagreeing with the name.
+    """
+    path = Path(path)
+    match = IPAC_NAME.match(path.name)
+    if match is None:
+        raise ImageContractError(path, "not an IPAC sciimg file name")
+    try:
+        with fits.open(path, memmap=True) as hdul:
+            header = _image_hdu(hdul, path).header.copy()
+    except ImageContractError:
+        raise
+    except (OSError, ValueError, TypeError, IndexError, KeyError) as exc:
+        raise ImageContractError(path, f"not a readable FITS image ({exc})") from None
+    return _contract_header(header, path, match)
+
+
 def read_ipac_quadrant(path: str | os.PathLike) -> QuadrantImage:
     """Read an IPAC ``sciimg`` and its ``mskimg`` as a contract quadrant image.
 

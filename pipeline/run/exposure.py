@@ -5,6 +5,11 @@ quadrant per core, as on the cluster) runs :func:`pipeline.run.quadrant.run_quad
 rcid, printing progress as quadrants finish.  :func:`exposure_summary` reads every
 quadrant's status record (whoever ran it: this executor or a Slurm array) and lists the
 quadrants to reprocess: failed, never finished, or retryable.
+
+:func:`announce_exposure` and :func:`withdraw_exposure` keep images that run at the same time
+on several nodes in time order in the object history (:mod:`alerts.history`): ``skydiff
+submit`` announces an exposure's quadrants before queueing them, its summary job withdraws
+whatever announcement a task left (an unusable quadrant, a task out of retries).
 """
 from __future__ import annotations
 
@@ -24,7 +29,8 @@ from pipeline.run.quadrant import (QuadrantInputError, failure_record, locate_qu
 from pipeline.core.exits import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_RETRY, PipelineError, describe, exit_status_of
 from pipeline.formats.atomic import write_json_atomic
 
-__all__ = ["run_exposure", "exposure_summary", "format_exposure_summary", "exposure_expid"]
+__all__ = ["run_exposure", "exposure_summary", "format_exposure_summary", "exposure_expid", "announce_exposure",
+           "withdraw_exposure", "pending_images"]
 
 log = logging.getLogger("skydiff.exposure")
 
@@ -147,3 +153,66 @@ def format_exposure_summary(summary: dict) -> str:
     if summary["reprocess"]:
         lines.append(f"  to reprocess: {', '.join(map(str, summary['reprocess']))}")
     return "\n".join(lines)
+
+
+def pending_images(exposure: str | os.PathLike, rcids: list[int] | None = None) -> list:
+    """Each quadrant's :class:`alerts.history.PendingImage` (pid, jd, nominal footprint from the
+    raw header's WCS), from the headers alone.  A quadrant whose header gives no footprint is
+    left out with a warning: its task will fail on it with the reason."""
+    from alerts.history import PendingImage
+    from alerts.ids import make_pid
+    from pipeline.core.image import footprint_corners, header_wcs, read_quadrant_header, validate_header
+
+    images = []
+    for rcid in rcids or exposure_rcids(exposure):
+        try:
+            path, hdu = locate_quadrant(exposure, rcid)
+            header = read_quadrant_header(path, hdu)
+            meta = validate_header(header, path)
+            wcs = header_wcs(header)
+            if wcs is None:
+                raise ImageContractError(path, "no WCS in the header")
+            corners = footprint_corners(wcs, (int(header["NAXIS2"]), int(header["NAXIS1"])))
+        except (PipelineError, KeyError, ValueError) as exc:
+            log.warning("%s rcid %d: not announced to the object history (%s)", exposure, rcid, exc)
+            continue
+        images.append(PendingImage(make_pid(meta.expid, meta.rcid), float(meta.obsmjd) + 2400000.5,
+                                   tuple((float(ra), float(dec)) for ra, dec in corners)))
+    return images
+
+
+def announce_exposure(exposure: str | os.PathLike, cfg: Config, rcids: list[int] | None = None) -> int:
+    """Announce the exposure's quadrants to the object history (before they are queued); the
+    number announced.
+
+    Raises
+    ------
+    alerts.history.HistoryError
+        The history cannot be opened (``HistoryUnavailableError``, exit 75, when its server
+        cannot be reached).
+    """
+    from alerts.history import open_history_store
+
+    images = pending_images(exposure, rcids)
+    if not images:
+        return 0
+    with open_history_store(cfg.history, cfg.paths.resolve("history"), cfg.kafka.survey) as store:
+        return store.announce(images)
+
+
+def withdraw_exposure(exposure: str | os.PathLike, cfg: Config, rcids: list[int] | None = None) -> int:
+    """Withdraw the announcements the exposure's quadrants left (those recorded left none);
+    the number withdrawn.  A SQLite history that does not exist holds none and is not made."""
+    from alerts.history import open_history_store
+    from alerts.ids import make_pid
+
+    if not cfg.history.url and not cfg.paths.resolve("history").exists():
+        return 0
+    expid = exposure_expid(exposure)
+    pids = [make_pid(expid, rcid) for rcid in rcids or exposure_rcids(exposure)]
+    with open_history_store(cfg.history, cfg.paths.resolve("history"), cfg.kafka.survey) as store:
+        withdrawn = store.withdraw(pids)
+    if withdrawn:
+        log.info("exposure %d: %d quadrant(s) never recorded in the object history; their announcements "
+                 "withdrawn", expid, withdrawn)
+    return withdrawn

@@ -4,7 +4,9 @@ The simulated survey of :func:`pipeline.simulate.history.survey_images` (persist
 overlapping pointings, several epochs, one-off transients) is associated through both stores:
 the same objects, names, ``prv_candidates``, ``ndethist``, ``ncovhist``.  Processes writing
 overlapping images at once leave no two objects within 1.5", no candid twice and names without
-gaps or duplicates, grouped as the sequential run groups them.  ``skydiff history migrate``
+gaps or duplicates, grouped as the sequential run groups them; announced first (as ``skydiff
+submit`` announces), they associate in time order and every alert's history equals the
+sequential run's.  ``skydiff history migrate``
 copies a SQLite history idempotently, and names continue its counters.  A server that is down
 is a clear error naming the URL without its password (exit 75), never a traceback.
 """
@@ -20,7 +22,7 @@ import psycopg
 import pytest
 from scipy.spatial import cKDTree
 
-from alerts.history import MATCH_RADIUS_ARCSEC, HistoryError, SQLiteHistoryStore, open_history_store
+from alerts.history import MATCH_RADIUS_ARCSEC, HistoryError, PendingImage, SQLiteHistoryStore, open_history_store
 from alerts.history_postgres import (SCHEMA_VERSION, HistoryUnavailableError, PostgresHistoryStore,
                                      migrate_sqlite)
 from alerts.ids import object_id
@@ -98,6 +100,19 @@ def test_postgres_associates_as_sqlite_does(postgres, survey, tmp_path):
         assert db.execute("SELECT max(version) FROM skydiff_schema").fetchone()[0] == SCHEMA_VERSION
 
 
+def _canonical(summaries) -> list[list[tuple]]:
+    """Summaries with each object named by its first candid (minting order aside)."""
+    first: dict[str, int] = {}
+    for image in summaries:
+        for candid, name, *_ in image:
+            first[name] = min(first.get(name, candid), candid)
+    return [[(candid, first[name], *rest) for candid, name, *rest in image] for image in summaries]
+
+
+def _pending(image) -> PendingImage:
+    return PendingImage(image.context.pid, image.context.jd, image.context.footprint)
+
+
 def _write_in_process(url: str, images, queue) -> None:
     try:
         with PostgresHistoryStore(url) as store:
@@ -113,7 +128,9 @@ def test_concurrent_writers_on_overlapping_footprints(postgres, tmp_path):
     with SQLiteHistoryStore(tmp_path / "sequential.sqlite") as lite:
         sequential = _associate(lite, images)
     url = postgres.new_database()
-    PostgresHistoryStore(url).close()          # the schema, once, before the writers race
+    with PostgresHistoryStore(url) as store:   # the schema, once, before the writers race
+        # Announced in time order, as skydiff submit announces exposures.
+        assert store.announce([_pending(image) for image in images]) == len(images)
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
     workers = [context.Process(target=_write_in_process, args=(url, images[k::4], queue)) for k in range(4)]
@@ -138,8 +155,14 @@ def test_concurrent_writers_on_overlapping_footprints(postgres, tmp_path):
     vectors = np.stack([np.cos(np.radians(dec)) * np.cos(np.radians(ra)),
                         np.cos(np.radians(dec)) * np.sin(np.radians(ra)), np.sin(np.radians(dec))], axis=-1)
     assert not cKDTree(vectors).query_pairs(np.radians(MATCH_RADIUS_ARCSEC / 3600.0))
-    # Detections scatter by 0.1" rms: the grouping does not depend on the order of images.
+    # Announced images wait for the earlier overlapping ones: the same grouping and every
+    # alert's history (prv_candidates, ndethist, ncovhist, jdstarthist) as the sequential run.
     assert _groups(concurrent) == _groups(sequential)
+    by_pid = dict(zip((image.context.pid for k in range(4) for image in images[k::4]), concurrent))
+    assert _canonical([by_pid[image.context.pid] for image in images]) == _canonical(sequential)
+    with psycopg.connect(url) as db:
+        assert db.execute("SELECT count(*) FROM pending_images").fetchone()[0] == 0
+        assert db.execute("SELECT count(*) FROM pending_cells").fetchone()[0] == 0
 
 
 def test_migrate_copies_sqlite_idempotently_and_names_continue(postgres, survey, tmp_path):
