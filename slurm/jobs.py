@@ -63,6 +63,7 @@ class CompletedTask:
     signal: int
     start: str
     end: str
+    node: str = ""            # the node it ran on (NodeList)
 
 
 def run_slurm(argv: Sequence[str], timeout_s: float = COMMAND_TIMEOUT_S) -> str:
@@ -138,7 +139,8 @@ def completed_tasks(jobcomp: str | Path | None = None, names: Iterable[str] = ()
         task = record.get("ArrayTaskId")
         tasks.append(CompletedTask(job_id, int(task) if task else None, record.get("Name", ""),
                                    record["JobState"], int(code or 0), int(signal or 0),
-                                   record.get("StartTime", ""), record.get("EndTime", "")))
+                                   record.get("StartTime", ""), record.get("EndTime", ""),
+                                   record.get("NodeList", "")))
     return tasks
 
 

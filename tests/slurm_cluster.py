@@ -1,9 +1,12 @@
-"""The real one-machine Slurm of ``slurm/local-slurm.sh`` for tests.
+"""The real Slurm cluster of ``slurm/local-slurm.sh`` for tests: a controller on this host and
+two compute nodes, each in its own network namespace with its own address.
 
-:func:`local_slurm` starts it (installing Debian's packages when missing) unless it is
-already up, and stops it at the end only if it started it.  It skips the test, with the
-reason, only when Slurm truly cannot be had here: not root, or the packages cannot be
-installed.  Ports 6817/6818 are fixed, so there is one such Slurm per machine.
+:func:`start_local_slurm` starts it (installing Debian's packages when missing) unless it is
+already up; :meth:`LocalSlurm.stop` stops it at the end only if it started it.  It skips the
+test, with the reason, only when Slurm truly cannot be had here: not root, or the packages
+cannot be installed.  Ports 6817/6818 are fixed, so there is one such Slurm per machine.
+Tasks run on the nodes and reach this host's services only at :attr:`LocalSlurm.host_address`
+(the bridge), never at 127.0.0.1: servers the tasks use must listen there.
 """
 from __future__ import annotations
 
@@ -23,12 +26,15 @@ def _script(action: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
 
 
 class LocalSlurm:
-    """A running one-machine Slurm; ``jobcomp`` is its job completion file."""
+    """A running test cluster; ``jobcomp`` is its job completion file, ``host_address`` where
+    its nodes reach this host, ``nodes`` their names."""
 
     def __init__(self, started_here: bool):
         self.started_here = started_here
         state = os.environ.get("SKYDIFF_SLURM_STATE", "/var/lib/skydiff-slurm")
         self.jobcomp = Path(state) / "jobcomp.txt"
+        self.host_address = _script("address", 10).stdout.strip()
+        self.nodes = [f"skydiff-n{k}" for k in range(1, int(os.environ.get("SKYDIFF_SLURM_NODES", "2")) + 1)]
 
     def stop(self) -> None:
         if self.started_here:

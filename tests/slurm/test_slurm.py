@@ -41,6 +41,7 @@ FAIL_OR_RETRY_TASK = """#!/bin/bash
 rcid=$1 records=$2 attempt=${SLURM_RESTART_COUNT:-0}
 echo "$attempt" > "$records/attempt-$rcid-$attempt"
 echo "$XDG_CACHE_HOME" > "$records/xdg-$rcid-$attempt"
+hostname > "$records/host-$rcid"
 case $rcid in
   1) exit 3 ;;
   2) [ "$attempt" = 0 ] && exit 75 ;;
@@ -98,6 +99,9 @@ def test_array_retry_cap_and_summary_after_every_task(local_slurm, tmp_path):
     assert attempts[1] == [("FAILED", 3)]                          # bad input: never retried
     assert attempts[2] == [("FAILED", 75), ("COMPLETED", 0)]       # retried once, then done
     assert attempts[3] == [("FAILED", 75), ("FAILED", 1)]          # cap of 1 retry reached
+    # The array ran across the cluster's nodes (each its own network namespace and host name).
+    assert {t.node for t in tasks} == set(local_slurm.nodes)
+    assert {(records / f"host-{rcid}").read_text().strip() for rcid in range(4)} == set(local_slurm.nodes)
     assert (records / "attempt-2-1").read_text().strip() == "1"    # the retry saw SLURM_RESTART_COUNT=1
     assert not (records / "attempt-3-2").exists()
     log3 = (result.workdir / "logs" / f"quadrant-{result.array_job_id}_3.log").read_text()
