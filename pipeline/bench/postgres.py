@@ -48,9 +48,12 @@ def _free_port() -> int:
 
 
 class PostgresServer:
-    """One private PostgreSQL cluster on 127.0.0.1; :attr:`url` reaches its ``skydiff`` database."""
+    """One private PostgreSQL cluster on ``host`` (127.0.0.1 by default; another local address
+    such as a test cluster's bridge lets clients on that network in); :attr:`url` reaches its
+    ``skydiff`` database."""
 
-    def __init__(self):
+    def __init__(self, host: str = "127.0.0.1"):
+        self.host = host
         self.bindir = postgres_bindir()
         self.root = Path(tempfile.mkdtemp(prefix="skydiff-postgres-"))
         self.data = self.root / "data"
@@ -69,7 +72,7 @@ class PostgresServer:
     def url(self, database: str = USER, password: str | None = None, port: int | None = None) -> str:
         """``postgresql://`` URL of ``database`` (with another password or port to test failures)."""
         return (f"postgresql://{USER}:{self.password if password is None else password}"
-                f"@127.0.0.1:{self.port if port is None else port}/{database}")
+                f"@{self.host}:{self.port if port is None else port}/{database}")
 
     def _run(self, *args: str, timeout: float = START_TIMEOUT_S) -> None:
         proc = subprocess.run([*self._runas, *args], capture_output=True, text=True, timeout=timeout,
@@ -86,7 +89,11 @@ class PostgresServer:
         self._run(str(self.bindir / "initdb"), "-D", str(self.data), "-U", USER, "--auth=scram-sha-256",
                   f"--pwfile={pwfile}", "-E", "UTF8", "--locale=C.UTF-8", "--no-sync")
         pwfile.unlink()
-        options = (f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories={self.root} "
+        if self.host != "127.0.0.1":
+            # initdb lets in loopback clients only; the listening address's own subnet too.
+            with open(self.data / "pg_hba.conf", "a") as hba:
+                hba.write("host all all samenet scram-sha-256\n")
+        options = (f"-c listen_addresses={self.host} -c port={self.port} -c unix_socket_directories={self.root} "
                    "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
         self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.root / "server.log"),
                   "-o", options, "-w", "-t", str(START_TIMEOUT_S), "start")

@@ -1,11 +1,13 @@
-"""The real pipeline on the real one-machine Slurm (slurm/local-slurm.sh), checked on its products.
+"""The real pipeline on the real test Slurm cluster (slurm/local-slurm.sh: two compute nodes, each in
+its own network namespace), checked on its products.
 
 The simulated survey of tests/_survey.py (one field, quadrant 21: a reference season solved through
 ``skydiff quadrant`` and coadded, three science exposures) is shared by the tests; each test
 has its own outputs, spool, alert history and matchfiles (catalogs and references shared), so
 the same exposure can be processed afresh in each.  The Slurm tasks keep the object history in
-a real PostgreSQL server on loopback (``[history] url``, a database per test); the local
-executor they are compared with keeps it in SQLite.
+a real PostgreSQL server listening on the cluster's bridge (``[history] url``, a database per
+test), which the nodes reach over TCP as a cluster's nodes reach a database server, and publish
+to a real broker there; the local executor they are compared with keeps it in SQLite.
 
 - ``skydiff submit`` runs real ``skydiff quadrant`` array tasks and the real
   ``skydiff exposure-summary`` follow-up; every product is checked and equals the local
@@ -15,6 +17,9 @@ executor they are compared with keeps it in SQLite.
   (object, exposure) row twice in the matchfile.
 - A task that asks for a retry (exit 75) on its first attempt is requeued by Slurm and the
   real command's products are complete, its status counting one run.
+- The three science exposures of one field, submitted at once in time order, run at the same
+  time on both nodes: the same objects, packets (``prv_candidates``, ``ndethist``, ``fp_hists``)
+  and matchfile rows as the local executor running them one after another.
 """
 from __future__ import annotations
 
@@ -33,11 +38,14 @@ import fastavro
 import numpy as np
 import psycopg
 import pytest
+from scipy.spatial import cKDTree
 from astropy.io import fits
 from astropy.table import Table
 from confluent_kafka import Consumer
 
 from alerts.spool import DELIVERED, PENDING, Spool
+from alerts.history import MATCH_RADIUS_ARCSEC
+from pipeline.bench.postgres import PostgresServer
 from pipeline.core.config import config_to_toml
 from pipeline.formats.exposure import write_exposure_mef
 from pipeline.bench.compare import compare_exposure_outputs
@@ -69,6 +77,14 @@ def local_slurm():
     cluster = start_local_slurm()
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster_postgres(local_slurm):
+    """A PostgreSQL server on the cluster's bridge address, where the nodes' tasks reach it."""
+    server = PostgresServer(host=local_slurm.host_address).start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -144,11 +160,11 @@ def _skydiff(*args, config: Path) -> subprocess.CompletedProcess:
                           timeout=JOB_TIMEOUT_S)
 
 
-def test_submit_runs_every_stage_and_equals_the_local_executor(local_slurm, postgres, survey, tmp_path):
+def test_submit_runs_every_stage_and_equals_the_local_executor(local_slurm, cluster_postgres, survey, tmp_path):
     base, science = survey
     exposure = science[0]
     expid = _expid(exposure)
-    on_slurm = _run_config(base, tmp_path / "slurm", history_url=postgres.new_database())
+    on_slurm = _run_config(base, tmp_path / "slurm", history_url=cluster_postgres.new_database())
     local = _run_config(base, tmp_path / "local")
     # The local executor runs beside the Slurm task (one core each).
     local_run = subprocess.Popen([skydiff_executable(), "exposure", str(exposure), "--jobs", "1", "--config",
@@ -257,11 +273,11 @@ def _consume(bootstrap: str, topics: list[str], expected: int, timeout_s: float 
     return candids
 
 
-def test_watcher_killed_and_restarted_processes_each_exposure_once(local_slurm, postgres, survey, tmp_path):
+def test_watcher_killed_and_restarted_processes_each_exposure_once(local_slurm, cluster_postgres, survey, tmp_path):
     base, science = survey
-    broker = KafkaBroker(tmp_path).start()
+    broker = KafkaBroker(tmp_path, host=local_slurm.host_address).start()
     try:
-        cfg = _run_config(base, tmp_path / "run", history_url=postgres.new_database(),
+        cfg = _run_config(base, tmp_path / "run", history_url=cluster_postgres.new_database(),
                           bootstrap_servers=broker.bootstrap)
         config = _write_config(cfg, tmp_path / "skydiff.toml")
         incoming, staging = tmp_path / "incoming", tmp_path / "staging"
@@ -329,11 +345,12 @@ def test_watcher_killed_and_restarted_processes_each_exposure_once(local_slurm, 
         broker.kill()
 
 
-def test_task_asking_for_a_retry_is_requeued_and_completes(local_slurm, postgres, survey, tmp_path):
+def test_task_asking_for_a_retry_is_requeued_and_completes(local_slurm, cluster_postgres, survey, tmp_path):
     base, science = survey
     exposure = science[0]
     expid = _expid(exposure)
-    cfg = _run_config(base, tmp_path / "run", history_url=postgres.new_database()).replace(slurm__max_retries=1)
+    cfg = _run_config(base, tmp_path / "run", history_url=cluster_postgres.new_database()).replace(
+        slurm__max_retries=1)
     attempts = tmp_path / "attempts.txt"
     task = tmp_path / "retry_once_task.sh"
     task.write_text(RETRY_ONCE_TASK)
@@ -359,3 +376,53 @@ def test_task_asking_for_a_retry_is_requeued_and_completes(local_slurm, postgres
     summary = json.loads((cfg.paths.resolve("outputs") / str(expid) / "summary.json").read_text())
     assert summary["counts"] == {"finished": 1} and summary["reprocess"] == []
     assert summary["quadrants"][0]["attempt"] == 1
+
+
+def test_overlapping_exposures_on_two_nodes_associate_as_a_sequential_run(local_slurm, cluster_postgres, survey,
+                                                                          tmp_path):
+    base, science = survey
+    expids = [_expid(e) for e in science]
+    on_slurm = _run_config(base, tmp_path / "slurm", history_url=cluster_postgres.new_database())
+    local = _run_config(base, tmp_path / "local")
+    local_config = _write_config(local, tmp_path / "local.toml")
+    # The sequential run: the local executor, one exposure after another, beside the cluster.
+    sequential = subprocess.Popen(
+        ["bash", "-c", " && ".join(f"'{skydiff_executable()}' exposure '{e}' --jobs 1 --config '{local_config}'"
+                                   for e in science)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # All three submitted at once, in time order (as the watcher submits them).
+    submitted = [submit_exposure(e, on_slurm) for e in science]
+    jobs = [i for r in submitted for i in (r.array_job_id, r.summary_job_id)]
+    wait_for_jobs(jobs, JOB_TIMEOUT_S)
+    out, err = sequential.communicate(timeout=3 * JOB_TIMEOUT_S)
+    assert sequential.returncode == 0, err
+
+    tasks = completed_tasks(local_slurm.jobcomp, job_ids=[r.array_job_id for r in submitted])
+    assert [(t.array_task, t.state) for t in tasks] == [(RCID, "COMPLETED")] * 3
+    # They ran on both nodes, and at the same time (each task's interval overlaps another's).
+    assert {t.node for t in tasks} == set(local_slurm.nodes)
+    assert all(any(o is not t and o.start <= t.end and t.start <= o.end for o in tasks) for t in tasks)
+    statuses = [_check_products(on_slurm, expid) for expid in expids]
+    with psycopg.connect(on_slurm.history.url) as db:
+        assert db.execute("SELECT count(*) FROM pending_images").fetchone()[0] == 0
+        n_det, n_candid = db.execute("SELECT count(*), count(DISTINCT candid) FROM detections").fetchone()
+        ra, dec = np.array(db.execute("SELECT ra, dec FROM objects").fetchall()).T
+        repeated = db.execute("SELECT count(DISTINCT object_id) FROM detections GROUP BY object_id "
+                              "HAVING count(DISTINCT pid) > 1").fetchall()
+    assert n_det == n_candid == sum(s["alerts"]["built"] for s in statuses)
+    vectors = np.stack([np.cos(np.radians(dec)) * np.cos(np.radians(ra)),
+                        np.cos(np.radians(dec)) * np.sin(np.radians(ra)), np.sin(np.radians(dec))], axis=-1)
+    assert not cKDTree(vectors).query_pairs(np.radians(MATCH_RADIUS_ARCSEC / 3600.0))
+    assert len(repeated) > 10                   # objects seen on more than one exposure: a real test
+
+    # The sequential run's products: every packet byte for byte (history included: the
+    # objects up to a consistent renaming, prv_candidates, ndethist, ncovhist, fp_hists),
+    # candidates, images and matchfile rows.
+    for expid in expids:
+        _check_products(local, expid)
+        comparison = compare_exposure_outputs(local, on_slurm, expid, [RCID])
+        assert comparison["identical"], comparison["differences"]
+    table = _matchfile_rows(on_slurm, science[0])
+    pairs = Counter(zip(table["oid"].tolist(), table["expid"].tolist()))
+    assert pairs and max(pairs.values()) == 1
+    assert {e: n for e, n in Counter(table["expid"].tolist()).items()} == \
+        {expid: s["matchfile"]["matched"] for expid, s in zip(expids, statuses)}
