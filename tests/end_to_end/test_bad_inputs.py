@@ -270,7 +270,26 @@ HISTORY = [
      "--to"),
     ("history-migrate-server-down", lambda w: ["history", "migrate", _sqlite_history(w), "--to", _DOWN_URL], 75,
      "postgresql://u:***@127.0.0.1:1/history"),
+    ("history-order-wait-not-positive", _toml('[history]\norder_wait_s = 0\n'), 2, "order_wait_s"),
+    # submit announces the quadrants to the history before queueing anything: a server that
+    # is down stops it with exit 75 before any job exists.
+    ("submit-history-down", lambda w: ["submit", _exposure_folder(w), "--config", w.write(
+        "down.toml", f'[paths]\nroot = "{w.root}"\n[history]\nurl = "{_DOWN_URL}"\n')], 75,
+     "postgresql://u:***@127.0.0.1:1/history"),
 ]
+
+
+def _exposure_folder(w) -> str:
+    """An exposure folder holding one valid quadrant (with its RCID and a raw WCS, as exposures'
+    files have)."""
+    from pipeline.core.image import rcid_of
+    header = _header(CTYPE1="RA---TAN", CTYPE2="DEC--TAN", CRVAL1=150.0, CRVAL2=30.0, CRPIX1=25.0, CRPIX2=20.0,
+                     CDELT1=-0.000281, CDELT2=0.000281)
+    header["RCID"] = rcid_of(header["CCDID"], header["QID"])
+    folder = w.root / "exposure"
+    folder.mkdir(exist_ok=True)
+    _image(folder / "q.fits", header)
+    return str(folder)
 
 
 def _table_sqlite(w) -> str:
