@@ -65,6 +65,7 @@ from typing import Any, Mapping, Sequence
 
 import astropy.units as u
 import numpy as np
+import orjson
 from astropy_healpix import HEALPix
 from scipy.spatial import cKDTree
 
@@ -211,6 +212,16 @@ CREATE TABLE IF NOT EXISTS pending_cells (
 """
 #: Columns added after the first release: (table, column, type), added to older databases.
 _ADDED_COLUMNS = (("detections", "avro", "BLOB"), ("images", "upper_limit_avro", "BLOB"))
+
+
+def _parse_record(text: str) -> dict:
+    """A stored record (written by ``json.dumps``).  orjson parses one in a fifth of json's
+    time, and an image reads some 2,000 of them; json parses the rare record orjson refuses
+    (``json.dumps`` writes a NaN as the bare token ``NaN``, which strict JSON has not)."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
 
 
 def _prv_encoding(entry: Mapping[str, Any]) -> bytes | None:
@@ -629,9 +640,9 @@ def _history(det: Mapping[str, Any], near: list[_Stored], covering: list[tuple],
     jd, start = float(det["jd"]), float(det["jd"]) - HISTORY_DAYS
     same_channel = [r.jd for r in near if r.field == det.get("field") and r.rcid == det.get("rcid")]
     detected_pids = {r.pid for r in near}
-    previous = [(r.jd, EncodedRecord(json.loads(r.record), r.avro)) for r in near
+    previous = [(r.jd, EncodedRecord(_parse_record(r.record), r.avro)) for r in near
                 if start <= r.jd < jd and r.candid != det["candid"]]
-    previous += [(row_jd, EncodedRecord(json.loads(limit), avro)) for row_jd, pid, limit, avro in covering
+    previous += [(row_jd, EncodedRecord(_parse_record(limit), avro)) for row_jd, pid, limit, avro in covering
                  if start <= row_jd < jd and pid not in detected_pids]
     previous.sort(key=lambda entry: entry[0])
     return CandidateHistory(
