@@ -470,7 +470,9 @@ def fold(path: str | Path, config: MatchfileConfig = MatchfileConfig(), everythi
         shards = committed_shards(path)
         if not shards:
             return 0
-        if not (everything or len(shards) >= config.combine_threshold or any(s.claimed for s in shards)):
+        # Claims a killed fold left (even ones a newer plain shard supersedes) are finished
+        # now, whatever the threshold: they are the fold's own unfinished business.
+        if not (everything or len(shards) >= config.combine_threshold or _has_claims(path)):
             return 0
         claimed = _claim(path, shards)
         if not claimed:
@@ -483,6 +485,13 @@ def fold(path: str | Path, config: MatchfileConfig = MatchfileConfig(), everythi
         fsync_directory(shard_dir(path))
     log.debug("%s: folded %d epoch shard(s)", path, len(claimed))
     return len(claimed)
+
+
+def _has_claims(path: Path) -> bool:
+    try:
+        return any(CLAIM_MARK in name and not name.startswith(".") for name in os.listdir(shard_dir(path)))
+    except FileNotFoundError:
+        return False
 
 
 def _hook(stage: str) -> None:
