@@ -516,11 +516,15 @@ def _claim(path: Path, shards: list[ShardFile]) -> list[Path]:
             stale_claims.setdefault(entry.name.split(".h5" + CLAIM_MARK, 1)[0], []).append(entry)
     claimed = []
     for shard in shards:
+        # Older claims of this key: superseded by the plain shard, or (only if folds ever ran
+        # concurrently) by the newer claim adopted here; left, a later fold would adopt one
+        # and fold an older version over a newer.
+        for superseded in stale_claims.get(shard.key, []):
+            if superseded != shard.path:
+                superseded.unlink(missing_ok=True)
         if shard.claimed:
             claimed.append(shard.path)            # adopted from a killed fold
             continue
-        for superseded in stale_claims.get(shard.key, []):
-            superseded.unlink(missing_ok=True)
         target = shard.path.with_name(f"{shard.path.name}{CLAIM_MARK}{token}")
         try:
             os.rename(shard.path, target)
