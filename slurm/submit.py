@@ -1,4 +1,4 @@
-"""Submit one exposure to Slurm: a job array (one task per quadrant) and its follow-up job.
+"""Submit one exposure to Slurm: a job array (one task per quadrant), its follow-up job and the matchfile fold job.
 
 The array runs ``slurm/quadrant.sbatch`` with the task command ``skydiff quadrant
 EXPOSURE --quadrant {rcid} --config FILE``; the follow-up runs ``slurm/summary.sbatch``
@@ -11,6 +11,18 @@ Before queueing, the exposure's quadrants are announced to the object history
 (:func:`pipeline.run.exposure.announce_exposure`): tasks of later exposures overlapping them
 wait for them, so concurrent tasks associate as a sequential run would; the summary job
 withdraws what an unrecorded quadrant left.
+
+The fold job runs ``slurm/fold.sbatch`` with ``skydiff matchfile fold --config FILE`` after
+every task of the array has ended (``afterany``, as the summary) and with Slurm's
+``singleton`` dependency under the one fixed job name :data:`FOLD_JOB_NAME`: a singleton
+starts only once no other job of that name and user is running, so at most one fold runs
+cluster-wide, whichever exposure submitted it.  The quadrant tasks only commit epoch shards
+by rename, lock-free; folding them into the main files must be one process at a time
+(:mod:`pipeline.matchfile.store`), and this is what makes it so across nodes, where a
+``flock`` is not dependable.  The fold job is never held: it waits on the array, which a
+``hold`` keeps from running, and should a held submission be cancelled (the watcher's
+recovery), the fold job runs once the cancelled tasks end and folds whatever is pending,
+which is harmless.
 
 Each submission has a folder ``<paths.outputs>/slurm/<key>/`` with the effective
 configuration the tasks read (``config.toml``, paths made absolute so a task's working
@@ -34,10 +46,12 @@ from pipeline.formats.atomic import write_text_atomic
 from slurm.jobs import SlurmError, run_slurm
 
 __all__ = ["SubmitResult", "submit_exposure", "exposure_key", "job_names", "skydiff_executable",
-           "quadrant_command", "summary_command", "TEMPLATE_DIR"]
+           "quadrant_command", "summary_command", "fold_command", "TEMPLATE_DIR", "FOLD_JOB_NAME"]
 
 TEMPLATE_DIR = Path(__file__).resolve().parent
 RCID_TOKEN = "{rcid}"
+#: The fold jobs' one name: Slurm's ``singleton`` lets one job of a name and user run at a time.
+FOLD_JOB_NAME = "skydiff-matchfile-fold"
 
 
 @dataclass(frozen=True)
@@ -50,6 +64,7 @@ class SubmitResult:
     summary_job_id: int
     quadrants: tuple[int, ...]
     workdir: Path
+    fold_job_id: int | None = None
 
 
 def exposure_key(exposure: str | os.PathLike) -> str:
@@ -90,6 +105,11 @@ def summary_command(exposure: Path, config_file: Path) -> list[str]:
     return [skydiff_executable(), "exposure-summary", str(exposure), "--config", str(config_file)]
 
 
+def fold_command(config_file: Path) -> list[str]:
+    """The fold job's command: every matchfile under ``paths.matchfiles`` that needs a fold."""
+    return [skydiff_executable(), "matchfile", "fold", "--config", str(config_file)]
+
+
 def _array_spec(quadrants: Sequence[int]) -> str:
     return ",".join(str(q) for q in quadrants)
 
@@ -119,8 +139,9 @@ def _sbatch(options: list[str], template: str, command: Sequence[str]) -> int:
 
 def submit_exposure(exposure: str | os.PathLike, cfg: Config, quadrants: Iterable[int] | None = None, *,
                     hold: bool = False, task_command: Sequence[str] | None = None,
-                    follow_up_command: Sequence[str] | None = None, announce: bool = True) -> SubmitResult:
-    """Submit the quadrants' job array and the follow-up summary job of one exposure.
+                    follow_up_command: Sequence[str] | None = None,
+                    fold: Sequence[str] | bool = True, announce: bool = True) -> SubmitResult:
+    """Submit the quadrants' job array, the follow-up summary job and the fold job of one exposure.
 
     Parameters
     ----------
@@ -131,11 +152,14 @@ def submit_exposure(exposure: str | os.PathLike, cfg: Config, quadrants: Iterabl
     quadrants : iterable of int, optional
         rcids to run (default: every quadrant the exposure holds).
     hold : bool
-        Submit both jobs held (``scontrol release`` starts them); the watcher's
-        exactly-once protocol uses this.
+        Submit the array and the summary job held (``scontrol release`` starts them); the
+        watcher's exactly-once protocol uses this.  The fold job is not held (it waits on
+        the array; see the module docstring).
     task_command, follow_up_command : sequence of str, optional
         Replace the default ``skydiff quadrant`` / ``skydiff exposure-summary`` commands
         (``{rcid}`` in the task command becomes the task's rcid).
+    fold : sequence of str or bool
+        The fold job's command (default :func:`fold_command`); False submits no fold job.
     announce : bool
         Announce the quadrants to the object history before queueing them, so that images
         running at once on several nodes associate in time order (:mod:`alerts.history`).
@@ -144,7 +168,7 @@ def submit_exposure(exposure: str | os.PathLike, cfg: Config, quadrants: Iterabl
     Returns
     -------
     SubmitResult
-        Job ids of the array and the follow-up job.
+        Job ids of the array, the follow-up job and the fold job.
     """
     exposure = Path(exposure).resolve()
     if not exposure.exists():
@@ -186,4 +210,17 @@ def submit_exposure(exposure: str | os.PathLike, cfg: Config, quadrants: Iterabl
         # An array without its follow-up would leave the exposure half-submitted.
         run_slurm(["scancel", str(array_id)])
         raise
-    return SubmitResult(exposure, key, array_id, summary_id, tuple(rcids), workdir)
+    fold_id = None
+    if fold is not False:
+        fold_options = [f"--time={slurm.time_limit}", "--cpus-per-task=1", f"--chdir={workdir}",
+                        *([f"--partition={slurm.partition}"] if slurm.partition else []),
+                        f"--job-name={FOLD_JOB_NAME}", f"--dependency={dependency},singleton", "--export=ALL",
+                        f"--output={workdir / 'logs' / 'fold-%j.log'}"]
+        try:
+            fold_id = _sbatch(fold_options, "fold.sbatch",
+                              fold_command(config_file) if fold is True else list(fold))
+        except SlurmError:
+            # Without its fold job the exposure's epochs would wait for another exposure's.
+            run_slurm(["scancel", str(summary_id), str(array_id)])
+            raise
+    return SubmitResult(exposure, key, array_id, summary_id, tuple(rcids), workdir, fold_id)

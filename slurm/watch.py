@@ -10,7 +10,10 @@ window between ``sbatch`` and the ledger write:
 3. ``submitted`` is committed with the two job ids;
 4. the jobs are released (``scontrol release``), then ``released`` is committed.
 
-Nothing runs before step 4, and step 4 only ever releases ids the ledger holds.  A watcher
+Nothing runs before step 4, and step 4 only ever releases ids the ledger holds.  (The
+exposure's matchfile fold job, :mod:`slurm.submit`, is not held: it waits on the held array,
+and if that array is cancelled below it runs once and folds what is pending, which is
+harmless; it carries one fixed name for all exposures, so it is not looked up by key.)  A watcher
 killed anywhere is repaired by :meth:`ExposureWatcher.recover` at the next start: an
 exposure left in ``intent`` may have held jobs in Slurm (killed between 2 and 3); held jobs
 never leave the queue, so a look-up by job name finds them all, they are cancelled (they

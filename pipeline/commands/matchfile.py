@@ -1,4 +1,4 @@
-"""``skydiff matchfile``: seed matchfiles from references and append science images to them.
+"""``skydiff matchfile``: seed matchfiles from references, append science images to them, fold them.
 
 ``matchfile seed REF.fits...`` seeds the matchfile of each reference's field, CCD, quadrant
 and filter from its PSF catalogue (kept as it is when already seeded from that reference).
@@ -7,10 +7,18 @@ and filter from its PSF catalogue (kept as it is when already seeded from that r
 exposure again replaces it); see :mod:`pipeline.matchfile.epochs` for how the epoch is built.
 A folder's science image, reference and zero point are those its ``qa.json`` names; for an
 image, ``--reference`` seeds the matchfile and, when the image has neither MAGZP nor
-``--refcat``, calibrates it.  ``--root`` defaults to ``paths.matchfiles``.
+``--refcat``, calibrates it.  ``--root`` defaults to ``paths.matchfiles``.  Appending (and
+seeding) takes no lock and never folds: several processes on several nodes may append at once.
 
-Exit status: 0 every source appended; 3 bad input (the message names the file and the
-problem; the other sources are still appended); 1 other failures.
+``matchfile fold [MATCHFILE...] [--root DIR] [--all]`` is the dedicated fold step: it folds
+the pending epoch shards of every matchfile under the root (or of the MATCHFILEs named)
+that has at least ``[matchfile] combine_threshold`` of them, or claimed shards a killed fold
+left (every one with ``--all``), and puts back footprint-index entries seeders lost.  Run
+one fold at a time per matchfile root (the Slurm fold job is a singleton; see
+:mod:`pipeline.matchfile.store`).
+
+Exit status: 0 every source appended (every matchfile folded); 3 bad input (the message
+names the file and the problem; the other sources are still appended); 1 other failures.
 """
 from __future__ import annotations
 
@@ -47,6 +55,17 @@ def register(subparsers, common) -> None:
                         "point (a folder uses the subtraction's)")
     append.add_argument("--root", metavar="DIR", help="matchfile root (default: paths.matchfiles)")
     append.set_defaults(func=run_append)
+
+    fold = sub.add_parser("fold", parents=[common], help="fold matchfiles' pending epoch shards into their main files",
+                          description="The dedicated fold step: fold the pending epoch shards of every matchfile "
+                                      "under the root (or of the MATCHFILEs given) that has at least [matchfile] "
+                                      "combine_threshold of them or shards a killed fold claimed (all with --all), "
+                                      "and repair the footprint index.  Run one at a time per root.")
+    fold.add_argument("matchfiles", nargs="*", metavar="MATCHFILE", help="matchfiles to fold (default: all under "
+                      "the root)")
+    fold.add_argument("--root", metavar="DIR", help="matchfile root (default: paths.matchfiles)")
+    fold.add_argument("--all", action="store_true", help="fold every pending shard, whatever the threshold")
+    fold.set_defaults(func=run_fold)
 
 
 def _root(args) -> Path:
@@ -90,5 +109,32 @@ def run_append(args) -> int:
             status = EXIT_FAILED if status == EXIT_OK else status
             continue
         print(f"{source}: expid {result.expid}: {result.nmatched} matched, {result.nunmatched} unmatched "
-              f"({time.perf_counter() - start:.1f} s){f'; folded {result.folded} epochs' if result.folded else ''}")
+              f"({time.perf_counter() - start:.1f} s)")
     return status
+
+
+def run_fold(args) -> int:
+    from pipeline.matchfile.store import fold_root
+
+    root = _root(args)
+    if not root.is_dir():
+        if args.root:
+            log.error("bad input: matchfile root %s: no such directory", root)
+            return EXIT_BAD_INPUT
+        # The configured root not made yet: no matchfile seeded, nothing to fold (a fold job
+        # after an exposure whose quadrants all stopped before the matchfile stage).
+        print(f"no matchfile root {root} yet: nothing to fold")
+        return EXIT_OK
+    missing = [p for p in args.matchfiles if not Path(p).is_file()]
+    if missing:
+        log.error("bad input: no such matchfile: %s", ", ".join(missing))
+        return EXIT_BAD_INPUT
+    start = time.perf_counter()
+    report = fold_root(root, args.cfg.matchfile, paths=args.matchfiles or None, everything=args.all)
+    for path, count in sorted(report.folded.items()):
+        print(f"{path}: folded {count} epoch shard(s)")
+    print(f"folded {sum(report.folded.values())} shard(s) into {len(report.folded)} matchfile(s)"
+          f"{f', {len(report.failed)} failed' if report.failed else ''}"
+          f"{f', {report.indexed} index entries restored' if report.indexed else ''}"
+          f" ({time.perf_counter() - start:.1f} s)")
+    return EXIT_FAILED if report.failed else EXIT_OK

@@ -755,11 +755,19 @@ class PriorFitSettings:
 
 @dataclass(frozen=True)
 class MatchfileConfig:
-    """Matchfiles: one-to-one match radius, writer lock wait, pending epochs per fold."""
+    """Matchfiles: one-to-one match radius, the fold's lock wait, pending epochs per fold.
+
+    Appends and seeding take no lock; only the fold step (``skydiff matchfile fold``) takes
+    ``<matchfile>.lock``, as an extra guard on top of running one fold at a time.
+    """
 
     match_radius_arcsec: float = 1.5
-    lock_timeout_s: float = 120.0
-    combine_threshold: int = 32            # pending epoch shards that trigger a fold
+    lock_timeout_s: float = 120.0          # a fold's wait for another fold of the same file
+    combine_threshold: int = 32            # pending epoch shards from which the fold step folds a file
+
+    def __post_init__(self):
+        if self.combine_threshold < 1 or not self.lock_timeout_s > 0:
+            raise ConfigValueError("matchfile.combine_threshold must be >= 1 and matchfile.lock_timeout_s > 0")
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
 """The one inter-process lock: an exclusive ``flock`` on a lock file, with a timeout.
 
-Writers of shared files (matchfiles, the catalogue stores' index, the solar-system night
-files) serialise on a ``<name>.lock`` beside what they write.  ``flock`` locks belong to the
+Writers of shared files (matchfile folds, the catalogue stores' index, the solar-system night
+files) serialise on a ``<name>.lock`` beside what they write.  ``flock`` is dependable among
+the processes of one machine, not across the clients of every shared file system, so the
+matchfiles rest no correctness on it (see :mod:`pipeline.matchfile.store`).  ``flock`` locks belong to the
 open file description, so they are released when the holder exits or is killed -- a crashed
 writer never leaves a stale lock.  The holder writes ``pid N on HOST`` into the lock file so
 that a waiter that gives up can say who held it.

@@ -10,7 +10,9 @@ would otherwise overlap).
 
 The index is updated when a matchfile is created (under ``<root>/.matchfile_index.lock``,
 written through a temporary file and a rename), and can be rebuilt from the files' own
-``footprint_*`` attributes by :func:`rebuild_index`.
+``footprint_*`` attributes by :func:`rebuild_index`.  Seeders on several nodes may lose each
+other's entry where that ``flock`` does not hold across nodes; the fold step, which runs one
+at a time, puts missing entries back (:func:`ensure_indexed`).
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from pipeline.formats.atomic import write_text_atomic
 from pipeline.formats.locks import exclusive_lock
 from pipeline.matchfile.layout import LayoutError
 
-__all__ = ["Footprint", "footprint_of", "register_footprint", "FootprintIndex", "rebuild_index",
+__all__ = ["Footprint", "footprint_of", "register_footprint", "FootprintIndex", "rebuild_index", "ensure_indexed",
            "INDEX_NAME"]
 
 INDEX_NAME = "matchfile_index.json"
@@ -100,19 +102,49 @@ def register_footprint(root: str | Path, path: str | Path, footprint: Footprint,
         _write_entries(root, entries)
 
 
+def _entry_of(path: Path) -> dict:
+    """A matchfile's index entry from its own attributes."""
+    with h5py.File(path, "r", locking=False) as h5:
+        attrs = h5.attrs
+        return {**{k: int(attrs[k]) for k in ("field", "ccdid", "qid", "fid")},
+                **{k: float(attrs[f"footprint_{k}"]) for k in Footprint.__dataclass_fields__}}
+
+
 def rebuild_index(root: str | Path) -> int:
     """Rebuild the index from the ``*_match.h5`` files under ``root``; the number indexed."""
     root = Path(root)
     entries = {}
     for path in sorted(root.rglob("*_match.h5")):
-        with h5py.File(path, "r", locking=False) as h5:
-            attrs = h5.attrs
-            entries[str(path.relative_to(root))] = {
-                **{k: int(attrs[k]) for k in ("field", "ccdid", "qid", "fid")},
-                **{k: float(attrs[f"footprint_{k}"]) for k in Footprint.__dataclass_fields__}}
+        if not path.name.startswith("."):
+            entries[str(path.relative_to(root))] = _entry_of(path)
     with _index_lock(root):
         _write_entries(root, entries)
     return len(entries)
+
+
+def ensure_indexed(root: str | Path, paths) -> int:
+    """Add to the index of ``root`` those of ``paths`` (matchfiles under it) it lacks; the number added.
+
+    Writes the index only when something is missing, so a fold finding it complete (the
+    usual case) does not race with seeders' updates at all.
+    """
+    root = Path(root)
+    resolved = root.resolve()
+    present = _read_entries(root)
+    missing = {}
+    for path in paths:
+        try:
+            relative = str(Path(path).resolve().relative_to(resolved))
+        except ValueError:
+            continue                     # not under this root
+        if relative not in present:
+            missing[relative] = _entry_of(Path(path))
+    if missing:
+        with _index_lock(root):
+            entries = _read_entries(root)
+            entries.update({k: v for k, v in missing.items() if k not in entries})
+            _write_entries(root, entries)
+    return len(missing)
 
 
 class FootprintIndex:

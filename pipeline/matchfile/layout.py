@@ -3,7 +3,9 @@
 One matchfile per (field, CCD, quadrant, filter), seeded from the reference image's PSF
 catalogue, at ``<root>/<field:06d>/ztf_<field:06d>_<filtercode>_c<ccdid:02d>_q<qid>_match.h5``
 (filtercode ``zg``, ``zr``, ``zi`` for fid 1, 2, 3).  Pending epochs live beside it in
-``<matchfile>.wal/<expid>.h5`` (see :mod:`pipeline.matchfile.store` for why).
+``<matchfile>.wal/<expid>.h5``, or ``<matchfile>.wal/<expid>.h5.folding-<token>`` once a fold has
+claimed them (see :mod:`pipeline.matchfile.store` for why; :func:`committed_shards` lists them
+as every reader must).
 
 Every table is an HDF5 group holding one 1-D dataset per column, all of one length;
 datasets are chunked, compressed (gzip level 1 with the shuffle filter, readable by any
@@ -36,6 +38,7 @@ concatenation field, rcid (2 digits), fid (1 digit), reference id (8 digits):
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
@@ -46,7 +49,8 @@ from pipeline.core.exits import BadInputError
 from pipeline.formats.atomic import atomic_path
 
 __all__ = ["LAYOUT_VERSION", "TABLES", "ColumnSpec", "FILTERCODES", "filtercode_of", "fid_of_band",
-           "make_oid", "split_oid", "matchfile_path", "shard_dir", "write_table",
+           "make_oid", "split_oid", "matchfile_path", "shard_dir", "ShardFile", "committed_shards", "CLAIM_MARK",
+           "write_table",
            "read_table", "coerce_columns", "empty_columns", "write_h5_atomic", "LayoutError", "ID_DIGITS",
            "check_layout_version", "filefracday", "COMPRESSION", "UNCOMPRESSED"]
 
@@ -209,6 +213,62 @@ def shard_dir(path: str | Path) -> Path:
     """Directory of the pending epoch shards of a matchfile."""
     path = Path(path)
     return path.with_name(path.name + ".wal")
+
+
+#: What a fold appends to a shard's name when it claims it: ``<expid>.h5.folding-<token>``.
+CLAIM_MARK = ".folding-"
+
+
+@dataclass(frozen=True)
+class ShardFile:
+    """One committed epoch shard: ``key`` is its name before ``.h5`` (the expid), ``claimed``
+    whether a fold has renamed it to ``<key>.h5.folding-<token>``."""
+
+    key: str
+    path: Path
+    claimed: bool
+    inode: int
+    mtime_ns: int
+
+
+def committed_shards(path: str | Path) -> list[ShardFile]:
+    """The committed epoch shards of a matchfile, one per key, sorted by key.
+
+    A plain ``<key>.h5`` takes precedence over a claimed ``<key>.h5.folding-<token>`` of the
+    same key: a plain shard present next to a claimed one was committed after the fold
+    claimed the other (a re-append of the exposure), so it is the newer.  Folds run one at a
+    time and a fold deletes a claimed shard a plain one supersedes before claiming the plain
+    one, so there is at most one claimed shard per key; should there be more (folds run
+    concurrently against the rules), the most recently written one is taken.  Hidden names
+    (writers' temporary files) are skipped, and so is an entry that disappears while it is
+    listed (claimed or folded meanwhile: the caller's consistency check sees the change).
+    """
+    directory = shard_dir(path)
+    best: dict[str, ShardFile] = {}
+    try:
+        entries = list(os.scandir(directory))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    for entry in entries:
+        name = entry.name
+        if name.startswith("."):
+            continue
+        if name.endswith(".h5"):
+            key, claimed = name[:-3], False
+        elif ".h5" + CLAIM_MARK in name:
+            key, claimed = name.split(".h5" + CLAIM_MARK, 1)[0], True
+        else:
+            continue
+        try:
+            st = entry.stat()
+        except FileNotFoundError:
+            continue
+        shard = ShardFile(key, Path(entry.path), claimed, st.st_ino, st.st_mtime_ns)
+        held = best.get(key)
+        if held is None or (held.claimed and not claimed) or \
+                (held.claimed == claimed and (st.st_mtime_ns, name) > (held.mtime_ns, held.path.name)):
+            best[key] = shard
+    return [best[key] for key in sorted(best)]
 
 
 def empty_columns(table: str) -> dict[str, np.ndarray]:

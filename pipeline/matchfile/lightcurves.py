@@ -19,10 +19,12 @@ VOTable, IPAC table, ECSV and JSON.
 """
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
 import threading
+import time
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
@@ -32,8 +34,8 @@ from astropy.table import Table
 from scipy.spatial import cKDTree
 
 from pipeline.matchfile.index import FootprintIndex
-from pipeline.matchfile.layout import (LayoutError, check_layout_version, make_oid, matchfile_path, read_table,
-                                       shard_dir, split_oid)
+from pipeline.matchfile.layout import (LayoutError, check_layout_version, committed_shards, make_oid,
+                                       matchfile_path, read_table, shard_dir, split_oid)
 
 __all__ = ["LIGHTCURVE_COLUMNS", "MatchfileSnapshot", "LightcurveReader", "lightcurve", "select",
            "serialise", "plot_lightcurve", "lightcurve_figure", "lightcurve_plot_context", "check_position",
@@ -93,56 +95,69 @@ def _unit(ra_deg, dec_deg) -> np.ndarray:
 
 
 def _stamp(path: Path) -> tuple:
-    """What identifies a consistent state: the main file's inode/mtime/size and the shard set."""
+    """What identifies a consistent state: the main file's inode/mtime/size and the committed
+    shards (:func:`~pipeline.matchfile.layout.committed_shards`: plain over claimed, one per
+    expid) with their names, inodes and mtimes (a fold's claim renames a shard: a new stamp)."""
     st = os.stat(path)
-    shards = []
-    directory = shard_dir(path)
-    if directory.is_dir():
-        for entry in os.scandir(directory):
-            if entry.name.endswith(".h5") and not entry.name.startswith("."):
-                try:
-                    s = entry.stat()
-                except FileNotFoundError:
-                    continue
-                shards.append((entry.name, s.st_ino, s.st_mtime_ns))
-    return (st.st_ino, st.st_mtime_ns, st.st_size), tuple(sorted(shards))
+    shards = tuple((s.path.name, s.inode, s.mtime_ns) for s in committed_shards(path))
+    return (st.st_ino, st.st_mtime_ns, st.st_size), shards
+
+
+def _vanished(exc: OSError) -> bool:
+    """A file renamed or removed under the reader: gone, or (NFS) a stale handle to its old inode."""
+    return isinstance(exc, FileNotFoundError) or exc.errno == errno.ESTALE
 
 
 class MatchfileSnapshot:
-    """A consistent read-only view of one matchfile: main file plus pending shards."""
+    """A consistent read-only view of one matchfile: main file plus pending shards.
+
+    The shards' tables are read when the snapshot is made (they are small, and a fold may
+    claim, that is rename, or delete them at any time afterwards); the main file stays open
+    and is read as queries ask.
+    """
 
     def __init__(self, path: str | Path, attempts: int = 50):
         self.path = Path(path)
-        for _ in range(attempts):
+        for attempt in range(attempts):
             try:
                 if self._open():
                     return
-            except FileNotFoundError:
-                pass          # a shard folded between listing and opening: try again
+            except OSError as exc:
+                if not _vanished(exc):
+                    raise
+                # A shard claimed or folded between listing and opening, or the main file
+                # replaced by a fold (NFS: a stale handle): try again.
+            # Backing off lets a client whose directory cache lags (NFS) catch up.
+            time.sleep(min(0.005 * attempt, 0.5))
         raise LayoutError(f"{self.path}: the file kept changing while being opened")
 
     def _open(self) -> bool:
-        main_before, shard_names = _stamp(self.path)
+        before = _stamp(self.path)
         try:
             h5 = h5py.File(self.path, "r", locking=False)
         except OSError as exc:
             if not self.path.exists():
                 raise FileNotFoundError(self.path) from None
+            if _vanished(exc):
+                raise
             raise LayoutError(f"{self.path}: not a readable HDF5 matchfile ({exc})") from None
         try:
             check_layout_version(h5, self.path)
-        except LayoutError:
+            shards = []
+            for name, _, _ in before[1]:
+                shard_path = shard_dir(self.path) / name
+                with h5py.File(shard_path, "r", locking=False) as sh:
+                    check_layout_version(sh, shard_path)
+                    shards.append({t: read_table(sh, t) for t in ("exposures", "photometry", "unmatched")})
+            # The main file and the whole shard listing unchanged while read: one consistent
+            # state (every state a writer or fold leaves has each epoch exactly once).
+            if _stamp(self.path) != before:
+                h5.close()
+                return False
+        except BaseException:
             h5.close()
             raise
-        shards = []
-        for name, _, _ in shard_names:
-            with h5py.File(shard_dir(self.path) / name, "r", locking=False) as sh:
-                check_layout_version(sh, shard_dir(self.path) / name)
-                shards.append({t: read_table(sh, t) for t in ("exposures", "photometry")})
-        if _stamp(self.path)[0] != main_before:
-            h5.close()
-            return False
-        self.stamp = (main_before, shard_names)
+        self.stamp = before
         self.h5 = h5
         self.attrs = dict(h5.attrs)
         src = read_table(h5, "sources", ["id", "ra", "dec", "phot_start", "phot_count"])
@@ -151,6 +166,7 @@ class MatchfileSnapshot:
         self.tree = cKDTree(_unit(self.ra, self.dec))
         self.shard_expids = np.array([e for s in shards for e in s["exposures"]["expid"]], dtype=np.int64)
         self.shard_photometry = [s["photometry"] for s in shards]
+        self.shard_unmatched = [s["unmatched"] for s in shards]
         main_exposures = read_table(h5, "exposures")
         keep = ~np.isin(main_exposures["expid"], self.shard_expids)
         exposures = {k: np.concatenate([v[keep]] + [s["exposures"][k] for s in shards])
@@ -261,13 +277,7 @@ class MatchfileSnapshot:
         """Unmatched detections (main file and shards) within a cone, sorted by hjd."""
         columns = read_table(self.h5, "unmatched")
         keep = ~np.isin(columns["expid"], self.shard_expids)
-        parts = [{k: v[keep] for k, v in columns.items()}]
-        for name, _, _ in self.stamp[1]:
-            try:
-                with h5py.File(shard_dir(self.path) / name, "r", locking=False) as sh:
-                    parts.append(read_table(sh, "unmatched"))
-            except FileNotFoundError:
-                continue   # folded since the snapshot: its rows are now in a newer main file
+        parts = [{k: v[keep] for k, v in columns.items()}] + self.shard_unmatched
         merged = {k: np.concatenate([p[k] for p in parts]) for k in columns}
         chord = 2.0 * np.sin(np.deg2rad(radius_deg) / 2.0)
         near = np.linalg.norm(_unit(merged["ra"], merged["dec"]) - _unit(ra, dec), axis=-1) <= chord

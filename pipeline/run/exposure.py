@@ -2,7 +2,9 @@
 
 :func:`run_exposure` is the local executor: a process pool sized to the machine (one
 quadrant per core, as on the cluster) runs :func:`pipeline.run.quadrant.run_quadrant` for each
-rcid, printing progress as quadrants finish.  :func:`exposure_summary` reads every
+rcid, printing progress as quadrants finish, then folds the matchfiles' pending epoch
+shards (the quadrants only commit shards; folding is one process's job, see
+:mod:`pipeline.matchfile.store`).  :func:`exposure_summary` reads every
 quadrant's status record (whoever ran it: this executor or a Slurm array) and lists the
 quadrants to reprocess: failed, never finished, or retryable.
 
@@ -29,8 +31,8 @@ from pipeline.run.quadrant import (QuadrantInputError, failure_record, locate_qu
 from pipeline.core.exits import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_RETRY, PipelineError, describe, exit_status_of
 from pipeline.formats.atomic import write_json_atomic
 
-__all__ = ["run_exposure", "exposure_summary", "format_exposure_summary", "exposure_expid", "announce_exposure",
-           "withdraw_exposure", "pending_images"]
+__all__ = ["run_exposure", "fold_matchfiles", "exposure_summary", "format_exposure_summary", "exposure_expid",
+           "announce_exposure", "withdraw_exposure", "pending_images"]
 
 log = logging.getLogger("skydiff.exposure")
 
@@ -107,10 +109,30 @@ def run_exposure(exposure: str | os.PathLike, cfg: Config, jobs: int | None = No
                 filled = int(width * done / len(rcids))
                 bar.update(f"[{'#' * filled}{'.' * (width - filled)}] {done}/{len(rcids)} quadrants, "
                            f"{time.perf_counter() - t0:.0f} s (rcid {rcid}: exit {code})")
+    fold_matchfiles(cfg)
     summary = exposure_summary(exposure, cfg, rcids)
     summary["wall_s"] = round(time.perf_counter() - t0, 1)
     summary["jobs"] = jobs
     return summary
+
+
+def fold_matchfiles(cfg: Config) -> None:
+    """The fold step after an exposure's quadrants: fold every matchfile that needs it.
+
+    One executor folds at a time on this machine; its ``flock`` is an extra guard against a
+    second executor or a hand-run ``skydiff matchfile fold``.  A failed fold is logged, not
+    fatal: the epochs stay committed as shards, readable, and the next fold retries.
+    """
+    from pipeline.matchfile.store import fold_root
+
+    root = cfg.paths.resolve("matchfiles")
+    if not root.is_dir():
+        return
+    report = fold_root(root, cfg.matchfile)
+    if report.folded:
+        log.info("folded %d epoch shard(s) into %d matchfile(s)", sum(report.folded.values()), len(report.folded))
+    for path, reason in report.failed.items():
+        log.warning("matchfile fold of %s failed (its epochs stay as shards): %s", path, reason)
 
 
 def exposure_summary(exposure: str | os.PathLike, cfg: Config, rcids: list[int] | None = None) -> dict:

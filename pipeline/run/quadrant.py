@@ -140,7 +140,10 @@ def _matchfile_epoch(cfg: Config, subtraction) -> dict:
     seed_matchfile_from_reference(root, subtraction.reference, cfg)
     result = append_science_epoch(root, subtraction.science.header, subtraction.result, cfg,
                                   reference=subtraction.reference)
-    return {"matched": result.nmatched, "unmatched": result.nunmatched, "folded": result.folded}
+    # The epoch is committed as a shard; folding it into the main file is the fold step's job
+    # (skydiff matchfile fold: the Slurm fold job, or the local executor after its pool),
+    # never a task's, so tasks on several nodes need no lock (pipeline.matchfile.store).
+    return {"matched": result.nmatched, "unmatched": result.nunmatched}
 
 
 def run_quadrant(exposure: str | os.PathLike, rcid: int, cfg: Config, force: bool = False,

@@ -1,4 +1,4 @@
-"""Matchfiles: truth-consistent light curves, replacement, layout, errors and the writer lock."""
+"""Matchfiles: truth-consistent light curves, replacement, layout, errors and the fold's lock."""
 from __future__ import annotations
 
 import h5py
@@ -132,14 +132,18 @@ def test_bad_inputs_name_the_problem(tmp_path, cfg):
         append_epoch(tmp_path / "none.h5", meta, table, site_location(cfg.site))
 
 
-def test_lock_timeout_names_the_holder(tmp_path, cfg):
+def test_appends_take_no_lock_and_a_fold_waiting_names_the_holder(tmp_path, cfg):
+    """Appending and seeding never wait on the lock (it is not dependable across nodes); the
+    fold step takes it as an extra guard and, timing out, names who held it."""
     sky = synthetic_sky(50, 10.0, 10.0, seed=2)
     path = create_matchfile(tmp_path, sky.reference, sky.meta)
     meta, table = synthetic_epoch(sky, 4, 60000.0)
     with matchfile_lock(path, 1.0):
+        assert create_matchfile(tmp_path, sky.reference, sky.meta) == path
+        assert append_epoch(path, meta, table, site_location(cfg.site)).nmatched > 0
         with pytest.raises(MatchfileLockTimeout, match=r"held .* for more than 0.2 s \(holder: pid \d+"):
-            append_epoch(path, meta, table, site_location(cfg.site), MatchfileConfig(lock_timeout_s=0.2))
-    assert append_epoch(path, meta, table, site_location(cfg.site)).nmatched > 0
+            combine(path, MatchfileConfig(lock_timeout_s=0.2))
+    assert combine(path) == 1 and not pending_shards(path)
 
 
 def test_chi_sharp_filefracday_and_colour_term_reach_the_file(tmp_path, cfg):
