@@ -51,6 +51,7 @@ from pipeline.formats.exposure import write_exposure_mef
 from pipeline.bench.compare import compare_exposure_outputs
 from pipeline.core.image import read_quadrant
 from pipeline.matchfile.lightcurves import lightcurve
+from pipeline.matchfile.store import pending_shards
 from slurm.jobs import completed_tasks, wait_for_jobs
 from slurm.submit import exposure_key, job_names, skydiff_executable, submit_exposure
 from _survey import RCID
@@ -172,9 +173,10 @@ def test_submit_runs_every_stage_and_equals_the_local_executor(local_slurm, clus
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     submitted = _skydiff("submit", str(exposure), config=_write_config(on_slurm, tmp_path / "slurm.toml"))
     assert submitted.returncode == 0, submitted.stderr
-    words = submitted.stdout.split()
-    array_id, summary_id = int(words[2]), int(words[words.index("summary") + 2].rstrip(";"))
-    wait_for_jobs([array_id, summary_id], JOB_TIMEOUT_S)
+    # "array job A (1 quadrants), summary job S, fold job F; logs in ..."
+    words = submitted.stdout.replace(",", " ").replace(";", " ").split()
+    array_id, summary_id, fold_id = (int(words[words.index(kind) + 2]) for kind in ("array", "summary", "fold"))
+    wait_for_jobs([array_id, summary_id, fold_id], JOB_TIMEOUT_S)
     out, err = local_run.communicate(timeout=JOB_TIMEOUT_S)
     assert local_run.returncode == 0, err
     assert f"exposure {expid}" in out and "1 finished" in out
@@ -382,7 +384,9 @@ def test_overlapping_exposures_on_two_nodes_associate_as_a_sequential_run(local_
                                                                           tmp_path):
     base, science = survey
     expids = [_expid(e) for e in science]
-    on_slurm = _run_config(base, tmp_path / "slurm", history_url=cluster_postgres.new_database())
+    # Fold every pending epoch, so that each fold job has work and none is left.
+    on_slurm = _run_config(base, tmp_path / "slurm", history_url=cluster_postgres.new_database()).replace(
+        matchfile__combine_threshold=1)
     local = _run_config(base, tmp_path / "local")
     local_config = _write_config(local, tmp_path / "local.toml")
     # The sequential run: the local executor, one exposure after another, beside the cluster.
@@ -391,7 +395,7 @@ def test_overlapping_exposures_on_two_nodes_associate_as_a_sequential_run(local_
                                    for e in science)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # All three submitted at once, in time order (as the watcher submits them).
     submitted = [submit_exposure(e, on_slurm) for e in science]
-    jobs = [i for r in submitted for i in (r.array_job_id, r.summary_job_id)]
+    jobs = [i for r in submitted for i in (r.array_job_id, r.summary_job_id, r.fold_job_id)]
     wait_for_jobs(jobs, JOB_TIMEOUT_S)
     out, err = sequential.communicate(timeout=3 * JOB_TIMEOUT_S)
     assert sequential.returncode == 0, err
@@ -426,3 +430,9 @@ def test_overlapping_exposures_on_two_nodes_associate_as_a_sequential_run(local_
     assert pairs and max(pairs.values()) == 1
     assert {e: n for e, n in Counter(table["expid"].tolist()).items()} == \
         {expid: s["matchfile"]["matched"] for expid, s in zip(expids, statuses)}
+    # The fold jobs (one at a time, whichever node) left every epoch in the main file: the
+    # rows above were read from it.
+    folds = completed_tasks(local_slurm.jobcomp, job_ids=[r.fold_job_id for r in submitted])
+    assert [t.state for t in folds] == ["COMPLETED"] * 3
+    matchfiles = list(on_slurm.paths.resolve("matchfiles").rglob("*.h5"))
+    assert matchfiles and not [m for m in matchfiles if pending_shards(m)]
