@@ -141,19 +141,25 @@ def _bench_latency(args) -> dict:
                                bootstrap=getattr(args, "bootstrap", None)))
 
 
-@benchmark("exposure", "a whole simulated exposure (every quadrant, each with a 4-frame reference) through "
-           "the local executor (--executor local), a running Slurm (slurm), or both with their products "
-           "compared (both); --jobs workers; the survey is built once under --out and reused", one_core=False)
+@benchmark("exposure", "whole simulated exposures (every quadrant, each with a 4-frame reference; --exposures "
+           "overlapping ones of one field) through the local executor one after another (--executor local), "
+           "a running Slurm all at once (slurm; its history in PostgreSQL at --history-url if given), or both "
+           "with their products compared (both); --jobs workers; the survey is built once under --out and "
+           "reused", one_core=False)
 def _bench_exposure(args) -> dict:
     import tempfile
     from pipeline.bench.exposure import bench_exposure
     from pipeline.core.focalplane import parse_quadrants
     rcids = parse_quadrants(args.quadrants, args.cfg.instrument.n_quadrants)
     jobs = args.jobs or len(os.sched_getaffinity(0))
+    if args.exposures < 1:
+        from pipeline.core.exits import UsageError
+        raise UsageError(f"--exposures must be at least 1, got {args.exposures}")
+    options = dict(exposures=args.exposures, history_url=args.history_url or "")
     if args.out:
-        return bench_exposure(args.cfg, args.out, rcids, jobs, args.executor)
+        return bench_exposure(args.cfg, args.out, rcids, jobs, args.executor, **options)
     with tempfile.TemporaryDirectory(prefix="skydiff-exposure-bench-") as out:
-        return bench_exposure(args.cfg, out, rcids, jobs, args.executor)
+        return bench_exposure(args.cfg, out, rcids, jobs, args.executor, **options)
 
 
 @benchmark("matchfile-append", "append one 50,000-source epoch to a matchfile (target: at most 1 s)",
@@ -258,11 +264,13 @@ def register(subparsers, common) -> None:
     p.add_argument("--jobs", type=int, help="exposure: quadrants at once (default: the machine's cores)")
     p.add_argument("--orbits", type=int, default=1_400_000, help="solarsystem: orbits in the synthetic MPCORB")
     p.add_argument("--quadrants", default="all", help="exposure: 'all' or rcids, e.g. 0,5,10-12")
+    p.add_argument("--exposures", type=int, default=1,
+                   help="exposure: overlapping science exposures of one field (Slurm: submitted at once)")
     p.add_argument("--objects", type=int, default=1_000_000, help="history: objects in the simulated survey")
     p.add_argument("--detections-per-object", type=int, default=10, help="history: detections of each object")
     p.add_argument("--writers", type=int, default=16, help="history: images associated at once")
     p.add_argument("--history-url", metavar="URL", help="history: an empty PostgreSQL database (default: a "
-                   "private server on loopback for the run)")
+                   "private server on loopback for the run); exposure: the Slurm run's history (default: SQLite)")
     p.add_argument("--density", choices=("custom", *SKY_PRESETS), metavar="PRESET",
                    help="the simulated sky of the benchmarks that simulate one ([simulation] sky_preset): "
                         f"custom (the configuration's densities), {', '.join(SKY_PRESETS)}")
