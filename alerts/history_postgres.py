@@ -202,29 +202,29 @@ class PostgresHistoryStore(SQLHistoryStore):
     def close(self) -> None:
         self._db.close()
 
-    def record_image(self, image, detections):
+    @contextlib.contextmanager
+    def _failures(self, what: str):
+        """A database error inside becomes the HistoryError naming the URL and ``what``."""
         try:
-            return super().record_image(image, detections)
+            yield
         except psycopg.Error as exc:
-            raise _failure(self.url, f"image pid {image.pid} not recorded", exc) from None
+            raise _failure(self.url, what, exc) from None
+
+    def record_image(self, image, detections):
+        with self._failures(f"image pid {image.pid} not recorded"):
+            return super().record_image(image, detections)
 
     def announce(self, images):
-        try:
+        with self._failures("images not announced"):
             return super().announce(images)
-        except psycopg.Error as exc:
-            raise _failure(self.url, "images not announced", exc) from None
 
     def wait_for_earlier_images(self, pid, jd, footprint):
-        try:
+        with self._failures(f"image pid {pid}: announced images not read"):
             return super().wait_for_earlier_images(pid, jd, footprint)
-        except psycopg.Error as exc:
-            raise _failure(self.url, f"image pid {pid}: announced images not read", exc) from None
 
     def withdraw(self, pids):
-        try:
+        with self._failures("announcements not withdrawn"):
             return super().withdraw(pids)
-        except psycopg.Error as exc:
-            raise _failure(self.url, "announcements not withdrawn", exc) from None
 
     @staticmethod
     def _sql(sql: str) -> str:

@@ -9,6 +9,8 @@ it and raises :class:`ImageContractError` naming the file and the keyword.
 """
 from __future__ import annotations
 
+import contextlib
+
 import math
 import os
 import warnings
@@ -26,7 +28,7 @@ from pipeline.formats.atomic import write_fits_atomic
 __all__ = [
     "REQUIRED_KEYWORDS", "OPTIONAL_KEYWORDS", "FILTER_IDS", "MASK_BITS",
     "ImageContractError", "QuadrantMeta", "QuadrantImage",
-    "validate_header", "read_quadrant", "read_quadrant_header", "quadrant_image", "write_quadrant", "write_quadrant_image",
+    "validate_header", "read_quadrant", "read_quadrant_header", "fits_read_errors", "quadrant_image", "write_quadrant", "write_quadrant_image",
     "rcid_of", "footprint_corners",
 ]
 
@@ -201,6 +203,20 @@ def header_wcs(header: fits.Header) -> WCS | None:
     return wcs if wcs.has_celestial else None
 
 
+@contextlib.contextmanager
+def fits_read_errors(source: str | os.PathLike, what: str = "image"):
+    """Errors of reading a FITS file inside become an :class:`ImageContractError` naming it:
+    "file not found", or "not a readable FITS <what> (...)"; contract errors pass through."""
+    try:
+        yield
+    except ImageContractError:
+        raise
+    except FileNotFoundError:
+        raise ImageContractError(source, "file not found") from None
+    except (OSError, ValueError, TypeError, IndexError, KeyError) as exc:
+        raise ImageContractError(source, f"not a readable FITS {what} ({exc})") from None
+
+
 def read_quadrant_header(path: str | os.PathLike, hdu: int | str | None = None) -> fits.Header:
     """The header of the image :func:`read_quadrant` would read, without its pixels
     (not validated: :func:`validate_header` does that).
@@ -215,15 +231,8 @@ def read_quadrant_header(path: str | os.PathLike, hdu: int | str | None = None) 
         from pipeline.core import ipac
         if ipac.is_sciimg(path):
             return ipac.read_ipac_header(path)
-    try:
-        with fits.open(path, memmap=True) as hdul:
-            return _pick_image_hdu(hdul, hdu, source).header.copy()
-    except ImageContractError:
-        raise
-    except FileNotFoundError:
-        raise ImageContractError(source, "file not found") from None
-    except (OSError, ValueError, TypeError, IndexError, KeyError) as exc:
-        raise ImageContractError(source, f"not a readable FITS image ({exc})") from None
+    with fits_read_errors(source), fits.open(path, memmap=True) as hdul:
+        return _pick_image_hdu(hdul, hdu, source).header.copy()
 
 
 def read_quadrant(path: str | os.PathLike, hdu: int | str | None = None) -> QuadrantImage:
@@ -252,29 +261,22 @@ def read_quadrant(path: str | os.PathLike, hdu: int | str | None = None) -> Quad
         from pipeline.core import ipac
         if ipac.is_sciimg(path):
             return ipac.read_ipac_quadrant(path)
-    try:
-        with fits.open(path, memmap=False) as hdul:
-            hdul.verify("silentfix")
-            image_hdu = _pick_image_hdu(hdul, hdu, source)
-            data = np.asarray(image_hdu.data, dtype=np.float32)
-            header = image_hdu.header.copy()
-            mask = None
-            # In a multi-extension exposure each quadrant ``Qnn`` has its mask ``Qnn_MASK``.
-            mask_name = f"{image_hdu.name}_MASK" if image_hdu.name and f"{image_hdu.name}_MASK" in hdul \
-                else "MASK"
-            if mask_name in hdul:
-                mask_data = hdul[mask_name].data
-                if mask_data is None or mask_data.shape != data.shape:
-                    raise ImageContractError(source, "MASK extension does not match the image shape")
-                if not np.issubdtype(mask_data.dtype, np.integer):
-                    raise ImageContractError(source, "MASK extension must hold integers")
-                mask = np.asarray(mask_data, dtype=np.int32)
-    except ImageContractError:
-        raise
-    except FileNotFoundError:
-        raise ImageContractError(source, "file not found") from None
-    except (OSError, ValueError, TypeError, IndexError, KeyError) as exc:
-        raise ImageContractError(source, f"not a readable FITS image ({exc})") from None
+    with fits_read_errors(source), fits.open(path, memmap=False) as hdul:
+        hdul.verify("silentfix")
+        image_hdu = _pick_image_hdu(hdul, hdu, source)
+        data = np.asarray(image_hdu.data, dtype=np.float32)
+        header = image_hdu.header.copy()
+        mask = None
+        # In a multi-extension exposure each quadrant ``Qnn`` has its mask ``Qnn_MASK``.
+        mask_name = f"{image_hdu.name}_MASK" if image_hdu.name and f"{image_hdu.name}_MASK" in hdul \
+            else "MASK"
+        if mask_name in hdul:
+            mask_data = hdul[mask_name].data
+            if mask_data is None or mask_data.shape != data.shape:
+                raise ImageContractError(source, "MASK extension does not match the image shape")
+            if not np.issubdtype(mask_data.dtype, np.integer):
+                raise ImageContractError(source, "MASK extension must hold integers")
+            mask = np.asarray(mask_data, dtype=np.int32)
     return quadrant_image(data, header, mask, source)
 
 

@@ -47,7 +47,8 @@ import numpy as np
 from astropy.io import fits
 from astropy.time import Time
 
-from pipeline.core.image import FILTER_IDS, MASK_BITS, ImageContractError, QuadrantImage, quadrant_image
+from pipeline.core.image import (FILTER_IDS, MASK_BITS, ImageContractError, QuadrantImage, fits_read_errors,
+                                 quadrant_image)
 from pipeline.formats.atomic import atomic_path
 
 __all__ = ["IPAC_MASK_BITS", "IPAC_TO_SKYDIFF", "SKYDIFF_TO_IPAC", "IPAC_NAME", "is_sciimg", "sciimg_rcid",
@@ -204,13 +205,8 @@ def read_ipac_header(path: str | os.PathLike) -> fits.Header:
     match = IPAC_NAME.match(path.name)
     if match is None:
         raise ImageContractError(path, "not an IPAC sciimg file name")
-    try:
-        with fits.open(path, memmap=True) as hdul:
-            header = _image_hdu(hdul, path).header.copy()
-    except ImageContractError:
-        raise
-    except (OSError, ValueError, TypeError, IndexError, KeyError) as exc:
-        raise ImageContractError(path, f"not a readable FITS image ({exc})") from None
+    with fits_read_errors(path), fits.open(path, memmap=True) as hdul:
+        header = _image_hdu(hdul, path).header.copy()
     return _contract_header(header, path, match)
 
 
@@ -229,20 +225,10 @@ def read_ipac_quadrant(path: str | os.PathLike) -> QuadrantImage:
         raise ImageContractError(path, "not an IPAC sciimg file name (ztf_<filefracday>_<field>_<filter>_c<CC>_"
                                        "<type>_q<Q>_sciimg.fits[.fz|.gz])")
     mask_file = mskimg_path(path)
-    try:
+    with fits_read_errors(path):
         data, header = _read_hdu(path)
-    except ImageContractError:
-        raise
-    except FileNotFoundError:
-        raise ImageContractError(path, "file not found") from None
-    except (OSError, ValueError, TypeError, IndexError, KeyError) as exc:
-        raise ImageContractError(path, f"not a readable FITS image ({exc})") from None
-    try:
+    with fits_read_errors(mask_file, "mask"):
         mask, _ = _read_hdu(mask_file)
-    except ImageContractError:
-        raise
-    except (OSError, ValueError, TypeError, IndexError, KeyError) as exc:
-        raise ImageContractError(mask_file, f"not a readable FITS mask ({exc})") from None
     if mask.shape != data.shape:
         raise ImageContractError(mask_file, f"mask shape {mask.shape} does not match the science image's {data.shape}")
     if not np.issubdtype(mask.dtype, np.integer):
