@@ -236,7 +236,8 @@ def test_close_peaks_of_one_sign_keep_the_higher(quadrant):
     for x, y, peak in ((200, 300, 9.0), (203, 300, 12.0), (200, 302, -10.0), (500, 300, 8.0),
                        (509, 300, 7.0)):
         scorr += peak * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * 0.6**2))
-    fake = dataclasses.replace(result, scorr=scorr, flagged=np.zeros(scorr.shape, dtype=bool))
+    # S peaks where Scorr does (the candidates are measured where S peaks).
+    fake = dataclasses.replace(result, scorr=scorr, score=scorr, flagged=np.zeros(scorr.shape, dtype=bool))
     table = find_candidates(fake, wcs, ZP)
     kept = {(int(round(x - 1)), int(round(y - 1))) for x, y in zip(table["xpos"], table["ypos"])}
     assert kept == {(203, 300), (200, 302), (500, 300), (509, 300)}
