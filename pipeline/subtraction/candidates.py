@@ -23,14 +23,21 @@ The features
 - Peaks: local maxima of ``sign * Scorr`` over the 3 x 3 neighbourhood with
   ``|Scorr| >= threshold``, not on ``zogy.flagged`` pixels; of two same-sign peaks closer
   than ``min_separation_px`` the lower is dropped (a peak is kept when it is the highest
-  of its sign within that radius).  The position is the maximum of a quadratic surface
-  least-squares fitted to the 3 x 3 values (Scorr is smooth: filtered by both PSFs), and
-  ``scorr`` is that surface's value there.
+  of its sign within that radius).  ``scorr`` is the maximum of a quadratic surface
+  least-squares fitted to the 3 x 3 values of Scorr (smooth: filtered by both PSFs).
+  The position is where sign * S peaks (S, the matched filter of D with P_D, is maximal
+  at the source's most likely position), climbed to from the Scorr peak pixel within
+  ``position_max_shift_px`` and refined by the same quadratic fit on S; Scorr's own peak
+  is pushed off the source where the variance changes across it (away from a bright
+  neighbour's source noise, or to the edge of a flagged region, where Scorr is 0).  A
+  climb that stops at the limit keeps Scorr's peak; two peaks climbing to one S peak are
+  one candidate.  Every feature below is measured at that position.
 - ``flux``/``magpsf``: the amplitude of P_D (Fourier-shifted to the sub-pixel position)
   fitted to D, divided by the tile's F_D: ZOGY's optimal PSF flux (eqs. 41-42) at the
   position itself (interpolating alpha = S / F_S between pixels loses a sharp source's
   peak); ``fluxerr``/``sigmapsf`` from alpha_std there (background, source and
-  registration noise).
+  registration noise), divided by the square root of the share of P_D's sum of squares
+  on the pixels the fit used (it leaves out ``zogy.flagged`` pixels).
 - ``magap``: sum of D within ``aperture_radius_px`` (sep, exact overlap) divided by the
   tile's F_D and by the encircled energy of its P_D in that radius.  Its error is D's
   unit background variance times the aperture area, scaled by ``V / F_S`` at the
@@ -224,6 +231,44 @@ def _subpixel_peak(scorr: np.ndarray, row, col, sign):
     return col + dx, row + dy, sign * np.maximum(peak, values[:, 1, 1] * sign)
 
 
+def _score_peak(score: np.ndarray, row, col, sign, max_shift: int, margin: int):
+    """The pixel where sign * S peaks, climbed to from each Scorr peak pixel (one step to the
+    highest of the 3 x 3 neighbours at a time, at most ``max_shift`` pixels per axis, not
+    closer than ``margin`` to the image edge).
+
+    S is the matched filter of D with P_D: its maximum is the source's most likely
+    position whatever the variance around it, which moves Scorr's peak (a bright
+    neighbour's source noise pushes it away; a flagged region, where Scorr is 0, holds
+    it at its edge).  Returns (row, col) and whether the climb ended on a local maximum
+    of S (where it did not, the position stays at Scorr's peak).
+    """
+    ny, nx = score.shape
+    r0 = np.asarray(row, dtype=np.int64)
+    c0 = np.asarray(col, dtype=np.int64)
+    r, c = r0.copy(), c0.copy()
+    moving = np.ones(len(r), dtype=bool)
+    for _ in range(2 * max_shift + 1):
+        if not moving.any():
+            break
+        idx = np.flatnonzero(moving)
+        values, _ = _gather_stamps(score, r[idx], c[idx], 1, np.nan)
+        values = values.reshape(len(idx), 9).astype(np.float64) * sign[idx, None]
+        best = np.argmax(np.nan_to_num(values, nan=-np.inf), axis=1)
+        nr, nc = r[idx] + best // 3 - 1, c[idx] + best % 3 - 1
+        allowed = ((np.abs(nr - r0[idx]) <= max_shift) & (np.abs(nc - c0[idx]) <= max_shift)
+                   & (nr >= margin) & (nr < ny - margin) & (nc >= margin) & (nc < nx - margin))
+        stop = (best == 4) | ~allowed
+        moving[idx[stop]] = False
+        go = idx[~stop]
+        r[go], c[go] = nr[~stop], nc[~stop]
+    converged = ~moving
+    # A climb stopped by the shift limit or the edge did not reach S's maximum: Scorr's peak.
+    values, _ = _gather_stamps(score, r, c, 1, np.nan)
+    values = values.reshape(len(r), 9) * sign[:, None]
+    converged &= np.nan_to_num(values, nan=-np.inf).argmax(axis=1) == 4
+    return np.where(converged, r, r0), np.where(converged, c, c0), converged
+
+
 def _empty_table() -> Table:
     table = Table({name: np.empty(0, dtype=dtype) for name, (dtype, _) in _COLUMNS.items()})
     for name, (_, unit) in _COLUMNS.items():
@@ -280,6 +325,20 @@ def find_candidates(zogy: ZogyResult, wcs, zp_common: float, mask: np.ndarray | 
                     config.threshold, config.max_candidates)
         order = order[:config.max_candidates]
     row, col, sign, x, y, scorr_peak = (a[order] for a in (row, col, sign, x, y, scorr_peak))
+    if config.position_max_shift_px > 0 and len(row):
+        # Measured where S peaks (the source's position), detected and ranked by Scorr.
+        row, col, moved = _score_peak(zogy.score, row, col, sign, config.position_max_shift_px,
+                                      max(config.edge_margin_px, 1))
+        if moved.any():
+            xs, ys, _ = _subpixel_peak(zogy.score, row[moved], col[moved], sign[moved])
+            x[moved], y[moved] = xs, ys
+        # Two Scorr peaks (beyond min_separation) that climb to the same S peak are one
+        # source: the stronger is kept.
+        key = (row * nx + col) * 2 + (sign > 0)
+        _, first = np.unique(key, return_index=True)
+        keep = np.sort(first)
+        if len(keep) < len(row):
+            row, col, sign, x, y, scorr_peak = (a[keep] for a in (row, col, sign, x, y, scorr_peak))
     timings = {"peaks": clock() - t_start}
     t0 = clock()
     meta = {"n_peaks_total": n_total, "truncated": truncated,
@@ -311,13 +370,18 @@ def find_candidates(zogy: ZogyResult, wcs, zp_common: float, mask: np.ndarray | 
                                      _encircled(optics, config.aperture_big_radius_px))
     magapbig, sigmagapbig = flux_to_mag(big_flux, big_err, zp_common)
     magapbig, sigmagapbig = (np.where(big_flux > 0, m, MAG_NONPOSITIVE) for m in (magapbig, sigmagapbig))
-    fit_flux, chipsf, sharpness = _psf_fit(d_stamps, usable, x, y, row, col, optics, tile)
+    fit_flux, chipsf, sharpness, used = _psf_fit(d_stamps, usable, x, y, row, col, optics, tile)
     # The flux is the PSF fit of P_D at the sub-pixel position: interpolating alpha = S / F_S
     # between pixels loses the peak of a sharp source (8 % at half a pixel when the PSF's
     # FWHM is 1.5 px).  Its error is alpha_std there (background, source and registration
     # noise; smooth, so interpolating it is fine); alpha where the fit is impossible.
     # A weak peak can fit a flux of the wrong sign on D; alpha there has Scorr's sign.
-    flux = np.where(np.isfinite(fit_flux) & (fit_flux > 0), fit_flux, sign * alpha)
+    fitted = np.isfinite(fit_flux) & (fit_flux > 0)
+    flux = np.where(fitted, fit_flux, sign * alpha)
+    # The fit leaves out the pixels flagged around bad ones: its variance is alpha_std^2
+    # over the share of P_D's sum of squares it used (without this, sources next to a
+    # masked star or column had pulls of 5-25 at the plane preset).
+    alpha_err = np.where(fitted & (used > 0), alpha_err / np.sqrt(np.where(used > 0, used, 1.0)), alpha_err)
     magpsf, sigmapsf = flux_to_mag(flux, alpha_err, zp_common)
     timings["photometry"] = clock() - t0
 

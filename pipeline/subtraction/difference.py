@@ -47,7 +47,7 @@ from pipeline.measure.stargalaxy import star_probability
 from pipeline.subtraction.zogy import ZogyInputError, ZogyResult, zogy_subtract_tiled
 from pipeline.core.exits import UnusableImageError
 
-__all__ = ["SubtractionConfig", "SubtractionResult", "SubtractionError", "subtract_images",
+__all__ = ["SubtractionConfig", "SubtractionResult", "SubtractionError", "subtract_images", "background_noise_map",
            "registered_psf_stamp", "relative_zeropoint", "astrometric_sigma_px", "RegistrationOffset",
            "measure_registration_offset"]
 
@@ -294,6 +294,40 @@ def _reference_rms_map(rms, registered: RegisteredImage, shape: tuple[int, int])
     return np.ascontiguousarray(coarse[rows[:, None], cols[None, :]], dtype=np.float32)
 
 
+def background_noise_map(extraction, gain: float, read_noise: float | None,
+                         method: str = "poisson") -> np.ndarray:
+    """The science image's background noise for ZOGY (ADU, the image's shape).
+
+    ZOGY's background term is the noise of a pixel about the static scene; everything
+    above the background is the source variance ``image / gain``.  ``"poisson"``: the sky
+    level's photon noise plus the read noise, ``sqrt(max(sky, 0) / gain + (read_noise /
+    gain)**2)`` with ``sky`` the extraction's background map (unresolved starlight in
+    it is photons too).  ``"measured"``, or no read noise known: sep's background-rms
+    map, which in a crowded field also holds the static confusion of faint stars (their
+    photon noise then counts twice, and Scorr's std falls below 1).
+
+    Parameters
+    ----------
+    extraction : ExtractionResult
+        With ``background_map`` and ``rms_map`` (ADU).
+    gain : float
+        e-/ADU.
+    read_noise : float or None
+        e-.
+    method : {"poisson", "measured"}
+
+    Returns
+    -------
+    ndarray, float32
+    """
+    if method == "measured" or read_noise is None:
+        return extraction.rms_map
+    sky = np.maximum(np.asarray(extraction.background_map, dtype=np.float32), 0.0)
+    variance = sky * np.float32(1.0 / gain)
+    variance += np.float32((read_noise / gain) ** 2)
+    return np.sqrt(variance, out=variance)
+
+
 def subtract_images(data: np.ndarray, mask: np.ndarray, header, wcs, reference, band: FilterConfig,
                     gain: float, saturate: float, pixel_scale_arcsec: float,
                     gaia: Table | None = None, extraction=None, read_noise: float | None = None,
@@ -320,6 +354,8 @@ def subtract_images(data: np.ndarray, mask: np.ndarray, header, wcs, reference, 
     extraction : ExtractionResult, optional
         The astrometry stage's extraction of this image, reused.
     read_noise : float, optional
+        e-; with it ZOGY's background noise is the sky's photon noise plus the read noise
+        (:func:`background_noise_map`, ``config.background_noise``), without it sep's rms map.
     rb_model : RealBogusModel, optional
         Default: the model shipped with the package (the file edge passes the one
         ``[realbogus]`` names).
@@ -418,7 +454,8 @@ def subtract_images(data: np.ndarray, mask: np.ndarray, header, wcs, reference, 
         fwhm = max(float(psf_new.fwhm), float(reference.psf.fwhm))
         zogy_config = replace(zogy_config, mask_grow=int(math.ceil(config.mask_grow_fwhm * fwhm)))
     try:
-        result = zogy_subtract_tiled(new, ref, psf_new_at, psf_ref_at, science.extraction.rms_map,
+        sigma_new = background_noise_map(science.extraction, gain, read_noise, config.background_noise)
+        result = zogy_subtract_tiled(new, ref, psf_new_at, psf_ref_at, sigma_new,
                                      sigma_ref, 10 ** (0.4 * (zp_new - zp_ref)), 1.0,
                                      astrometric_sigma=ast, mask=bad, gain_new=gain,
                                      gain_ref=float(reference.gain), config=zogy_config,

@@ -166,10 +166,12 @@ def _shape(d_stamps, usable, x, y, row, col, sigma_w):
 def _psf_fit(d_stamps, usable, x, y, row, col, optics, tile):
     """PSF-fit flux (common system), chipsf and sharpnessdiff from fits of P_D at the
     sub-pixel position (the nearest tabulated phase, shifted by the remainder) and its
-    Laplacian to D."""
+    Laplacian to D, and the share of the model's sum of squares on the usable pixels (the
+    fit's variance is that of the whole profile's divided by it)."""
     n, size = len(x), d_stamps.shape[-1]
     half = size // 2
     chi2, sharp, flux = np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan)
+    used = np.full(n, np.nan)
     laplace = np.array([[[0, 1, 0], [1, -4, 1], [0, 1, 0]]], dtype=np.float64)
     for k in np.unique(tile):
         sel = np.flatnonzero(tile == k)
@@ -185,6 +187,7 @@ def _psf_fit(d_stamps, usable, x, y, row, col, optics, tile):
         spp, spl, sll = ((w * p * q).sum(axis=(1, 2)) for p, q in ((model, model), (model, lap), (lap, lap)))
         spd, sld = (w * model * d).sum(axis=(1, 2)), (w * lap * d).sum(axis=(1, 2))
         npix = w.sum(axis=(1, 2))
+        used[sel] = spp / (model * model).sum(axis=(1, 2))
         with np.errstate(invalid="ignore", divide="ignore"):
             amplitude = spd / spp
             flux[sel] = amplitude / optics[k].f_d
@@ -193,7 +196,7 @@ def _psf_fit(d_stamps, usable, x, y, row, col, optics, tile):
             # Normalised by the one-component amplitude: for a profile much narrower
             # than P_D (a hot pixel) the two-component fit's own amplitude changes sign.
             sharp[sel] = 2.0 * b / (amplitude * optics[k].sigma ** 2)
-    return flux, chi2, sharp
+    return flux, chi2, sharp, used
 
 
 def _box_features(diff, mask, row, col, sign, box):

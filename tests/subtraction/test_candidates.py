@@ -229,6 +229,29 @@ def test_masked_pixels_are_counted_and_flagged_pixels_give_no_candidate():
     assert np.all(np.hypot(covered["xpos"] - 151, covered["ypos"] - 151) > 5)
 
 
+def test_a_source_half_in_a_flagged_region_is_measured_where_it_is():
+    # Scorr is 0 on flagged pixels, so its highest unflagged pixel is at the region's edge,
+    # 1.4 px from a source centred just inside; measured there the PSF fit lost 40 % of the
+    # flux.  S is not zeroed: its peak is the source's.
+    flux = 20000.0
+    new, ref = small_pair(new_sources=[(100.0, 80.0, flux), (60.0, 140.0, flux)], seed=10)
+    result = small_zogy(new, ref)
+    flagged = np.zeros(result.scorr.shape, dtype=bool)
+    flagged[:, 94:101] = True
+    fake = dataclasses.replace(result, flagged=flagged, scorr=np.where(flagged, 0, result.scorr).astype(np.float32))
+    wcs = tan_wcs(new.shape)
+    table = find_candidates(fake, wcs, ZP)
+    edge, clean = nearest_row(table, 100.0, 80.0), nearest_row(table, 60.0, 140.0)
+    assert math.hypot(edge["xpos"] - 101.0, edge["ypos"] - 81.0) < 0.2
+    assert abs(edge["magpsf"] - mag(flux)) < 3 * edge["sigmapsf"]
+    # The fit used only the unflagged half of the profile: its error is larger than a clean twin's.
+    assert edge["sigmapsf"] > 1.4 * clean["sigmapsf"]
+    assert edge["flagged"] & CANDIDATE_FLAGS["NEAR_FLAGGED"]
+    at_scorr_peak = find_candidates(fake, wcs, ZP, config=CandidateConfig(position_max_shift_px=0))
+    stuck = at_scorr_peak[np.argmin(np.hypot(at_scorr_peak["xpos"] - 101.0, at_scorr_peak["ypos"] - 81.0))]
+    assert stuck["xpos"] - 101.0 > 1.0 and stuck["magpsf"] - mag(flux) > 0.3
+
+
 def test_close_peaks_of_one_sign_keep_the_higher(quadrant):
     _, result, wcs, _ = quadrant
     yy, xx = np.mgrid[:result.scorr.shape[0], :result.scorr.shape[1]]
@@ -236,7 +259,8 @@ def test_close_peaks_of_one_sign_keep_the_higher(quadrant):
     for x, y, peak in ((200, 300, 9.0), (203, 300, 12.0), (200, 302, -10.0), (500, 300, 8.0),
                        (509, 300, 7.0)):
         scorr += peak * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * 0.6**2))
-    fake = dataclasses.replace(result, scorr=scorr, flagged=np.zeros(scorr.shape, dtype=bool))
+    # S peaks where Scorr does (the candidates are measured where S peaks).
+    fake = dataclasses.replace(result, scorr=scorr, score=scorr, flagged=np.zeros(scorr.shape, dtype=bool))
     table = find_candidates(fake, wcs, ZP)
     kept = {(int(round(x - 1)), int(round(y - 1))) for x, y in zip(table["xpos"], table["ypos"])}
     assert kept == {(203, 300), (200, 302), (500, 300), (509, 300)}
