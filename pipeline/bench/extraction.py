@@ -4,8 +4,10 @@ One simulated full quadrant (the configuration's sky: ``--density`` picks a pres
 extracted by :func:`pipeline.measure.extract.extract_sources` and, in the same process and
 alternately, by the four sep calls the stage is built on, with the stage's own settings:
 the background and its RMS (the map subtracted), the detection (``sep.extract``, segmentation
-map included), the half-light radii (``sep.flux_radius``) and the windowed positions
-(``sep.winpos``, the stage's window).  The bare calls get their float32 image and masks
+map included, without sep's all-pairs CLEAN: the stage cleans over neighbour pairs,
+:mod:`pipeline.measure.cleaning`, which counts as the stage's own work), the half-light
+radii (``sep.flux_radius`` as :func:`pipeline.measure.extract.half_light_radii` calls it) and
+the windowed positions (``sep.winpos``, the stage's window).  The bare calls get their float32 image and masks
 ready-made, outside the clock; the stage's time is the whole call.  Alternating the two (and
 which goes first) makes their ratio hold on a machine shared with other work, whose load
 moves both alike.
@@ -39,6 +41,8 @@ def bare_sep_extraction(data: np.ndarray, bad: np.ndarray, saturated: np.ndarray
     """
     import sep
 
+    from pipeline.measure.extract import half_light_radii
+
     sep.set_extract_pixstack(config.pixstack)
     sep.set_sub_object_limit(config.sub_object_limit)
     background = sep.Background(data, mask=bad | saturated, bw=config.background_mesh,
@@ -48,12 +52,11 @@ def bare_sep_extraction(data: np.ndarray, bad: np.ndarray, saturated: np.ndarray
     data -= background.back()
     objects, segmap = sep.extract(data, config.detect_thresh, err=rms, gain=gain, mask=bad,
                                   minarea=config.minarea, deblend_nthresh=config.deblend_nthresh,
-                                  deblend_cont=config.deblend_cont, clean=config.clean,
+                                  deblend_cont=config.deblend_cont, clean=False,
                                   filter_type="conv", segmentation_map=True)
     x, y, a = objects["x"], objects["y"], objects["a"]
     seg_id = np.arange(1, len(objects) + 1, dtype=np.int32)
-    half_light, _ = sep.flux_radius(data, x, y, 6.0 * a, 0.5, mask=bad, seg_id=seg_id,
-                                    segmap=segmap, subpix=5)
+    half_light = half_light_radii(data, x, y, a, bad, seg_id, segmap)
     half_light = np.where(np.isfinite(half_light), half_light, a)
     sigma = np.maximum(2.0 * half_light / 2.35, config.min_window_sigma)
     sep.winpos(data, x, y, sigma, mask=bad, subpix=0)

@@ -69,10 +69,11 @@ from scipy.spatial import cKDTree
 from pipeline.core.config import ExtractionConfig
 from pipeline.core.exits import UnusableImageError
 from pipeline.core.image import MASK_BITS
+from pipeline.measure.cleaning import clean_survivors
 from pipeline.formats.ldac import write_ldac
 
 __all__ = ["FLAG_BITS", "ExtractionConfig", "ExtractionResult", "ExtractionError",
-           "extract_sources", "to_scamp_ldac", "catalog_columns"]
+           "extract_sources", "half_light_radii", "to_scamp_ldac", "catalog_columns"]
 
 #: Bits of the catalogue's ``FLAGS`` column; 1, 2, 4, 8 and 16 mean what they mean in
 #: SExtractor, so SCAMP's default ``FLAGS_MASK`` (0x00f0) keeps its usual effect.
@@ -218,17 +219,26 @@ def extract_sources(data: np.ndarray, mask: np.ndarray | None, gain: float, satu
     # "conv" thresholds the filtered image against the unfiltered RMS, as SExtractor does;
     # sep's "matched" default, at the same threshold, found 2.7 times as many (mostly noise)
     # detections on a quadrant and took ten times as long.
+    # sep's own CLEAN compares every pair of detections (half of sep.extract's time on a
+    # Galactic-plane quadrant); the same test over neighbour pairs is pipeline.measure.cleaning.
     try:
         objects, segmap = sep.extract(
             subtracted, config.detect_thresh, err=rms, gain=gain, mask=bad,
             minarea=config.minarea, deblend_nthresh=config.deblend_nthresh,
-            deblend_cont=config.deblend_cont, clean=config.clean, filter_type="conv",
+            deblend_cont=config.deblend_cont, clean=False, filter_type="conv",
             segmentation_map=True)
     except Exception as exc:
         hint = (f" (sep's pixel buffer, extraction.pixstack = {config.pixstack}, is too small for an image "
                 "this saturated or crowded)") if "pixel buffer" in str(exc) else ""
         raise ExtractionError(f"sep.extract failed: {exc}{hint}") from None
     lap("detect")
+    if config.clean and len(objects) > 1:
+        survives = clean_survivors(objects, segmap, subtracted, rms, config.detect_thresh, config.minarea)
+        objects = objects[survives]
+        relabel = np.zeros(len(survives) + 1, dtype=segmap.dtype)
+        relabel[1:][survives] = np.arange(1, len(objects) + 1, dtype=segmap.dtype)
+        segmap = relabel[segmap]
+    lap("clean")
 
     n_detected = len(objects)
     if n_detected == 0:
@@ -243,9 +253,8 @@ def extract_sources(data: np.ndarray, mask: np.ndarray | None, gain: float, satu
     auto = _auto_photometry(subtracted, rms, bad, segmap, seg_id, x, y, a, b, theta, gain, config)
     lap("auto")
 
-    half_light, _ = sep.flux_radius(subtracted, x, y, 6.0 * a, 0.5,
-                                    normflux=np.where(auto["flux"] > 0, auto["flux"], 1.0),
-                                    mask=bad, seg_id=seg_id, segmap=segmap, subpix=5)
+    half_light = half_light_radii(subtracted, x, y, a, bad, seg_id, segmap,
+                                  normflux=np.where(auto["flux"] > 0, auto["flux"], 1.0))
     half_light = np.where(np.isfinite(half_light) & (auto["flux"] > 0), half_light, a)
     half_light = np.clip(half_light, 0.5, 6.0 * np.maximum(a, 0.5))
     # SExtractor's window (2 r_half / 2.35) aliases on undersampled images: at FWHM 1.7 px the
@@ -375,6 +384,28 @@ def _auto_photometry(subtracted, rms, bad, segmap, seg_id, x, y, a, b, theta, ga
             **common)
     return {"flux": flux, "fluxerr": fluxerr, "flag": flag | kron_flag,
             "kron_radius": scale}
+
+
+def half_light_radii(subtracted: np.ndarray, x: np.ndarray, y: np.ndarray, a: np.ndarray,
+                     bad: np.ndarray, seg_id: np.ndarray, segmap: np.ndarray,
+                     normflux: np.ndarray | None = None) -> np.ndarray:
+    """Half-light radii (``FLUX_RADIUS``, px) by sep, out to 4 semi-major axes, 6 where needed.
+
+    sep integrates 64 annuli out to ``rmax`` with every pixel sub-sampled 5 x 5, so its cost
+    grows as ``rmax**2``.  Out to ``4 a`` instead of SExtractor's customary ``6 a`` it took half
+    the time on a Galactic-plane quadrant, and against ``6 a`` sub-sampled 15 x 15 the radii
+    were as close (median 0.004 px, 99th percentile 0.019 px) as those out to ``6 a``; the few
+    objects whose radius comes out beyond ``3 a`` (16 of 33,500 there: galaxies, blends) are
+    measured again out to ``6 a``, so that none is cut short.  NaN where sep finds none.
+    """
+    radii, _ = sep.flux_radius(subtracted, x, y, 4.0 * a, 0.5, normflux=normflux, mask=bad,
+                               seg_id=seg_id, segmap=segmap, subpix=5)
+    wide = np.flatnonzero(~(radii <= 3.0 * a))
+    if len(wide):
+        radii[wide], _ = sep.flux_radius(subtracted, x[wide], y[wide], 6.0 * a[wide], 0.5,
+                                         normflux=None if normflux is None else normflux[wide],
+                                         mask=bad, seg_id=seg_id[wide], segmap=segmap, subpix=5)
+    return radii
 
 
 def _unique_sources(x, y, xwin, ywin, flux, shape, config):
