@@ -146,14 +146,14 @@ def _pixel_statistics(objects, segmap, image, rms, thresh, minarea, kernel):
         for c in range(kw):
             filtered += norm[r, c] * padded_flat[base + index_type(r * padded.shape[1] + c)]
     level = filtered - np.float32(thresh) * rms.ravel()[pix]
-    value = image.ravel()[pix]
+    value = image.ravel()[pix].astype(np.float64)
 
     # then grouped by object, each group in raster order (the order sep lists an object's
     # pixels in, but for some deblended ones)
-    order = np.argsort(label, kind="stable")
-    label, level, value = label[order], level[order], value[order].astype(np.float64)
     counts = np.bincount(label, minlength=n)
     start = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    grouped = level[np.argsort(label, kind="stable")]
+    grouped_label = np.repeat(np.arange(n), counts)
 
     # mthresh as sep's heap leaves it: the minarea-th brightest of the pixels but the
     # (minarea + 1)-th listed; for an object of exactly minarea pixels, the first listed.
@@ -161,16 +161,16 @@ def _pixel_statistics(objects, segmap, image, rms, thresh, minarea, kernel):
     # quadrant that kept 70 detections sep removes, none of them on a true source.)
     mthresh = np.zeros(n, dtype=np.float32)
     exact = np.flatnonzero(counts == minarea)
-    mthresh[exact] = level[start[exact]]
+    mthresh[exact] = grouped[start[exact]]
     many = np.flatnonzero(counts > minarea)
     if len(many):
-        candidates = level.copy()
+        candidates = grouped
         candidates[start[many] + minarea] = -np.inf
         # the minarea largest, one at a time: each round takes every group's maximum out
         for _ in range(minarea):
             top = np.maximum.reduceat(candidates, start)
-            hit = np.flatnonzero(candidates == top[label])
-            first = hit[np.concatenate(([True], label[hit][1:] != label[hit][:-1]))]
+            hit = np.flatnonzero(candidates == top[grouped_label])
+            first = hit[np.concatenate(([True], grouped_label[hit][1:] != grouped_label[hit][:-1]))]
             candidates[first] = -np.inf
         mthresh[many] = top[many]
 
