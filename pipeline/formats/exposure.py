@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 from astropy.io import fits
 
@@ -20,7 +20,8 @@ from pipeline.core.exits import BadInputError
 from pipeline.core.image import read_quadrant
 from pipeline.formats.atomic import write_fits_atomic
 
-__all__ = ["write_exposure_mef", "write_exposure_ipac", "exposure_rcids", "EXPOSURE_KEYWORDS", "ExposureInputError"]
+__all__ = ["write_exposure_mef", "write_exposure_ipac", "exposure_rcids", "exposure_quadrants", "ExposureQuadrant",
+           "EXPOSURE_KEYWORDS", "ExposureInputError"]
 
 log = logging.getLogger("skydiff.exposure")
 
@@ -71,34 +72,79 @@ def write_exposure_ipac(quadrant_files: Iterable[str | os.PathLike], folder: str
     return written
 
 
-def exposure_rcids(exposure: str | os.PathLike) -> list[int]:
-    """The rcids an exposure (MEF file or folder) holds."""
+class ExposureQuadrant(NamedTuple):
+    """Where one quadrant of an exposure is: its file and HDU (``None``: the file's own image,
+    as :func:`pipeline.core.image.read_quadrant` picks it), and the header the scan read when
+    it is the one :func:`pipeline.core.image.read_quadrant_header` gives for them (else
+    ``None``: an IPAC science image, named by its file, or an unusual file layout)."""
+    path: Path
+    hdu: int | str | None
+    header: fits.Header | None = None
+
+
+def _image_header(hdu) -> fits.Header | None:
+    """The HDU's header when it holds a two-dimensional image (a copy), else None."""
+    header = hdu.header
+    if hdu.is_image and hdu.name != "MASK" and header.get("NAXIS") == 2 \
+            and header.get("NAXIS1", 0) > 0 and header.get("NAXIS2", 0) > 0:
+        return header.copy()
+    return None
+
+
+def exposure_quadrants(exposure: str | os.PathLike, warn: bool = True) -> dict[int, ExposureQuadrant]:
+    """rcid -> :class:`ExposureQuadrant` of every quadrant an exposure (MEF file or folder)
+    holds, in one pass: a folder's quadrant files each opened once (IPAC's science images are
+    named by their files and not opened), a multi-extension file opened once.
+
+    Where several files of a folder carry one rcid, the first wins as
+    :func:`pipeline.run.quadrant.locate_quadrant` finds it: IPAC's science images first, then
+    the other ``*.fits`` files in name order.  A folder's file that is no readable quadrant
+    is skipped with a warning naming it (``warn=False``: silently).
+
+    Raises
+    ------
+    ExposureInputError
+        A file exposure that does not exist or is not a readable multi-extension FITS file.
+    """
     exposure = Path(exposure)
-    rcids = set()
+    quadrants: dict[int, ExposureQuadrant] = {}
     if exposure.is_dir():
         from pipeline.core.ipac import sciimg_files, sciimg_rcid
-        rcids.update(sciimg_rcid(path) for path in sciimg_files(exposure))
-        for path in exposure.glob("*.fits"):
+        for path in sciimg_files(exposure):
+            quadrants.setdefault(sciimg_rcid(path), ExposureQuadrant(path, None))
+        for path in sorted(exposure.glob("*.fits")):
             if path.name.endswith(("_sciimg.fits", "_mskimg.fits")):
                 continue       # IPAC's layout: named above by the science images, masks aside
             try:
-                header = fits.getheader(path, 0)
-                if "RCID" not in header:
-                    header = fits.getheader(path, 1)
-                rcids.add(int(header["RCID"]))
+                with fits.open(path, memmap=True) as hdul:
+                    primary = hdul[0]
+                    holder = primary if "RCID" in primary.header else hdul[1]
+                    rcid = int(holder.header["RCID"])
+                    # read_quadrant_header's image is the primary's when it holds one.
+                    header = _image_header(primary) if holder is primary else None
             except (OSError, IndexError, KeyError, ValueError) as exc:
                 # Not a quadrant of this exposure (an empty or foreign file): say which.
-                log.warning("%s: skipped, not a readable quadrant image (%s)", path,
-                            "no RCID keyword" if isinstance(exc, KeyError) else exc)
+                if warn:
+                    log.warning("%s: skipped, not a readable quadrant image (%s)", path,
+                                "no RCID keyword" if isinstance(exc, KeyError) else exc)
                 continue
+            quadrants.setdefault(rcid, ExposureQuadrant(path, None, header))
     else:
         try:
             with fits.open(exposure) as hdul:
                 for hdu in hdul[1:]:
                     if hdu.name.startswith("Q") and not hdu.name.endswith("_MASK") and hdu.name[1:].isdigit():
-                        rcids.add(int(hdu.name[1:]))
+                        rcid = int(hdu.name[1:])
+                        name = f"Q{rcid:02d}"      # as locate_quadrant names it
+                        quadrants.setdefault(rcid, ExposureQuadrant(
+                            exposure, name, _image_header(hdu) if hdu.name == name else None))
         except FileNotFoundError:
             raise ExposureInputError(f"{exposure}: no such exposure file or folder") from None
         except (OSError, ValueError) as exc:
             raise ExposureInputError(f"{exposure}: not a readable multi-extension FITS exposure ({exc})") from None
-    return sorted(rcids)
+    return quadrants
+
+
+def exposure_rcids(exposure: str | os.PathLike) -> list[int]:
+    """The rcids an exposure (MEF file or folder) holds (:func:`exposure_quadrants`)."""
+    return sorted(exposure_quadrants(exposure))

@@ -24,7 +24,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 
 from pipeline.core.config import Config
 from pipeline.core.runtime import progress_logging, worker_logging
-from pipeline.formats.exposure import exposure_rcids
+from pipeline.formats.exposure import ExposureInputError, ExposureQuadrant, exposure_quadrants, exposure_rcids
 from pipeline.core.image import ImageContractError
 from pipeline.run.quadrant import (QuadrantInputError, failure_record, locate_quadrant, quadrant_dir, quadrant_expid,
                        read_status, run_quadrant)
@@ -185,11 +185,23 @@ def pending_images(exposure: str | os.PathLike, rcids: list[int] | None = None) 
     from alerts.ids import make_pid
     from pipeline.core.image import footprint_corners, header_wcs, read_quadrant_header, validate_header
 
+    # One pass over the exposure's files (an MEF opened once) gives every quadrant's file and
+    # header; a quadrant it did not find (or an MEF extension it could not take) is looked up
+    # as before, so that its error reads as locate_quadrant words it.
+    try:
+        quadrants = exposure_quadrants(exposure, warn=not rcids)
+    except ExposureInputError:
+        if not rcids:
+            raise
+        quadrants = {}
     images = []
-    for rcid in rcids or exposure_rcids(exposure):
+    for rcid in rcids or sorted(quadrants):
         try:
-            path, hdu = locate_quadrant(exposure, rcid)
-            header = read_quadrant_header(path, hdu)
+            entry = quadrants.get(rcid)
+            if entry is None or (entry.header is None and entry.hdu is not None):
+                entry = ExposureQuadrant(*locate_quadrant(exposure, rcid))
+            path = entry.path
+            header = entry.header if entry.header is not None else read_quadrant_header(path, entry.hdu)
             meta = validate_header(header, path)
             wcs = header_wcs(header)
             if wcs is None:

@@ -20,9 +20,8 @@ import sys
 import numpy as np
 import psycopg
 import pytest
-from scipy.spatial import cKDTree
 
-from alerts.history import MATCH_RADIUS_ARCSEC, HistoryError, PendingImage, SQLiteHistoryStore, open_history_store
+from alerts.history import HistoryError, PendingImage, SQLiteHistoryStore, open_history_store
 from alerts.history_postgres import (SCHEMA_VERSION, HistoryUnavailableError, PostgresHistoryStore,
                                      migrate_sqlite)
 from alerts.ids import object_id
@@ -31,6 +30,7 @@ from pipeline.core.config import HistoryConfig, load_config
 from pipeline.core.exits import EXIT_RETRY, UsageError
 from pipeline.simulate.history import survey_images
 from _cli import run_skydiff
+from _sky import close_pairs
 
 PUBLISHER = "ZTF (skydiff)"
 TABLES = {"objects": "object_id", "detections": "candid", "images": "pid", "image_cells": "hpix, pid",
@@ -152,9 +152,7 @@ def test_concurrent_writers_on_overlapping_footprints(postgres, tmp_path):
     # Names: exactly the first N of the year's sequence, each once.
     assert sorted(names) == sorted(object_id("ztf", 2026, k) for k in range(counter)) and len(names) == counter
     # No two objects within the match radius.
-    vectors = np.stack([np.cos(np.radians(dec)) * np.cos(np.radians(ra)),
-                        np.cos(np.radians(dec)) * np.sin(np.radians(ra)), np.sin(np.radians(dec))], axis=-1)
-    assert not cKDTree(vectors).query_pairs(np.radians(MATCH_RADIUS_ARCSEC / 3600.0))
+    assert not close_pairs(ra, dec)
     # Announced images wait for the earlier overlapping ones: the same grouping and every
     # alert's history (prv_candidates, ndethist, ncovhist, jdstarthist) as the sequential run.
     assert _groups(concurrent) == _groups(sequential)

@@ -201,3 +201,67 @@ def test_a_reference_made_elsewhere_is_imported_and_serves_the_quadrant_runner(s
           f"(r < 20) found; magpsf - true mag: median {np.median(delta):+.3f}, max |.| {np.max(np.abs(delta)):.3f}")
     assert len(transients) >= 3 and found.mean() >= 0.9
     assert abs(np.median(delta)) < 0.05
+
+
+def _announced_quadrants(folder):
+    """An exposure folder of three quadrant files with a raw WCS, one without a WCS and one
+    file that is no FITS image; returns their rcids (with WCS, without) and the folder."""
+    from astropy.io import fits
+
+    from pipeline.core.image import rcid_of, write_quadrant
+
+    folder.mkdir()
+    contract = dict(FIELDID=600, FILTER="ZTF_r", FILTERID=2, OBSMJD=61114.3, EXPTIME=30.0, EXPID=299500001,
+                    PROGRMID=1, TELRA=150.0, TELDEC=33.0, AIRMASS=1.02, GAIN=6.2, READNOI=8.0, SATURATE=50000.0)
+    wcs = dict(CTYPE1="RA---TAN", CTYPE2="DEC--TAN", CRVAL1=150.0, CRVAL2=33.0, CRPIX1=8.0, CRPIX2=6.0,
+               CDELT1=-0.000281, CDELT2=0.000281)
+    rcids = []
+    for ccdid, qid, with_wcs in [(6, 1, True), (6, 2, True), (16, 4, True), (7, 3, False)]:
+        header = fits.Header({**contract, "CCDID": ccdid, "QID": qid, "RCID": rcid_of(ccdid, qid),
+                              **(wcs if with_wcs else {})})
+        write_quadrant(folder / f"q{ccdid:02d}_{qid}.fits", np.ones((12, 16), np.float32), header,
+                       np.zeros((12, 16), np.int16))
+        rcids.append(rcid_of(ccdid, qid))
+    (folder / "notes.fits").write_text("not a FITS file\n")
+    return rcids[:3], rcids[3]
+
+
+def test_pending_images_read_each_quadrant_file_once(tmp_path, monkeypatch, caplog):
+    """``skydiff submit`` announces an exposure's quadrants from their headers in one pass:
+    each file of a folder exposure opened once, a multi-extension exposure opened once (not a
+    scan of the folder per rcid), with the same warnings for quadrants it cannot announce."""
+    from collections import Counter
+    from pathlib import Path
+
+    from astropy.io import fits
+
+    from alerts.ids import make_pid
+    from pipeline.formats.exposure import write_exposure_mef
+    from pipeline.run.exposure import pending_images
+
+    folder = tmp_path / "exposure"
+    good, no_wcs = _announced_quadrants(folder)
+    mef = write_exposure_mef(sorted(p for p in folder.glob("q*.fits")), tmp_path / "exposure.fits")
+    opened = Counter()
+    fromfile = fits.HDUList.fromfile.__func__
+
+    def counted(cls, fileobj, *args, **kwargs):
+        opened[Path(fileobj).name] += 1
+        return fromfile(cls, fileobj, *args, **kwargs)
+
+    monkeypatch.setattr(fits.HDUList, "fromfile", classmethod(counted))
+    for exposure, files in [(folder, sorted(p.name for p in folder.iterdir())), (mef, [mef.name])]:
+        opened.clear()
+        caplog.clear()
+        images = pending_images(exposure)
+        assert sorted(image.pid for image in images) == sorted(make_pid(299500001, rcid) for rcid in good)
+        assert all(len(image.footprint) == 4 for image in images)
+        assert opened == Counter(files), exposure
+        assert f"rcid {no_wcs}: not announced to the object history" in caplog.text
+        assert "no WCS in the header" in caplog.text
+        assert ("notes.fits: skipped" in caplog.text) == (exposure == folder)
+    # A quadrant asked for that the exposure lacks: named as before, the others announced.
+    for exposure, missing in [(folder, "no quadrant file with RCID = 40"), (mef, "no extension Q40")]:
+        caplog.clear()
+        assert len(pending_images(exposure, [good[0], 40])) == 1
+        assert f"rcid 40: not announced to the object history" in caplog.text and missing in caplog.text

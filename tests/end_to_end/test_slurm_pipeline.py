@@ -38,13 +38,11 @@ import fastavro
 import numpy as np
 import psycopg
 import pytest
-from scipy.spatial import cKDTree
 from astropy.io import fits
 from astropy.table import Table
 from confluent_kafka import Consumer
 
 from alerts.spool import DELIVERED, PENDING, Spool
-from alerts.history import MATCH_RADIUS_ARCSEC
 from pipeline.bench.postgres import PostgresServer
 from pipeline.core.config import config_to_toml
 from pipeline.formats.exposure import write_exposure_mef
@@ -54,6 +52,7 @@ from pipeline.matchfile.lightcurves import lightcurve
 from pipeline.matchfile.store import pending_shards
 from slurm.jobs import completed_tasks, wait_for_jobs
 from slurm.submit import exposure_key, job_names, skydiff_executable, submit_exposure
+from _sky import close_pairs
 from _survey import RCID
 from kafka_broker import KafkaBroker
 from slurm_cluster import start_local_slurm
@@ -413,9 +412,7 @@ def test_overlapping_exposures_on_two_nodes_associate_as_a_sequential_run(local_
         repeated = db.execute("SELECT count(DISTINCT object_id) FROM detections GROUP BY object_id "
                               "HAVING count(DISTINCT pid) > 1").fetchall()
     assert n_det == n_candid == sum(s["alerts"]["built"] for s in statuses)
-    vectors = np.stack([np.cos(np.radians(dec)) * np.cos(np.radians(ra)),
-                        np.cos(np.radians(dec)) * np.sin(np.radians(ra)), np.sin(np.radians(dec))], axis=-1)
-    assert not cKDTree(vectors).query_pairs(np.radians(MATCH_RADIUS_ARCSEC / 3600.0))
+    assert not close_pairs(ra, dec)
     assert len(repeated) > 10                   # objects seen on more than one exposure: a real test
 
     # The sequential run's products: every packet byte for byte (history included: the
