@@ -40,7 +40,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.spatial import cKDTree
 
-__all__ = ["CLEAN_ZONE", "DEFAULT_FILTER", "clean_survivors"]
+__all__ = ["CLEAN_ZONE", "DEFAULT_FILTER", "clean_detections", "clean_survivors"]
 
 #: Reach of the test, in units of the two objects' summed semi-major axes (SExtractor's).
 CLEAN_ZONE = 10.0
@@ -49,9 +49,25 @@ CLEAN_ZONE = 10.0
 DEFAULT_FILTER = np.array([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]], dtype=np.float32)
 
 
+def clean_detections(objects: np.ndarray, segmap: np.ndarray, image: np.ndarray, rms: np.ndarray,
+                     thresh: float, minarea: int) -> tuple[np.ndarray, np.ndarray]:
+    """sep's catalogue and segmentation map after SExtractor's CLEAN, as ``sep.extract(...,
+    clean=True)`` returns them: the survivors in order, labelled ``1..n`` (the map is changed
+    in place).  Arguments as for :func:`clean_survivors`."""
+    flat = segmap.ravel()
+    pixels = np.flatnonzero(flat)
+    survives = clean_survivors(objects, segmap, image, rms, thresh, minarea, pixels=pixels)
+    if survives.all():
+        return objects, segmap
+    relabel = np.zeros(len(survives) + 1, dtype=segmap.dtype)
+    relabel[1:][survives] = np.arange(1, int(survives.sum()) + 1, dtype=segmap.dtype)
+    flat[pixels] = relabel[flat[pixels]]
+    return objects[survives], segmap
+
+
 def clean_survivors(objects: np.ndarray, segmap: np.ndarray, image: np.ndarray, rms: np.ndarray,
                     thresh: float, minarea: int, clean_param: float = 1.0,
-                    kernel: np.ndarray = DEFAULT_FILTER) -> np.ndarray:
+                    kernel: np.ndarray = DEFAULT_FILTER, pixels: np.ndarray | None = None) -> np.ndarray:
     """Which detections of ``sep.extract(..., clean=False)`` survive SExtractor's CLEAN.
 
     Parameters
@@ -73,6 +89,8 @@ def clean_survivors(objects: np.ndarray, segmap: np.ndarray, image: np.ndarray, 
         The profile's :math:`\\beta` (sep's ``clean_param``, default 1).
     kernel : ndarray
         The detection filter (sep normalises it by the sum of its absolute values).
+    pixels : ndarray of int, optional
+        ``np.flatnonzero(segmap)``, if the caller has it already.
 
     Returns
     -------
@@ -83,7 +101,9 @@ def clean_survivors(objects: np.ndarray, segmap: np.ndarray, image: np.ndarray, 
     survives = np.ones(n, dtype=bool)
     if n < 2:
         return survives
-    mthresh, abcor = _pixel_statistics(objects, segmap, image, rms, thresh, minarea, kernel)
+    if pixels is None:
+        pixels = np.flatnonzero(segmap.ravel())
+    mthresh, abcor = _pixel_statistics(objects, segmap, pixels, image, rms, thresh, minarea, kernel)
     i, j, dx, dy = _pairs_within_reach(objects)
     if len(i) == 0:
         return survives
@@ -125,26 +145,30 @@ def clean_survivors(objects: np.ndarray, segmap: np.ndarray, image: np.ndarray, 
     return survives
 
 
-def _pixel_statistics(objects, segmap, image, rms, thresh, minarea, kernel):
+def _pixel_statistics(objects, segmap, pix, image, rms, thresh, minarea, kernel):
     """Each object's ``mthresh`` and isophotal area correction, from its segmentation pixels."""
     n = len(objects)
-    flat = segmap.ravel()
-    pix = np.flatnonzero(flat)
-    label = flat[pix].astype(np.intp) - 1
+    label = segmap.ravel()[pix].astype(np.intp) - 1
     # The filtered image at those pixels only (in raster order, which keeps the reads close),
     # summed in float in sep's kernel order (``convolve.c``; zero beyond the edges).
     h, w = image.shape
     kh, kw = kernel.shape
     norm = (kernel / np.abs(kernel).sum(dtype=np.float64)).astype(np.float32)
-    padded = np.pad(image, ((kh // 2, kh // 2), (kw // 2, kw // 2)))
-    index_type = np.int32 if padded.size < 2**31 else np.int64
-    py, px = np.divmod(pix.astype(index_type), index_type(w))
-    base = py * index_type(padded.shape[1]) + px
-    padded_flat = padded.ravel()
+    image_flat = image.ravel()
+    py, px = np.divmod(pix, w)
+    inner = (py >= kh // 2) & (py < h - kh // 2) & (px >= kw // 2) & (px < w - kw // 2)
     filtered = np.zeros(len(pix), dtype=np.float32)
     for r in range(kh):
         for c in range(kw):
-            filtered += norm[r, c] * padded_flat[base + index_type(r * padded.shape[1] + c)]
+            dy, dx = r - kh // 2, c - kw // 2
+            # the flat neighbour index, kept on the image (the pixels it wraps or clips for,
+            # within a kernel's reach of an edge, take zero)
+            term = np.take(image_flat, pix + (dy * w + dx), mode="clip")
+            if not inner.all():
+                edge = ~inner
+                off = ((py[edge] + dy < 0) | (py[edge] + dy >= h) | (px[edge] + dx < 0) | (px[edge] + dx >= w))
+                term[np.flatnonzero(edge)[off]] = 0.0
+            filtered += norm[r, c] * term
     level = filtered - np.float32(thresh) * rms.ravel()[pix]
     value = image.ravel()[pix].astype(np.float64)
 

@@ -69,7 +69,7 @@ from scipy.spatial import cKDTree
 from pipeline.core.config import ExtractionConfig
 from pipeline.core.exits import UnusableImageError
 from pipeline.core.image import MASK_BITS
-from pipeline.measure.cleaning import clean_survivors
+from pipeline.measure.cleaning import clean_detections
 from pipeline.formats.ldac import write_ldac
 
 __all__ = ["FLAG_BITS", "ExtractionConfig", "ExtractionResult", "ExtractionError",
@@ -232,12 +232,9 @@ def extract_sources(data: np.ndarray, mask: np.ndarray | None, gain: float, satu
                 "this saturated or crowded)") if "pixel buffer" in str(exc) else ""
         raise ExtractionError(f"sep.extract failed: {exc}{hint}") from None
     lap("detect")
-    if config.clean and len(objects) > 1:
-        survives = clean_survivors(objects, segmap, subtracted, rms, config.detect_thresh, config.minarea)
-        objects = objects[survives]
-        relabel = np.zeros(len(survives) + 1, dtype=segmap.dtype)
-        relabel[1:][survives] = np.arange(1, len(objects) + 1, dtype=segmap.dtype)
-        segmap = relabel[segmap]
+    if config.clean:
+        objects, segmap = clean_detections(objects, segmap, subtracted, rms, config.detect_thresh,
+                                           config.minarea)
     lap("clean")
 
     n_detected = len(objects)
