@@ -37,7 +37,7 @@ from pipeline.astrometry.scamp import ScampResult, run_scamp_pass, solve_with_sc
 from pipeline.formats.scamp_head import strip_wcs_keywords, wcs_from_header
 
 __all__ = ["AstrometricPrior", "AstrometryResult", "prior_from_image_header",
-           "solve_astrometry", "astrometric_matches"]
+           "solve_astrometry", "astrometric_matches", "scamp_selection"]
 
 log = logging.getLogger("skydiff.astrometry")
 
@@ -120,6 +120,8 @@ class AstrometryResult:
             "scale_diff_pct_max": None, "airmass_quadrant": None,
             "n_astrometric_outliers": self.n_outliers,
         }
+        if self.scamp is not None:
+            record["n_scamp_detections"] = self.scamp.n_detections
         if self.scamp is not None and self.scamp.pass1 is not None:
             record["scamp_xy_contrast"] = _finite(self.scamp.pass1.xy_contrast)
             sigma = self.scamp.pass1.astrom_sigma_reference_arcsec
@@ -151,6 +153,64 @@ class _Clock:
         now = time.perf_counter()
         self.timings[stage] = self.timings.get(stage, 0.0) + now - self.t
         self.t = now
+
+
+def scamp_selection(catalog: Table, shape: tuple[int, int], max_sources: int, flags_mask: int,
+                    grid: int = 8) -> np.ndarray:
+    """The rows of an extraction catalogue SCAMP is given: the best N for astrometry.
+
+    Only unflagged detections (no bit of ``flags_mask``: SCAMP would reject them anyway) with
+    finite windowed positions and a positive ``SNR_WIN`` are kept.  When more than
+    ``max_sources`` remain, each cell of a ``grid`` x ``grid`` division of the image first
+    keeps up to ``max_sources // grid**2`` of its own highest-S/N detections, so that no part
+    of the quadrant is left without stars; the rest of the cap goes to the highest S/N
+    among the detections not yet taken, wherever they are.
+
+    Parameters
+    ----------
+    catalog : Table
+        Extraction catalogue with ``XWIN_IMAGE``, ``YWIN_IMAGE`` (1-based pixels), ``FLAGS``
+        and ``SNR_WIN``.
+    shape : tuple of int
+        Image shape ``(ny, nx)``.
+    max_sources : int
+        At most this many rows; 0 selects every row, flagged ones included (the whole
+        catalogue, as before the cap).
+    flags_mask : int
+        ``FLAGS`` bits that exclude a detection (SCAMP's ``FLAGS_MASK``).
+    grid : int
+        Cells per image side for the spatial quota.
+
+    Returns
+    -------
+    ndarray of int
+        Indices of the selected rows, in catalogue order.
+    """
+    n = len(catalog)
+    if max_sources == 0:
+        return np.arange(n)
+    x = np.asarray(catalog["XWIN_IMAGE"], dtype=float)
+    y = np.asarray(catalog["YWIN_IMAGE"], dtype=float)
+    snr = np.asarray(catalog["SNR_WIN"], dtype=float)
+    eligible = ((np.asarray(catalog["FLAGS"]).astype(np.int64) & flags_mask) == 0) \
+        & np.isfinite(x) & np.isfinite(y) & np.isfinite(snr) & (snr > 0)
+    rows = np.flatnonzero(eligible)
+    if len(rows) <= max_sources:
+        return rows
+    ny, nx = shape
+    cx = np.clip(((x[rows] - 0.5) * grid / nx).astype(np.int64), 0, grid - 1)
+    cy = np.clip(((y[rows] - 0.5) * grid / ny).astype(np.int64), 0, grid - 1)
+    cell = cy * grid + cx
+    # Rank within each cell by S/N, highest first (stable: ties keep catalogue order).
+    order = np.lexsort((-snr[rows], cell))
+    first_of_cell = np.searchsorted(cell[order], cell[order], side="left")
+    rank = np.empty(len(rows), dtype=np.int64)
+    rank[order] = np.arange(len(rows)) - first_of_cell
+    taken = rank < max_sources // grid ** 2
+    rest = np.flatnonzero(~taken)
+    fill = rest[np.argsort(-snr[rows][rest], kind="stable")[:max_sources - int(taken.sum())]]
+    taken[fill] = True
+    return rows[taken]
 
 
 def solve_astrometry(image: QuadrantImage, gaia: Table, prior: AstrometricPrior, workdir: str | Path,
@@ -208,7 +268,7 @@ def solve_astrometry(image: QuadrantImage, gaia: Table, prior: AstrometricPrior,
         return AstrometryResult(False, tuple(reasons), None, None, scamp=None, qa=None, scale=None,
                                 matches=None, **partial)
 
-    det_path = to_scamp_ldac(extraction, strip_wcs_keywords(image.header), workdir / "quadrant.ldac")
+    det_path = _write_scamp_detections(extraction, image, config, workdir / "quadrant.ldac")
     ref_path = write_scamp_reference(workdir / "refcat.ldac", reference)
     clock.lap("write_catalogs")
     scamp = solve_with_scamp(det_path, ref_path, prior.header, shape, config, workdir)
@@ -245,6 +305,15 @@ def solve_astrometry(image: QuadrantImage, gaia: Table, prior: AstrometricPrior,
                             scale=check, matches=matches, n_outliers=n_outliers, **partial)
 
 
+def _write_scamp_detections(extraction: ExtractionResult, image: QuadrantImage, config: AstrometryConfig,
+                            path: Path) -> Path:
+    """SCAMP's detection LDAC: the :func:`scamp_selection` of the catalogue, WCS keywords removed."""
+    rows = scamp_selection(extraction.catalog, image.shape, config.scamp_max_sources, config.flags_mask)
+    if len(rows) < len(extraction.catalog):
+        extraction = replace(extraction, catalog=extraction.catalog[rows])
+    return to_scamp_ldac(extraction, strip_wcs_keywords(image.header), path)
+
+
 def _refit_without_outliers(scamp: ScampResult, extraction: ExtractionResult, image: QuadrantImage,
                             reference: Table, ref_path: Path, settings: AstrometryConfig, workdir: Path,
                             radius_arcsec: float) -> tuple[ScampResult, int]:
@@ -263,8 +332,8 @@ def _refit_without_outliers(scamp: ScampResult, extraction: ExtractionResult, im
     catalog["FLAGS"][outliers] |= FLAG_BITS["ASTROMETRIC_OUTLIER"]
     refit_dir = workdir / "refit"
     refit_dir.mkdir(exist_ok=True)
-    det_path = to_scamp_ldac(replace(extraction, catalog=catalog), strip_wcs_keywords(image.header),
-                             refit_dir / "quadrant.ldac")
+    det_path = _write_scamp_detections(replace(extraction, catalog=catalog), image, settings,
+                                       refit_dir / "quadrant.ldac")
     refit = run_scamp_pass(2, det_path, ref_path, scamp.wcs_header, settings, refit_dir, image.shape)
     if not refit.ok:
         log.warning("%s: pass 2 without %d outliers failed (%s); keeping the first solution",

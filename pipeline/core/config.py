@@ -485,6 +485,12 @@ class AstrometryConfig:
     # lets saturated and blended stars in, whose centroids are off by far more than their
     # errors say; every bit the extraction sets marks such a detection.
     flags_mask: int = 0x1FF
+    # SCAMP (both passes and the outlier refit) is given only this many detections: the
+    # unflagged ones of highest SNR_WIN, spread over the quadrant (see
+    # pipeline.astrometry.solve.scamp_selection).  Its time grows with its input while the
+    # bright stars set the solution; the QA and the matches use the whole catalogue.
+    # 0 = every detection.
+    scamp_max_sources: int = 4000
 
     def __post_init__(self):
         if not self.scamp_timeout_s > 0:
@@ -507,6 +513,10 @@ class AstrometryConfig:
             raise ConfigValueError("catalog_margin_deg, match_resol_arcsec and astr_accuracy_px must be >= 0")
         if not self.pixscale_maxerr > 1:
             raise ConfigValueError(f"pixscale_maxerr is a factor > 1, got {self.pixscale_maxerr}")
+        if self.scamp_max_sources != 0 and self.scamp_max_sources < self.min_detections:
+            # Fewer would make every quadrant fail SCAMP's "too few detections" check.
+            raise ConfigValueError(f"scamp_max_sources must be 0 (every detection) or at least "
+                                   f"min_detections ({self.min_detections}), got {self.scamp_max_sources}")
 
 
 @dataclass(frozen=True)

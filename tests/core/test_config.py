@@ -88,6 +88,7 @@ def test_section_defaults_are_the_stages_defaults(cfg):
     assert (acfg.match_nmax, acfg.match_resol_arcsec, acfg.position_maxerr_arcmin) == (500, 2.0, 1.5)
     assert (acfg.posangle_maxerr_deg, acfg.pixscale_maxerr, acfg.distort_degree, acfg.flags_mask) == \
         (0.5, 1.02, 4, 0x1FF)
+    assert acfg.scamp_max_sources == 4000
     assert cfg.realbogus.model == ""
 
 
@@ -122,6 +123,10 @@ def test_shared_sections_reach_every_stage(tmp_path):
     ("[subtraction]\ntreshold = 5\n", "subtraction.treshold"),
     ("[astrometry]\nmax_rms_mas = -5\n", "astrometry: max_rms_mas must be positive, got -5.0"),
     ("[astrometry]\npixscale_maxerr = 0.9\n", "pixscale_maxerr is a factor > 1"),
+    ("[astrometry]\nscamp_max_sources = 10\n",
+     "astrometry: scamp_max_sources must be 0 (every detection) or at least min_detections (30), got 10"),
+    ("[astrometry]\nscamp_max_sources = -1\n", "astrometry: scamp_max_sources must be 0"),
+    ("[astrometry]\nscamp_max_sources = 3000.5\n", "astrometry.scamp_max_sources: expected int"),
     ("[kafka]\nbootstrap_servers = 'localhost'\n", "bootstrap_servers: 'localhost' is not host:port"),
     ("[kafka]\nbootstrap_servers = 'a:1,b:99999'\n", "'b:99999' is not host:port"),
 ])
