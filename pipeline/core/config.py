@@ -491,6 +491,9 @@ class AstrometryConfig:
     # bright stars set the solution; the QA and the matches use the whole catalogue.
     # 0 = every detection.
     scamp_max_sources: int = 4000
+    # The Gaia rows SCAMP is given: at most this many, the brightest spread over the image
+    # (SCAMP's time follows them); the QA and the matches use every row.  0 = every row.
+    scamp_max_reference: int = 15000
 
     def __post_init__(self):
         if not self.scamp_timeout_s > 0:
@@ -517,6 +520,10 @@ class AstrometryConfig:
             # Fewer would make every quadrant fail SCAMP's "too few detections" check.
             raise ConfigValueError(f"scamp_max_sources must be 0 (every detection) or at least "
                                    f"min_detections ({self.min_detections}), got {self.scamp_max_sources}")
+        if self.scamp_max_reference != 0 and self.scamp_max_reference < self.min_matched:
+            # Fewer could not give the matches the verdict asks for.
+            raise ConfigValueError(f"scamp_max_reference must be 0 (every Gaia row) or at least "
+                                   f"min_matched ({self.min_matched}), got {self.scamp_max_reference}")
 
 
 @dataclass(frozen=True)

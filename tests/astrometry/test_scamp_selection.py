@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 from astropy.table import Table
 
-from pipeline.astrometry.solve import scamp_selection
+from astropy.wcs import WCS
+
+from pipeline.astrometry.solve import scamp_reference_selection, scamp_selection
 from pipeline.core.config import AstrometryConfig
 from pipeline.measure.extract import FLAG_BITS
 
@@ -70,3 +72,33 @@ def test_a_corner_of_faint_stars_keeps_its_stars():
     assert corner[rows].sum() == 10
     chosen = np.flatnonzero(corner)[np.argsort(-snr[corner])[:10]]
     assert set(chosen) <= set(rows)                       # the corner's own brightest
+
+
+def _tan_wcs():
+    wcs = WCS(naxis=2)
+    wcs.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    wcs.wcs.crval = [150.0, 30.0]
+    wcs.wcs.crpix = [SHAPE[1] / 2 + 0.5, SHAPE[0] / 2 + 0.5]
+    wcs.wcs.cdelt = [-1.0 / 3600, 1.0 / 3600]
+    return wcs
+
+
+def test_reference_rows_the_brightest_spread_over_the_image():
+    rng = np.random.default_rng(4)
+    wcs = _tan_wcs()
+    x, y = rng.uniform(-20, SHAPE[1] + 20, 3000), rng.uniform(-20, SHAPE[0] + 20, 3000)
+    mag = rng.uniform(12, 21, 3000)
+    # the left third of the image holds only faint stars
+    left = x < SHAPE[1] / 3
+    mag[left] += 3.0
+    mag[:40] = 99.0                                          # no G magnitude
+    ra, dec = wcs.wcs_pix2world(x, y, 1)
+    ref = Table({"X_WORLD": ra, "Y_WORLD": dec, "MAG": mag.astype(np.float32)})
+    rows = scamp_reference_selection(ref, wcs, SHAPE, 640)
+    assert len(rows) == 640 and np.all(np.diff(rows) > 0)
+    assert not np.isin(np.arange(40), rows).any()            # rows without G come last
+    assert left[rows].mean() > 0.15                         # the faint third keeps its share
+    dropped = np.setdiff1d(np.arange(3000), rows)
+    assert np.median(mag[rows]) < np.median(mag[dropped]) - 3.0   # the bright ones are kept
+    np.testing.assert_array_equal(scamp_reference_selection(ref, wcs, SHAPE, 0), np.arange(3000))
+    np.testing.assert_array_equal(scamp_reference_selection(ref, wcs, SHAPE, 5000), np.arange(3000))

@@ -89,6 +89,7 @@ def test_section_defaults_are_the_stages_defaults(cfg):
     assert (acfg.posangle_maxerr_deg, acfg.pixscale_maxerr, acfg.distort_degree, acfg.flags_mask) == \
         (0.5, 1.02, 4, 0x1FF)
     assert acfg.scamp_max_sources == 4000
+    assert acfg.scamp_max_reference == 15000
     assert cfg.realbogus.model == ""
 
 
@@ -126,6 +127,8 @@ def test_shared_sections_reach_every_stage(tmp_path):
     ("[astrometry]\nscamp_max_sources = 10\n",
      "astrometry: scamp_max_sources must be 0 (every detection) or at least min_detections (30), got 10"),
     ("[astrometry]\nscamp_max_sources = -1\n", "astrometry: scamp_max_sources must be 0"),
+    ("[astrometry]\nscamp_max_reference = 10\n",
+     "astrometry: scamp_max_reference must be 0 (every Gaia row) or at least min_matched (30), got 10"),
     ("[astrometry]\nscamp_max_sources = 3000.5\n", "astrometry.scamp_max_sources: expected int"),
     ("[kafka]\nbootstrap_servers = 'localhost'\n", "bootstrap_servers: 'localhost' is not host:port"),
     ("[kafka]\nbootstrap_servers = 'a:1,b:99999'\n", "'b:99999' is not host:port"),
