@@ -39,6 +39,7 @@ through :class:`SecretFilter`, and Kafka error texts are scrubbed before use.
 from __future__ import annotations
 
 import logging
+import re
 import time
 import weakref
 from dataclasses import dataclass
@@ -52,6 +53,8 @@ from pipeline.core.exits import PipelineError
 
 __all__ = ["producer_config", "redacted", "SecretFilter", "PublishReport", "AlertPublisher",
            "replay", "PublishError", "RECORD_OVERHEAD_BYTES"]
+
+_ATTEMPT_TIMING = re.compile(r" \(after \d+ms in state [A-Z_]+\)")
 
 log = logging.getLogger("skydiff.alerts")
 
@@ -235,7 +238,9 @@ class AlertPublisher:
             return
         # A broker that is down refuses every reconnection attempt (several a second at first):
         # each distinct error is logged once, its repeats counted and summarised at close.
-        text = err.str()
+        # The error's timing ("after 1ms in state CONNECT", "after 0ms ...") varies between
+        # attempts and is not part of what went wrong.
+        text = _ATTEMPT_TIMING.sub("", err.str())
         seen = self._producer_errors[text] = self._producer_errors.get(text, 0) + 1
         if seen == 1:
             log.warning("Kafka: %s", text)

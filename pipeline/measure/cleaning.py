@@ -242,8 +242,7 @@ def _pairs_within_reach(objects):
         parts.append(np.column_stack([large[li], large[lj]]))
     pairs = np.concatenate([p.reshape(-1, 2).astype(np.int64) for p in parts])
     pairs = pairs[pairs[:, 0] != pairs[:, 1]]
-    codes = np.sort(np.minimum(pairs[:, 0], pairs[:, 1]) * n + np.maximum(pairs[:, 0], pairs[:, 1]))
-    codes = codes[np.concatenate(([True], codes[1:] != codes[:-1]))]
+    codes = np.unique(np.minimum(pairs[:, 0], pairs[:, 1]) * n + np.maximum(pairs[:, 0], pairs[:, 1]))
     i, j = np.divmod(codes, n)
     # sep: dx, dy and (a_i + a_j)^2 in float, the zone in double
     dx = (x[i] - x[j]).astype(np.float32)

@@ -79,3 +79,18 @@ def test_trivial_catalogues():
     empty = np.zeros(0, dtype=[("x", "f8")])
     assert clean_survivors(empty, np.zeros((4, 4), np.int32), np.zeros((4, 4), np.float32),
                            np.ones((4, 4), np.float32), config.detect_thresh, config.minarea).shape == (0,)
+
+
+def test_isolated_detections_have_no_pairs_and_all_stay():
+    """Two stars far apart: no pair within reach, nothing to clean (this once raised IndexError)."""
+    config = ExtractionConfig()
+    image = np.full((200, 200), 100.0, np.float32)
+    yy, xx = np.mgrid[0:200, 0:200]
+    for x, y in ((30, 40), (170, 160)):
+        image += 5000 * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / 2.0).astype(np.float32)
+    rms = np.full(image.shape, 10.0, np.float32)
+    objects, segmap = sep.extract(image - 100.0, config.detect_thresh, err=rms, minarea=config.minarea,
+                                  clean=False, segmentation_map=True)
+    assert len(objects) == 2
+    kept = clean_survivors(objects, segmap, image - 100.0, rms, config.detect_thresh, config.minarea)
+    assert kept.tolist() == [True, True]
