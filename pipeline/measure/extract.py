@@ -72,8 +72,8 @@ from pipeline.core.image import MASK_BITS
 from pipeline.measure.cleaning import clean_detections
 from pipeline.formats.ldac import write_ldac
 
-__all__ = ["FLAG_BITS", "ExtractionConfig", "ExtractionResult", "ExtractionError",
-           "extract_sources", "half_light_radii", "to_scamp_ldac", "catalog_columns"]
+__all__ = ["FLAG_BITS", "ExtractionConfig", "ExtractionResult", "ExtractionError", "Detections",
+           "extract_sources", "detect_sources", "measure_detections", "half_light_radii", "to_scamp_ldac", "catalog_columns"]
 
 #: Bits of the catalogue's ``FLAGS`` column; 1, 2, 4, 8 and 16 mean what they mean in
 #: SExtractor, so SCAMP's default ``FLAGS_MASK`` (0x00f0) keeps its usual effect.
@@ -159,6 +159,53 @@ def catalog_columns(n_aper: int) -> dict[str, tuple[np.dtype, tuple, object]]:
     }
 
 
+@dataclass
+class Detections:
+    """What :func:`detect_sources` found: every detection of one image, not yet measured.
+
+    Holds the background-subtracted image and the maps the measurement needs, so that
+    :func:`measure_detections` can measure any subset now and the rest later (the quadrant
+    runner measures the brightest before the alerts and every detection after them) with
+    the same results as one :func:`extract_sources` call.
+
+    Attributes
+    ----------
+    objects : structured ndarray
+        sep's detections after CLEAN (``x``, ``y`` 0-based, ``a``, ``b``, ``theta``,
+        isophotal ``flux``, ...).
+    segmap : ndarray of int32
+        Segmentation map: detection ``k`` (0-based) owns the pixels labelled ``k + 1``.
+    subtracted : ndarray of float32
+        The image less its background, masked pixels 0.
+    bad, saturated : ndarray of bool
+        Pixels left out of every measurement, and saturated pixels.
+    background_map, rms_map : ndarray of float32
+        sep's background and its RMS (read-noise floor applied).
+    background_level, background_rms : float
+        Their medians.
+    gain : float
+    config : ExtractionConfig
+    timings : dict
+        Seconds per stage of the detection.
+    """
+
+    objects: np.ndarray = field(repr=False)
+    segmap: np.ndarray = field(repr=False)
+    subtracted: np.ndarray = field(repr=False)
+    bad: np.ndarray = field(repr=False)
+    saturated: np.ndarray = field(repr=False)
+    background_map: np.ndarray = field(repr=False)
+    rms_map: np.ndarray = field(repr=False)
+    background_level: float
+    background_rms: float
+    gain: float
+    config: ExtractionConfig
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.objects)
+
+
 def extract_sources(data: np.ndarray, mask: np.ndarray | None, gain: float, saturate: float,
                     config: ExtractionConfig = ExtractionConfig(),
                     read_noise: float | None = None) -> ExtractionResult:
@@ -187,6 +234,16 @@ def extract_sources(data: np.ndarray, mask: np.ndarray | None, gain: float, satu
     ExtractionError
         Bad shapes or parameters, an image without a finite pixel, or a sep failure.
     """
+    return measure_detections(detect_sources(data, mask, gain, saturate, config, read_noise))
+
+
+def detect_sources(data: np.ndarray, mask: np.ndarray | None, gain: float, saturate: float,
+                   config: ExtractionConfig = ExtractionConfig(),
+                   read_noise: float | None = None) -> Detections:
+    """The background and every detection of one image (the first half of :func:`extract_sources`).
+
+    Parameters and errors as :func:`extract_sources`.
+    """
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -213,7 +270,6 @@ def extract_sources(data: np.ndarray, mask: np.ndarray | None, gain: float, satu
         np.maximum(rms, np.float32(read_noise / gain), out=rms)
     subtracted = np.subtract(image, sky, out=image)  # ``image`` is this function's own copy
     subtracted[bad] = 0.0
-    background_level = _coarse_median(sky)
     lap("background")
 
     # "conv" thresholds the filtered image against the unfiltered RMS, as SExtractor does;
@@ -236,14 +292,54 @@ def extract_sources(data: np.ndarray, mask: np.ndarray | None, gain: float, satu
         objects, segmap = clean_detections(objects, segmap, subtracted, rms, config.detect_thresh,
                                            config.minarea)
     lap("clean")
+    return Detections(objects, segmap, subtracted, bad, saturated, sky, rms, _coarse_median(sky),
+                      _coarse_median(rms), float(gain), config, timings)
 
-    n_detected = len(objects)
-    if n_detected == 0:
-        catalog = _empty_catalog(len(config.aperture_radii))
-        return ExtractionResult(catalog, background_level, _coarse_median(rms), math.nan,
-                                image.shape, 0, 0, 0, timings, background_map=sky, rms_map=rms)
 
+def measure_detections(detections: Detections, rows: np.ndarray | None = None) -> ExtractionResult:
+    """Measure detections (the second half of :func:`extract_sources`): all, or some of them.
+
+    Every quantity of a source is measured from its own pixels and segment, so a source
+    measured among a subset gets exactly the values it gets among all detections; only
+    what compares sources with each other (the duplicates dropped, the seeing and the
+    ``NOT_POINTLIKE`` flags judged from it) is taken over the sources measured.
+
+    Parameters
+    ----------
+    detections : Detections
+    rows : ndarray of int, optional
+        0-based indices into ``detections.objects``, in increasing order; None for all.
+
+    Returns
+    -------
+    ExtractionResult
+        ``n_detected`` counts every detection, measured or not; the timings are the
+        detection's and this measurement's.
+    """
+    timings = dict(detections.timings)
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[stage] = now - clock
+        clock = now
+
+    config, gain = detections.config, detections.gain
+    subtracted, bad, saturated = detections.subtracted, detections.bad, detections.saturated
+    rms, sky, segmap = detections.rms_map, detections.background_map, detections.segmap
+    n_detected = len(detections.objects)
+    # seg_id: the segment of each measured detection, its index among all plus one
     seg_id = np.arange(1, n_detected + 1, dtype=np.int32)
+    objects = detections.objects
+    if rows is not None:
+        rows = np.asarray(rows, dtype=np.intp)
+        objects, seg_id = objects[rows], seg_id[rows]
+    if len(objects) == 0:
+        catalog = _empty_catalog(len(config.aperture_radii))
+        return ExtractionResult(catalog, detections.background_level, detections.background_rms, math.nan,
+                                subtracted.shape, n_detected, 0, 0, timings, background_map=sky, rms_map=rms)
+
     x, y = objects["x"], objects["y"]
     a, b = objects["a"], objects["b"]
     theta = np.clip(objects["theta"], -np.pi / 2, np.pi / 2)
@@ -266,7 +362,7 @@ def extract_sources(data: np.ndarray, mask: np.ndarray | None, gain: float, satu
     xwin, ywin, _ = sep.winpos(subtracted, x, y, window_sigma, mask=bad, subpix=0)
     lap("winpos")
 
-    keep, n_drift, n_close = _unique_sources(x, y, xwin, ywin, auto["flux"], image.shape, config)
+    keep, n_drift, n_close = _unique_sources(x, y, xwin, ywin, auto["flux"], subtracted.shape, config)
     sel = np.flatnonzero(keep)
     lap("duplicates")
 
@@ -307,16 +403,16 @@ def extract_sources(data: np.ndarray, mask: np.ndarray | None, gain: float, satu
         "A_IMAGE": a[sel], "B_IMAGE": b[sel], "THETA_IMAGE": np.degrees(theta[sel]),
         "ELONGATION": a[sel] / np.maximum(b[sel], 1e-6),
         "SNR_WIN": moments["snr"],
-        "BACKGROUND": sky[np.clip(np.rint(ywin[sel]).astype(int), 0, image.shape[0] - 1),
-                          np.clip(np.rint(xwin[sel]).astype(int), 0, image.shape[1] - 1)],
+        "BACKGROUND": sky[np.clip(np.rint(ywin[sel]).astype(int), 0, subtracted.shape[0] - 1),
+                          np.clip(np.rint(xwin[sel]).astype(int), 0, subtracted.shape[1] - 1)],
         "FLAGS": flags,
     }
     catalog = _build_table(columns, len(radii))
     seeing = _seeing(catalog, config)
     _flag_not_pointlike(catalog, seeing, config)
     lap("catalog")
-    return ExtractionResult(catalog, background_level, _coarse_median(rms), seeing,
-                            image.shape, n_detected, n_drift, n_close, timings,
+    return ExtractionResult(catalog, detections.background_level, detections.background_rms, seeing,
+                            subtracted.shape, n_detected, n_drift, n_close, timings,
                             background_map=sky, rms_map=rms)
 
 

@@ -11,7 +11,8 @@ from scipy.spatial import cKDTree
 
 from pipeline.core.config import load_config
 from pipeline.core.focalplane import quadrant_geometry
-from pipeline.measure.extract import _stamp_sums, _window_moments, extract_sources
+from pipeline.measure.extract import (FLAG_BITS, _stamp_sums, _window_moments, detect_sources, extract_sources,
+                                     measure_detections)
 from pipeline.simulate.optics import true_quadrant_solution
 from pipeline.simulate.plan import Field, exposure_at_airmass
 from pipeline.simulate.render import render_quadrant, sky_electrons_per_pixel
@@ -144,3 +145,32 @@ def test_vectorised_window_sums_equal_the_direct_sums():
                                 half_light[i:i + 1], 24)
         assert moments["snr"][i] == pytest.approx(alone["snr"][0], rel=1e-12)
         assert moments["fallback"][i] == alone["fallback"][0]
+
+
+def test_a_subset_is_measured_as_among_all_detections(plane):
+    """The brightest detections measured first and the full catalogue measured after (the
+    quadrant runner's order) give every source the values one extract_sources call gives."""
+    cfg, _, quadrant, full = plane
+    inst = cfg.instrument
+    detections = detect_sources(quadrant.data, quadrant.mask, inst.gain, inst.saturate_adu, cfg.extraction,
+                                read_noise=inst.read_noise)
+    assert len(detections) == full.n_detected
+    rows = np.sort(np.argsort(-detections.objects["flux"])[:500])
+    subset = measure_detections(detections, rows)
+    assert subset.n_detected == full.n_detected and 450 <= len(subset.catalog) <= 500
+    again = measure_detections(detections)
+    columns = [c for c in full.catalog.colnames if c != "NUMBER"]
+    for name in columns:
+        np.testing.assert_array_equal(np.asarray(again.catalog[name]), np.asarray(full.catalog[name]), err_msg=name)
+    # The subset's sources are the full catalogue's rows at the same windowed positions.
+    index = {(x, y): k for k, (x, y) in enumerate(zip(full.catalog["XWIN_IMAGE"], full.catalog["YWIN_IMAGE"]))}
+    found = [index.get((x, y)) for x, y in zip(subset.catalog["XWIN_IMAGE"], subset.catalog["YWIN_IMAGE"])]
+    assert all(k is not None for k in found)
+    for name in columns:
+        if name == "FLAGS":     # NOT_POINTLIKE is judged against the seeing of the sources measured
+            mask = ~np.int16(FLAG_BITS["NOT_POINTLIKE"])
+            np.testing.assert_array_equal(np.asarray(subset.catalog[name]) & mask,
+                                          np.asarray(full.catalog[name])[found] & mask)
+            continue
+        np.testing.assert_array_equal(np.asarray(subset.catalog[name]), np.asarray(full.catalog[name])[found],
+                                      err_msg=name)
