@@ -15,6 +15,13 @@ Checks, in order (a failed early check skips the later ones):
 4. the pixel-scale check against the prior over the detector grid (``max_scale_diff_pct``),
    with the airmass recomputed at the quadrant's centre and the refraction model's
    expectation reported beside it.
+
+On a crowded quadrant only the calibration sources are measured here
+(``calibration_sources``, :func:`calibration_selection`): the brightest detections, spread
+over the image, are what SCAMP, the QA, the PSF and the zero point use, and measuring the
+faint majority (tens of thousands near the Galactic plane) would delay the alerts by
+seconds.  The result keeps every detection, and :meth:`AstrometryResult.full_extraction`
+measures them all when the science catalogue (the matchfile) needs them.
 """
 from __future__ import annotations
 
@@ -30,14 +37,15 @@ from astropy.wcs import WCS
 
 from pipeline.astrometry.qa import AstrometricQA, astrometric_outliers, astrometric_qa
 from pipeline.core.config import AstrometryConfig, ExtractionConfig, FilterConfig, SiteConfig
-from pipeline.measure.extract import FLAG_BITS, ExtractionResult, extract_sources, to_scamp_ldac
+from pipeline.measure.extract import (FLAG_BITS, Detections, ExtractionResult, detect_sources,
+                                      measure_detections, to_scamp_ldac)
 from pipeline.core.image import QuadrantImage
 from pipeline.astrometry.scale_check import ScaleCheck, scale_check
 from pipeline.astrometry.scamp import ScampResult, run_scamp_pass, solve_with_scamp
 from pipeline.formats.scamp_head import strip_wcs_keywords, wcs_from_header
 
 __all__ = ["AstrometricPrior", "AstrometryResult", "prior_from_image_header",
-           "solve_astrometry", "astrometric_matches", "best_per_cell", "scamp_selection",
+           "solve_astrometry", "astrometric_matches", "best_per_cell", "calibration_selection", "scamp_selection",
            "scamp_reference_selection"]
 
 log = logging.getLogger("skydiff.astrometry")
@@ -108,12 +116,24 @@ class AstrometryResult:
     matches: Table | None
     timings: dict[str, float] = field(default_factory=dict)
     n_outliers: int = 0
+    # Every detection of the quadrant and, when ``extraction`` measured only the calibration
+    # sources among them (``calibration_sources``), which ones (0-based; None: all).
+    detections: Detections | None = field(default=None, repr=False)
+    calibration_rows: np.ndarray | None = field(default=None, repr=False)
+
+    def full_extraction(self) -> ExtractionResult:
+        """The extraction of every detection: ``extraction`` itself when it measured them all,
+        otherwise every detection measured now (each source as in ``extraction``)."""
+        if self.calibration_rows is None or self.detections is None:
+            return self.extraction
+        return measure_detections(self.detections)
 
     def summary(self) -> dict:
         """The QA record (``qa.json``): verdict, figures, timings."""
         record: dict = {
             "usable": self.usable, "reasons": list(self.reasons), "prior": self.prior.source,
             "n_detections": len(self.extraction.catalog),
+            "n_detected": self.extraction.n_detected,
             "n_reference": 0 if self.reference is None else len(self.reference),
             "seeing_fwhm_px": _finite(self.extraction.seeing_fwhm_px),
             "background_adu": _finite(self.extraction.background_level),
@@ -243,6 +263,30 @@ def scamp_selection(catalog: Table, shape: tuple[int, int], max_sources: int, fl
     return rows[best_per_cell(x[rows], y[rows], snr[rows], shape, max_sources, grid)]
 
 
+def calibration_selection(detections: Detections, shape: tuple[int, int], max_sources: int,
+                          grid: int = 8) -> np.ndarray | None:
+    """The detections the astrometry stage measures: at most ``max_sources``, the brightest
+    by detection flux spread over the image (:func:`best_per_cell`); None (every detection)
+    when there are no more or ``max_sources`` is 0.
+
+    The detection flux (sep's isophotal sum) is all there is before measuring; the
+    saturated stars it ranks first are a few hundred at most, which the later selections
+    (SCAMP's FLAGS mask, the PSF stars) drop.
+
+    Returns
+    -------
+    ndarray of int or None
+        0-based indices into ``detections.objects``, increasing.
+    """
+    objects = detections.objects
+    if max_sources == 0 or len(objects) <= max_sources:
+        return None
+    flux = np.asarray(objects["flux"], dtype=float)
+    flux = np.where(np.isfinite(flux), flux, -np.inf)
+    return best_per_cell(np.asarray(objects["x"], dtype=float) + 1.0, np.asarray(objects["y"], dtype=float) + 1.0,
+                         flux, shape, max_sources, grid)
+
+
 def scamp_reference_selection(reference: Table, wcs: WCS, shape: tuple[int, int], max_rows: int,
                               grid: int = 8) -> np.ndarray:
     """The rows of the Gaia reference table SCAMP is given: at most ``max_rows``, the
@@ -303,11 +347,14 @@ def solve_astrometry(image: QuadrantImage, gaia: Table, prior: AstrometricPrior,
     meta = image.meta
     shape = image.shape
 
-    extraction = extract_sources(image.data, image.mask, meta.gain, meta.saturate, extraction_config,
-                                 read_noise=meta.readnoi)
+    detections = detect_sources(image.data, image.mask, meta.gain, meta.saturate, extraction_config,
+                                read_noise=meta.readnoi)
+    rows = calibration_selection(detections, shape, config.calibration_sources)
+    extraction = measure_detections(detections, rows)
     clock.lap("extract")
     reference = scamp_reference_table(gaia, meta.obstime) if len(gaia) else None
-    partial = dict(prior=prior, extraction=extraction, reference=reference, timings=timings)
+    partial = dict(prior=prior, extraction=extraction, reference=reference, timings=timings,
+                   detections=detections, calibration_rows=rows)
 
     reasons: list[str] = []
     if len(extraction.catalog) < config.min_detections:

@@ -132,7 +132,8 @@ def _bench_reference(args) -> dict:
     return _flat(bench_reference(cfg=args.cfg))
 
 
-@benchmark("latency", "file appearing -> alerts acknowledged by the broker and matchfile epoch committed, "
+@benchmark("latency", "file appearing -> alerts acknowledged by the broker (alerts_latency) and -> matchfile "
+           "epoch committed (latency), "
            "per quadrant on one core (target: median at most 20 s; use --repeat 1; --bootstrap or a local "
            "broker)", {"latency_median_s": 20.0})
 def _bench_latency(args) -> dict:

@@ -494,6 +494,14 @@ class AstrometryConfig:
     # The Gaia rows SCAMP is given: at most this many, the brightest spread over the image
     # (SCAMP's time follows them); the QA and the matches use every row.  0 = every row.
     scamp_max_reference: int = 15000
+    # The astrometry stage (and the subtraction's PSF, photometric calibration and
+    # registration, which reuse its extraction) measures only this many of a quadrant's
+    # detections: the brightest by detection flux, spread over the quadrant
+    # (best_per_cell).  A crowded quadrant (33,000 detections near the Galactic plane) then
+    # reaches its alerts without measuring the faint majority, which only the matchfile
+    # needs: the quadrant runner measures every detection after the alerts are out.  The
+    # astrometric QA (and ASTRNMAT) are then taken over these sources.  0 = every detection.
+    calibration_sources: int = 6000
 
     def __post_init__(self):
         if not self.scamp_timeout_s > 0:
@@ -524,6 +532,12 @@ class AstrometryConfig:
             # Fewer could not give the matches the verdict asks for.
             raise ConfigValueError(f"scamp_max_reference must be 0 (every Gaia row) or at least "
                                    f"min_matched ({self.min_matched}), got {self.scamp_max_reference}")
+        floor = max(self.min_detections, self.min_matched, self.scamp_max_sources)
+        if self.calibration_sources != 0 and self.calibration_sources < floor:
+            # Fewer would starve SCAMP (scamp_max_sources) or the verdict's match count.
+            raise ConfigValueError(f"calibration_sources must be 0 (every detection) or at least {floor} "
+                                   "(min_detections, min_matched and scamp_max_sources), "
+                                   f"got {self.calibration_sources}")
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from astropy.table import Table
@@ -26,8 +26,8 @@ from pipeline.measure.calibration import PhotCalError, PhotCalResult, calibrate_
 from pipeline.measure.photometry import PhotometryError, psf_photometry
 from pipeline.measure.psf import PSFError, PSFModel, build_psf
 
-__all__ = ["CharacterizeConfig", "Characterization", "CharacterizeError", "characterize_image",
-           "point_source_limit"]
+__all__ = ["CharacterizeConfig", "Characterization", "CharacterizeError", "add_calibrated_magnitudes",
+           "catalog_photometry", "characterize_image", "point_source_limit", "with_full_catalog"]
 
 
 class CharacterizeError(ValueError):
@@ -92,6 +92,64 @@ def _header_photcal(header) -> PhotCalResult | None:
                          n_matched=0, n_used=0, zp_source="header", colour_fitted=False)
 
 
+def catalog_photometry(data: np.ndarray, mask: np.ndarray | None, wcs, gain: float, saturate: float,
+                       extraction: ExtractionResult, psf: PSFModel,
+                       config: CharacterizeConfig = CharacterizeConfig()) -> Table:
+    """PSF-fit photometry of every source of ``extraction`` with ``psf``, placed on the sky.
+
+    Returns
+    -------
+    Table
+        :func:`pipeline.measure.photometry.psf_photometry`'s columns (x and y 1-based)
+        with ``ra`` and ``dec`` (deg) in front.
+
+    Raises
+    ------
+    CharacterizeError
+        The photometry failed (the message says why).
+    """
+    catalog = extraction.catalog
+    try:
+        photometry = psf_photometry(data, psf, catalog["XWIN_IMAGE"], catalog["YWIN_IMAGE"],
+                                    variance=extraction.rms_map ** 2,
+                                    background=extraction.background_map, gain=gain, mask=mask,
+                                    saturate=saturate, config=config.photometry)
+    except PhotometryError as exc:
+        raise CharacterizeError(f"photometry: {exc}") from None
+    ra, dec = wcs.all_pix2world(np.asarray(photometry["x"]), np.asarray(photometry["y"]), 1)
+    photometry.add_column(ra, name="ra", index=0)
+    photometry.add_column(dec, name="dec", index=1)
+    photometry["ra"].unit = photometry["dec"].unit = "deg"
+    return photometry
+
+
+def add_calibrated_magnitudes(photometry: Table, photcal: PhotCalResult) -> None:
+    """Add ``mag_cal`` (mag; NaN for a flux <= 0) to ``photometry`` from its ``flux`` and
+    the zero point (colour term not applied: BP-RP = 0)."""
+    zp = photcal.magzpsci
+    flux = np.asarray(photometry["flux"], dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        photometry["mag_cal"] = np.where(flux > 0, zp - 2.5 * np.log10(np.where(flux > 0, flux, 1.0)), np.nan)
+    photometry["mag_cal"].unit = "mag"
+
+
+def with_full_catalog(characterization: Characterization, data: np.ndarray, mask: np.ndarray | None, wcs,
+                      gain: float, saturate: float, extraction: ExtractionResult,
+                      config: CharacterizeConfig = CharacterizeConfig()) -> Characterization:
+    """``characterization`` (made from a subset of the image's sources) with the sources of
+    ``extraction`` (all of them) and their PSF photometry in its catalogue.
+
+    The PSF, the zero point and the limiting magnitude are kept: they came from the
+    brightest sources, which both catalogues hold.
+    """
+    t0 = time.perf_counter()
+    photometry = catalog_photometry(data, mask, wcs, gain, saturate, extraction, characterization.psf, config)
+    if characterization.photcal is not None:
+        add_calibrated_magnitudes(photometry, characterization.photcal)
+    timings = dict(characterization.timings, full_catalog_photometry=time.perf_counter() - t0)
+    return replace(characterization, extraction=extraction, photometry=photometry, timings=timings)
+
+
 def characterize_image(data: np.ndarray, mask: np.ndarray | None, wcs, gain: float, saturate: float,
                        band: FilterConfig, gaia: Table | None = None, header=None,
                        config: CharacterizeConfig = CharacterizeConfig(),
@@ -154,18 +212,7 @@ def characterize_image(data: np.ndarray, mask: np.ndarray | None, wcs, gain: flo
     timings["psf"] = clock() - t1
 
     t2 = clock()
-    catalog = extraction.catalog
-    try:
-        photometry = psf_photometry(data, psf, catalog["XWIN_IMAGE"], catalog["YWIN_IMAGE"],
-                                    variance=extraction.rms_map ** 2,
-                                    background=extraction.background_map, gain=gain, mask=mask,
-                                    saturate=saturate, config=config.photometry)
-    except PhotometryError as exc:
-        raise CharacterizeError(f"photometry: {exc}") from None
-    ra, dec = wcs.all_pix2world(np.asarray(photometry["x"]), np.asarray(photometry["y"]), 1)
-    photometry.add_column(ra, name="ra", index=0)
-    photometry.add_column(dec, name="dec", index=1)
-    photometry["ra"].unit = photometry["dec"].unit = "deg"
+    photometry = catalog_photometry(data, mask, wcs, gain, saturate, extraction, psf, config)
     timings["photometry"] = clock() - t2
 
     t3 = clock()
@@ -179,13 +226,8 @@ def characterize_image(data: np.ndarray, mask: np.ndarray | None, wcs, gain: flo
         photcal = _header_photcal(header)
     limiting_mag = math.nan
     if photcal is not None:
-        zp = photcal.magzpsci
-        flux = np.asarray(photometry["flux"], dtype=np.float64)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            photometry["mag_cal"] = np.where(flux > 0, zp - 2.5 * np.log10(np.where(flux > 0, flux, 1.0)),
-                                             np.nan)
-        photometry["mag_cal"].unit = "mag"
-        limiting_mag = point_source_limit(psf, extraction.background_rms, zp, config.limit_nsigma)
+        add_calibrated_magnitudes(photometry, photcal)
+        limiting_mag = point_source_limit(psf, extraction.background_rms, photcal.magzpsci, config.limit_nsigma)
     timings["photcal"] = clock() - t3
     timings["total"] = clock() - t0
     return Characterization(extraction=extraction, psf=psf, photometry=photometry, photcal=photcal,

@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -130,6 +131,18 @@ def _prior_path(cfg: Config) -> str | None:
     from priors.store import PRIOR_FILENAME
     candidate = cfg.paths.resolve("priors") / PRIOR_FILENAME
     return str(candidate) if candidate.exists() else None
+
+
+def _with_full_catalog(subtraction, astrometry, cfg: Config):
+    """The subtraction run with every detection of the science image (and its PSF
+    photometry) in place of the calibration sources its characterisation measured."""
+    from pipeline.measure.characterize import with_full_catalog
+
+    science, result = subtraction.science, subtraction.result
+    characterization = with_full_catalog(result.science, science.data, science.mask, science.wcs,
+                                         science.meta.gain, science.meta.saturate,
+                                         astrometry.full_extraction(), cfg.subtraction.characterize)
+    return replace(subtraction, result=replace(result, science=characterization))
 
 
 def _matchfile_epoch(cfg: Config, subtraction) -> dict:
@@ -264,6 +277,7 @@ def run_quadrant(exposure: str | os.PathLike, rcid: int, cfg: Config, force: boo
             shortfall = report.shortfall()
             publisher.close()
             timings["alerts"] = round(clock() - t0, 3)
+            timings["to_alerts"] = round(clock() - t_start, 3)    # the alerts' latency within the task
             record["alerts"] = {"built": images.alerts, "spooled": images.spooled,
                                 "already_delivered": images.already_delivered, "topic": images.topic,
                                 "delivered": report.delivered, "failed": report.failed,
@@ -271,6 +285,15 @@ def run_quadrant(exposure: str | os.PathLike, rcid: int, cfg: Config, force: boo
             if unacknowledged:
                 return finish(EXIT_RETRY, "alerts", f"{unacknowledged} alert(s) not acknowledged by the broker "
                                                      f"({shortfall}); they wait in the spool (skydiff alerts replay)")
+
+        if astrometry.result.calibration_rows is not None:
+            # The alerts were made from the calibration sources alone; the science
+            # catalogue of the matchfile holds every detection, measured now.
+            record["stage"] = "catalog"
+            _write_status(folder, record)
+            t0 = clock()
+            subtraction = _with_full_catalog(subtraction, astrometry.result, cfg)
+            timings["catalog"] = round(clock() - t0, 3)
 
         record["stage"] = "matchfile"
         _write_status(folder, record)

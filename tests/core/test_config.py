@@ -90,6 +90,7 @@ def test_section_defaults_are_the_stages_defaults(cfg):
         (0.5, 1.02, 4, 0x1FF)
     assert acfg.scamp_max_sources == 4000
     assert acfg.scamp_max_reference == 15000
+    assert acfg.calibration_sources == 6000
     assert cfg.realbogus.model == ""
 
 
@@ -129,6 +130,9 @@ def test_shared_sections_reach_every_stage(tmp_path):
     ("[astrometry]\nscamp_max_sources = -1\n", "astrometry: scamp_max_sources must be 0"),
     ("[astrometry]\nscamp_max_reference = 10\n",
      "astrometry: scamp_max_reference must be 0 (every Gaia row) or at least min_matched (30), got 10"),
+    ("[astrometry]\ncalibration_sources = 3000\n",
+     "astrometry: calibration_sources must be 0 (every detection) or at least 4000 (min_detections, "
+     "min_matched and scamp_max_sources), got 3000"),
     ("[astrometry]\nscamp_max_sources = 3000.5\n", "astrometry.scamp_max_sources: expected int"),
     ("[kafka]\nbootstrap_servers = 'localhost'\n", "bootstrap_servers: 'localhost' is not host:port"),
     ("[kafka]\nbootstrap_servers = 'a:1,b:99999'\n", "'b:99999' is not host:port"),

@@ -265,3 +265,46 @@ def test_pending_images_read_each_quadrant_file_once(tmp_path, monkeypatch, capl
         caplog.clear()
         assert len(pending_images(exposure, [good[0], 40])) == 1
         assert f"rcid 40: not announced to the object history" in caplog.text and missing in caplog.text
+
+
+def test_a_crowded_quadrant_measures_its_faint_sources_after_the_alerts(world, tmp_path):
+    """With fewer calibration sources than detections (as on a crowded quadrant), astrometry
+    and subtraction measure the brightest ones, the alerts go out, and only then is every
+    detection measured for the matchfile: the epoch holds as many sources as a run that
+    measured them all up front, at the same magnitudes."""
+    from dataclasses import replace
+
+    from pipeline.run.quadrant import run_quadrant
+
+    cfg, config, folder, _, science = world
+    assert main(["quadrant", "--config", str(config), str(folder), "--quadrant", str(RCID)]) == 0
+    full = _status(cfg, science[0])
+    own = {name: str(tmp_path / name) for name in ("outputs", "matchfiles", "spool", "fparchive")}
+    paths = replace(cfg.paths, history=str(tmp_path / "history" / "objects.sqlite"), **own)
+    crowded = replace(cfg, paths=paths, astrometry=replace(cfg.astrometry, scamp_max_sources=1000,
+                                                           calibration_sources=1000))
+    code, record = run_quadrant(folder, RCID, crowded)
+    assert code == 0, record.get("reason")
+    assert record["astrometry"]["usable"]
+    assert record["timings_s"]["to_alerts"] < record["timings_s"]["total"] and "catalog" in record["timings_s"]
+    qa = json.loads((tmp_path / "outputs" / str(science[0]) / f"{RCID:02d}" / "astrometry" / "qa.json").read_text())
+    assert 950 <= qa["n_detections"] <= 1000 and qa["n_detected"] > 2000    # duplicates dropped
+    assert record["alerts"]["built"] == record["alerts"]["spooled"] > 0
+    assert abs(record["alerts"]["built"] - full["alerts"]["built"]) <= 0.05 * full["alerts"]["built"]
+    rows = record["matchfile"]["matched"] + record["matchfile"]["unmatched"]
+    assert abs(rows - (full["matchfile"]["matched"] + full["matchfile"]["unmatched"])) <= 0.01 * rows
+
+    from pipeline.matchfile.lightcurves import lightcurve
+    solved = read_quadrant(next(p for p in (cfg.paths.resolve("outputs") / str(science[0]) / f"{RCID:02d}"
+                                            / "astrometry").glob("*.fits") if not p.name.endswith("_matches.fits")))
+    ra, dec = solved.wcs.all_pix2world([1536.0], [1540.0], 1)
+    ours = lightcurve(float(ra[0]), float(dec[0]), 120.0, tmp_path / "matchfiles")
+    theirs = lightcurve(float(ra[0]), float(dec[0]), 120.0, cfg.paths.resolve("matchfiles"))
+    ours, theirs = ours[ours["expid"] == science[0]], theirs[theirs["expid"] == science[0]]
+    assert len(ours) > 20 and abs(len(ours) - len(theirs)) <= 0.02 * len(theirs)
+    tree = cKDTree(radec_to_xyz(np.asarray(theirs["ra"]), np.asarray(theirs["dec"])))
+    dist, index = tree.query(radec_to_xyz(np.asarray(ours["ra"]), np.asarray(ours["dec"])))
+    close = dist < np.radians(0.2 / 3600.0)
+    assert close.mean() > 0.97
+    dmag = np.asarray(ours["mag"])[close] - np.asarray(theirs["mag"])[index[close]]
+    assert abs(np.nanmedian(dmag)) < 0.01
