@@ -45,7 +45,7 @@ from pipeline.astrometry.scamp import ScampResult, run_scamp_pass, solve_with_sc
 from pipeline.formats.scamp_head import strip_wcs_keywords, wcs_from_header
 
 __all__ = ["AstrometricPrior", "AstrometryResult", "prior_from_image_header",
-           "solve_astrometry", "astrometric_matches", "best_per_cell", "calibration_selection", "scamp_selection",
+           "solve_astrometry", "astrometric_matches", "best_per_cell", "calibration_extraction", "calibration_selection", "scamp_selection",
            "scamp_reference_selection"]
 
 log = logging.getLogger("skydiff.astrometry")
@@ -287,6 +287,24 @@ def calibration_selection(detections: Detections, shape: tuple[int, int], max_so
                          flux, shape, max_sources, grid)
 
 
+def calibration_extraction(image: QuadrantImage, config: ExtractionConfig, max_sources: int
+                           ) -> tuple[Detections, np.ndarray | None, ExtractionResult]:
+    """Every detection of ``image`` and the measurement of its calibration sources.
+
+    Returns
+    -------
+    detections : Detections
+    rows : ndarray of int or None
+        The calibration sources among them (:func:`calibration_selection`), None for all.
+    extraction : ExtractionResult
+        Those sources measured.
+    """
+    meta = image.meta
+    detections = detect_sources(image.data, image.mask, meta.gain, meta.saturate, config, read_noise=meta.readnoi)
+    rows = calibration_selection(detections, image.shape, max_sources)
+    return detections, rows, measure_detections(detections, rows)
+
+
 def scamp_reference_selection(reference: Table, wcs: WCS, shape: tuple[int, int], max_rows: int,
                               grid: int = 8) -> np.ndarray:
     """The rows of the Gaia reference table SCAMP is given: at most ``max_rows``, the
@@ -347,10 +365,7 @@ def solve_astrometry(image: QuadrantImage, gaia: Table, prior: AstrometricPrior,
     meta = image.meta
     shape = image.shape
 
-    detections = detect_sources(image.data, image.mask, meta.gain, meta.saturate, extraction_config,
-                                read_noise=meta.readnoi)
-    rows = calibration_selection(detections, shape, config.calibration_sources)
-    extraction = measure_detections(detections, rows)
+    detections, rows, extraction = calibration_extraction(image, extraction_config, config.calibration_sources)
     clock.lap("extract")
     reference = scamp_reference_table(gaia, meta.obstime) if len(gaia) else None
     partial = dict(prior=prior, extraction=extraction, reference=reference, timings=timings,

@@ -5,7 +5,9 @@ For each quadrant a reference is coadded from five frames of an earlier season, 
 science images are subtracted from it: seeing worse than the reference (with a 0.2 px WCS
 misregistration and 40 unmasked hot pixels), better than it, and about equal.  150 point
 sources of S/N 3-60 are injected into each with the simulator's PSF.  Seeds differ from
-those the shipped real-bogus model was trained on.
+those the shipped real-bogus model was trained on.  The science image's PSF, zero point and
+registration come, as in the quadrant runner, from its calibration sources alone
+(``[astrometry] calibration_sources``: at most 6,000 detections measured, the brightest).
 """
 from __future__ import annotations
 
@@ -62,6 +64,7 @@ def _figures(pair, reference, result) -> dict:
 
 def validate_subtraction(cfg: Config | None = None, quadrants=QUADRANTS, cases=None) -> dict:
     """Figures per quadrant and case (see the module docstring)."""
+    from pipeline.astrometry.solve import calibration_extraction
     from pipeline.simulate.realbogus_training import subtract_pair
     from pipeline.simulate.pairs import PairOptions, pair_sky, simulate_science, simulated_reference
 
@@ -74,5 +77,7 @@ def validate_subtraction(cfg: Config | None = None, quadrants=QUADRANTS, cases=N
         reference = simulated_reference(cfg, base, sky)
         for name, options in cases.items():
             pair = simulate_science(cfg, replace(base, **options), sky)
-            report[f"rcid{rcid}_{name}"] = _figures(pair, reference, subtract_pair(pair, reference))
+            _, _, extraction = calibration_extraction(pair.science, cfg.extraction, cfg.astrometry.calibration_sources)
+            result = subtract_pair(pair, reference, extraction=extraction)
+            report[f"rcid{rcid}_{name}"] = _figures(pair, reference, result)
     return report

@@ -69,13 +69,17 @@ def label_candidates(candidates: Table, pair: SimulatedPair, radius_px: float = 
     return (np.hypot(dx, dy).min(axis=1) <= radius_px).astype(np.int8)
 
 
-def subtract_pair(pair: SimulatedPair, reference, score_realbogus: bool = True, rb_model=None) -> SubtractionResult:
-    """:func:`pipeline.subtraction.difference.subtract_images` on a simulated pair's science image."""
+def subtract_pair(pair: SimulatedPair, reference, score_realbogus: bool = True, rb_model=None,
+                  extraction=None) -> SubtractionResult:
+    """:func:`pipeline.subtraction.difference.subtract_images` on a simulated pair's science image
+    (with ``extraction`` of it when given, as the quadrant runner hands over the astrometry
+    stage's)."""
     sci = pair.science
     band = pair.cfg.instrument.filters[sci.meta.filter]
     return subtract_images(sci.data, sci.mask, sci.header, sci.wcs, reference, band, sci.meta.gain,
                            sci.meta.saturate, pair.cfg.instrument.pixel_scale_arcsec, gaia=pair.gaia,
-                           read_noise=sci.meta.readnoi, rb_model=rb_model, score_realbogus=score_realbogus)
+                           read_noise=sci.meta.readnoi, rb_model=rb_model, score_realbogus=score_realbogus,
+                           extraction=extraction)
 
 
 def training_candidates(cfg: Config, plan: TrainingPlan = DEFAULT_PLAN) -> Table:

@@ -102,3 +102,25 @@ def test_reference_rows_the_brightest_spread_over_the_image():
     assert np.median(mag[rows]) < np.median(mag[dropped]) - 3.0   # the bright ones are kept
     np.testing.assert_array_equal(scamp_reference_selection(ref, wcs, SHAPE, 0), np.arange(3000))
     np.testing.assert_array_equal(scamp_reference_selection(ref, wcs, SHAPE, 5000), np.arange(3000))
+
+
+def test_calibration_sources_are_the_brightest_detections_spread_over_the_image():
+    from types import SimpleNamespace
+
+    from pipeline.astrometry.solve import calibration_selection
+
+    rng = np.random.default_rng(5)
+    n = 5000
+    objects = np.zeros(n, dtype=[("x", "f8"), ("y", "f8"), ("flux", "f4")])
+    objects["x"], objects["y"] = rng.uniform(0, SHAPE[1] - 1, n), rng.uniform(0, SHAPE[0] - 1, n)   # 0-based
+    objects["flux"] = rng.lognormal(6.0, 1.5, n)
+    corner = (objects["x"] < 99.5) & (objects["y"] < 99.5)
+    objects["flux"][corner] = rng.uniform(1.0, 2.0, corner.sum())      # the faintest of all
+    objects["flux"][7] = np.nan                                         # never first
+    detections = SimpleNamespace(objects=objects)
+    rows = calibration_selection(detections, SHAPE, 640)
+    assert len(rows) == 640 and np.all(np.diff(rows) > 0) and 7 not in rows
+    assert corner[rows].sum() == 10                                     # its share of the 8 x 8 grid
+    assert np.median(objects["flux"][rows]) > np.nanpercentile(objects["flux"], 80)
+    assert calibration_selection(detections, SHAPE, 0) is None          # 0: every detection
+    assert calibration_selection(detections, SHAPE, n) is None          # no more than the cap
