@@ -148,15 +148,19 @@ def clean_survivors(objects: np.ndarray, segmap: np.ndarray, image: np.ndarray, 
 def _pixel_statistics(objects, segmap, pix, image, rms, thresh, minarea, kernel):
     """Each object's ``mthresh`` and isophotal area correction, from its segmentation pixels."""
     n = len(objects)
-    label = segmap.ravel()[pix].astype(np.intp) - 1
+    label = segmap.ravel()[pix] - 1
     # The filtered image at those pixels only (in raster order, which keeps the reads close),
     # summed in float in sep's kernel order (``convolve.c``; zero beyond the edges).
     h, w = image.shape
     kh, kw = kernel.shape
     norm = (kernel / np.abs(kernel).sum(dtype=np.float64)).astype(np.float32)
     image_flat = image.ravel()
-    py, px = np.divmod(pix, w)
-    inner = (py >= kh // 2) & (py < h - kh // 2) & (px >= kw // 2) & (px < w - kw // 2)
+    # The pixels within a kernel's reach of an edge, by a look-up in a mask of the border
+    # (an integer division of every pixel index took longer than the whole filter).
+    border = np.ones((h, w), dtype=bool)
+    border[kh // 2:h - kh // 2, kw // 2:w - kw // 2] = False
+    edge = np.flatnonzero(border.ravel()[pix])
+    py, px = np.divmod(pix[edge], w)
     filtered = np.zeros(len(pix), dtype=np.float32)
     for r in range(kh):
         for c in range(kw):
@@ -164,10 +168,9 @@ def _pixel_statistics(objects, segmap, pix, image, rms, thresh, minarea, kernel)
             # the flat neighbour index, kept on the image (the pixels it wraps or clips for,
             # within a kernel's reach of an edge, take zero)
             term = np.take(image_flat, pix + (dy * w + dx), mode="clip")
-            if not inner.all():
-                edge = ~inner
-                off = ((py[edge] + dy < 0) | (py[edge] + dy >= h) | (px[edge] + dx < 0) | (px[edge] + dx >= w))
-                term[np.flatnonzero(edge)[off]] = 0.0
+            if len(edge):
+                off = (py + dy < 0) | (py + dy >= h) | (px + dx < 0) | (px + dx >= w)
+                term[edge[off]] = 0.0
             filtered += norm[r, c] * term
     level = filtered - np.float32(thresh) * rms.ravel()[pix]
     value = image.ravel()[pix].astype(np.float64)
@@ -242,7 +245,12 @@ def _pairs_within_reach(objects):
         parts.append(np.column_stack([large[li], large[lj]]))
     pairs = np.concatenate([p.reshape(-1, 2).astype(np.int64) for p in parts])
     pairs = pairs[pairs[:, 0] != pairs[:, 1]]
-    codes = np.unique(np.minimum(pairs[:, 0], pairs[:, 1]) * n + np.maximum(pairs[:, 0], pairs[:, 1]))
+    # Sorted, then the repeats dropped: numpy 2's hash-based np.unique took 0.19 s on the
+    # 670,000 codes of a Galactic-plane quadrant, the sort 0.005 s.
+    codes = np.sort(np.minimum(pairs[:, 0], pairs[:, 1]) * n + np.maximum(pairs[:, 0], pairs[:, 1]))
+    first = np.ones(len(codes), dtype=bool)
+    first[1:] = codes[1:] != codes[:-1]
+    codes = codes[first]
     i, j = np.divmod(codes, n)
     # sep: dx, dy and (a_i + a_j)^2 in float, the zone in double
     dx = (x[i] - x[j]).astype(np.float32)

@@ -372,10 +372,13 @@ def measure_detections(detections: Detections, rows: np.ndarray | None = None) -
 
     radii = np.asarray(config.aperture_radii, dtype=np.float64)
     # sep 1.4 does not broadcast 2-D (objects x radii), so the grid is passed flattened.
+    # subpix=0: each pixel the circle cuts counts by its exact overlap.  SExtractor's 5 x 5
+    # sub-sampling, used before, took a quarter longer on a Galactic-plane quadrant and was
+    # off the exact sum by up to 4 sigma (99th percentile) in the 2 px aperture of bright stars.
     grid = (len(sel), len(radii))
     aper_flux, aper_err, _ = sep.sum_circle(
         subtracted, np.repeat(xwin[sel], len(radii)), np.repeat(ywin[sel], len(radii)),
-        np.tile(radii, len(sel)), err=rms, gain=gain, mask=bad, subpix=5)
+        np.tile(radii, len(sel)), err=rms, gain=gain, mask=bad, subpix=0)
     aper_flux, aper_err = aper_flux.reshape(grid), aper_err.reshape(grid)
     lap("apertures")
 
