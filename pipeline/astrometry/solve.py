@@ -26,7 +26,6 @@ measures them all when the science catalogue (the matchfile) needs them.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from pipeline.core.config import AstrometryConfig, ExtractionConfig, FilterConfi
 from pipeline.measure.extract import (FLAG_BITS, Detections, ExtractionResult, detect_sources,
                                       measure_detections, to_scamp_ldac)
 from pipeline.core.image import QuadrantImage
+from pipeline.core.timing import StageClock
 from pipeline.astrometry.scale_check import ScaleCheck, scale_check
 from pipeline.astrometry.scamp import ScampResult, run_scamp_pass, solve_with_scamp
 from pipeline.formats.scamp_head import strip_wcs_keywords, wcs_from_header
@@ -164,16 +164,6 @@ def _finite(value):
         return None
     value = float(value)
     return value if np.isfinite(value) else None
-
-
-class _Clock:
-    def __init__(self, timings: dict):
-        self.timings, self.t = timings, time.perf_counter()
-
-    def lap(self, stage: str) -> None:
-        now = time.perf_counter()
-        self.timings[stage] = self.timings.get(stage, 0.0) + now - self.t
-        self.t = now
 
 
 def best_per_cell(x: np.ndarray, y: np.ndarray, score: np.ndarray, shape: tuple[int, int],
@@ -361,7 +351,7 @@ def solve_astrometry(image: QuadrantImage, gaia: Table, prior: AstrometricPrior,
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-    clock = _Clock(timings)
+    clock = StageClock(timings)
     meta = image.meta
     shape = image.shape
 

@@ -35,10 +35,10 @@ import importlib
 import json
 import logging
 import shlex
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.core.timing import StageClock
 from pipeline.core.config import Config, config_to_toml
 from pipeline.core.workspace import CONFIG_FILE, workspace_config
 from pipeline.demo import records
@@ -130,20 +130,15 @@ def run_demo(cfg: Config, workdir: str | Path, options: DemoOptions = DemoOption
     # Secrets are masked: the demo's defaults hold none, and a file in a work directory should not.
     config_path.write_text(config_to_toml(cfg))
     the_field = next(f for f in DEFAULT_FIELDS if f.fieldid == options.fieldid)
-    clock = time.perf_counter()
-
-    def lap(stage: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        summary.stages[stage] = now - clock
-        clock = now
+    stages: dict[str, float] = {}
+    lap = StageClock(stages).lap
 
     log.info("demo: simulating %d night(s) x %d epoch(s), quadrants %s, into %s", len(options.nights),
              options.epochs_per_night, ",".join(map(str, options.quadrants)), workdir / "sim")
     survey = simulate_survey(cfg, [the_field], options.nights, reference_nights=options.reference_nights,
                              filters=options.filters, epochs_per_night=options.epochs_per_night,
                              quadrants=options.quadrants, jobs=options.jobs)
-    summary = DemoSummary(workdir=workdir, config=config_path, simulation=survey.simulation)
+    summary = DemoSummary(workdir=workdir, config=config_path, simulation=survey.simulation, stages=stages)
     summary.products.update({"configuration": str(config_path), "simulation": str(survey.sim),
                              "catalogue store": str(cfg.paths.resolve("catalogs")),
                              "PS1 catalogue store": str(cfg.paths.resolve("ps1_catalogs"))})

@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,6 +65,7 @@ from astropy.stats import sigma_clipped_stats
 from astropy.table import Table
 from scipy.spatial import cKDTree
 
+from pipeline.core.timing import StageClock
 from pipeline.core.config import ExtractionConfig
 from pipeline.core.exits import UnusableImageError
 from pipeline.core.image import MASK_BITS
@@ -245,13 +245,7 @@ def detect_sources(data: np.ndarray, mask: np.ndarray | None, gain: float, satur
     Parameters and errors as :func:`extract_sources`.
     """
     timings: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(stage: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[stage] = now - clock
-        clock = now
+    lap = StageClock(timings).lap
 
     image, bad, saturated = _prepare(data, mask, gain, saturate)
     sep.set_extract_pixstack(config.pixstack)
@@ -317,13 +311,7 @@ def measure_detections(detections: Detections, rows: np.ndarray | None = None) -
         detection's and this measurement's.
     """
     timings = dict(detections.timings)
-    clock = time.perf_counter()
-
-    def lap(stage: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[stage] = now - clock
-        clock = now
+    lap = StageClock(timings).lap
 
     config, gain = detections.config, detections.gain
     subtracted, bad, saturated = detections.subtracted, detections.bad, detections.saturated
