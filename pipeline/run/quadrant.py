@@ -172,6 +172,7 @@ def run_quadrant(exposure: str | os.PathLike, rcid: int, cfg: Config, force: boo
     from alerts.publish import AlertPublisher
     from alerts.spool import Spool
     from pipeline.astrometry.files import solve_quadrant
+    from pipeline.core.earth_orientation import install_earth_orientation_table
     from pipeline.reference.files import reference_filename
     from pipeline.subtraction.files import subtract_quadrant
 
@@ -217,6 +218,8 @@ def run_quadrant(exposure: str | os.PathLike, rcid: int, cfg: Config, force: boo
         record["stage"] = "astrometry"
         _write_status(folder, record)
         t0 = clock()
+        # The horizon check's AltAz is the process's first use of the Earth-orientation table.
+        install_earth_orientation_table()
         # A quadrant of a multi-extension exposure is named as a single-quadrant file would be.
         # The solved image is written uncompressed, so a compressed input's name loses .fz/.gz.
         name = path.name.removesuffix(".fz").removesuffix(".gz") if hdu is None \
