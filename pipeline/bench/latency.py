@@ -79,12 +79,14 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _quadrant_task_peak_mib(cfg: Config, root: Path, expid: int, rcid: int, quadrant) -> tuple[float, float]:
-    """Peak memory (MiB) of ``skydiff quadrant`` run on one quadrant in a process of its own.
+def _quadrant_task(cfg: Config, root: Path, expid: int, rcid: int, quadrant) -> dict:
+    """``skydiff quadrant`` run on one quadrant in a process of its own, as a Slurm array task
+    runs it: its peak memory (MiB) and its latency (s).
 
-    Returns the task process's own high-water mark (``VmHWM``, read while it runs) and the
+    Returns the task process's own high-water mark (``VmHWM``, read while it runs), the
     largest sum of the resident sets of the task and its children (SCAMP) seen by sampling
-    every 20 ms.  The kernel's ``ru_maxrss`` of the task is no use here: a child started from
+    every 20 ms, and the seconds from the process's start to its alerts acknowledged and to
+    its end (the interpreter's start and the imports included).  The kernel's ``ru_maxrss`` of the task is no use here: a child started from
     this (large) benchmark process is charged the parent's resident set until it execs.
     """
     import subprocess
@@ -97,6 +99,7 @@ def _quadrant_task_peak_mib(cfg: Config, root: Path, expid: int, rcid: int, quad
     config_file.write_text(config_to_toml(cfg, hide_secrets=False))
     incoming = root / "incoming" / str(expid)
     write_quadrant(incoming / f"ztf_{expid}_q{rcid:02d}.fits", quadrant.data, quadrant.header, quadrant.mask)
+    started = time.perf_counter()
     task = subprocess.Popen([sys.executable, "-c", "import sys; from pipeline.cli import main; sys.exit(main())",
                              "quadrant", "--config", str(config_file), str(incoming), "--quadrant", str(rcid)],
                             stdout=subprocess.DEVNULL)
@@ -106,9 +109,16 @@ def _quadrant_task_peak_mib(cfg: Config, root: Path, expid: int, rcid: int, quad
         total = _proc_status_mib(task.pid, "VmRSS") + sum(_proc_status_mib(c, "VmRSS") for c in _children(task.pid))
         total_peak = max(total_peak, total)
         time.sleep(0.02)
+    wall = time.perf_counter() - started
     if task.returncode != 0:
         raise RuntimeError(f"expid {expid}: the quadrant task ended with exit {task.returncode}")
-    return own_hwm, total_peak
+    from pipeline.run.quadrant import quadrant_dir, read_status
+    timings = read_status(quadrant_dir(cfg, expid, rcid))["timings_s"]
+    # the runner's clock starts after the interpreter and the imports: the rest of the wall time
+    before_runner = wall - timings["total"]
+    return {"quadrant_task_hwm_mib": round(own_hwm, 1), "quadrant_task_with_scamp_peak_mib": round(total_peak, 1),
+            "quadrant_task_alerts_latency_s": round(before_runner + timings["to_alerts"], 3),
+            "quadrant_task_latency_s": round(wall, 3), "quadrant_task_start_s": round(before_runner, 3)}
 
 
 def bench_latency(cfg: Config | None = None, n_quadrants: int = 3, rcid: int = 21,
@@ -117,7 +127,8 @@ def bench_latency(cfg: Config | None = None, n_quadrants: int = 3, rcid: int = 2
     (matchfile epoch committed).
 
     Returns both latencies (s), the median time of every stage, the alerts delivered, and the
-    peak memory of one more quadrant run as a task of its own (``skydiff quadrant``).
+    peak memory and latencies of one more quadrant run as a task of its own (``skydiff
+    quadrant``, as Slurm runs it: a new process, which pays for its start and imports).
     """
     from pipeline.bench.alerts import local_broker
     from pipeline.core.image import write_quadrant
@@ -160,9 +171,8 @@ def bench_latency(cfg: Config | None = None, n_quadrants: int = 3, rcid: int = 2
         spec = exposure_at_airmass(cfg, options.field, 1.15 + 0.05 * n_quadrants, night=options.science_night,
                                    seed=options.seed + 500 + n_quadrants)
         quadrant, _ = simulate_quadrant(spec, rcid, sky, cfg)
-        own_mib, total_mib = _quadrant_task_peak_mib(cfg, root, spec.expid, rcid, quadrant)
-    return {"quadrants": n_quadrants, "cpu": cpu, "setup_s": round(setup_s, 1),
-            "quadrant_task_hwm_mib": round(own_mib, 1), "quadrant_task_with_scamp_peak_mib": round(total_mib, 1),
+        task = _quadrant_task(cfg, root, spec.expid, rcid, quadrant)
+    return {"quadrants": n_quadrants, "cpu": cpu, "setup_s": round(setup_s, 1), **task,
             "sky": cfg.simulation.sky_preset,
             "alerts_latency_median_s": round(statistics.median(to_alerts), 3),
             "alerts_latency_max_s": round(max(to_alerts), 3),
