@@ -32,7 +32,7 @@ def fill_store(url: str, spec, progress=None) -> dict:
     """Load :func:`survey_fill`'s rows into the (empty) database at ``url`` with COPY; counts and seconds."""
     import psycopg
 
-    from alerts.history_postgres import TABLE_COLUMNS, PostgresHistoryStore
+    from alerts.history_postgres import TABLE_COLUMNS, PostgresHistoryStore, fill_footprint_cones
     from pipeline.simulate.history import survey_fill
 
     store = PostgresHistoryStore(url)           # creates the schema; its HEALPix indexing is the store's own
@@ -58,6 +58,8 @@ def fill_store(url: str, spec, progress=None) -> dict:
             if len(buffers["detections"]) >= _FLUSH_ROWS:
                 flush()
         flush()
+        fill_footprint_cones(db)              # COPY wrote the images without theirs, as a migration would
+        db.commit()
         fill_s = time.perf_counter() - t0
         db.autocommit = True
         db.execute("VACUUM ANALYZE")
