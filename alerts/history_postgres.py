@@ -17,8 +17,7 @@ gap, unlike a sequence).
 
 An image costs few round trips and little client work: its lock, its writes and its four reads
 go out together in libpq's pipeline mode, the new objects, detections and the commit together
-again; rows are inserted over arrays in one statement per table; the objects and detections
-are read by runs of consecutive HEALPix cells; and each image row carries its footprint's cone
+again; rows are inserted over arrays in one statement per table; and each image row carries its footprint's cone
 (schema version 3, :func:`footprint_cones`), with which the server leaves out the images
 listed in a candidate's cell that cannot cover any of its candidates (most of them: an image
 is listed in every cell within 1.8 degrees of its footprint).
@@ -379,12 +378,6 @@ class PostgresHistoryStore(SQLHistoryStore):
                 ">= cos(least(i.cone_radius + q.r + %s, pi())))",
                 (unique.tolist(), *(centres[:, k].tolist() for k in range(3)), radii.tolist(), max_jd, _CONE_SLACK))
 
-    def _cells_select(self, columns, table, cells, where="", args=()):
-        # Runs of consecutive cell numbers as ranges: the same rows in about half the index
-        # probes (nested HEALPix numbers neighbouring cells consecutively in 2 x 2 blocks).
-        lo, hi = _runs(cells)
-        return (f"SELECT {columns} FROM unnest(%s::int8[], %s::int8[]) AS r(lo, hi) JOIN {table} "
-                f"ON {table}.hpix BETWEEN r.lo AND r.hi" + (f" WHERE {where}" if where else ""), (lo, hi, *args))
 
     def _execute(self, sql: str, args: Sequence[Any] = ()) -> int:
         return self._db.execute(self._sql(sql), args).rowcount
@@ -414,15 +407,6 @@ class PostgresHistoryStore(SQLHistoryStore):
             self._db.execute("SELECT count(pg_advisory_xact_lock(%s, c)) FROM "
                              "(SELECT c FROM unnest(%s::int[]) AS c ORDER BY c) AS ordered",
                              (LOCK_NAMESPACE, sorted(int(c) for c in cells)))
-
-
-def _runs(cells: np.ndarray) -> tuple[list[int], list[int]]:
-    """Sorted distinct ``cells`` as runs of consecutive numbers: their first and last cells."""
-    cells = np.asarray(cells, np.int64)
-    if not len(cells):
-        return [], []
-    breaks = np.flatnonzero(np.diff(cells) != 1)
-    return cells[np.r_[0, breaks + 1]].tolist(), cells[np.r_[breaks, len(cells) - 1]].tolist()
 
 
 class MigrationReport(dict):
