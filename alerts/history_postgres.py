@@ -17,10 +17,10 @@ gap, unlike a sequence).
 
 An image costs few round trips and little client work: its lock, its writes and its four reads
 go out together in libpq's pipeline mode, the new objects, detections and the commit together
-again; rows are inserted over arrays in one statement per table; and each image row carries its footprint's cone
-(schema version 3, :func:`footprint_cones`), with which the server leaves out the images
-listed in a candidate's cell that cannot cover any of its candidates (most of them: an image
-is listed in every cell within 1.8 degrees of its footprint).
+again; rows are inserted over arrays in one statement per table; and each image row carries
+its footprint's cone (schema version 3, :func:`footprint_cones`), with which the server leaves
+out the images listed in a candidate's cell that cannot cover any of its candidates (most of
+them: an image is listed in every cell within 1.8 degrees of its footprint).
 
 The schema belongs to the project: :data:`MIGRATIONS` lists the steps from an empty database,
 and :func:`ensure_schema` applies the missing ones in order under an advisory lock (so tasks
