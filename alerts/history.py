@@ -32,7 +32,8 @@ safe for several processes on one machine (never on a shared/network file system
 locking is not reliable there).  :class:`alerts.history_postgres.PostgresHistoryStore`, for a
 cluster, runs the same association over the same tables: the image transaction takes
 ``pg_advisory_xact_lock`` on the footprint's HEALPix cells (so overlapping images associate
-one after the other) and mints names with ``UPDATE id_counters ... RETURNING``.
+one after the other) and mints names with ``INSERT INTO id_counters ... ON CONFLICT DO UPDATE
+... RETURNING``.
 Images that run at the same time on several nodes associate in time order: the order a
 sequential run would give them, so the same objects, ``prv_candidates`` and ``ndethist``.
 ``skydiff submit`` *announces* every quadrant of an exposure before it queues the tasks
@@ -52,6 +53,7 @@ does).
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -61,7 +63,7 @@ import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import astropy.units as u
 import numpy as np
@@ -215,13 +217,30 @@ _ADDED_COLUMNS = (("detections", "avro", "BLOB"), ("images", "upper_limit_avro",
 
 
 def _parse_record(text: str) -> dict:
-    """A stored record (written by ``json.dumps``).  orjson parses one in a fifth of json's
-    time, and an image reads some 2,000 of them; json parses the rare record orjson refuses
-    (``json.dumps`` writes a NaN as the bare token ``NaN``, which strict JSON has not)."""
+    """A stored record (written by :func:`_record_text`).  orjson parses one in a fifth of
+    json's time, and an image reads some 2,000 of them; json parses the rare record orjson
+    refuses (``json.dumps`` writes a NaN as the bare token ``NaN``, which strict JSON has not)."""
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError:
         return json.loads(text)
+
+
+def _record_text(entry: Mapping[str, Any]) -> str:
+    """The stored text of a record: JSON that :func:`_parse_record` reads back as ``entry``.
+
+    orjson writes a record in a tenth of ``json.dumps``'s time (an image writes 200).  It
+    writes NaN and infinities as ``null`` and refuses what JSON cannot hold exactly (integers
+    beyond 64 bits, lone surrogates), so records holding those are written by ``json.dumps``
+    as before: either way the record parses back to the same values.
+    """
+    for value in entry.values():
+        if isinstance(value, float) and not math.isfinite(value):
+            return json.dumps(dict(entry))
+    try:
+        return orjson.dumps(entry).decode()
+    except TypeError:              # orjson.JSONEncodeError; json.dumps raises for what it cannot hold
+        return json.dumps(dict(entry))
 
 
 def _prv_encoding(entry: Mapping[str, Any]) -> bytes | None:
@@ -233,9 +252,9 @@ def _prv_encoding(entry: Mapping[str, Any]) -> bytes | None:
         return None
 
 
-@dataclass
-class _Stored:
-    """One detection as the association sees it (read from the store or added by this image)."""
+class _Stored(NamedTuple):
+    """One detection as the association sees it (read from the store or added by this image);
+    the columns of the detections query, in its order, so a row becomes one without work."""
 
     ra: float
     dec: float
@@ -248,20 +267,36 @@ class _Stored:
     avro: bytes | None
 
 
-def _planes(corners_json: str) -> tuple[np.ndarray, np.ndarray]:
-    """A convex footprint's edge planes: their normals and on which side the inside lies."""
-    corners = np.asarray(json.loads(corners_json), float)
-    vectors = _unit_vectors(corners[:, 0], corners[:, 1])
-    normals = np.cross(vectors, np.roll(vectors, -1, axis=0))
-    return normals, np.sign(normals @ vectors.mean(axis=0))
+#: The detections query's columns, in :class:`_Stored`'s order.
+_STORED_COLUMNS = "ra, dec, candid, pid, jd, field, rcid, record, avro"
+
+
+def _planes_of_many(corner_texts: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Convex footprints' edge planes: for each (its corners as JSON text), the normals of its
+    edges and on which side of each the inside lies.  Footprints with the same number of
+    corners are done in one set of array operations (an image reads some hundreds of
+    footprints, and per footprint the NumPy calls' overhead was most of the cost)."""
+    corners = [np.asarray(_parse_record(text), float) for text in corner_texts]
+    planes: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(corners)
+    by_size: dict[int, list[int]] = {}
+    for i, c in enumerate(corners):
+        by_size.setdefault(len(c), []).append(i)
+    for members in by_size.values():
+        stack = np.stack([corners[i] for i in members])                    # (m, k, 2)
+        vectors = _unit_vectors(stack[..., 0], stack[..., 1])              # (m, k, 3)
+        normals = np.cross(vectors, np.roll(vectors, -1, axis=1))
+        orientation = np.sign(np.einsum("mkc,mc->mk", normals, vectors.mean(axis=1)))
+        for j, i in enumerate(members):
+            planes[i] = (normals[j], orientation[j])
+    return planes  # type: ignore[return-value]
 
 
 def _covering_images(images: Mapping[int, list[tuple]], cells: np.ndarray, points: np.ndarray,
-                     jds: Sequence[float], planes_of) -> list[list[tuple]]:
+                     jds: Sequence[float], planes: Mapping[int, tuple[np.ndarray, np.ndarray]]) -> list[list[tuple]]:
     """For each candidate: the images (jd, pid, limit, avro), in pid order, taken by its time
     whose footprint holds it; ``images`` lists (jd, pid, corners, limit, avro) per footprint
     cell, ``cells`` is each candidate's footprint cell, ``points`` its unit vector, and
-    ``planes_of(pid, corners)`` an image's edge planes (:func:`_planes`)."""
+    ``planes`` every listed image's edge planes by pid (:func:`_planes_of_many`)."""
     covering: list[list[tuple]] = [[] for _ in range(len(points))]
     jds = np.asarray(jds, float)
     for cell, rows in images.items():
@@ -269,16 +304,20 @@ def _covering_images(images: Mapping[int, list[tuple]], cells: np.ndarray, point
         if not members.size or not rows:
             continue
         rows = sorted(rows, key=lambda row: row[1])
-        planes = [planes_of(row[1], row[2]) for row in rows]
-        k = max(len(n) for n, _ in planes)
-        normals = np.zeros((len(rows), k, 3))
-        orientation = np.zeros((len(rows), k))          # padding: 0 on either side counts as inside
-        for j, (n, o) in enumerate(planes):
-            normals[j, :len(n)], orientation[j, :len(o)] = n, o
+        cell_planes = [planes[row[1]] for row in rows]
+        k = max(len(n) for n, _ in cell_planes)
+        if all(len(n) == k for n, _ in cell_planes):
+            normals = np.stack([n for n, _ in cell_planes])
+            orientation = np.stack([o for _, o in cell_planes])
+        else:
+            normals = np.zeros((len(rows), k, 3))
+            orientation = np.zeros((len(rows), k))      # padding: 0 on either side counts as inside
+            for j, (n, o) in enumerate(cell_planes):
+                normals[j, :len(n)], orientation[j, :len(o)] = n, o
         sides = np.einsum("ikc,dc->dik", normals, points[members]) * orientation[None]
         taken = np.array([row[0] for row in rows])[None, :] <= jds[members][:, None]
         inside = np.all(sides >= 0.0, axis=2) & taken
-        for a, i in enumerate(members):
+        for a, i in enumerate(members.tolist()):
             covering[i] = [(rows[j][0], rows[j][1], rows[j][3], rows[j][4]) for j in np.flatnonzero(inside[a])]
     return covering
 
@@ -293,13 +332,17 @@ class SQLHistoryStore(HistoryStore):
     memory, exactly as if each were looked up after the previous one was written (a
     candidate within 1.5 arcsec of an object minted for an earlier candidate of the same
     image joins it), and the new objects and detections are written in bulk.  Names are
-    minted last, with one ``UPDATE id_counters ... RETURNING`` per year, so a transaction
-    holds its counter row only for its final writes and commit.
+    minted last, with one ``INSERT INTO id_counters ... ON CONFLICT DO UPDATE ... RETURNING``
+    per year, so a transaction holds its counter row only for its final writes and commit.
 
     A subclass provides the connection: :meth:`_query`, :meth:`_execute`,
     :meth:`_execute_many`, :meth:`_begin`, :meth:`_commit`, :meth:`_rollback`, the SQL of a
     list parameter (:meth:`_in_list`), and :meth:`_lock_cells`, which serialises images on
-    overlapping footprints where the database does not serialise every writer already.
+    overlapping footprints where the database does not serialise every writer already.  A
+    client-server backend may also send statements without waiting for each (:meth:`_pipeline`,
+    :meth:`_submit`), insert rows its own way (:meth:`_insert_rows`, :meth:`_insert_image`),
+    read outside a transaction more cheaply (:meth:`_read_outside`), and read cells or images
+    with other SQL giving the same association (:meth:`_cells_select`, :meth:`_images_select`).
     Statements are written with ``?`` placeholders.
     """
 
@@ -347,17 +390,61 @@ class SQLHistoryStore(HistoryStore):
         """Serialise this transaction with every other one touching ``cells`` (footprint
         cells at nside 64, ascending); nothing to do where the transaction locks the store."""
 
+    def _pipeline(self):
+        """A context in which statements may be sent without waiting for each one's answer
+        (a client-server backend then pays one round trip for them all); the results of
+        :meth:`_submit` are read after it closes."""
+        return contextlib.nullcontext()
+
+    def _submit(self, sql: str, args: Sequence[Any] = ()) -> Callable[[], list[tuple]]:
+        """Send one query (inside :meth:`_pipeline`, possibly without waiting); a function
+        that gives its rows."""
+        rows = self._query(sql, args)
+        return lambda: rows
+
+    def _insert_rows(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]],
+                     conflict: str = "") -> None:
+        """Insert ``rows`` (values of ``columns``) into ``table``, ``conflict`` being its
+        ``ON CONFLICT`` clause if any."""
+        marks = ", ".join("?" * len(columns))
+        self._execute_many(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks}) {conflict}", rows)
+
+    def _read_outside(self, sql: str, args: Sequence[Any] = ()) -> list[tuple]:
+        """Rows of one query run outside any image transaction (none is left open)."""
+        rows = self._query(sql, args)
+        self._end_read()
+        return rows
+
+    def _cells_select(self, columns: str, table: str, cells: np.ndarray, where: str = "",
+                      args: Sequence[Any] = ()) -> tuple[str, tuple]:
+        """A query of ``columns`` from the rows of ``table`` whose ``hpix`` is one of
+        ``cells`` (sorted, each once) and that meet ``where`` (on ``args``): its SQL and
+        arguments."""
+        return (f"SELECT {columns} FROM {table} WHERE {self._in_list('hpix')}" + (f" AND {where}" if where else ""),
+                (self._list_arg(cells), *args))
+
+    def _images_select(self, cells: np.ndarray, points: np.ndarray, max_jd: float) -> tuple[str, tuple]:
+        """The query of the images listed in the footprint cells ``cells`` (sorted, each
+        once) taken by ``max_jd``, as rows (cell, jd, pid, corners, limit, limit's Avro):
+        every image that may hold one of the candidates ``points`` (unit vectors, in the
+        same order as ``cells`` lists their cells) and perhaps others; its SQL and
+        arguments."""
+        return ("SELECT c.hpix, i.jd, i.pid, i.corners, i.upper_limit, i.upper_limit_avro FROM image_cells c "
+                f"JOIN images i ON i.pid = c.pid WHERE {self._in_list('c.hpix')} AND i.jd <= ?",
+                (self._list_arg(np.unique(cells)), max_jd))
+
     # -- spatial helpers -------------------------------------------------------------
     def object_cells(self, ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
         """The nside-16384 cells detections and objects at (ra, dec) are indexed under."""
         return np.atleast_1d(self._objects_hp.lonlat_to_healpix(ra * u.deg, dec * u.deg)).astype(np.int64)
 
-    def _search_cells(self, centres: np.ndarray) -> list[list[int]]:
-        """For each cell: itself and its 8 neighbours (a 1.5 arcsec search never leaves them)."""
+    def _search_cells(self, centres: np.ndarray) -> np.ndarray:
+        """The cells ``centres`` and their 8 neighbours, sorted, each once (a 1.5 arcsec search
+        around a position never leaves its cell's neighbours)."""
         if not len(centres):
-            return []
-        neighbours = np.atleast_2d(np.asarray(self._objects_hp.neighbours(centres))).reshape(8, len(centres))
-        return [[int(c)] + [int(n) for n in neighbours[:, i] if n >= 0] for i, c in enumerate(centres)]
+            return np.zeros(0, np.int64)
+        cells = np.concatenate([centres, np.ravel(self._objects_hp.neighbours(centres))]).astype(np.int64)
+        return np.unique(cells[cells >= 0])
 
     def footprint_cells(self, corners: list[list[float]]) -> list[int]:
         """The nside-64 cells an image is listed in: a cone around its corners, with a margin."""
@@ -423,10 +510,9 @@ class SQLHistoryStore(HistoryStore):
         deadline = time.monotonic() + self.order_wait_s
         waited_for: set[int] = set()
         while True:
-            earlier = {int(row[0]) for row in self._query(
+            earlier = {int(row[0]) for row in self._read_outside(
                 f"SELECT DISTINCT pid FROM pending_cells WHERE {self._in_list('hpix')} AND jd < ? AND pid <> ?",
                 (self._list_arg(footprint), float(jd), int(pid)))}
-            self._end_read()
             if not earlier:
                 if waited_for:
                     log.info("image pid %d: earlier overlapping image(s) %s recorded; associating", pid,
@@ -465,10 +551,11 @@ class SQLHistoryStore(HistoryStore):
         names: list[str | None] = [None] * len(years)
         for year in sorted(set(years)):
             slots = [i for i, y in enumerate(years) if y == year]
-            self._execute("INSERT INTO id_counters (year, next_serial) VALUES (?, 0) ON CONFLICT (year) DO NOTHING",
-                          (year,))
-            (first,), = self._query("UPDATE id_counters SET next_serial = next_serial + ? WHERE year = ? "
-                                    "RETURNING next_serial - ?", (len(slots), year, len(slots)))
+            # One statement: the year's row is created or advanced, and locked until commit.
+            (first,), = self._query(
+                "INSERT INTO id_counters (year, next_serial) VALUES (?, ?) ON CONFLICT (year) DO UPDATE "
+                "SET next_serial = id_counters.next_serial + excluded.next_serial RETURNING next_serial - ?",
+                (year, len(slots), len(slots)))
             for k, slot in enumerate(slots):
                 names[slot] = object_id(self.survey, year, int(first) + k)
         return names  # type: ignore[return-value]
@@ -483,39 +570,60 @@ class SQLHistoryStore(HistoryStore):
         dec = np.array([float(d["dec"]) for d in dets])
         jds = [float(d["jd"]) for d in dets]
         cells = self.object_cells(ra, dec) if dets else np.zeros(0, np.int64)
-        search = self._search_cells(cells)
         image_cells = (np.atleast_1d(self._images_hp.lonlat_to_healpix(ra * u.deg, dec * u.deg)).astype(np.int64)
                        if dets else np.zeros(0, np.int64))
-        lock = set(footprint) | {int(c) for c in image_cells}
+        lock = set(footprint) | set(image_cells.tolist())
         if len(image_cells):
             lock |= {int(n) for n in np.ravel(self._images_hp.neighbours(image_cells)) if n >= 0}
         self._wait_for_earlier_cells(int(image.pid), float(image.jd), sorted(lock))
         self._begin()
         try:
-            self._lock_cells(sorted(lock))
-            self._insert_image(image, corners, footprint)
-            # The announcement goes with the record, in one commit: a later image waiting on
-            # it sees both at once.
-            self._execute("DELETE FROM pending_cells WHERE pid = ?", (int(image.pid),))
-            self._execute("DELETE FROM pending_images WHERE pid = ?", (int(image.pid),))
-            plan = self._read_and_associate(int(image.pid), dets, ra, dec, jds, cells, search, image_cells)
+            # Everything up to the association is sent at once: the lock first (the server
+            # runs the statements in order, so the reads see what overlapping images committed
+            # before it), then the image, then the reads.
+            with self._pipeline():
+                self._lock_cells(sorted(lock))
+                self._insert_image(image, corners, footprint)
+                # The announcement goes with the record, in one commit: a later image waiting on
+                # it sees both at once.
+                self._execute("DELETE FROM pending_cells WHERE pid = ?", (int(image.pid),))
+                self._execute("DELETE FROM pending_images WHERE pid = ?", (int(image.pid),))
+                reads = self._submit_reads(dets, cells, image_cells, ra, dec, jds)
+            plan = self._associate(int(image.pid), dets, ra, dec, jds, cells, image_cells, *(r() for r in reads))
             names = self._mint([year for year, *_ in plan.new_objects])
-            self._execute_many("INSERT INTO objects (object_id, ra, dec, hpix, first_jd) VALUES (?, ?, ?, ?, ?)",
-                               [(name, o_ra, o_dec, hpix, jd)
-                                for name, (_, o_ra, o_dec, hpix, jd) in zip(names, plan.new_objects)])
-            self._execute_many(
-                "INSERT INTO detections (candid, object_id, pid, jd, ra, dec, hpix, field, rcid, record, avro) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (candid) DO NOTHING",
-                [(row.candid, plan.name(ref, names), int(image.pid), row.jd, row.ra, row.dec, int(cells[i]),
-                  row.field, row.rcid, row.record, row.avro) for i, ref, row in plan.inserts])
-            self._commit()
+            with self._pipeline():
+                self._insert_rows("objects", ("object_id", "ra", "dec", "hpix", "first_jd"),
+                                  [(name, o_ra, o_dec, hpix, jd)
+                                   for name, (_, o_ra, o_dec, hpix, jd) in zip(names, plan.new_objects)])
+                self._insert_rows(
+                    "detections", ("candid", "object_id", "pid", "jd", "ra", "dec", "hpix", "field", "rcid", "record",
+                                   "avro"),
+                    [(row.candid, plan.name(ref, names), int(image.pid), row.jd, row.ra, row.dec, int(cells[i]),
+                      row.field, row.rcid, row.record, row.avro) for i, ref, row in plan.inserts],
+                    "ON CONFLICT (candid) DO NOTHING")
+                self._commit()
         except BaseException:
             self._rollback()
             raise
         return [dataclasses.replace(history, object_id=plan.name(ref, names)) for ref, history in plan.histories]
 
-    def _read_and_associate(self, pid, dets, ra, dec, jds, cells, search, image_cells) -> "_Plan":
-        """Read what the image's candidates need and associate them in order (nothing written).
+    def _submit_reads(self, dets, cells, image_cells, ra, dec, jds) -> list[Callable[[], list[tuple]]]:
+        """Send the association's four queries: the candids already stored, the objects and
+        the detections (taken by the image's time) in the candidates' cells and their
+        neighbours, the images listed in the candidates' footprint cells; their results."""
+        if not dets:
+            return []
+        max_jd = max(jds)
+        wanted = self._search_cells(cells)
+        return [self._submit(f"SELECT candid, object_id FROM detections WHERE {self._in_list('candid')}",
+                             (self._list_arg([int(d["candid"]) for d in dets]),)),
+                self._submit(*self._cells_select("ra, dec, object_id", "objects", wanted)),
+                self._submit(*self._cells_select(_STORED_COLUMNS, "detections", wanted, "jd <= ?", (max_jd,))),
+                self._submit(*self._images_select(image_cells, _unit_vectors(ra, dec).reshape(-1, 3), max_jd))]
+
+    def _associate(self, pid, dets, ra, dec, jds, cells, image_cells, known_rows=(), objects=(), stored_rows=(),
+                   image_rows=()) -> "_Plan":
+        """Associate the candidates in order with what the reads gave (nothing written).
 
         The neighbours within the match radius (stored objects, stored detections, the
         image's own earlier candidates) are found for every candidate at once with KD-trees
@@ -526,28 +634,19 @@ class SQLHistoryStore(HistoryStore):
         if not dets:
             return plan
         candids = [int(d["candid"]) for d in dets]
-        known: dict[int, Any] = {int(c): name for c, name in self._query(
-            f"SELECT candid, object_id FROM detections WHERE {self._in_list('candid')}", (self._list_arg(candids),))}
-        wanted = sorted({c for cs in search for c in cs})
-        objects = self._query(f"SELECT ra, dec, object_id FROM objects WHERE {self._in_list('hpix')}",
-                              (self._list_arg(wanted),))
-        stored = [_Stored(float(row[0]), float(row[1]), int(row[2]), int(row[3]), float(row[4]), row[5], row[6],
-                          row[7], None if row[8] is None else bytes(row[8]))
-                  for row in self._query(
-                      "SELECT ra, dec, candid, pid, jd, field, rcid, record, avro FROM detections "
-                      f"WHERE {self._in_list('hpix')} AND jd <= ?", (self._list_arg(wanted), max(jds)))]
+        known: dict[int, Any] = {int(c): name for c, name in known_rows}
+        stored = [_Stored(*row) if type(row[8]) is not memoryview else _Stored(*row[:8], bytes(row[8]))
+                  for row in stored_rows]
         images: dict[int, list[tuple]] = {}
-        for hpix, *row in self._query(
-                "SELECT c.hpix, i.jd, i.pid, i.corners, i.upper_limit, i.upper_limit_avro FROM image_cells c "
-                f"JOIN images i ON i.pid = c.pid WHERE {self._in_list('c.hpix')} AND i.jd <= ?",
-                (self._list_arg(sorted({int(c) for c in image_cells})), max(jds))):
+        for hpix, *row in image_rows:
             images.setdefault(int(hpix), []).append(
                 (float(row[0]), int(row[1]), row[2], row[3], None if row[4] is None else bytes(row[4])))
         points = _unit_vectors(ra, dec).reshape(-1, 3)
-        covering = _covering_images(images, image_cells, points, jds, self._planes)
+        covering = _covering_images(images, image_cells, points, jds, self._planes_for(images.values()))
         near_objects = _neighbours(points, _unit_vectors([o[0] for o in objects], [o[1] for o in objects]))
         near_stored = _neighbours(points, _unit_vectors([r.ra for r in stored], [r.dec for r in stored]))
         near_earlier = _neighbours(points, points, earlier_only=True)
+        limits: dict[int, dict] = {}                         # each covering image's limit, parsed once
         minted: list[int | None] = [None] * len(dets)        # the new object candidate i minted
         added: list[_Stored | None] = [None] * len(dets)     # the detection candidate i added
         for i, det in enumerate(dets):
@@ -567,7 +666,7 @@ class SQLHistoryStore(HistoryStore):
                     new = True
                     plan.new_objects.append((_year_of_jd(jd), float(ra[i]), float(dec[i]), int(cells[i]), jd))
                 row = added[i] = _Stored(float(ra[i]), float(dec[i]), candid, pid, jd, det.get("field"),
-                                         det.get("rcid"), json.dumps(dict(det)), _prv_encoding(det))
+                                         det.get("rcid"), _record_text(det), _prv_encoding(det))
                 known[candid] = ref
                 plan.inserts.append((i, ref, row))
             near = [(sep, stored[k]) for k, sep in near_stored[i] if stored[k].jd <= jd]
@@ -575,17 +674,22 @@ class SQLHistoryStore(HistoryStore):
             if added[i] is not None:
                 near.append((0.0, added[i]))
             near.sort(key=lambda entry: (entry[0], entry[1].candid))
-            plan.histories.append((ref, _history(det, [row for _, row in near], covering[i], new)))
+            plan.histories.append((ref, _history(det, [row for _, row in near], covering[i], new, limits)))
         return plan
 
-    def _planes(self, pid: int, corners_json: str) -> tuple[np.ndarray, np.ndarray]:
-        """An image's footprint edge planes, kept per pid (an image's corners never change)."""
+    def _planes_for(self, listed) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """The edge planes of every image in ``listed`` (lists of image rows, pid second and
+        corners third), kept per pid (an image's corners never change); those not kept yet
+        are computed together."""
         cache = self._planes_cache
-        if pid not in cache:
-            if len(cache) >= _PLANES_CACHE_SIZE:
-                cache.clear()
-            cache[pid] = _planes(corners_json)
-        return cache[pid]
+        needed = {row[1]: row[2] for rows in listed for row in rows}
+        missing = {pid: corners for pid, corners in needed.items() if pid not in cache}
+        if missing and len(cache) + len(missing) > _PLANES_CACHE_SIZE:
+            cache.clear()
+            missing = needed
+        if missing:
+            cache.update(zip(missing, _planes_of_many(list(missing.values()))))
+        return cache
 
 
 #: Footprints whose edge planes a store keeps (a few MB; cleared when full).
@@ -633,17 +737,24 @@ class _Plan:
         return ref if isinstance(ref, str) else minted[ref]
 
 
-def _history(det: Mapping[str, Any], near: list[_Stored], covering: list[tuple], new: bool) -> CandidateHistory:
+def _history(det: Mapping[str, Any], near: list[_Stored], covering: list[tuple], new: bool,
+             limits: dict[int, dict] | None = None) -> CandidateHistory:
     """A candidate's history from the detections within the match radius taken by its time
     (nearest first, then by candid) and the images covering it; the object name is filled in
-    once minted."""
+    once minted.  ``limits`` keeps the covering images' parsed upper limits by pid across an
+    image's candidates (each entry gets its own copy)."""
     jd, start = float(det["jd"]), float(det["jd"]) - HISTORY_DAYS
     same_channel = [r.jd for r in near if r.field == det.get("field") and r.rcid == det.get("rcid")]
     detected_pids = {r.pid for r in near}
     previous = [(r.jd, EncodedRecord(_parse_record(r.record), r.avro)) for r in near
                 if start <= r.jd < jd and r.candid != det["candid"]]
-    previous += [(row_jd, EncodedRecord(_parse_record(limit), avro)) for row_jd, pid, limit, avro in covering
-                 if start <= row_jd < jd and pid not in detected_pids]
+    if limits is None:
+        limits = {}
+    for row_jd, pid, limit, avro in covering:
+        if start <= row_jd < jd and pid not in detected_pids:
+            if pid not in limits:
+                limits[pid] = _parse_record(limit)
+            previous.append((row_jd, EncodedRecord(limits[pid], avro)))
     previous.sort(key=lambda entry: entry[0])
     return CandidateHistory(
         object_id="", prv_candidates=[entry for _, entry in previous],

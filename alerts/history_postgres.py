@@ -11,8 +11,16 @@ neighbours, in ascending order (so two transactions never wait on each other in 
 images whose candidates could lie within 1.5 arcsec of each other, or one of which covers the
 other's candidates, share a cell, so they associate one after the other, the second seeing
 what the first committed: no two objects within 1.5 arcsec, no candidate without the images
-that covered it.  Names are minted last with ``UPDATE id_counters ... RETURNING`` (the row lock
-is held until commit; a rolled-back transaction leaves no gap, unlike a sequence).
+that covered it.  Names are minted last with ``INSERT INTO id_counters ... ON CONFLICT DO
+UPDATE ... RETURNING`` (the row lock is held until commit; a rolled-back transaction leaves no
+gap, unlike a sequence).
+
+An image costs few round trips and little client work: its lock, its writes and its four reads
+go out together in libpq's pipeline mode, the new objects, detections and the commit together
+again; rows are inserted over arrays in one statement per table; and each image row carries
+its footprint's cone (schema version 3, :func:`footprint_cones`), with which the server leaves
+out the images listed in a candidate's cell that cannot cover any of its candidates (most of
+them: an image is listed in every cell within 1.8 degrees of its footprint).
 
 The schema belongs to the project: :data:`MIGRATIONS` lists the steps from an empty database,
 and :func:`ensure_schema` applies the missing ones in order under an advisory lock (so tasks
@@ -38,15 +46,16 @@ import sqlite3
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import numpy as np
 import psycopg
 
-from alerts.history import HistoryError, SQLHistoryStore
+from alerts.history import HistoryError, SQLHistoryStore, _planes_of_many, _prv_encoding, _unit_vectors
 from alerts.publish import SecretFilter
 from pipeline.core.config import redacted_url
 from pipeline.core.exits import RetryableError, UsageError
 
 __all__ = ["PostgresHistoryStore", "HistoryUnavailableError", "MIGRATIONS", "SCHEMA_VERSION", "ensure_schema",
-           "migrate_sqlite", "MigrationReport", "connect", "TABLE_COLUMNS"]
+           "migrate_sqlite", "MigrationReport", "connect", "TABLE_COLUMNS", "footprint_cones", "fill_footprint_cones"]
 
 log = logging.getLogger("skydiff.history")
 
@@ -80,6 +89,14 @@ CREATE TABLE pending_images (
 CREATE TABLE pending_cells (
     hpix BIGINT NOT NULL, pid BIGINT NOT NULL, jd DOUBLE PRECISION NOT NULL, PRIMARY KEY (hpix, pid));
 """,
+    # Footprint cones (centre unit vector, radius in radians) of the images, so the images query
+    # leaves out, in the server, those listed in a candidate's cell that cannot cover it (most:
+    # an image is listed in every cell within 1.8 degrees of its footprint).  Filled for the
+    # rows already there by fill_footprint_cones after this step; NULL: no cone, never left out.
+    3: """
+ALTER TABLE images ADD COLUMN cone_x DOUBLE PRECISION, ADD COLUMN cone_y DOUBLE PRECISION,
+    ADD COLUMN cone_z DOUBLE PRECISION, ADD COLUMN cone_radius DOUBLE PRECISION;
+""",
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -91,6 +108,10 @@ TABLE_COLUMNS = {
     "image_cells": ("hpix", "pid"),
     "id_counters": ("year", "next_serial"),
 }
+#: Each column's PostgreSQL type, for inserts over arrays.
+_COLUMN_TYPES = {"object_id": "text", "ra": "float8", "dec": "float8", "hpix": "int8", "first_jd": "float8",
+                 "candid": "int8", "pid": "int8", "jd": "float8", "field": "int4", "rcid": "int4", "record": "text",
+                 "avro": "bytea"}
 _KEYS = {"objects": "object_id", "detections": "candid", "images": "pid", "image_cells": "hpix, pid",
          "id_counters": "year"}
 
@@ -145,9 +166,69 @@ def ensure_schema(db: psycopg.Connection, url: str) -> int:
                                f"skydiff's ({SCHEMA_VERSION}): upgrade skydiff")
         for version in range(current + 1, SCHEMA_VERSION + 1):
             db.execute(MIGRATIONS[version])
+            if version in _DATA_STEPS:
+                _DATA_STEPS[version](db)
             db.execute("INSERT INTO skydiff_schema (version) VALUES (%s)", (version,))
             log.info("%s: history schema migrated to version %d", redacted_url(url), version)
     return current
+
+
+#: Slack (radians, 0.02 arcsec) added to the cone test against rounding: an image is left out
+#: only when it is this much farther from every candidate of a cell than its footprint's
+#: radius, which no rounding of the footprint test reaches.
+_CONE_SLACK = 1e-7
+
+
+def footprint_cones(corner_texts: Sequence[str]) -> list[tuple[float, float, float, float] | None]:
+    """Each footprint's bounding cone (centre unit vector x, y, z and radius in radians), from
+    its corners as the ``images.corners`` JSON; None for a footprint that is not convex (the
+    footprint test, an intersection of the edges' half-spaces, may then hold points outside
+    its corners' cone) or not within a hemisphere.
+
+    A convex footprint is the spherical hull of its corners, inside any cap that holds the
+    corners: every position it covers is within the radius of the centre.
+    """
+    planes = _planes_of_many(corner_texts)
+    cones: list[tuple[float, float, float, float] | None] = []
+    for text, (normals, orientation) in zip(corner_texts, planes):
+        corners = np.asarray(json.loads(text), float)
+        vectors = _unit_vectors(corners[:, 0], corners[:, 1])
+        sides = (normals @ vectors.T) * orientation[:, None]
+        centre = vectors.mean(axis=0)
+        centre /= np.linalg.norm(centre)
+        # The angle from the chord: exact for small angles, where arccos of a dot product is not.
+        radius = float(np.max(2.0 * np.arcsin(np.clip(np.linalg.norm(vectors - centre, axis=1) / 2.0, 0.0, 1.0))))
+        if (np.all(sides >= -1e-12) and np.all(orientation != 0) and radius < np.pi / 2
+                and np.all(np.isfinite(centre))):
+            cones.append((float(centre[0]), float(centre[1]), float(centre[2]), radius))
+        else:
+            cones.append(None)
+    return cones
+
+
+def fill_footprint_cones(db: psycopg.Connection, batch: int = 50_000) -> int:
+    """Give the images without a footprint cone theirs (:func:`footprint_cones`), in the open
+    transaction, ``batch`` rows a statement; the number of images given one."""
+    filled, after = 0, None
+    while True:
+        rows = db.execute("SELECT pid, corners FROM images WHERE cone_radius IS NULL"
+                          + ("" if after is None else " AND pid > %s") + " ORDER BY pid LIMIT %s",
+                          ((batch,) if after is None else (after, batch))).fetchall()
+        if not rows:
+            return filled
+        after = rows[-1][0]
+        cones = footprint_cones([corners for _, corners in rows])
+        keep = [(pid, cone) for (pid, _), cone in zip(rows, cones) if cone is not None]
+        if keep:
+            db.execute("UPDATE images i SET cone_x = c.x, cone_y = c.y, cone_z = c.z, cone_radius = c.r FROM "
+                       "unnest(%s::int8[], %s::float8[], %s::float8[], %s::float8[], %s::float8[]) AS c(pid, x, y, z, r) "
+                       "WHERE i.pid = c.pid", [[pid for pid, _ in keep]] + [[cone[k] for _, cone in keep]
+                                                                             for k in range(4)])
+        filled += len(keep)
+
+
+#: What a migration step computes for the rows already there, after its SQL.
+_DATA_STEPS = {3: fill_footprint_cones}
 
 
 class PostgresHistoryStore(SQLHistoryStore):
@@ -234,6 +315,69 @@ class PostgresHistoryStore(SQLHistoryStore):
         # Binary results: numbers and the stored Avro bytes arrive without text parsing
         # (an image's reads carry some 2,000 detections).
         return self._db.execute(self._sql(sql), args, binary=True).fetchall()
+
+    def _pipeline(self):
+        # libpq's pipeline mode: statements go out without waiting for each answer, so an
+        # image's lock, writes and four reads cost one round trip, not one each.
+        return self._db.pipeline()
+
+    def _submit(self, sql: str, args: Sequence[Any] = ()):
+        cursor = self._db.cursor(binary=True)
+        cursor.execute(self._sql(sql), args)
+        return cursor.fetchall
+
+    def _read_outside(self, sql: str, args: Sequence[Any] = ()) -> list[tuple]:
+        if self._db.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            return super()._read_outside(sql, args)
+        # Autocommit: the query alone, without the BEGIN and ROLLBACK round trips around it.
+        self._db.autocommit = True
+        try:
+            return self._query(sql, args)
+        finally:
+            self._db.autocommit = False
+
+    def _insert_rows(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]],
+                     conflict: str = "") -> None:
+        # One statement over arrays (a column each) rather than a statement per row: psycopg's
+        # executemany costs some 40 microseconds of Python per row, an image writes 250 rows.
+        if not rows:
+            return
+        # Binary parameters: a text array would escape every record's quotes through a regex.
+        arrays = ", ".join(f"%b::{_COLUMN_TYPES[c]}[]" for c in columns)
+        self._db.execute(f"INSERT INTO {table} ({', '.join(columns)}) SELECT * FROM unnest({arrays}) {conflict}",
+                         [list(values) for values in zip(*rows)])
+
+    def _insert_image(self, image, corners, cells) -> None:
+        # The image, its footprint cone and its cells in one statement; the cells only with a
+        # new image row, as the shared code does with two.
+        text = json.dumps(corners)
+        cone = footprint_cones([text])[0] or (None, None, None, None)
+        self._db.execute(
+            "WITH inserted AS (INSERT INTO images (pid, jd, field, rcid, corners, upper_limit, upper_limit_avro, "
+            "cone_x, cone_y, cone_z, cone_radius) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+            "ON CONFLICT (pid) DO NOTHING RETURNING pid) "
+            "INSERT INTO image_cells (hpix, pid) SELECT c, inserted.pid FROM inserted, unnest(%s::int8[]) AS c "
+            "ON CONFLICT DO NOTHING",
+            (int(image.pid), float(image.jd), image.field, image.rcid, text, json.dumps(dict(image.upper_limit)),
+             _prv_encoding(image.upper_limit), *cone, [int(c) for c in cells]))
+
+    def _images_select(self, cells, points, max_jd):
+        # Per footprint cell, the cone around the candidates in it: an image listed there whose
+        # own cone does not reach it (footprint_cones) covers none of them and is not sent.
+        unique, inverse = np.unique(cells, return_inverse=True)
+        centres = np.zeros((len(unique), 3))
+        np.add.at(centres, inverse, points)
+        centres /= np.linalg.norm(centres, axis=1)[:, None]
+        chords = np.linalg.norm(points - centres[inverse], axis=1)
+        radii = np.zeros(len(unique))
+        np.maximum.at(radii, inverse, 2.0 * np.arcsin(np.clip(chords / 2.0, 0.0, 1.0)))
+        return ("SELECT q.hpix, i.jd, i.pid, i.corners, i.upper_limit, i.upper_limit_avro "
+                "FROM unnest(%s::int8[], %s::float8[], %s::float8[], %s::float8[], %s::float8[]) AS q(hpix, x, y, z, r) "
+                "JOIN image_cells c ON c.hpix = q.hpix JOIN images i ON i.pid = c.pid "
+                "WHERE i.jd <= %s AND (i.cone_radius IS NULL OR i.cone_x * q.x + i.cone_y * q.y + i.cone_z * q.z "
+                ">= cos(least(i.cone_radius + q.r + %s, pi())))",
+                (unique.tolist(), *(centres[:, k].tolist() for k in range(3)), radii.tolist(), max_jd, _CONE_SLACK))
+
 
     def _execute(self, sql: str, args: Sequence[Any] = ()) -> int:
         return self._db.execute(self._sql(sql), args).rowcount
@@ -339,6 +483,7 @@ def migrate_sqlite(sqlite_path: str | Path, url: str, connect_timeout_s: float =
                 added = db.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM incoming_{table} "
                                    f"{conflict}").rowcount
                 report[table] = (found, added)
+            fill_footprint_cones(db)
     except psycopg.Error as exc:
         raise _failure(url, f"cannot copy {path} into the history database", exc) from None
     finally:

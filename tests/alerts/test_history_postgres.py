@@ -9,26 +9,36 @@ submit`` announces), they associate in time order and every alert's history equa
 sequential run's.  ``skydiff history migrate``
 copies a SQLite history idempotently, and names continue its counters.  A server that is down
 is a clear error naming the URL without its password (exit 75), never a traceback.
+
+The PostgreSQL store reads and writes in its own way (statements pipelined, rows inserted over
+arrays, cells read as ranges, images left out in the server by their footprint cones, schema
+version 3): on the benchmark's simulated survey it gives every candidate the SQLite store's
+history, and a version-2 database is migrated to cones and goes on as if it had always had them.
 """
 from __future__ import annotations
 
+import json
 import multiprocessing
 import sqlite3
 import subprocess
 import sys
 
+import astropy.units as u
 import numpy as np
 import psycopg
 import pytest
 
-from alerts.history import HistoryError, PendingImage, SQLiteHistoryStore, open_history_store
-from alerts.history_postgres import (SCHEMA_VERSION, HistoryUnavailableError, PostgresHistoryStore,
-                                     migrate_sqlite)
-from alerts.ids import object_id
+from alerts.history import HistoryError, ImageRecord, PendingImage, SQLHistoryStore, SQLiteHistoryStore, \
+    open_history_store
+from alerts.history_postgres import (SCHEMA_VERSION, TABLE_COLUMNS, HistoryUnavailableError, PostgresHistoryStore,
+                                     footprint_cones, migrate_sqlite)
+from alerts.ids import make_candid, make_pid, object_id, split_candid
+from pipeline.bench.history import fill_store
 from alerts.packet import make_alerts
 from pipeline.core.config import HistoryConfig, load_config
 from pipeline.core.exits import EXIT_RETRY, UsageError
-from pipeline.simulate.history import survey_images
+from pipeline.simulate.alerts import square_footprint
+from pipeline.simulate.history import FillSpec, bench_images, survey_fill, survey_images
 from _cli import run_skydiff
 from _sky import close_pairs
 
@@ -60,14 +70,27 @@ def _groups(summaries) -> set[frozenset]:
 
 
 def _rows(url: str, table: str) -> set[tuple]:
+    """The rows of ``table`` in the columns both stores have (PostgreSQL's images also hold cones)."""
     with psycopg.connect(url) as db:
         return {tuple(bytes(v) if isinstance(v, memoryview) else v for v in row)
-                for row in db.execute(f"SELECT * FROM {table}").fetchall()}
+                for row in db.execute(f"SELECT {', '.join(TABLE_COLUMNS[table])} FROM {table}").fetchall()}
 
 
 def _sqlite_rows(path, table: str) -> set[tuple]:
     with sqlite3.connect(path) as db:
-        return set(db.execute(f"SELECT * FROM {table}").fetchall())
+        return set(db.execute(f"SELECT {', '.join(TABLE_COLUMNS[table])} FROM {table}").fetchall())
+
+
+def _cones_hold_corners(url: str) -> int:
+    """Checks every image's stored cone against its corners; the number of images."""
+    with psycopg.connect(url) as db:
+        rows = db.execute("SELECT corners, cone_x, cone_y, cone_z, cone_radius FROM images").fetchall()
+    for corners, *cone in rows:
+        assert tuple(cone) == footprint_cones([corners])[0]
+        ra, dec = np.radians(np.array(json.loads(corners), float)).T
+        vectors = np.stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)], axis=1)
+        assert np.all(np.arccos(np.clip(vectors @ np.array(cone[:3]), -1, 1)) <= cone[3] + 1e-7)
+    return len(rows)
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +195,8 @@ def test_migrate_copies_sqlite_idempotently_and_names_continue(postgres, survey,
     assert run_skydiff(["history", "migrate", str(sqlite_path), "--to", url], cfg) == 0
     for table in TABLES:
         assert _rows(url, table) == _sqlite_rows(sqlite_path, table), table
+    # The copied images got their footprint cones.
+    assert _cones_hold_corners(url) == len(_sqlite_rows(sqlite_path, "images")) > 0
     again = migrate_sqlite(sqlite_path, url)
     assert all(added == 0 for _, added in again.values()) and again["detections"][0] > 0
     # Both go on with the same images: same names (the counters came over), same histories.
@@ -207,3 +232,97 @@ def test_server_down_or_refusing_is_a_clear_error(postgres, tmp_path):
     assert proc.returncode == EXIT_RETRY, proc.stderr
     assert "postgresql://skydiff:***@127.0.0.1:1/skydiff" in proc.stderr
     assert "Traceback" not in proc.stderr and postgres.password not in proc.stderr + proc.stdout
+
+
+def _histories(histories) -> list[tuple]:
+    """Everything a candidate's history holds, its entries with their Avro encodings."""
+    return [(h.object_id, h.ndethist, h.ncovhist, h.jdstarthist, h.jdendhist, h.new_object,
+             [(dict(p), p.avro) for p in h.prv_candidates]) for h in histories]
+
+
+def _renumbered(images, first_expid: int) -> list[tuple]:
+    """The benchmark's images as new exposures (pids and candids from ``first_expid`` on)."""
+    out = []
+    for k, (image, detections) in enumerate(images):
+        expid, rcid = first_expid + k, image.rcid
+        pid = make_pid(expid, rcid)
+        dets = [dict(d, pid=pid, candid=make_candid(expid, rcid, split_candid(d["candid"])[2]), jd=d["jd"] + 0.5)
+                for d in detections]
+        out.append((ImageRecord(pid=pid, jd=image.jd + 0.5, field=image.field, rcid=rcid, footprint=image.footprint,
+                                upper_limit=dict(image.upper_limit, pid=pid, jd=image.jd + 0.5)), dets))
+    return out
+
+
+def test_bench_survey_associates_as_sqlite_does_with_fewer_images_read(postgres, tmp_path):
+    # The benchmark's survey, small: 20 tiles imaged 4 times, loaded in bulk into both stores.
+    spec = FillSpec(objects=4_000, detections_per_object=4)
+    url = postgres.new_database()
+    fill_store(url, spec)
+    with SQLiteHistoryStore(tmp_path / "history.sqlite") as lite:
+        lite._begin()
+        for table, rows in survey_fill(spec, lite.object_cells, lite.footprint_cells):
+            columns = TABLE_COLUMNS[table]
+            lite._execute_many(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+                               rows)
+        lite._commit()
+    first = list(bench_images(spec, 8))
+    # Then the same tiles again as later exposures: their new sources (named by the first
+    # round) are known now, and each candidate's history holds the first round's detection.
+    images = first + _renumbered(first, 250_000_000) + first[:1]     # the last: a rerun, adding nothing
+    with SQLiteHistoryStore(tmp_path / "history.sqlite") as lite:
+        expected = [_histories(lite.record_image(image, dets)) for image, dets in images]
+    with PostgresHistoryStore(url) as store:
+        got = [_histories(store.record_image(image, dets)) for image, dets in images]
+        # The images query leaves out in the server most images listed in the candidates'
+        # cells, those whose footprints cannot hold them.
+        image, dets = images[-1]
+        ra, dec = np.array([d["ra"] for d in dets]), np.array([d["dec"] for d in dets])
+        cells = np.atleast_1d(store._images_hp.lonlat_to_healpix(ra * u.deg, dec * u.deg)).astype(np.int64)
+        points = _unit(ra, dec)
+        listed = store._query(*SQLHistoryStore._images_select(store, cells, points, image.jd))
+        pruned = store._query(*store._images_select(cells, points, image.jd))
+        store._rollback()
+    assert got == expected
+    assert sum(h[5] for image in got[:8] for h in image) == 8 * 60              # every new source minted once
+    assert not any(h[5] for image in got[8:] for h in image)
+    assert all(any(p[0].get("candid") for p in h[6]) for h in got[9])           # the first round in the history
+    assert set(pruned) <= set(listed) and len(pruned) < len(listed) / 2
+    assert _cones_hold_corners(url) == 20 * 4 + len(images) - 1
+
+
+def _unit(ra, dec) -> np.ndarray:
+    ra, dec = np.radians(ra), np.radians(dec)
+    return np.stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)], axis=1)
+
+
+def test_version_2_database_is_migrated_to_footprint_cones(postgres, survey, tmp_path):
+    with SQLiteHistoryStore(tmp_path / "history.sqlite") as lite:
+        expected = _associate(lite, survey)
+    url = postgres.new_database()
+    with PostgresHistoryStore(url) as store:
+        first = _associate(store, survey[:6])
+    # Made what a version-2 skydiff leaves: the images without cones, version 3 not applied.
+    with psycopg.connect(url) as db:
+        db.execute("ALTER TABLE images DROP COLUMN cone_x, DROP COLUMN cone_y, DROP COLUMN cone_z, "
+                   "DROP COLUMN cone_radius")
+        db.execute("DELETE FROM skydiff_schema WHERE version = 3")
+    with PostgresHistoryStore(url) as store:
+        rest = _associate(store, survey[6:])
+    assert first + rest == expected
+    with psycopg.connect(url) as db:
+        assert db.execute("SELECT max(version) FROM skydiff_schema").fetchone()[0] == SCHEMA_VERSION == 3
+    assert _cones_hold_corners(url) == len(survey)
+
+
+def test_footprint_cones_hold_convex_footprints_only():
+    square = [list(c) for c in square_footprint(150.0, 60.0)]
+    (x, y, z, radius), = footprint_cones([json.dumps(square)])
+    # Centred on the footprint, the radius reaching its farthest corner (about half the
+    # diagonal of a 0.86 degree square).
+    assert np.degrees(np.arctan2(y, x)) == pytest.approx(150.0) and np.degrees(np.arcsin(z)) == pytest.approx(60.0, abs=1e-2)
+    corners = _unit(*np.array(square).T)
+    assert radius == pytest.approx(np.max(np.arccos(corners @ np.array([x, y, z]))), abs=1e-7)
+    assert np.degrees(radius) == pytest.approx(0.43 * np.sqrt(2), rel=1e-2)
+    # Corners out of order (a bow tie) or repeated: no cone, so such an image is never left out.
+    assert footprint_cones([json.dumps([square[0], square[2], square[1], square[3]]),
+                            json.dumps([square[0], square[0], square[1], square[2]])]) == [None, None]
