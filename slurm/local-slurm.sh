@@ -170,9 +170,24 @@ network_up() {
 }
 
 network_down() {
-  local ns
+  local ns pids link _
   for ns in $(ip netns list 2>/dev/null | awk '$1 ~ /^skydiff-n[0-9]+$/ {print $1}'); do
+    # Whatever still runs in a node (a slurmd whose PID file is gone, a job step that
+    # outlived its slurmd) would keep the namespace, and with it the veth pair, alive after
+    # its name is deleted, and the next start would fail on "File exists".
+    pids=$(ip netns pids "$ns" 2>/dev/null)
+    if [ -n "$pids" ]; then
+      kill -TERM $pids 2>/dev/null || true
+      for _ in $(seq 25); do
+        pids=$(ip netns pids "$ns" 2>/dev/null); [ -z "$pids" ] && break
+        sleep 0.2
+      done
+      [ -n "$pids" ] && kill -KILL $pids 2>/dev/null || true
+    fi
     ip netns del "$ns" 2>/dev/null || true     # removes its veth end, and so the pair
+  done
+  for link in $(ip -o link show 2>/dev/null | awk -F': ' '{sub(/@.*/, "", $2); print $2}' | grep -E '^skydiff-v[0-9]+$'); do
+    ip link del "$link" 2>/dev/null || true    # a pair whose namespace end outlived it
   done
   ip link del "$BRIDGE" 2>/dev/null || true
 }
