@@ -45,8 +45,8 @@ from pipeline.astrometry.scamp import ScampResult, run_scamp_pass, solve_with_sc
 from pipeline.formats.scamp_head import strip_wcs_keywords, wcs_from_header
 
 __all__ = ["AstrometricPrior", "AstrometryResult", "prior_from_image_header",
-           "solve_astrometry", "astrometric_matches", "best_per_cell", "calibration_extraction", "calibration_selection", "scamp_selection",
-           "scamp_reference_selection"]
+           "solve_astrometry", "astrometric_matches", "best_per_cell", "calibration_extraction",
+           "calibration_selection", "scamp_selection", "scamp_reference_selection"]
 
 log = logging.getLogger("skydiff.astrometry")
 
@@ -123,8 +123,12 @@ class AstrometryResult:
 
     def full_extraction(self) -> ExtractionResult:
         """The extraction of every detection: ``extraction`` itself when it measured them all,
-        otherwise every detection measured now (each source as in ``extraction``)."""
-        if self.calibration_rows is None or self.detections is None:
+        otherwise every detection measured now (each source as in ``extraction``).
+
+        The calibration sources are measured again with the rest rather than merged in: the
+        duplicates dropped and the seeing are judged over the sources measured together.
+        """
+        if self.calibration_rows is None:
             return self.extraction
         return measure_detections(self.detections)
 

@@ -73,7 +73,8 @@ from pipeline.measure.cleaning import clean_detections
 from pipeline.formats.ldac import write_ldac
 
 __all__ = ["FLAG_BITS", "ExtractionConfig", "ExtractionResult", "ExtractionError", "Detections",
-           "extract_sources", "detect_sources", "measure_detections", "half_light_radii", "to_scamp_ldac", "catalog_columns"]
+           "extract_sources", "detect_sources", "measure_detections", "half_light_radii", "to_scamp_ldac",
+           "catalog_columns"]
 
 #: Bits of the catalogue's ``FLAGS`` column; 1, 2, 4, 8 and 16 mean what they mean in
 #: SExtractor, so SCAMP's default ``FLAGS_MASK`` (0x00f0) keeps its usual effect.
