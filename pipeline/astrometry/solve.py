@@ -16,12 +16,14 @@ Checks, in order (a failed early check skips the later ones):
    with the airmass recomputed at the quadrant's centre and the refraction model's
    expectation reported beside it.
 
-On a crowded quadrant only the calibration sources are measured here
-(``calibration_sources``, :func:`calibration_selection`): the brightest detections, spread
-over the image, are what SCAMP, the QA, the PSF and the zero point use, and measuring the
-faint majority (tens of thousands near the Galactic plane) would delay the alerts by
-seconds.  The result keeps every detection, and :meth:`AstrometryResult.full_extraction`
-measures them all when the science catalogue (the matchfile) needs them.
+Only the calibration sources are detected and measured here: the image is detected at
+``calibration_detect_thresh`` (8 sigma per pixel, above the survey's 1.5) and at most
+``calibration_sources`` of those detections are measured (:func:`calibration_selection`),
+the brightest spread over the image.  They are what SCAMP, the QA, the PSF and the zero
+point use; detecting and measuring the faint majority (tens of thousands near the Galactic
+plane) would delay the alerts by seconds.  :meth:`AstrometryResult.full_extraction` detects
+and measures every source at the survey's threshold when the science catalogue (the
+matchfile) needs them.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ from astropy.wcs import WCS
 
 from pipeline.astrometry.qa import AstrometricQA, astrometric_outliers, astrometric_qa
 from pipeline.core.config import AstrometryConfig, ExtractionConfig, FilterConfig, SiteConfig
-from pipeline.measure.extract import (FLAG_BITS, Detections, ExtractionResult, detect_sources,
+from pipeline.measure.extract import (FLAG_BITS, Detections, ExtractionResult, detect_again, detect_sources,
                                       measure_detections, to_scamp_ldac)
 from pipeline.core.image import QuadrantImage
 from pipeline.core.timing import StageClock
@@ -116,21 +118,36 @@ class AstrometryResult:
     matches: Table | None
     timings: dict[str, float] = field(default_factory=dict)
     n_outliers: int = 0
-    # Every detection of the quadrant and, when ``extraction`` measured only the calibration
-    # sources among them (``calibration_sources``), which ones (0-based; None: all).
+    # The quadrant's detections at the calibration threshold (``calibration_detect_thresh``,
+    # or the survey's) and, when ``extraction`` measured only the calibration sources among
+    # them (``calibration_sources``), which ones (0-based; None: all).
     detections: Detections | None = field(default=None, repr=False)
     calibration_rows: np.ndarray | None = field(default=None, repr=False)
+    # The survey's [extraction] settings, at whose threshold the full catalogue is detected.
+    extraction_config: ExtractionConfig | None = field(default=None, repr=False)
+
+    @property
+    def measured_all(self) -> bool:
+        """Whether ``extraction`` holds every detection at the survey's threshold."""
+        return self.calibration_rows is None and (
+            self.detections is None or self.extraction_config is None
+            or self.detections.config.detect_thresh == self.extraction_config.detect_thresh)
 
     def full_extraction(self) -> ExtractionResult:
-        """The extraction of every detection: ``extraction`` itself when it measured them all,
-        otherwise every detection measured now (each source as in ``extraction``).
+        """The extraction of every detection at the survey's threshold: ``extraction`` itself
+        when it is that, otherwise the image detected again at that threshold (on the same
+        background, :func:`~pipeline.measure.extract.detect_again`) where the calibration
+        detection was made at a higher one, and every detection measured now.
 
         The calibration sources are measured again with the rest rather than merged in: the
         duplicates dropped and the seeing are judged over the sources measured together.
         """
-        if self.calibration_rows is None:
+        if self.measured_all:
             return self.extraction
-        return measure_detections(self.detections)
+        detections = self.detections
+        if detections.config.detect_thresh != self.extraction_config.detect_thresh:
+            detections = detect_again(detections, self.extraction_config)
+        return measure_detections(detections)
 
     def summary(self) -> dict:
         """The QA record (``qa.json``): verdict, figures, timings."""
@@ -138,6 +155,7 @@ class AstrometryResult:
             "usable": self.usable, "reasons": list(self.reasons), "prior": self.prior.source,
             "n_detections": len(self.extraction.catalog),
             "n_detected": self.extraction.n_detected,
+            "detect_thresh": None if self.detections is None else self.detections.config.detect_thresh,
             "n_reference": 0 if self.reference is None else len(self.reference),
             "seeing_fwhm_px": _finite(self.extraction.seeing_fwhm_px),
             "background_adu": _finite(self.extraction.background_level),
@@ -281,20 +299,39 @@ def calibration_selection(detections: Detections, shape: tuple[int, int], max_so
                          flux, shape, max_sources, grid)
 
 
-def calibration_extraction(image: QuadrantImage, config: ExtractionConfig, max_sources: int
+def calibration_extraction(image: QuadrantImage, config: ExtractionConfig, max_sources: int,
+                           detect_thresh: float = 0.0, min_detections: int = 0
                            ) -> tuple[Detections, np.ndarray | None, ExtractionResult]:
-    """Every detection of ``image`` and the measurement of its calibration sources.
+    """The detections of ``image`` the astrometry stage calibrates on, and their measurement.
+
+    Parameters
+    ----------
+    image : QuadrantImage
+    config : ExtractionConfig
+        The survey's extraction settings.
+    max_sources : int
+        At most this many are measured (:func:`calibration_selection`); 0 = every detection.
+    detect_thresh : float
+        The calibration threshold (sigma per pixel): when above ``config.detect_thresh``
+        the image is detected at it, and again at the survey's threshold, on the same
+        background, when that finds fewer than ``min_detections``.  0 = the survey's.
+    min_detections : int
 
     Returns
     -------
     detections : Detections
+        At the threshold used (``detections.config.detect_thresh``).
     rows : ndarray of int or None
         The calibration sources among them (:func:`calibration_selection`), None for all.
     extraction : ExtractionResult
         Those sources measured.
     """
     meta = image.meta
-    detections = detect_sources(image.data, image.mask, meta.gain, meta.saturate, config, read_noise=meta.readnoi)
+    high = detect_thresh > config.detect_thresh
+    first = replace(config, detect_thresh=detect_thresh) if high else config
+    detections = detect_sources(image.data, image.mask, meta.gain, meta.saturate, first, read_noise=meta.readnoi)
+    if high and len(detections.objects) < min_detections:
+        detections = detect_again(detections, config)
     rows = calibration_selection(detections, image.shape, max_sources)
     return detections, rows, measure_detections(detections, rows)
 
@@ -359,11 +396,13 @@ def solve_astrometry(image: QuadrantImage, gaia: Table, prior: AstrometricPrior,
     meta = image.meta
     shape = image.shape
 
-    detections, rows, extraction = calibration_extraction(image, extraction_config, config.calibration_sources)
+    detections, rows, extraction = calibration_extraction(
+        image, extraction_config, config.calibration_sources, config.calibration_detect_thresh,
+        config.calibration_min_detections)
     clock.lap("extract")
     reference = scamp_reference_table(gaia, meta.obstime) if len(gaia) else None
     partial = dict(prior=prior, extraction=extraction, reference=reference, timings=timings,
-                   detections=detections, calibration_rows=rows)
+                   detections=detections, calibration_rows=rows, extraction_config=extraction_config)
 
     reasons: list[str] = []
     if len(extraction.catalog) < config.min_detections:

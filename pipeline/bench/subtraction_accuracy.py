@@ -77,7 +77,9 @@ def validate_subtraction(cfg: Config | None = None, quadrants=QUADRANTS, cases=N
         reference = simulated_reference(cfg, base, sky)
         for name, options in cases.items():
             pair = simulate_science(cfg, replace(base, **options), sky)
-            _, _, extraction = calibration_extraction(pair.science, cfg.extraction, cfg.astrometry.calibration_sources)
+            a = cfg.astrometry
+            _, _, extraction = calibration_extraction(pair.science, cfg.extraction, a.calibration_sources,
+                                                      a.calibration_detect_thresh, a.calibration_min_detections)
             result = subtract_pair(pair, reference, extraction=extraction)
             report[f"rcid{rcid}_{name}"] = _figures(pair, reference, result)
     return report

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 import types
 import typing
@@ -502,6 +503,16 @@ class AstrometryConfig:
     # needs: the quadrant runner measures every detection after the alerts are out.  The
     # astrometric QA (and ASTRNMAT) are then taken over these sources.  0 = every detection.
     calibration_sources: int = 6000
+    # The astrometry stage detects at this threshold (sigma per pixel, as the extraction's
+    # detect_thresh), above the survey's: the stars it calibrates on are far brighter, and
+    # sep's detection and CLEAN take their time over every faint detection (0.86 s at
+    # 1.5 sigma, 0.47 s at 8 on a mid-latitude quadrant).  The quadrant runner detects again
+    # at the survey's threshold after the alerts, on the same background.  0 (or a value not
+    # above [extraction] detect_thresh) = one detection at the survey's threshold.
+    calibration_detect_thresh: float = 8.0
+    # Fewer detections than this at calibration_detect_thresh (a shallow or cloudy exposure)
+    # and the stage detects at the survey's threshold instead, before the astrometry.
+    calibration_min_detections: int = 500
 
     def __post_init__(self):
         if not self.scamp_timeout_s > 0:
@@ -532,6 +543,11 @@ class AstrometryConfig:
             # Fewer could not give the matches the verdict asks for.
             raise ConfigValueError(f"scamp_max_reference must be 0 (every Gaia row) or at least "
                                    f"min_matched ({self.min_matched}), got {self.scamp_max_reference}")
+        if not self.calibration_detect_thresh >= 0 or not math.isfinite(self.calibration_detect_thresh):
+            raise ConfigValueError(f"calibration_detect_thresh must be 0 (the extraction's threshold) or a "
+                                   f"positive number of sigma, got {self.calibration_detect_thresh}")
+        if self.calibration_min_detections < 0:
+            raise ConfigValueError(f"calibration_min_detections must be >= 0, got {self.calibration_min_detections}")
         floor = max(self.min_detections, self.min_matched, self.scamp_max_sources)
         if self.calibration_sources != 0 and self.calibration_sources < floor:
             # Fewer would starve SCAMP (scamp_max_sources) or the verdict's match count.

@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +73,7 @@ from pipeline.measure.cleaning import clean_detections
 from pipeline.formats.ldac import write_ldac
 
 __all__ = ["FLAG_BITS", "ExtractionConfig", "ExtractionResult", "ExtractionError", "Detections",
-           "extract_sources", "detect_sources", "measure_detections", "half_light_radii", "to_scamp_ldac",
+           "extract_sources", "detect_sources", "detect_again", "measure_detections", "half_light_radii", "to_scamp_ldac",
            "catalog_columns"]
 
 #: Bits of the catalogue's ``FLAGS`` column; 1, 2, 4, 8 and 16 mean what they mean in
@@ -249,8 +249,6 @@ def detect_sources(data: np.ndarray, mask: np.ndarray | None, gain: float, satur
     lap = StageClock(timings).lap
 
     image, bad, saturated = _prepare(data, mask, gain, saturate)
-    sep.set_extract_pixstack(config.pixstack)
-    sep.set_sub_object_limit(config.sub_object_limit)
     lap("prepare")
 
     try:
@@ -266,7 +264,36 @@ def detect_sources(data: np.ndarray, mask: np.ndarray | None, gain: float, satur
     subtracted = np.subtract(image, sky, out=image)  # ``image`` is this function's own copy
     subtracted[bad] = 0.0
     lap("background")
+    objects, segmap = _detect_and_clean(subtracted, rms, bad, gain, config, lap)
+    return Detections(objects, segmap, subtracted, bad, saturated, sky, rms, _coarse_median(sky),
+                      _coarse_median(rms), float(gain), config, timings)
 
+
+def detect_again(detections: Detections, config: ExtractionConfig) -> Detections:
+    """The detections of an image detected once already, at ``config``'s threshold and
+    deblending: same background, same maps, new catalogue and segmentation map.
+
+    The astrometry stage detects at a high threshold, which finds the bright stars it
+    calibrates on in a fraction of the time on a crowded quadrant; every detection at the
+    survey's threshold is found by this, after the alerts.  ``config`` must share the
+    background settings of ``detections.config`` (they are not redone).
+
+    Raises
+    ------
+    ExtractionError
+        A sep failure.
+    """
+    timings: dict[str, float] = {}
+    lap = StageClock(timings).lap
+    objects, segmap = _detect_and_clean(detections.subtracted, detections.rms_map, detections.bad,
+                                        detections.gain, config, lap)
+    return replace(detections, objects=objects, segmap=segmap, config=config, timings=timings)
+
+
+def _detect_and_clean(subtracted, rms, bad, gain, config, lap):
+    """sep's detections of the background-subtracted image, after CLEAN, and their segment map."""
+    sep.set_extract_pixstack(config.pixstack)
+    sep.set_sub_object_limit(config.sub_object_limit)
     # "conv" thresholds the filtered image against the unfiltered RMS, as SExtractor does;
     # sep's "matched" default, at the same threshold, found 2.7 times as many (mostly noise)
     # detections on a quadrant and took ten times as long.
@@ -287,8 +314,7 @@ def detect_sources(data: np.ndarray, mask: np.ndarray | None, gain: float, satur
         objects, segmap = clean_detections(objects, segmap, subtracted, rms, config.detect_thresh,
                                            config.minarea)
     lap("clean")
-    return Detections(objects, segmap, subtracted, bad, saturated, sky, rms, _coarse_median(sky),
-                      _coarse_median(rms), float(gain), config, timings)
+    return objects, segmap
 
 
 def measure_detections(detections: Detections, rows: np.ndarray | None = None) -> ExtractionResult:

@@ -289,14 +289,16 @@ def run_quadrant(exposure: str | os.PathLike, rcid: int, cfg: Config, force: boo
                 return finish(EXIT_RETRY, "alerts", f"{unacknowledged} alert(s) not acknowledged by the broker "
                                                      f"({shortfall}); they wait in the spool (skydiff alerts replay)")
 
-        if astrometry.result.calibration_rows is not None:
+        if not astrometry.result.measured_all:
             # The alerts were made from the calibration sources alone; the science
-            # catalogue of the matchfile holds every detection, measured now.
+            # catalogue of the matchfile holds every detection, detected and measured now.
             record["stage"] = "catalog"
             _write_status(folder, record)
             t0 = clock()
             subtraction = _with_full_catalog(subtraction, astrometry.result, cfg)
             timings["catalog"] = round(clock() - t0, 3)
+            full = subtraction.result.science.extraction
+            record["catalog"] = {"n_detected": full.n_detected, "n_sources": len(full.catalog)}
 
         record["stage"] = "matchfile"
         _write_status(folder, record)

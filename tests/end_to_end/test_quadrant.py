@@ -268,19 +268,27 @@ def test_pending_images_read_each_quadrant_file_once(tmp_path, monkeypatch, capl
 
 
 def test_a_crowded_quadrant_measures_its_faint_sources_after_the_alerts(world, tmp_path):
-    """With fewer calibration sources than detections (as on a crowded quadrant), astrometry
-    and subtraction measure the brightest ones, the alerts go out, and only then is every
-    detection measured for the matchfile: the epoch holds as many sources as a run that
-    measured them all up front, at the same magnitudes."""
+    """Astrometry and subtraction detect at the calibration threshold and measure the
+    brightest of those detections (fewer calibration sources than detections, as on a
+    crowded quadrant), the alerts go out, and only then is every detection at the survey's
+    threshold found and measured for the matchfile: the epoch holds as many sources as a run
+    that detected and measured them all up front, at the same magnitudes."""
     from dataclasses import replace
 
     from pipeline.run.quadrant import run_quadrant
 
     cfg, config, folder, _, science = world
-    assert main(["quadrant", "--config", str(config), str(folder), "--quadrant", str(RCID)]) == 0
-    full = _status(cfg, science[0])
-    own = {name: str(tmp_path / name) for name in ("outputs", "matchfiles", "spool", "fparchive")}
-    paths = replace(cfg.paths, history=str(tmp_path / "history" / "objects.sqlite"), **own)
+
+    def own_paths(base):
+        folders = {name: str(base / name) for name in ("outputs", "matchfiles", "spool", "fparchive")}
+        return replace(cfg.paths, history=str(base / "history" / "objects.sqlite"), **folders)
+
+    paths = own_paths(tmp_path)
+    # the reference run: one detection at the survey's threshold, every source measured
+    full_cfg = replace(cfg, paths=own_paths(tmp_path / "full"),
+                       astrometry=replace(cfg.astrometry, calibration_detect_thresh=0.0, calibration_sources=0))
+    code, full = run_quadrant(folder, RCID, full_cfg)
+    assert code == 0 and "catalog" not in full["timings_s"]
     crowded = replace(cfg, paths=paths, astrometry=replace(cfg.astrometry, scamp_max_sources=1000,
                                                            calibration_sources=1000))
     code, record = run_quadrant(folder, RCID, crowded)
@@ -288,18 +296,23 @@ def test_a_crowded_quadrant_measures_its_faint_sources_after_the_alerts(world, t
     assert record["astrometry"]["usable"]
     assert record["timings_s"]["to_alerts"] < record["timings_s"]["total"] and "catalog" in record["timings_s"]
     qa = json.loads((tmp_path / "outputs" / str(science[0]) / f"{RCID:02d}" / "astrometry" / "qa.json").read_text())
-    assert 950 <= qa["n_detections"] <= 1000 and qa["n_detected"] > 2000    # duplicates dropped
+    full_qa = json.loads((tmp_path / "full" / "outputs" / str(science[0]) / f"{RCID:02d}" / "astrometry"
+                          / "qa.json").read_text())
+    assert qa["detect_thresh"] == cfg.astrometry.calibration_detect_thresh > cfg.extraction.detect_thresh
+    assert 950 <= qa["n_detections"] <= 1000 < qa["n_detected"] < 0.7 * full_qa["n_detected"]   # duplicates dropped
+    assert record["catalog"]["n_detected"] == full_qa["n_detected"]
+    assert record["catalog"]["n_sources"] == full_qa["n_detections"]
     assert record["alerts"]["built"] == record["alerts"]["spooled"] > 0
     assert abs(record["alerts"]["built"] - full["alerts"]["built"]) <= 0.05 * full["alerts"]["built"]
     rows = record["matchfile"]["matched"] + record["matchfile"]["unmatched"]
     assert abs(rows - (full["matchfile"]["matched"] + full["matchfile"]["unmatched"])) <= 0.01 * rows
 
     from pipeline.matchfile.lightcurves import lightcurve
-    solved = read_quadrant(next(p for p in (cfg.paths.resolve("outputs") / str(science[0]) / f"{RCID:02d}"
+    solved = read_quadrant(next(p for p in (tmp_path / "full" / "outputs" / str(science[0]) / f"{RCID:02d}"
                                             / "astrometry").glob("*.fits") if not p.name.endswith("_matches.fits")))
     ra, dec = solved.wcs.all_pix2world([1536.0], [1540.0], 1)
     ours = lightcurve(float(ra[0]), float(dec[0]), 120.0, tmp_path / "matchfiles")
-    theirs = lightcurve(float(ra[0]), float(dec[0]), 120.0, cfg.paths.resolve("matchfiles"))
+    theirs = lightcurve(float(ra[0]), float(dec[0]), 120.0, tmp_path / "full" / "matchfiles")
     ours, theirs = ours[ours["expid"] == science[0]], theirs[theirs["expid"] == science[0]]
     assert len(ours) > 20 and abs(len(ours) - len(theirs)) <= 0.02 * len(theirs)
     tree = cKDTree(radec_to_xyz(np.asarray(theirs["ra"]), np.asarray(theirs["dec"])))
