@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pipeline.core.config import Config, PathsConfig, load_config
 
-__all__ = ["bench_latency"]
+__all__ = ["bench_latency", "bench_latency_by_density"]
 
 
 def _world(cfg: Config, root: Path, rcid: int):
@@ -179,3 +179,92 @@ def bench_latency(cfg: Config | None = None, n_quadrants: int = 3, rcid: int = 2
             "latency_median_s": round(statistics.median(latencies), 3), "latency_max_s": round(max(latencies), 3),
             "stages_median_s": {k: round(statistics.median(v), 3) for k, v in stages.items()},
             "alerts_acknowledged": delivered, "broker": "given" if bootstrap else "local Tansu on loopback"}
+
+
+def _preset_slug(preset: str) -> str:
+    return preset.replace("-", "_")
+
+
+def bench_latency_by_density(cfg: Config | None = None, presets: tuple[str, ...] = ("high-latitude", "mid-latitude",
+                                                                                    "plane"),
+                             rounds: int = 4, rcid: int = 21, bootstrap: str | None = None) -> dict:
+    """The latency of the sky presets as ratios to the first, measured in one run.
+
+    A survey is set up for each preset (not timed), sharing one broker; then ``rounds``
+    rounds each take one quadrant of every preset through
+    :func:`pipeline.run.quadrant.run_quadrant` on one pinned core, the presets' order
+    rotating from round to round, so that the load of a machine shared with other work
+    moves the quadrants of a round alike.  The ratios are each round's latency over the
+    first preset's in that round, their median and worst over the rounds.
+
+    Returns
+    -------
+    dict
+        Per preset (``<preset>_...``, dashes as underscores): the median latency to the
+        alerts acknowledged and to the task's end, the median detections; and
+        ``ratio_alerts_<preset>_median`` / ``_worst``, ``ratio_end_<preset>_median``.
+    """
+    from pipeline.bench.alerts import local_broker
+    from pipeline.bench.cpu import pinned_to_one_core
+    from pipeline.core.image import write_quadrant
+    from pipeline.run.quadrant import run_quadrant
+    from pipeline.simulate.plan import exposure_at_airmass
+    from pipeline.simulate.run import simulate_quadrant
+
+    base = load_config() if cfg is None else cfg
+    with tempfile.TemporaryDirectory(prefix="skydiff-latency-density-") as folder, contextlib.ExitStack() as stack:
+        broker = bootstrap or stack.enter_context(local_broker(folder))
+        t0 = time.perf_counter()
+        worlds = {}
+        for preset in presets:
+            root = Path(folder) / preset
+            root.mkdir()
+            preset_cfg = base.replace(simulation__sky_preset=preset)
+            preset_cfg = replace(preset_cfg, paths=PathsConfig(root=str(root)),
+                                 kafka=replace(base.kafka, bootstrap_servers=broker))
+            options, sky = _world(preset_cfg, root, rcid)
+            arrivals = []
+            for k in range(rounds):
+                spec = exposure_at_airmass(preset_cfg, options.field, 1.15 + 0.05 * k, night=options.science_night,
+                                           seed=options.seed + 500 + k)
+                arrivals.append((spec.expid, simulate_quadrant(spec, rcid, sky, preset_cfg)[0]))
+            worlds[preset] = (preset_cfg, root, arrivals)
+        setup_s = time.perf_counter() - t0
+        to_alerts = {p: [] for p in presets}
+        to_end = {p: [] for p in presets}
+        detected = {p: [] for p in presets}
+        with pinned_to_one_core() as cpu:
+            for k in range(rounds):
+                for preset in presets[k % len(presets):] + presets[:k % len(presets)]:
+                    preset_cfg, root, arrivals = worlds[preset]
+                    expid, quadrant = arrivals[k]
+                    incoming = root / "incoming" / str(expid)
+                    write_quadrant(incoming / f"ztf_{expid}_q{rcid:02d}.fits", quadrant.data, quadrant.header,
+                                   quadrant.mask)
+                    start = time.perf_counter()        # the file has just appeared (atomic rename)
+                    code, record = run_quadrant(incoming, rcid, preset_cfg)
+                    end = time.perf_counter() - start
+                    if code != 0:
+                        raise RuntimeError(f"{preset} expid {expid}: quadrant ended with exit {code}: "
+                                           f"{record.get('reason')}")
+                    timings = record["timings_s"]
+                    to_end[preset].append(end)
+                    to_alerts[preset].append(timings["to_alerts"] + end - timings["total"])
+                    detected[preset].append((record.get("catalog") or {}).get("n_detected", 0))
+    first = presets[0]
+    figures: dict = {"rounds": rounds, "cpu": cpu, "setup_s": round(setup_s, 1)}
+    for preset in presets:
+        slug = _preset_slug(preset)
+        figures[f"{slug}_alerts_latency_median_s"] = round(statistics.median(to_alerts[preset]), 3)
+        figures[f"{slug}_alerts_latency_max_s"] = round(max(to_alerts[preset]), 3)
+        figures[f"{slug}_latency_median_s"] = round(statistics.median(to_end[preset]), 3)
+        figures[f"n_detected_{slug}"] = int(statistics.median(detected[preset]))
+    for preset in presets[1:]:
+        slug = _preset_slug(preset)
+        alerts = [a / b for a, b in zip(to_alerts[preset], to_alerts[first])]
+        ends = [a / b for a, b in zip(to_end[preset], to_end[first])]
+        figures[f"ratio_alerts_{slug}_median"] = round(statistics.median(alerts), 3)
+        figures[f"ratio_alerts_{slug}_worst"] = round(max(alerts), 3)
+        figures[f"ratio_end_{slug}_median"] = round(statistics.median(ends), 3)
+    figures["broker"] = "given" if bootstrap else "local Tansu on loopback"
+    return figures

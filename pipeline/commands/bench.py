@@ -142,6 +142,17 @@ def _bench_latency(args) -> dict:
                                bootstrap=getattr(args, "bootstrap", None)))
 
 
+@benchmark("latency-density", "the latency of the three sky presets, a quadrant of each in turn for --rounds "
+           "rounds on one core, as ratios to high-latitude's within each round (targets: alerts at most 1.15x at "
+           "mid-latitude and 1.4x in the plane, medians over the rounds; at most 7 s and 9 s; use --repeat 1)",
+           {"ratio_alerts_mid_latitude_median": 1.15, "ratio_alerts_plane_median": 1.4,
+            "mid_latitude_alerts_latency_median_s": 7.0, "plane_alerts_latency_median_s": 9.0})
+def _bench_latency_density(args) -> dict:
+    from pipeline.bench.latency import bench_latency_by_density
+    return bench_latency_by_density(args.cfg, rounds=args.rounds, rcid=args.rcid,
+                                    bootstrap=getattr(args, "bootstrap", None))
+
+
 @benchmark("exposure", "whole simulated exposures (every quadrant, each with a 4-frame reference; --exposures "
            "overlapping ones of one field) through the local executor one after another (--executor local), "
            "a running Slurm all at once (slurm; its history in PostgreSQL at --history-url if given), or both "
@@ -274,6 +285,7 @@ def register(subparsers, common) -> None:
     p.add_argument("--writers", type=int, default=16, help="history: images associated at once")
     p.add_argument("--history-url", metavar="URL", help="history: an empty PostgreSQL database (default: a "
                    "private server on loopback for the run); exposure: the Slurm run's history (default: SQLite)")
+    p.add_argument("--rounds", type=int, default=4, help="latency-density: quadrants of each preset")
     p.add_argument("--density", choices=("custom", *SKY_PRESETS), metavar="PRESET",
                    help="the simulated sky of the benchmarks that simulate one ([simulation] sky_preset): "
                         f"custom (the configuration's densities), {', '.join(SKY_PRESETS)}")

@@ -489,9 +489,10 @@ class AstrometryConfig:
     # SCAMP (both passes and the outlier refit) is given only this many detections: the
     # unflagged ones of highest SNR_WIN, spread over the quadrant (see
     # pipeline.astrometry.solve.scamp_selection).  Its time grows with its input while the
-    # bright stars set the solution; the QA and the matches use the whole catalogue.
-    # 0 = every detection.
-    scamp_max_sources: int = 4000
+    # bright stars set the solution; the QA and the matches use the whole catalogue (the
+    # calibration sources).  2000 solved the simulated quadrants of every sky preset to
+    # 0.79-0.82 mas of the true WCS, as 4000 did.  0 = every detection.
+    scamp_max_sources: int = 2000
     # The Gaia rows SCAMP is given: at most this many, the brightest spread over the image
     # (SCAMP's time follows them); the QA and the matches use every row.  0 = every row.
     scamp_max_reference: int = 15000
@@ -501,8 +502,10 @@ class AstrometryConfig:
     # (best_per_cell).  A crowded quadrant (33,000 detections near the Galactic plane) then
     # reaches its alerts without measuring the faint majority, which only the matchfile
     # needs: the quadrant runner measures every detection after the alerts are out.  The
-    # astrometric QA (and ASTRNMAT) are then taken over these sources.  0 = every detection.
-    calibration_sources: int = 6000
+    # astrometric QA (and ASTRNMAT) are then taken over these sources.  As many as a
+    # high-latitude quadrant has at calibration_detect_thresh (about 1,900), so that a
+    # crowded quadrant does no more of this work than a sparse one.  0 = every detection.
+    calibration_sources: int = 2000
     # The astrometry stage detects at this threshold (sigma per pixel, as the extraction's
     # detect_thresh), above the survey's: the stars it calibrates on are far brighter, and
     # sep's detection and CLEAN take their time over every faint detection (0.86 s at

@@ -88,9 +88,10 @@ def test_section_defaults_are_the_stages_defaults(cfg):
     assert (acfg.match_nmax, acfg.match_resol_arcsec, acfg.position_maxerr_arcmin) == (500, 2.0, 1.5)
     assert (acfg.posangle_maxerr_deg, acfg.pixscale_maxerr, acfg.distort_degree, acfg.flags_mask) == \
         (0.5, 1.02, 4, 0x1FF)
-    assert acfg.scamp_max_sources == 4000
+    assert acfg.scamp_max_sources == 2000
     assert acfg.scamp_max_reference == 15000
-    assert acfg.calibration_sources == 6000
+    assert acfg.calibration_sources == 2000
+    assert acfg.calibration_detect_thresh == 8.0 and acfg.calibration_min_detections == 500
     assert cfg.realbogus.model == ""
 
 
@@ -130,9 +131,12 @@ def test_shared_sections_reach_every_stage(tmp_path):
     ("[astrometry]\nscamp_max_sources = -1\n", "astrometry: scamp_max_sources must be 0"),
     ("[astrometry]\nscamp_max_reference = 10\n",
      "astrometry: scamp_max_reference must be 0 (every Gaia row) or at least min_matched (30), got 10"),
-    ("[astrometry]\ncalibration_sources = 3000\n",
-     "astrometry: calibration_sources must be 0 (every detection) or at least 4000 (min_detections, "
-     "min_matched and scamp_max_sources), got 3000"),
+    ("[astrometry]\ncalibration_sources = 1500\n",
+     "astrometry: calibration_sources must be 0 (every detection) or at least 2000 (min_detections, "
+     "min_matched and scamp_max_sources), got 1500"),
+    ("[astrometry]\ncalibration_detect_thresh = -1.0\n",
+     "astrometry: calibration_detect_thresh must be 0 (the extraction's threshold) or a positive number of sigma"),
+    ("[astrometry]\ncalibration_min_detections = -5\n", "astrometry: calibration_min_detections must be >= 0"),
     ("[astrometry]\nscamp_max_sources = 3000.5\n", "astrometry.scamp_max_sources: expected int"),
     ("[kafka]\nbootstrap_servers = 'localhost'\n", "bootstrap_servers: 'localhost' is not host:port"),
     ("[kafka]\nbootstrap_servers = 'a:1,b:99999'\n", "'b:99999' is not host:port"),
