@@ -201,7 +201,8 @@ def bench_latency_by_density(cfg: Config | None = None, presets: tuple[str, ...]
     -------
     dict
         Per preset (``<preset>_...``, dashes as underscores): the median latency to the
-        alerts acknowledged and to the task's end, the median detections; and
+        alerts acknowledged and to the task's end, the median detections, each stage's
+        median seconds; and
         ``ratio_alerts_<preset>_median`` / ``_worst``, ``ratio_end_<preset>_median``.
     """
     from pipeline.bench.alerts import local_broker
@@ -233,6 +234,7 @@ def bench_latency_by_density(cfg: Config | None = None, presets: tuple[str, ...]
         to_alerts = {p: [] for p in presets}
         to_end = {p: [] for p in presets}
         detected = {p: [] for p in presets}
+        stages = {p: {} for p in presets}
         with pinned_to_one_core() as cpu:
             for k in range(rounds):
                 for preset in presets[k % len(presets):] + presets[:k % len(presets)]:
@@ -251,6 +253,9 @@ def bench_latency_by_density(cfg: Config | None = None, presets: tuple[str, ...]
                     to_end[preset].append(end)
                     to_alerts[preset].append(timings["to_alerts"] + end - timings["total"])
                     detected[preset].append((record.get("catalog") or {}).get("n_detected", 0))
+                    for name in ("astrometry", "subtraction", "archive", "alerts", "catalog"):
+                        if name in timings:
+                            stages[preset].setdefault(name, []).append(timings[name])
     first = presets[0]
     figures: dict = {"rounds": rounds, "cpu": cpu, "setup_s": round(setup_s, 1)}
     for preset in presets:
@@ -259,6 +264,8 @@ def bench_latency_by_density(cfg: Config | None = None, presets: tuple[str, ...]
         figures[f"{slug}_alerts_latency_max_s"] = round(max(to_alerts[preset]), 3)
         figures[f"{slug}_latency_median_s"] = round(statistics.median(to_end[preset]), 3)
         figures[f"n_detected_{slug}"] = int(statistics.median(detected[preset]))
+        figures.update({f"{slug}_{name}_median_s": round(statistics.median(values), 3)
+                        for name, values in stages[preset].items()})
     for preset in presets[1:]:
         slug = _preset_slug(preset)
         alerts = [a / b for a, b in zip(to_alerts[preset], to_alerts[first])]
