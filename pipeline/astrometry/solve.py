@@ -127,11 +127,15 @@ class AstrometryResult:
     extraction_config: ExtractionConfig | None = field(default=None, repr=False)
 
     @property
+    def _detected_as_survey(self) -> bool:
+        """Whether ``detections`` were made with the survey's settings (not a calibration threshold)."""
+        return self.detections is None or self.extraction_config is None \
+            or self.detections.config == self.extraction_config
+
+    @property
     def measured_all(self) -> bool:
         """Whether ``extraction`` holds every detection at the survey's threshold."""
-        return self.calibration_rows is None and (
-            self.detections is None or self.extraction_config is None
-            or self.detections.config.detect_thresh == self.extraction_config.detect_thresh)
+        return self.calibration_rows is None and self._detected_as_survey
 
     def full_extraction(self) -> ExtractionResult:
         """The extraction of every detection at the survey's threshold: ``extraction`` itself
@@ -144,9 +148,8 @@ class AstrometryResult:
         """
         if self.measured_all:
             return self.extraction
-        detections = self.detections
-        if detections.config.detect_thresh != self.extraction_config.detect_thresh:
-            detections = detect_again(detections, self.extraction_config)
+        detections = self.detections if self._detected_as_survey else detect_again(self.detections,
+                                                                                  self.extraction_config)
         return measure_detections(detections)
 
     def summary(self) -> dict:

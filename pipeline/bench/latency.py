@@ -93,12 +93,10 @@ def _quadrant_task(cfg: Config, root: Path, expid: int, rcid: int, quadrant) -> 
     import sys
 
     from pipeline.core.config import config_to_toml
-    from pipeline.core.image import write_quadrant
 
     config_file = root / "task.toml"
     config_file.write_text(config_to_toml(cfg, hide_secrets=False))
-    incoming = root / "incoming" / str(expid)
-    write_quadrant(incoming / f"ztf_{expid}_q{rcid:02d}.fits", quadrant.data, quadrant.header, quadrant.mask)
+    incoming = _deliver(root, rcid, expid, quadrant)
     started = time.perf_counter()
     task = subprocess.Popen([sys.executable, "-c", "import sys; from pipeline.cli import main; sys.exit(main())",
                              "quadrant", "--config", str(config_file), str(incoming), "--quadrant", str(rcid)],
@@ -121,6 +119,43 @@ def _quadrant_task(cfg: Config, root: Path, expid: int, rcid: int, quadrant) -> 
             "quadrant_task_latency_s": round(wall, 3), "quadrant_task_start_s": round(before_runner, 3)}
 
 
+def _deliver(root: Path, rcid: int, expid: int, quadrant) -> Path:
+    """Write a quadrant atomically into its exposure's incoming folder, as the camera's
+    transfer would; the folder."""
+    from pipeline.core.image import write_quadrant
+
+    incoming = root / "incoming" / str(expid)
+    write_quadrant(incoming / f"ztf_{expid}_q{rcid:02d}.fits", quadrant.data, quadrant.header, quadrant.mask)
+    return incoming
+
+
+def _arrival(cfg: Config, options, sky, rcid: int, k: int):
+    """The ``k``-th simulated science quadrant of the benchmark's survey: ``(expid, quadrant)``."""
+    from pipeline.simulate.plan import exposure_at_airmass
+    from pipeline.simulate.run import simulate_quadrant
+
+    spec = exposure_at_airmass(cfg, options.field, 1.15 + 0.05 * k, night=options.science_night,
+                               seed=options.seed + 500 + k)
+    return spec.expid, simulate_quadrant(spec, rcid, sky, cfg)[0]
+
+
+def _run_arrival(cfg: Config, root: Path, rcid: int, expid: int, quadrant) -> tuple[dict, float, float]:
+    """Write the quadrant atomically into the incoming folder and run it in this process:
+    its status record and the seconds from the file appearing to the task's end and to its
+    alerts acknowledged."""
+    from pipeline.run.quadrant import run_quadrant
+
+    incoming = _deliver(root, rcid, expid, quadrant)
+    start = time.perf_counter()        # the file has just appeared (atomic rename)
+    code, record = run_quadrant(incoming, rcid, cfg)
+    end = time.perf_counter() - start
+    if code != 0:
+        raise RuntimeError(f"expid {expid}: quadrant ended with exit {code}: {record.get('reason')}")
+    # run_quadrant's clock starts as it is called, a moment after ``start``.
+    timings = record["timings_s"]
+    return record, end, timings["to_alerts"] + end - timings["total"]
+
+
 def bench_latency(cfg: Config | None = None, n_quadrants: int = 3, rcid: int = 21,
                   bootstrap: str | None = None) -> dict:
     """Median and worst latency, file to acknowledged alerts and file to the task's end
@@ -131,10 +166,6 @@ def bench_latency(cfg: Config | None = None, n_quadrants: int = 3, rcid: int = 2
     quadrant``, as Slurm runs it: a new process, which pays for its start and imports).
     """
     from pipeline.bench.alerts import local_broker
-    from pipeline.core.image import write_quadrant
-    from pipeline.run.quadrant import run_quadrant
-    from pipeline.simulate.plan import exposure_at_airmass
-    from pipeline.simulate.run import simulate_quadrant
     from pipeline.bench.cpu import pinned_to_one_core
 
     base = load_config() if cfg is None else cfg
@@ -145,33 +176,19 @@ def bench_latency(cfg: Config | None = None, n_quadrants: int = 3, rcid: int = 2
         t0 = time.perf_counter()
         options, sky = _world(cfg, root, rcid)
         setup_s = time.perf_counter() - t0
-        arrivals = []
-        for k in range(n_quadrants):
-            spec = exposure_at_airmass(cfg, options.field, 1.15 + 0.05 * k, night=options.science_night,
-                                       seed=options.seed + 500 + k)
-            quadrant, _ = simulate_quadrant(spec, rcid, sky, cfg)
-            arrivals.append((spec.expid, quadrant))
+        arrivals = [_arrival(cfg, options, sky, rcid, k) for k in range(n_quadrants)]
         latencies, to_alerts, stages, delivered = [], [], {}, 0
         with pinned_to_one_core() as cpu:
             for expid, quadrant in arrivals:
-                incoming = root / "incoming" / str(expid)
-                write_quadrant(incoming / f"ztf_{expid}_q{rcid:02d}.fits", quadrant.data, quadrant.header,
-                               quadrant.mask)
-                start = time.perf_counter()        # the file has just appeared (atomic rename)
-                code, record = run_quadrant(incoming, rcid, cfg)
-                latencies.append(time.perf_counter() - start)
-                if code != 0:
-                    raise RuntimeError(f"expid {expid}: quadrant ended with exit {code}: {record.get('reason')}")
-                # run_quadrant's clock starts as it is called, a moment after ``start``.
-                to_alerts.append(record["timings_s"]["to_alerts"] + latencies[-1] - record["timings_s"]["total"])
+                record, end, alerts = _run_arrival(cfg, root, rcid, expid, quadrant)
+                latencies.append(end)
+                to_alerts.append(alerts)
                 for name, value in record["timings_s"].items():
                     stages.setdefault(name, []).append(value)
                 delivered += record["alerts"]["built"] - record["alerts"]["unacknowledged"]
         # One more quadrant as a task of its own, as a Slurm array task runs it: its peak memory.
-        spec = exposure_at_airmass(cfg, options.field, 1.15 + 0.05 * n_quadrants, night=options.science_night,
-                                   seed=options.seed + 500 + n_quadrants)
-        quadrant, _ = simulate_quadrant(spec, rcid, sky, cfg)
-        task = _quadrant_task(cfg, root, spec.expid, rcid, quadrant)
+        expid, quadrant = _arrival(cfg, options, sky, rcid, n_quadrants)
+        task = _quadrant_task(cfg, root, expid, rcid, quadrant)
     return {"quadrants": n_quadrants, "cpu": cpu, "setup_s": round(setup_s, 1), **task,
             "sky": cfg.simulation.sky_preset,
             "alerts_latency_median_s": round(statistics.median(to_alerts), 3),
@@ -207,10 +224,6 @@ def bench_latency_by_density(cfg: Config | None = None, presets: tuple[str, ...]
     """
     from pipeline.bench.alerts import local_broker
     from pipeline.bench.cpu import pinned_to_one_core
-    from pipeline.core.image import write_quadrant
-    from pipeline.run.quadrant import run_quadrant
-    from pipeline.simulate.plan import exposure_at_airmass
-    from pipeline.simulate.run import simulate_quadrant
 
     base = load_config() if cfg is None else cfg
     with tempfile.TemporaryDirectory(prefix="skydiff-latency-density-") as folder, contextlib.ExitStack() as stack:
@@ -220,16 +233,10 @@ def bench_latency_by_density(cfg: Config | None = None, presets: tuple[str, ...]
         for preset in presets:
             root = Path(folder) / preset
             root.mkdir()
-            preset_cfg = base.replace(simulation__sky_preset=preset)
-            preset_cfg = replace(preset_cfg, paths=PathsConfig(root=str(root)),
+            preset_cfg = replace(base.replace(simulation__sky_preset=preset), paths=PathsConfig(root=str(root)),
                                  kafka=replace(base.kafka, bootstrap_servers=broker))
             options, sky = _world(preset_cfg, root, rcid)
-            arrivals = []
-            for k in range(rounds):
-                spec = exposure_at_airmass(preset_cfg, options.field, 1.15 + 0.05 * k, night=options.science_night,
-                                           seed=options.seed + 500 + k)
-                arrivals.append((spec.expid, simulate_quadrant(spec, rcid, sky, preset_cfg)[0]))
-            worlds[preset] = (preset_cfg, root, arrivals)
+            worlds[preset] = (preset_cfg, root, [_arrival(preset_cfg, options, sky, rcid, k) for k in range(rounds)])
         setup_s = time.perf_counter() - t0
         to_alerts = {p: [] for p in presets}
         to_end = {p: [] for p in presets}
@@ -239,23 +246,13 @@ def bench_latency_by_density(cfg: Config | None = None, presets: tuple[str, ...]
             for k in range(rounds):
                 for preset in presets[k % len(presets):] + presets[:k % len(presets)]:
                     preset_cfg, root, arrivals = worlds[preset]
-                    expid, quadrant = arrivals[k]
-                    incoming = root / "incoming" / str(expid)
-                    write_quadrant(incoming / f"ztf_{expid}_q{rcid:02d}.fits", quadrant.data, quadrant.header,
-                                   quadrant.mask)
-                    start = time.perf_counter()        # the file has just appeared (atomic rename)
-                    code, record = run_quadrant(incoming, rcid, preset_cfg)
-                    end = time.perf_counter() - start
-                    if code != 0:
-                        raise RuntimeError(f"{preset} expid {expid}: quadrant ended with exit {code}: "
-                                           f"{record.get('reason')}")
-                    timings = record["timings_s"]
+                    record, end, alerts = _run_arrival(preset_cfg, root, rcid, *arrivals[k])
                     to_end[preset].append(end)
-                    to_alerts[preset].append(timings["to_alerts"] + end - timings["total"])
+                    to_alerts[preset].append(alerts)
                     detected[preset].append((record.get("catalog") or {}).get("n_detected", 0))
                     for name in ("astrometry", "subtraction", "archive", "alerts", "catalog"):
-                        if name in timings:
-                            stages[preset].setdefault(name, []).append(timings[name])
+                        if name in record["timings_s"]:
+                            stages[preset].setdefault(name, []).append(record["timings_s"][name])
     first = presets[0]
     figures: dict = {"rounds": rounds, "cpu": cpu, "setup_s": round(setup_s, 1)}
     for preset in presets:

@@ -6,8 +6,9 @@ science images are subtracted from it: seeing worse than the reference (with a 0
 misregistration and 40 unmasked hot pixels), better than it, and about equal.  150 point
 sources of S/N 3-60 are injected into each with the simulator's PSF.  Seeds differ from
 those the shipped real-bogus model was trained on.  The science image's PSF, zero point and
-registration come, as in the quadrant runner, from its calibration sources alone
-(``[astrometry] calibration_sources``: at most 6,000 detections measured, the brightest).
+registration come, as in the quadrant runner, from its calibration sources alone (detected
+at ``[astrometry] calibration_detect_thresh``, at most ``calibration_sources`` of them
+measured, the brightest).
 """
 from __future__ import annotations
 
