@@ -3,7 +3,8 @@
 #   bash bootstrap.sh demo [skydiff demo options]   run the demo on its embedded defaults
 #   bash bootstrap.sh test [pytest options]         run the whole test suite
 #   bash bootstrap.sh setup                         only install
-# Installs: Debian packages (SCAMP; python3-venv when the Python lacks venv), a virtual
+# Installs: Debian packages (SCAMP; python3-venv when the Python lacks venv; gcc and
+# python3-dev when missing, for the Cython extension), a virtual
 # environment in .venv with skydiff and its Python dependencies (including the test
 # Kafka-protocol broker, and the 'train' extra: JAX/optax, which train the drb network in
 # the tests), and a second one in .venv-brokers with the brokers' own code from
@@ -26,6 +27,10 @@ command -v scamp >/dev/null 2>&1 || apt_needed+=(scamp)
 compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || command -v initdb >/dev/null 2>&1 \
   || apt_needed+=(postgresql)
 "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1 || apt_needed+=(python3-venv)
+# A C compiler and Python's headers build the measurement stage's Cython loops at install.
+command -v gcc >/dev/null 2>&1 || apt_needed+=(gcc libc6-dev)
+"$PYTHON" -c 'import os, sysconfig, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+  || apt_needed+=(python3-dev)
 if [ ${#apt_needed[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "bootstrap: run as root, or install these Debian packages first: ${apt_needed[*]}" >&2
@@ -42,7 +47,8 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 stamp=.venv/.skydiff-installed
-want=$(cat pyproject.toml | sha256sum | cut -d' ' -f1)
+# the compiled sources too: an editable install builds the extension only when installed
+want=$(cat pyproject.toml setup.py pipeline/measure/*.pyx | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "bootstrap: installing skydiff and its Python dependencies into .venv"
   .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,train]"

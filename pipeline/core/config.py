@@ -289,7 +289,10 @@ class ExtractionConfig:
     clean: bool = True
     background_mesh: int = 128
     background_filter: int = 3
-    aperture_radii: tuple[float, ...] = (2.0, 3.0, 4.0, 6.0, 10.0)
+    # FLUX_APER radii, px.  None by default: nothing downstream reads aperture fluxes of the
+    # extraction (SCAMP takes FLUX_AUTO, the photometry fits the PSF), and five radii were a
+    # tenth of the stage's time on a Galactic-plane quadrant.
+    aperture_radii: tuple[float, ...] = ()
     kron_factor: float = 2.5            # PHOT_AUTOPARAMS: k and the minimum k * r_Kron,
     kron_min_scale: float = 3.5         # both in units of A and B
     auto_min_radius: float = 1.75       # circular AUTO aperture when the ellipse is smaller
@@ -311,8 +314,8 @@ class ExtractionConfig:
     def __post_init__(self):
         if self.detect_thresh <= 0 or self.minarea < 1:
             raise ConfigValueError("detect_thresh must be > 0 and minarea >= 1")
-        if not self.aperture_radii or min(self.aperture_radii) <= 0:
-            raise ConfigValueError("aperture_radii must be a non-empty tuple of positive radii")
+        if self.aperture_radii and min(self.aperture_radii) <= 0:
+            raise ConfigValueError("aperture_radii must be positive radii (or none)")
         if self.background_mesh < 8 or self.background_filter < 1:
             raise ConfigValueError("background_mesh must be >= 8 and background_filter >= 1")
 

@@ -40,6 +40,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.spatial import cKDTree
 
+from pipeline.measure._kernels import segment_statistics
+
 __all__ = ["CLEAN_ZONE", "DEFAULT_FILTER", "clean_detections", "clean_survivors"]
 
 #: Reach of the test, in units of the two objects' summed semi-major axes (SExtractor's).
@@ -148,64 +150,18 @@ def clean_survivors(objects: np.ndarray, segmap: np.ndarray, image: np.ndarray, 
 def _pixel_statistics(objects, segmap, pix, image, rms, thresh, minarea, kernel):
     """Each object's ``mthresh`` and isophotal area correction, from its segmentation pixels."""
     n = len(objects)
-    label = segmap.ravel()[pix] - 1
-    # The filtered image at those pixels only (in raster order, which keeps the reads close),
-    # summed in float in sep's kernel order (``convolve.c``; zero beyond the edges).
-    h, w = image.shape
-    kh, kw = kernel.shape
     norm = (kernel / np.abs(kernel).sum(dtype=np.float64)).astype(np.float32)
-    image_flat = image.ravel()
-    # The pixels within a kernel's reach of an edge, by a look-up in a mask of the border
-    # (an integer division of every pixel index took longer than the whole filter).
-    border = np.ones((h, w), dtype=bool)
-    border[kh // 2:h - kh // 2, kw // 2:w - kw // 2] = False
-    edge = np.flatnonzero(border.ravel()[pix])
-    py, px = np.divmod(pix[edge], w)
-    filtered = np.zeros(len(pix), dtype=np.float32)
-    for r in range(kh):
-        for c in range(kw):
-            dy, dx = r - kh // 2, c - kw // 2
-            # the flat neighbour index, kept on the image (the pixels it wraps or clips for,
-            # within a kernel's reach of an edge, take zero)
-            term = np.take(image_flat, pix + (dy * w + dx), mode="clip")
-            if len(edge):
-                off = (py + dy < 0) | (py + dy >= h) | (px + dx < 0) | (px + dx >= w)
-                term[edge[off]] = 0.0
-            filtered += norm[r, c] * term
-    level = filtered - np.float32(thresh) * rms.ravel()[pix]
-    value = image.ravel()[pix].astype(np.float64)
-
-    # then grouped by object, each group in raster order (the order sep lists an object's
-    # pixels in, but for some deblended ones)
-    counts = np.bincount(label, minlength=n)
-    start = np.concatenate(([0], np.cumsum(counts)[:-1]))
-    grouped = level[np.argsort(label, kind="stable")]
-    grouped_label = np.repeat(np.arange(n), counts)
-
-    # mthresh as sep's heap leaves it: the minarea-th brightest of the pixels but the
-    # (minarea + 1)-th listed; for an object of exactly minarea pixels, the first listed.
-    # (SExtractor means the minarea-th brightest of all; on a simulated Galactic-plane
-    # quadrant that kept 70 detections sep removes, none of them on a true source.)
-    mthresh = np.zeros(n, dtype=np.float32)
-    exact = np.flatnonzero(counts == minarea)
-    mthresh[exact] = grouped[start[exact]]
-    many = np.flatnonzero(counts > minarea)
-    if len(many):
-        candidates = grouped
-        candidates[start[many] + minarea] = -np.inf
-        # the minarea largest, one at a time: each round takes every group's maximum out
-        for _ in range(minarea):
-            top = np.maximum.reduceat(candidates, start)
-            hit = np.flatnonzero(candidates == top[grouped_label])
-            first = hit[np.concatenate(([True], grouped_label[hit][1:] != grouped_label[hit][:-1]))]
-            candidates[first] = -np.inf
-        mthresh[many] = top[many]
-
-    # analyse()'s area correction: pixels above the threshold and above half-way to the peak.
     obj_thresh = objects["thresh"].astype(np.float32).astype(np.float64)
     halfway = (obj_thresh + objects["peak"].astype(np.float32).astype(np.float64)) / 2.0
-    area2 = np.bincount(label, weights=value > halfway[label], minlength=n)
-    above = np.bincount(label, weights=value > obj_thresh[label], minlength=n)
+    # sep's mthresh and the pixel counts of the area correction, in one compiled pass over the
+    # segment pixels (vectorised, the filter's nine gathers and the per-object ranking took
+    # 0.19 s on a Galactic-plane quadrant)
+    mthresh, area2, above = segment_statistics(
+        np.asarray(pix, dtype=np.int64), np.ascontiguousarray(segmap, dtype=np.int32),
+        np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(rms, dtype=np.float32),
+        norm, np.float32(thresh), int(minarea), obj_thresh, halfway, n)
+
+    # analyse()'s area correction: pixels above the threshold and above half-way to the peak.
     darea = area2 - above
     ratio = obj_thresh / halfway
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -180,6 +180,31 @@ def test_centroids_of_bright_stars_in_low_noise():
     assert np.abs(dx).max() < 0.02 and np.abs(dy).max() < 0.02
 
 
+def test_aperture_fluxes_only_at_configured_radii():
+    """No FLUX_APER by default; with radii, against the true flux of bright isolated stars."""
+    rng = np.random.default_rng(8)
+    shape = (300, 300)
+    x, y, flux = star_field(shape, 40, rng, flux_range=(1e5, 1e6), min_sep=30.0, border=15)
+    data = observe(moffat_stars(shape, x, y, flux), rng)
+    assert "FLUX_APER" not in extract_sources(data, None, GAIN, SATURATE, read_noise=READ_NOISE).catalog.colnames
+    cat = extract_sources(data, None, GAIN, SATURATE, ExtractionConfig(aperture_radii=(3.0, 10.0)),
+                          read_noise=READ_NOISE).catalog
+    assert cat["FLUX_APER"].shape == cat["FLUXERR_APER"].shape == (len(cat), 2)
+    idx = match(cat, x, y)
+    sel = idx >= 0
+    assert sel.sum() == len(x)
+    ratio = np.asarray(cat["FLUX_APER"][sel], float) * GAIN / flux[idx[sel], None]
+    # the Moffat profile's encircled energy within 3 px; the stars end at 10 px (moffat_stars)
+    alpha = FWHM / (2.0 * np.sqrt(2.0 ** (1.0 / BETA) - 1.0))
+    within_3 = 1.0 - (1.0 + 9.0 / alpha ** 2) ** (1.0 - BETA)
+    print(f"\nFLUX_APER/true: 3 px {np.median(ratio[:, 0]):.4f} (Moffat {within_3:.4f}), "
+          f"10 px {np.median(ratio[:, 1]):.4f}")
+    assert abs(np.median(ratio[:, 1]) - 1.0) < 0.01
+    assert abs(np.median(ratio[:, 0]) - within_3) < 0.02
+    pull = (ratio[:, 0] - np.median(ratio[:, 0])) * flux[idx[sel]] / (np.asarray(cat["FLUXERR_APER"][sel, 0]) * GAIN)
+    assert 0.7 < np.std(pull) < 1.4
+
+
 def _single_star(flux_e, shape=(80, 80), x0=40.3, y0=39.6, seed=3):
     rng = np.random.default_rng(seed)
     return observe(moffat_stars(shape, np.array([x0]), np.array([y0]), np.array([flux_e])), rng)
@@ -218,7 +243,7 @@ def test_empty_image_gives_empty_table_with_all_columns(tmp_path):
     result = extract_sources(data, None, GAIN, SATURATE, ExtractionConfig(detect_thresh=5.0,
                                                                             minarea=20))
     assert len(result.catalog) == 0
-    assert result.catalog.colnames == list(catalog_columns(5))
+    assert result.catalog.colnames == list(catalog_columns(0))
     assert result.catalog["FLAGS"].dtype == np.int16
     assert abs(result.background_level - SKY_E / GAIN) < 1.0
     expected_rms = np.sqrt(SKY_E + READ_NOISE ** 2) / GAIN
