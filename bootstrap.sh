@@ -3,8 +3,8 @@
 #   bash bootstrap.sh demo [skydiff demo options]   run the demo on its embedded defaults
 #   bash bootstrap.sh test [pytest options]         run the whole test suite
 #   bash bootstrap.sh setup                         only install
-# Installs: Debian packages (SCAMP; python3-venv when the Python lacks venv; gcc and
-# python3-dev when missing, for the Cython extension), a virtual
+# Installs: Debian packages (SCAMP; python3-venv when the Python lacks venv; gcc,
+# libc6-dev and python3-dev when missing, for the Cython extension), a virtual
 # environment in .venv with skydiff and its Python dependencies (including the test
 # Kafka-protocol broker, and the 'train' extra: JAX/optax, which train the drb network in
 # the tests), and a second one in .venv-brokers with the brokers' own code from
@@ -28,7 +28,8 @@ compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || command -v initdb >/
   || apt_needed+=(postgresql)
 "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1 || apt_needed+=(python3-venv)
 # A C compiler and Python's headers build the measurement stage's Cython loops at install.
-command -v gcc >/dev/null 2>&1 || apt_needed+=(gcc libc6-dev)
+command -v gcc >/dev/null 2>&1 || apt_needed+=(gcc)
+[ -f /usr/include/stdio.h ] || apt_needed+=(libc6-dev)   # only recommended by Debian's gcc
 "$PYTHON" -c 'import os, sysconfig, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
   || apt_needed+=(python3-dev)
 if [ ${#apt_needed[@]} -gt 0 ]; then
@@ -49,7 +50,9 @@ fi
 stamp=.venv/.skydiff-installed
 # the compiled sources too: an editable install builds the extension only when installed
 want=$(cat pyproject.toml setup.py pipeline/measure/*.pyx | sha256sum | cut -d' ' -f1)
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+# (and when the built extension has gone, e.g. after a git clean that kept .venv)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] \
+   || ! .venv/bin/python -c 'import pipeline.measure._kernels' >/dev/null 2>&1; then
   echo "bootstrap: installing skydiff and its Python dependencies into .venv"
   .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,train]"
   echo "$want" > "$stamp"

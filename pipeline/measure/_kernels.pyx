@@ -30,8 +30,19 @@ def window_sums(const float[:, ::1] subtracted, const float[:, ::1] rms, const u
     the core fit over the positive pixels within the half-light radius, weights ``I^2``: their
     count, S0 = sum I^2, S1 = sum I^2 r^2, S2 = sum I^2 r^4, Sy = sum I^2 ln I,
     Sxy = sum I^2 r^2 ln I.  A source with a non-finite centre or window gets zeros.
+
+    Raises
+    ------
+    ValueError
+        The maps' shapes or the per-source arrays' lengths differ (the loops index them
+        without bounds checks).
     """
     cdef Py_ssize_t n = xwin.shape[0], ny = subtracted.shape[0], nx = subtracted.shape[1]
+    if rms.shape[0] != ny or rms.shape[1] != nx or bad.shape[0] != ny or bad.shape[1] != nx:
+        raise ValueError(f"window_sums: image {ny} x {nx}, rms {rms.shape[0]} x {rms.shape[1]} and mask "
+                         f"{bad.shape[0]} x {bad.shape[1]} must have one shape")
+    if not (ywin.shape[0] == sigma.shape[0] == half_light.shape[0] == n):
+        raise ValueError("window_sums: xwin, ywin, sigma and half_light must have one length")
     out_array = np.zeros((14, n))
     cdef double[:, ::1] out = out_array
     wx_array = np.empty(2 * max(max_half, 2) + 1)
@@ -116,12 +127,27 @@ def segment_statistics(const long long[::1] pixels, const int[:, ::1] segmap, co
     of those levels but the ``(minarea + 1)``-th listed; for a detection of exactly
     ``minarea`` pixels, the first listed; 0 for smaller ones.  The counts are of the pixels
     whose value exceeds ``halfway`` and ``obj_thresh`` of their detection.
+
+    Raises
+    ------
+    ValueError
+        Maps of different shapes, ``minarea`` < 1, per-detection arrays shorter than ``n``,
+        a pixel off the map or one whose label is not ``1..n`` (the loops index without
+        bounds checks).
     """
     cdef Py_ssize_t h = image.shape[0], w = image.shape[1], kh = norm.shape[0], kw = norm.shape[1]
     cdef Py_ssize_t q, y, x, yy, xx, r, c, j, label, order
+    cdef long long size = <long long>h * w
+    if segmap.shape[0] != h or segmap.shape[1] != w or rms.shape[0] != h or rms.shape[1] != w:
+        raise ValueError(f"segment_statistics: image {h} x {w}, segmentation map {segmap.shape[0]} x "
+                         f"{segmap.shape[1]} and rms {rms.shape[0]} x {rms.shape[1]} must have one shape")
+    if minarea < 1:
+        raise ValueError(f"segment_statistics: minarea must be >= 1, got {minarea}")
+    if obj_thresh.shape[0] < n or halfway.shape[0] < n:
+        raise ValueError("segment_statistics: obj_thresh and halfway need a value per detection")
     cdef float filtered, level
     cdef double value
-    top_array = np.full((n, max(minarea, 1)), -np.inf, dtype=np.float32)
+    top_array = np.full((n, minarea), -np.inf, dtype=np.float32)
     cdef float[:, ::1] top = top_array      # each detection's largest levels, descending
     first_array = np.zeros(n, dtype=np.float32)
     cdef float[::1] first = first_array
@@ -130,9 +156,14 @@ def segment_statistics(const long long[::1] pixels, const int[:, ::1] segmap, co
     area2_array, above_array = np.zeros(n), np.zeros(n)
     cdef double[::1] area2 = area2_array, above = above_array
     for q in range(pixels.shape[0]):
+        if pixels[q] < 0 or pixels[q] >= size:
+            raise ValueError(f"segment_statistics: pixel index {pixels[q]} is off the {h} x {w} map")
         y = pixels[q] // w
         x = pixels[q] - y * w
         label = segmap[y, x] - 1
+        if label < 0 or label >= n:
+            raise ValueError(f"segment_statistics: pixel ({y}, {x}) is labelled {label + 1}, not one of "
+                             f"the detections 1..{n}")
         filtered = 0.0
         for r in range(kh):
             yy = y + r - kh // 2

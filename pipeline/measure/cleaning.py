@@ -157,7 +157,7 @@ def _pixel_statistics(objects, segmap, pix, image, rms, thresh, minarea, kernel)
     # segment pixels (vectorised, the filter's nine gathers and the per-object ranking took
     # 0.19 s on a Galactic-plane quadrant)
     mthresh, area2, above = segment_statistics(
-        np.asarray(pix, dtype=np.int64), np.ascontiguousarray(segmap, dtype=np.int32),
+        np.ascontiguousarray(pix, dtype=np.int64), np.ascontiguousarray(segmap, dtype=np.int32),
         np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(rms, dtype=np.float32),
         norm, np.float32(thresh), int(minarea), obj_thresh, halfway, n)
 

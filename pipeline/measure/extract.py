@@ -552,9 +552,9 @@ def _window_moments(subtracted, rms, bad, gain, xwin, ywin, sigma, half_light, m
     keys = ("T", "E", "Mxx", "Myy", "Mxy", "Cxx", "Cyy", "Cxy", "n", "S0", "S1", "S2", "Sy", "Sxy")
     sums = dict(zip(keys, window_sums(
         np.ascontiguousarray(subtracted, dtype=np.float32), np.ascontiguousarray(rms, dtype=np.float32),
-        np.ascontiguousarray(bad, dtype=np.bool_).view(np.uint8), float(gain), np.asarray(xwin, dtype=np.float64),
-        np.asarray(ywin, dtype=np.float64), np.asarray(sigma, dtype=np.float64),
-        np.asarray(half_light, dtype=np.float64), int(max_half))))
+        np.ascontiguousarray(bad, dtype=np.bool_).view(np.uint8), float(gain),
+        *(np.ascontiguousarray(a, dtype=np.float64) for a in (xwin, ywin, sigma, half_light)),
+        int(max_half))))
     s2 = sigma ** 2
     T = sums["T"]
     jxx, jyy, jxy = T - sums["Mxx"] / s2, T - sums["Myy"] / s2, -sums["Mxy"] / s2

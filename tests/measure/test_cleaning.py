@@ -94,3 +94,20 @@ def test_isolated_detections_have_no_pairs_and_all_stay():
     assert len(objects) == 2
     kept = clean_survivors(objects, segmap, image - 100.0, rms, config.detect_thresh, config.minarea)
     assert kept.tolist() == [True, True]
+
+
+def test_inconsistent_inputs_are_refused(crowded):
+    """The compiled pixel loop indexes without bounds checks: what does not fit is refused."""
+    image, rms, config, raw, segmap, _ = crowded
+    with pytest.raises(ValueError, match="minarea must be >= 1"):
+        clean_survivors(raw, segmap, image, rms, config.detect_thresh, 0)
+    with pytest.raises(ValueError, match="not one of the detections"):     # a subset of the catalogue
+        clean_survivors(raw[:100], segmap, image, rms, config.detect_thresh, config.minarea)
+    with pytest.raises(ValueError, match="not one of the detections"):     # background pixels listed
+        clean_survivors(raw, segmap, image, rms, config.detect_thresh, config.minarea,
+                        pixels=np.arange(segmap.size))
+    with pytest.raises(ValueError, match="off the"):
+        clean_survivors(raw, segmap, image, rms, config.detect_thresh, config.minarea,
+                        pixels=np.array([segmap.size + 5]))
+    with pytest.raises(ValueError, match="one shape"):
+        clean_survivors(raw, segmap, image, rms[:100], config.detect_thresh, config.minarea)

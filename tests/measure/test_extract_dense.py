@@ -101,6 +101,7 @@ def _direct_window_sums(image, rms, bad, gain, x, y, sigma, half_light, max_half
         h = int(np.clip(np.ceil(4 * s), 2, max_half))
         cx, cy = int(np.rint(xc)), int(np.rint(yc))
         T = Mxx = Myy = Mxy = Cxx = Cyy = Cxy = E = 0.0
+        n = S0 = S1 = S2 = Sy = Sxy = 0.0      # the core fit: positive pixels within rh, weights I^2
         for py in range(cy - h, cy + h + 1):
             for px in range(cx - h, cx + h + 1):
                 if not (0 <= px < nx and 0 <= py < ny) or bad[py, px]:
@@ -116,7 +117,10 @@ def _direct_window_sums(image, rms, bad, gain, x, y, sigma, half_light, max_half
                 Mxx, Myy, Mxy = Mxx + w * pix * dx * dx, Myy + w * pix * dy * dy, Mxy + w * pix * dx * dy
                 E += w * w * var
                 Cxx, Cyy, Cxy = Cxx + w * w * var * dx * dx, Cyy + w * w * var * dy * dy, Cxy + w * w * var * dx * dy
-        rows.append((T, Mxx, Myy, Mxy, E, Cxx, Cyy, Cxy))
+                if r2 < rh * rh and pix > 0:
+                    n, S0, S1, S2 = n + 1, S0 + pix ** 2, S1 + pix ** 2 * r2, S2 + pix ** 2 * r2 * r2
+                    Sy, Sxy = Sy + pix ** 2 * np.log(pix), Sxy + pix ** 2 * np.log(pix) * r2
+        rows.append((T, Mxx, Myy, Mxy, E, Cxx, Cyy, Cxy, n, S0, S1, S2, Sy, Sxy))
     return np.array(rows)
 
 
@@ -134,10 +138,18 @@ def test_compiled_window_sums_equal_the_direct_sums():
     half_light = sigma * 1.2
     direct = _direct_window_sums(image, rms, bad, 6.2, x, y, sigma, half_light, 24)
     sums = window_sums(image, rms, bad.view(np.uint8), 6.2, x, y, sigma, half_light, 24)
-    # rows T, E, Mxx, Myy, Mxy, Cxx, Cyy, Cxy in the direct sums' order
-    compiled = sums[[0, 2, 3, 4, 1, 5, 6, 7]].T
+    # the compiled rows in the direct sums' order (T, Mxx, Myy, Mxy, E, Cxx, Cyy, Cxy, then the core fit's)
+    compiled = sums[[0, 2, 3, 4, 1, 5, 6, 7, 8, 9, 10, 11, 12, 13]].T
+    assert (compiled[:, 8] > 0).all()      # every source has core pixels: those sums are checked too
     for i in range(len(x)):
-        np.testing.assert_allclose(compiled[i], direct[i], rtol=1e-9, atol=1e-9 * np.abs(direct[i]).max())
+        for part in (slice(0, 8), slice(8, 14)):    # the window's sums, the core fit's (larger)
+            np.testing.assert_allclose(compiled[i, part], direct[i, part], rtol=1e-9,
+                                       atol=1e-9 * np.abs(direct[i, part]).max())
+    # maps or per-source arrays that do not agree are refused, not read past their ends
+    with pytest.raises(ValueError, match="one shape"):
+        window_sums(image, rms[:30], bad.view(np.uint8), 6.2, x, y, sigma, half_light, 24)
+    with pytest.raises(ValueError, match="one length"):
+        window_sums(image, rms, bad.view(np.uint8), 6.2, x, y, sigma[:2], half_light, 24)
     # and many sources at once give what each source gives alone
     moments = _window_moments(image, rms, bad, 6.2, x, y, sigma, half_light, 24)
     for i in range(len(x)):
