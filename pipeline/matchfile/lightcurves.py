@@ -103,6 +103,18 @@ def _stamp(path: Path) -> tuple:
     return (st.st_ino, st.st_mtime_ns, st.st_size), shards
 
 
+def _open_readonly(path: Path) -> h5py.File:
+    """``path`` opened read-only; a file renamed or removed while HDF5 opens it raises
+    FileNotFoundError.  (HDF5 reports the file going between its open and its stat as a bare
+    OSError, "can't retrieve stat info for file": seen with a fold claiming a shard.)"""
+    try:
+        return h5py.File(path, "r", locking=False)
+    except OSError:
+        if not path.exists():
+            raise FileNotFoundError(path) from None
+        raise
+
+
 def _vanished(exc: OSError) -> bool:
     """A file renamed or removed under the reader: gone, or (NFS) a stale handle to its old inode."""
     return isinstance(exc, FileNotFoundError) or exc.errno == errno.ESTALE
@@ -134,10 +146,8 @@ class MatchfileSnapshot:
     def _open(self) -> bool:
         before = _stamp(self.path)
         try:
-            h5 = h5py.File(self.path, "r", locking=False)
+            h5 = _open_readonly(self.path)
         except OSError as exc:
-            if not self.path.exists():
-                raise FileNotFoundError(self.path) from None
             if _vanished(exc):
                 raise
             raise LayoutError(f"{self.path}: not a readable HDF5 matchfile ({exc})") from None
@@ -146,7 +156,7 @@ class MatchfileSnapshot:
             shards = []
             for name, _, _ in before[1]:
                 shard_path = shard_dir(self.path) / name
-                with h5py.File(shard_path, "r", locking=False) as sh:
+                with _open_readonly(shard_path) as sh:
                     check_layout_version(sh, shard_path)
                     shards.append({t: read_table(sh, t) for t in ("exposures", "photometry", "unmatched")})
             # The main file and the whole shard listing unchanged while read: one consistent

@@ -215,6 +215,28 @@ def test_fold_racing_with_reappends_and_new_appends_loses_and_duplicates_nothing
     assert _wal(path) == []
 
 
+def test_a_shard_folded_while_the_reader_opens_it_is_read_again(seeded, monkeypatch):
+    """HDF5 reports a file that goes between its open and its stat as a bare OSError ("can't
+    retrieve stat info for file", seen once in the racing test above): the reader must take it
+    for a shard claimed by a fold and read the matchfile again, not fail."""
+    path, sky, location = seeded
+    for expid in (2, 3):
+        _append(path, sky, location, expid)
+    assert len(pending_shards(path)) == 3
+    original, raced = h5py.File, []
+
+    def racing_open(name, *args, **kwargs):
+        if not raced and os.path.dirname(os.fspath(name)) == os.fspath(shard_dir(path)):
+            raced.append(name)
+            fold(path, everything=True)          # the shard is claimed and folded meanwhile
+            raise OSError("Unable to synchronously open file (can't retrieve stat info for file)")
+        return original(name, *args, **kwargs)
+
+    monkeypatch.setattr(h5py, "File", racing_open)
+    assert _view(path) == {1: 0, 2: 0, 3: 0}
+    assert raced and not pending_shards(path)
+
+
 def _kill_at(stage: str, occurrence: int):
     seen = {"n": 0}
 
