@@ -289,7 +289,7 @@ class ExtractionConfig:
     clean: bool = True
     background_mesh: int = 128
     background_filter: int = 3
-    # FLUX_APER radii, px.  None by default: nothing downstream reads aperture fluxes of the
+    # FLUX_APER radii, px.  Empty by default: nothing downstream reads aperture fluxes of the
     # extraction (SCAMP takes FLUX_AUTO, the photometry fits the PSF), and five radii were a
     # tenth of the stage's time on a Galactic-plane quadrant.
     aperture_radii: tuple[float, ...] = ()

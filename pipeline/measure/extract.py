@@ -3,6 +3,7 @@ r"""Source extraction with sep: the SExtractor-like catalogue SCAMP reads.
 :func:`extract_sources` measures background, detects sources and computes the
 SExtractor quantities the astrometry and photometry stages use (windowed centroids and
 their error ellipses, Kron fluxes and, at the configured radii, aperture fluxes, sizes,
+shapes, flags).
 :func:`to_scamp_ldac` writes the result as a FITS_LDAC catalogue.
 
 Conventions: every ``*_IMAGE`` position in the catalogue is 1-based (FITS, SExtractor,
